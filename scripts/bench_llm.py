@@ -42,8 +42,8 @@ def parse_config(name: str) -> tuple[int, int | None]:
     return int(bits), int(group) if group else None
 
 
-def run(cmd: list[str], threads: int) -> tuple[dict, float, float]:
-    """Run a cdq command printing one JSON object; return (object, seconds, peak RSS in MiB)."""
+def run(cmd: list[str], threads: int) -> tuple[dict, float, float, float]:
+    """Run a cdq command printing one JSON object; return (object, wall s, peak RSS MiB, CPU s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -51,13 +51,13 @@ def run(cmd: list[str], threads: int) -> tuple[dict, float, float]:
     seconds = time.perf_counter() - began
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err.strip()[-2000:]}")
-    return json.loads(out), seconds, _peak_mib(err)
+    return json.loads(out), seconds, _reported(err, "peak_rss_mib"), _reported(err, "cpu_seconds")
 
 
-def _peak_mib(stderr: str) -> float:
-    """The peak RSS that ``_peak_rss.py`` printed for the wrapped process."""
+def _reported(stderr: str, key: str) -> float:
+    """A value that ``_peak_rss.py`` printed for the wrapped process (``key=value``)."""
     for line in stderr.splitlines():
-        if line.startswith("peak_rss_mib="):
+        if line.startswith(f"{key}="):
             return float(line.split("=", 1)[1])
     return float("nan")
 
@@ -82,7 +82,7 @@ def main() -> None:
     wrapper = [sys.executable, str(REPO / "scripts" / "_peak_rss.py")]
     evaluate = ["eval", "--data", args.data, "--seqlen", str(args.seqlen)]
     evaluate += ["--max-windows", str(args.eval_windows), "--json"]
-    fp, fp_seconds, _ = run([*wrapper, CDQ, *evaluate[:1], args.model, *evaluate[1:]], args.threads)
+    fp, fp_seconds, _, _ = run([*wrapper, CDQ, *evaluate[:1], args.model, *evaluate[1:]], args.threads)
     print(
         f"# FP perplexity {fp['ppl']:.3f} on {fp['windows']} windows x {fp['seqlen']} tokens"
         f" ({fp_seconds:.0f} s)"
@@ -96,36 +96,42 @@ def main() -> None:
             cmd += ["--group-size", str(group)] if group else []
             cmd += ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
             cmd += ["--output", str(out), "--overwrite", "--json", "--quiet", *args.extra]
-            summary, q_seconds, q_peak = run(cmd, args.threads)
-            result, _, _ = run([*wrapper, CDQ, "eval", str(out), *evaluate[1:]], args.threads)
+            summary, q_seconds, q_peak, q_cpu = run(cmd, args.threads)
+            result, _, _, _ = run([*wrapper, CDQ, "eval", str(out), *evaluate[1:]], args.threads)
             row = {
                 "config": config,
                 "method": method,
                 "ppl": result["ppl"],
                 "fp_ppl": fp["ppl"],
                 "quantize_seconds": q_seconds,
+                "quantize_cpu_seconds": q_cpu,
                 "peak_rss_mib": q_peak,
                 "mean_relative_error": summary.get("summary", summary).get("mean_relative_error"),
             }
             rows.append(row)
+            if args.json_out:  # after every row, so an interrupted run keeps what it measured
+                record = {"fp": fp, "rows": rows, "argv": sys.argv[1:]}
+                Path(args.json_out).write_text(json.dumps(record, indent=2))
             print(
                 f"{config:7s} {method:20s} ppl {row['ppl']:9.3f}  quantize {q_seconds:7.1f} s"
-                f"  peak {q_peak:7.0f} MiB",
+                f" ({q_cpu:.0f} CPU s)  peak {q_peak:7.0f} MiB",
                 flush=True,
             )
     print()
-    print("| config | method | WikiText-2 ppl | Δ vs FP | quantize s | × GPTQ time | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| config | method | WikiText-2 ppl | Δ vs FP | quantize wall s | CPU s | × GPTQ CPU time "
+        "| peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         gptq = next((r for r in rows if r["config"] == row["config"] and r["method"] == "gptq"), None)
-        ratio = f"{row['quantize_seconds'] / gptq['quantize_seconds']:.2f}" if gptq else "-"
+        ratio = f"{row['quantize_cpu_seconds'] / gptq['quantize_cpu_seconds']:.2f}" if gptq else "-"
         print(
             f"| {row['config']} | {row['method']} | {row['ppl']:.3f} | {row['ppl'] - fp['ppl']:+.3f} "
-            f"| {row['quantize_seconds']:.0f} | {ratio} | {row['peak_rss_mib']:.0f} |"
+            f"| {row['quantize_seconds']:.0f} | {row['quantize_cpu_seconds']:.0f} | {ratio} "
+            f"| {row['peak_rss_mib']:.0f} |"
         )
     print(f"\nFP: {fp['ppl']:.3f} ({fp['windows']} windows x {fp['seqlen']} tokens)")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"fp": fp, "rows": rows, "argv": sys.argv[1:]}, indent=2))
 
 
 if __name__ == "__main__":
