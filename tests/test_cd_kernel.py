@@ -303,3 +303,55 @@ def test_kernel_rejects_negative_sweeps(problem):
     grid = fit_minmax(p.weight, GridSpec(bits=2))
     with pytest.raises(ValueError, match="sweeps"):
         cd_sweeps(p.weight, p.sigma, grid, p.weight, sweeps=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# (f) the sweep tolerance
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tolerance_stops_at_the_first_small_gain(problem, seed, order):
+    """With a tolerance, the run stops right after the first sweep that gained less than it."""
+    p = problem(seed, 16, 24)
+    grid = p.grid(3)
+    start = _random_grid_point(grid, 24, seed)
+    perm = order_permutation(order, p.weight, p.sigma)
+    _, full = cd_sweeps(p.weight, p.sigma, grid, start, sweeps=30, order=perm, stop_at_fixed_point=False)
+    values = [p.objective(start)] + full.objectives
+    tolerance = 0.02
+    gains = [(a - b) / a for a, b in pairwise(values)]
+    first_small = next(k for k, gain in enumerate(gains) if gain < tolerance)
+    stopped, log = cd_sweeps(
+        p.weight, p.sigma, grid, start, sweeps=30, order=perm, stop_at_fixed_point=False, tolerance=tolerance
+    )
+    if order != "greedy":  # the per-row path applies the tolerance per block of rows: see below
+        assert log.sweeps == first_small + 1
+        assert log.stalled and not log.reached_fixed_point
+        torch.testing.assert_close(log.objectives, full.objectives[: log.sweeps], rtol=1e-9, atol=0)
+    assert p.objective(stopped) <= values[0]
+
+
+def test_tolerance_zero_is_the_plain_run(problem):
+    p = problem(4, 12, 20)
+    grid = p.grid(2)
+    start = _random_grid_point(grid, 20, 4)
+    plain, plain_log = cd_sweeps(p.weight, p.sigma, grid, start, sweeps=10)
+    same, same_log = cd_sweeps(p.weight, p.sigma, grid, start, sweeps=10, tolerance=0.0)
+    assert torch.equal(plain, same) and plain_log == same_log
+    with pytest.raises(ValueError, match="tolerance"):
+        cd_sweeps(p.weight, p.sigma, grid, start, sweeps=1, tolerance=-1.0)
+
+
+def test_per_row_tolerance_with_one_row_block_matches_shared(problem, monkeypatch):
+    """One row block: the per-row path (same permutation on every row) stalls like the shared one."""
+    p = problem(5, 8, 16)
+    grid = p.grid(3)
+    start = _random_grid_point(grid, 16, 5)
+    perm = order_permutation("diag", p.weight, p.sigma)
+    shared, shared_log = cd_sweeps(p.weight, p.sigma, grid, start, sweeps=20, order=perm, tolerance=0.01)
+    per_row, row_log = cd_sweeps(
+        p.weight, p.sigma, grid, start, sweeps=20, order=perm.expand(8, -1).contiguous(), tolerance=0.01
+    )
+    torch.testing.assert_close(per_row, shared, rtol=1e-12, atol=1e-12)
+    assert row_log.sweeps == shared_log.sweeps and row_log.stalled == shared_log.stalled

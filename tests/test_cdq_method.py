@@ -190,3 +190,30 @@ def test_real_layers_monotone_and_below_gptq(stories_layers, config):
         assert result.objective <= gptq.objective * (1 + 1e-12), layer.name
         solved += 1
     assert solved >= 30
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_actorder_clip_start_is_act_order_gptq_on_the_clipped_grid(config):
+    """The default second start: GPTQ in decreasing-diag-Σ order on the fitted clipped grid."""
+    from cdq_cli.solvers.gptq import solve_gptq
+    from cdq_cli.solvers.starts import scored_start_point, start_point
+
+    weight, sigma = _problem(7)
+    spec = GridSpec(config["bits"], config.get("group_size"), config.get("sym", False))
+    approx, grid, value = scored_start_point("gptq-actorder-clip", weight, sigma, spec)
+    clipped = fit_clipped(weight, spec, sigma.diagonal())
+    expected = solve_gptq(weight, sigma, spec, act_order=True, fixed_grid=clipped)
+    assert torch.equal(grid.scale, clipped.scale) and torch.equal(grid.zero, clipped.zero)
+    assert torch.equal(approx, expected.weight)
+    assert value == pytest.approx(objective(weight, approx, sigma), rel=1e-12)
+    assert torch.equal(start_point("gptq-actorder-clip", weight, sigma, spec)[0], approx)
+
+
+def test_default_result_never_above_plain_gptq_even_when_clip_start_is_worse():
+    """Plain GPTQ is one of the default starts, so the guarantee holds whichever start wins."""
+    weight, sigma = _problem(11)
+    for bits in (2, 3, 4):
+        gptq = solve("gptq", weight, sigma, bits=bits)
+        result = solve("cdq", weight, sigma, bits=bits)
+        assert result.objective <= gptq.objective * (1 + 1e-12)
+        assert result.objective_start <= gptq.objective * (1 + 1e-12)

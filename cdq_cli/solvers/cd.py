@@ -47,6 +47,7 @@ class SweepLog:
     objectives: list[float]
     changed: list[int]
     relaxed: list[bool]
+    stalled: bool = False  # stopped because a sweep gained less than the tolerance
 
     @property
     def sweeps(self) -> int:
@@ -54,7 +55,7 @@ class SweepLog:
 
     @property
     def reached_fixed_point(self) -> bool:
-        return bool(self.changed) and self.changed[-1] == 0 and not self.relaxed[-1]
+        return bool(self.changed) and self.changed[-1] == 0 and not self.relaxed[-1] and not self.stalled
 
 
 def order_permutation(kind: str, weight: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
@@ -80,25 +81,34 @@ def cd_sweeps(
     relaxed: Sequence[bool] | None = None,
     block_size: int = 128,
     stop_at_fixed_point: bool = True,
+    tolerance: float = 0.0,
 ) -> tuple[torch.Tensor, SweepLog]:
     """Run up to ``sweeps`` CD sweeps from ``start``; return the new Ŵ (rows, columns) and a log.
 
     ``order``: None (cyclic), a (columns,) permutation shared by all rows, or a (rows, columns)
     per-row permutation. ``relaxed[k]`` makes sweep k move each coordinate to its real-valued
     minimiser instead of a grid point. A rounded sweep that changes nothing ends the run early
-    when ``stop_at_fixed_point``. Columns with Σ_jj = 0 do not affect the objective; they are set
-    to the grid rounding of W.
+    when ``stop_at_fixed_point``; with ``tolerance`` > 0 so does a rounded sweep that lowers the
+    objective by less than that fraction (``log.stalled``): late sweeps move few entries and gain
+    little, so this bounds the cost without moving uphill. Columns with Σ_jj = 0 do not affect the
+    objective; they are set to the grid rounding of W.
     """
+    if tolerance < 0:
+        raise ValueError("tolerance must be >= 0")
     if sweeps < 0:
         raise ValueError("sweeps must be >= 0")
     relaxed = list(relaxed) if relaxed is not None else [False] * sweeps
     relaxed = (relaxed + [False] * sweeps)[:sweeps]
     if order is not None and order.dim() == 2:
-        return _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point)
-    return _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point)
+        return _per_row(
+            weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance
+        )
+    return _shared(
+        weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance
+    )
 
 
-def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point):
+def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance):
     columns = weight.shape[1]
     scale, zero = grid.expand(columns)
     maxq = grid.spec.maxq
@@ -117,6 +127,7 @@ def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop
     inv_d_list = inv_d.tolist()
     g_t = sigma @ (w_t - hat_t)  # (E Σ)ᵀ = Σ Eᵀ since Σ is symmetric
     log = SweepLog([], [], [])
+    previous = float(((w_t - hat_t) * g_t).sum())
     for sweep in range(sweeps):
         relax = relaxed[sweep]
         changed = 0
@@ -147,18 +158,23 @@ def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop
             g_t.addmm_(sigma[:, b0:b1], delta_blk)
             if not relax:
                 changed += int(torch.count_nonzero(delta_blk))
-        log.objectives.append(float(((w_t - hat_t) * g_t).sum()))
+        value = float(((w_t - hat_t) * g_t).sum())
+        log.objectives.append(value)
         log.changed.append(changed)
         log.relaxed.append(relax)
         if stop_at_fixed_point and not relax and changed == 0:
             break
+        if tolerance and not relax and previous - value < tolerance * abs(previous):
+            log.stalled = True
+            break
+        previous = value
     approx = hat_t.T
     if order is not None:
         approx = approx[:, torch.argsort(order)]
     return approx.contiguous(), log
 
 
-def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point):
+def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance):
     rows, columns = weight.shape
     scale, zero = grid.expand(columns)
     maxq = grid.spec.maxq
@@ -171,6 +187,7 @@ def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, sto
     objectives = [0.0] * sweeps
     changed_total = [0] * sweeps
     ran = 0
+    stalled = False
     for r0 in range(0, rows, row_block):
         r1 = min(r0 + row_block, rows)
         perm = order[r0:r1]
@@ -178,6 +195,7 @@ def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, sto
         inv_d_p = inv_d[perm]
         dead_p = diag[perm] <= 0
         g = (weight[r0:r1] - out[r0:r1]) @ sigma  # original coordinates
+        previous = float(((weight[r0:r1] - out[r0:r1]) * g).sum())
         for sweep in range(sweeps):
             relax = relaxed[sweep]
             changed = 0
@@ -211,14 +229,19 @@ def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, sto
                 if not relax:
                     changed += int(torch.count_nonzero(delta_blk))
             err = weight[r0:r1] - out[r0:r1].scatter(1, perm, hat_p)
-            objectives[sweep] += float((err * g).sum())
+            value = float((err * g).sum())
+            objectives[sweep] += value
             changed_total[sweep] += changed
             ran = max(ran, sweep + 1)
-            if stop_at_fixed_point and not relax and changed == 0:
-                # This block is done; later sweeps would change nothing here either.
+            done = stop_at_fixed_point and not relax and changed == 0
+            gained_little = bool(tolerance) and not relax and previous - value < tolerance * abs(previous)
+            if done or gained_little:
+                # This block stops here; its objective stays as it is for the later sweeps.
+                stalled = stalled or (gained_little and not done)
                 for later in range(sweep + 1, sweeps):
-                    objectives[later] += float((err * g).sum())
+                    objectives[later] += value
                 break
+            previous = value
         out[r0:r1] = out[r0:r1].scatter(1, perm, hat_p)
-    log = SweepLog(objectives[:ran], changed_total[:ran], relaxed[:ran])
+    log = SweepLog(objectives[:ran], changed_total[:ran], relaxed[:ran], stalled)
     return out, log

@@ -19,9 +19,10 @@ from .cd import cd_sweeps, order_permutation
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
 from .result import QuantResult, check_finite, objective
-from .starts import START_POINTS, start_point
+from .starts import START_POINTS, scored_start_point
 
 REFITS = ("none", "scales", "scales+zeros")
+DEFAULT_STARTS = ("gptq", "gptq-actorder-clip")
 
 
 @dataclass
@@ -47,11 +48,19 @@ def descend(
     sweep_budget: int,
     refit: str = "scales+zeros",
     block_size: int = 128,
+    tolerance: float = 0.0,
+    value: float | None = None,
 ) -> Descent:
-    """Alternate CD sweeps to a fixed point with grid refits; never return a worse point."""
+    """Alternate CD sweeps with grid refits; never return a worse point.
+
+    Sweeps run to a fixed point, or until a sweep gains less than ``tolerance`` (a fraction of the
+    objective) or the sweep budget is spent, then the grid is refitted; the loop ends when a refit
+    gains nothing or after the refit that follows the last budgeted sweep. ``value``: the objective
+    of ``approx`` when the caller already has it.
+    """
     if refit not in REFITS:
         raise ValueError(f"unknown refit {refit!r}: choose one of {', '.join(REFITS)}")
-    state = Descent(approx, grid, objective(weight, approx, sigma))
+    state = Descent(approx, grid, objective(weight, approx, sigma) if value is None else value)
     while state.sweeps < sweep_budget:
         swept, log = cd_sweeps(
             weight,
@@ -61,6 +70,7 @@ def descend(
             sweeps=sweep_budget - state.sweeps,
             order=order,
             block_size=block_size,
+            tolerance=tolerance,
         )
         state.sweeps += log.sweeps
         value = objective(weight, swept, sigma)
@@ -68,7 +78,7 @@ def descend(
             state.approx, state.value = swept, value
         state.history.append(state.value)
         state.fixed_point = log.reached_fixed_point
-        if refit == "none" or not state.fixed_point and state.sweeps >= sweep_budget:
+        if refit == "none":
             break
         codes = state.grid.quantize(state.approx)
         fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
@@ -99,9 +109,8 @@ def best_start(
     best = None
     for kind in kinds:
         if kind == "weight":
-            raise ValueError("the cdq method starts from a point on the grid: use rtn, gptq or gptq-actorder")
-        approx, start_grid = start_point(kind, weight, sigma, spec, grid, damping=damping)
-        value = objective(weight, approx, sigma)
+            raise ValueError("the cdq method starts from a point on the grid: use rtn or a gptq start")
+        approx, start_grid, value = scored_start_point(kind, weight, sigma, spec, grid, damping=damping)
         if best is None or value < best[2]:
             best = (approx, start_grid, value, kind)
     return best
@@ -112,18 +121,22 @@ def solve_cdq(
     sigma: torch.Tensor,
     spec: GridSpec,
     *,
-    starts: tuple[str, ...] | list[str] | str = ("gptq", "gptq-actorder", "gptq-clip"),
+    starts: tuple[str, ...] | list[str] | str = DEFAULT_STARTS,
     order: str = "diag",
-    sweeps: int = 16,
+    sweeps: int = 4,
     refit: str = "scales+zeros",
     block_size: int = 128,
     damping: float = 0.01,
+    tolerance: float = 1e-3,
 ) -> QuantResult:
     """cdq: best of ``starts``, then ``descend`` with at most ``sweeps`` sweeps in ``order``.
 
-    The default starts include GPTQ on a range-clipped grid, which on real layers is the largest
-    single gain at 3 bits; ``diag`` order matches ``greedy`` in quality and keeps the fast
-    shared-order kernel.
+    The default starts are plain GPTQ (so the result is never above GPTQ's) and GPTQ in act-order
+    on a range-clipped grid, which on real SmolLM2 layers was below plain, act-order and clipped
+    GPTQ everywhere we measured. ``diag`` order matches ``greedy`` in quality and keeps the fast
+    shared-order kernel. ``tolerance`` ends a run of sweeps whose gain per sweep fell below that
+    fraction (0: only at a fixed point or the budget). Four sweeps plus refits keep the solver a
+    few GPTQ solves long; more sweeps gain ~1% of the objective per doubling on SmolLM2 layers.
     """
     began = time.perf_counter()
     if isinstance(starts, str):
@@ -138,6 +151,8 @@ def solve_cdq(
         sweep_budget=sweeps,
         refit=refit,
         block_size=block_size,
+        tolerance=tolerance,
+        value=start_value,
     )
     codes = state.grid.quantize(state.approx)
     final = state.grid.dequantize(codes)

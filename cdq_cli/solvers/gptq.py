@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .grid import Grid, GridSpec, _minmax_params, fit_minmax, round_to_grid
+from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp, objective
 
 
@@ -57,12 +57,16 @@ def solve_gptq(
         w, h = w[:, perm], sigma[perm][:, perm]
         scale_full, zero_full = scale_full[:, perm], zero_full[:, perm]
     hinv = gptq_hinv(h, damping)
-    approx = torch.zeros_like(w)
+    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
+    w_t = w.T.contiguous()
+    approx_t = torch.zeros_like(w_t)
+    scale_t, zero_t = scale_full.T.contiguous(), zero_full.T.contiguous()
     group_scale = grid.scale.clone()
     group_zero = grid.zero.clone()
+    diag = hinv.diagonal().tolist()
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
-        w_blk = w[:, b0:b1].clone()
+        w_blk = w_t[b0:b1].clone()
         err_blk = torch.zeros_like(w_blk)
         hinv_blk = hinv[b0:b1, b0:b1]
         for jl in range(b1 - b0):
@@ -70,18 +74,21 @@ def solve_gptq(
             if not static and j % spec.group_size == 0:
                 # Dynamic groups: fit this group's grid on the error-updated weights.
                 g = j // spec.group_size
-                span = torch.cat([w_blk[:, jl:], w[:, b1:]], dim=1)[:, : spec.group_size]
-                s, z = _minmax_params(span.amin(dim=1), span.amax(dim=1), spec)
+                span = torch.cat([w_blk[jl:], w_t[b1:]], dim=0)[: spec.group_size]
+                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
                 group_scale[:, g], group_zero[:, g] = s, z
-                scale_full[:, j : j + spec.group_size] = s.unsqueeze(1)
-                zero_full[:, j : j + spec.group_size] = z.unsqueeze(1)
-            col = w_blk[:, jl]
-            q = round_to_grid(col, scale_full[:, j], zero_full[:, j], spec.maxq)
-            approx[:, j] = q
-            err = (col - q) / hinv_blk[jl, jl]
-            w_blk[:, jl:].sub_(err.unsqueeze(1) * hinv_blk[jl, jl:].unsqueeze(0))
-            err_blk[:, jl] = err
-        w[:, b1:].sub_(err_blk @ hinv[b0:b1, b1:])
+                scale_t[j : j + spec.group_size] = s
+                zero_t[j : j + spec.group_size] = z
+            col = w_blk[jl]
+            # round(w / s) + z, as Grid.quantize does: a division, so exact ties round the same way
+            codes = torch.div(col, scale_t[j]).round_().add_(zero_t[j]).clamp_(0, spec.maxq)
+            q = codes.sub_(zero_t[j]).mul_(scale_t[j])
+            approx_t[j] = q
+            err = torch.sub(col, q, out=err_blk[jl]).div_(diag[j])
+            if jl + 1 < b1 - b0:
+                w_blk[jl + 1 :].addr_(hinv_blk[jl, jl + 1 :], err, alpha=-1)
+        w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
+    approx = approx_t.T
     if perm is not None:
         approx = approx[:, torch.argsort(perm)]
     grid = Grid(spec, group_scale, group_zero) if not static else grid

@@ -17,7 +17,7 @@ import time
 import torch
 
 from .cd import cd_sweeps, order_permutation
-from .cdq import best_start, descend
+from .cdq import DEFAULT_STARTS, best_start, descend
 from .grid import GridSpec, fit_minmax
 from .result import QuantResult, check_finite, objective
 from .starts import start_point
@@ -58,7 +58,7 @@ def solve_quantease_outlier(
     inner: str = "cd",
 ) -> QuantResult:
     """``inner`` chooses how ``W − H`` is quantized: ``cd`` (QuantEase: fixed min–max grid, CD
-    sweeps) or ``cdq`` (cdq's method: best of GPTQ starts, and a final descent that also refits
+    sweeps) or ``cdq`` (cdq's method: its GPTQ start, and a final descent that also refits
     the grid's scales and zero-points)."""
     if not 0 <= outlier_fraction < 1:
         raise ValueError(f"outlier fraction must be in [0, 1), got {outlier_fraction}")
@@ -69,8 +69,7 @@ def solve_quantease_outlier(
     budget = round(outlier_fraction * (columns if structured else rows * columns))
     outliers = project_sparse(weight, budget, structured)
     if inner == "cdq":
-        starts = ("gptq", "gptq-actorder", "gptq-clip")
-        approx, grid, _, _ = best_start(starts, weight - outliers, sigma, spec, damping=damping)
+        approx, grid, _, _ = best_start(DEFAULT_STARTS, weight - outliers, sigma, spec, damping=damping)
     else:
         grid = fit_minmax(weight - outliers, spec)
         approx, grid = start_point(start, weight - outliers, sigma, spec, grid, damping=damping)
