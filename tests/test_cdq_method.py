@@ -217,3 +217,19 @@ def test_default_result_never_above_plain_gptq_even_when_clip_start_is_worse():
         result = solve("cdq", weight, sigma, bits=bits)
         assert result.objective <= gptq.objective * (1 + 1e-12)
         assert result.objective_start <= gptq.objective * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:5], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_more_rounds_never_worse_and_monotone(config, seed):
+    """Extra GPTQ-on-the-refitted-grid rounds keep the best point: never above one round's result."""
+    weight, sigma = _problem(seed)
+    one = solve("cdq", weight, sigma, rounds=1, **config)
+    three = solve("cdq", weight, sigma, rounds=3, **config)
+    assert three.objective <= one.objective * (1 + 1e-12)
+    assert three.objective_start == one.objective_start
+    history = [three.objective_start, *three.history]
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(history))
+    assert three.objective == pytest.approx(objective(weight, three.weight, sigma), rel=1e-12)
+    with pytest.raises(ValueError, match="rounds"):
+        solve("cdq", weight, sigma, rounds=0, **config)
