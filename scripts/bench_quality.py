@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 DEFAULT_METHODS = list(METHODS)
 METHODS["cdq"] = ("cdq", {})  # cdq's own method: opt-in (--methods ... cdq), not in the default set
+METHODS["cdq-r3"] = ("cdq", {"rounds": 3})  # cdq with two more GPTQ-on-refitted-grid rounds
 TARGET_METHODS = ("quantease-paper", "quantease-fast", "comq")
 # Per-model defaults: (group sizes, nsamples, seqlen). None = per channel.
 DEFAULTS = {
