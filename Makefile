@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cdq-installed
 DATA ?= $(if $(CDQ_DATA_DIR),$(CDQ_DATA_DIR),../shared/data)
-DEMO_OUT ?= runs/stories260K-quantease-w4
+DEMO_OUT ?= runs/stories260K-cdq-w4
 
 .PHONY: setup test lint format demo bench-quality bench-speed clean
 
