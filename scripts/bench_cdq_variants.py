@@ -20,7 +20,11 @@ from bench_quality import layer_sigmas
 from cdq_cli.solvers import solve
 
 VARIANTS: dict[str, dict] = {
-    "old: 3 starts, 16 sweeps": {"starts": "gptq,gptq-actorder,gptq-clip", "sweeps": 16, "tolerance": 0.0},
+    "3 starts, 16 sweeps, tol 0 (~ previous default)": {
+        "starts": "gptq,gptq-actorder,gptq-clip",
+        "sweeps": 16,
+        "tolerance": 0.0,
+    },
     "2 starts, 16 sweeps, tol 0": {"sweeps": 16, "tolerance": 0.0},
     "default (2 starts, 4 sweeps, tol 1e-3)": {},
     "8 sweeps": {"sweeps": 8},

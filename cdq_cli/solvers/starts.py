@@ -25,8 +25,8 @@ def start_point(
     ``grid`` None lets the start choose: min–max for ``weight``/``rtn``, GPTQ's own (its dynamic
     group grids) for ``gptq``; ``gptq-actorder`` visits columns by decreasing diag Σ;
     ``gptq-clip`` runs GPTQ on a range-clipped grid (``fit_clipped``); ``gptq-actorder-clip`` both
-    (on real SmolLM2 layers it was the lowest of these starts on every layer tried, at 3 and 4
-    bits, per-channel and g64). ``weight`` starts from W itself, off the grid: the first rounded
+    (in our exploration on SmolLM2 block 3 it was the lowest of these starts on every layer,
+    at 3 and 4 bits, per-channel and g64). ``weight`` starts from W itself, off the grid: the first rounded
     sweep puts it on.
     """
     approx, grid, _ = scored_start_point(kind, weight, sigma, spec, grid, damping=damping)
