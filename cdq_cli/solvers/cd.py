@@ -127,7 +127,7 @@ def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop
     inv_d_list = inv_d.tolist()
     g_t = sigma @ (w_t - hat_t)  # (E Σ)ᵀ = Σ Eᵀ since Σ is symmetric
     log = SweepLog([], [], [])
-    previous = float(((w_t - hat_t) * g_t).sum())
+    previous = float(((w_t - hat_t) * g_t).sum()) if tolerance else 0.0  # only the tolerance reads it
     for sweep in range(sweeps):
         relax = relaxed[sweep]
         changed = 0
@@ -195,7 +195,7 @@ def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, sto
         inv_d_p = inv_d[perm]
         dead_p = diag[perm] <= 0
         g = (weight[r0:r1] - out[r0:r1]) @ sigma  # original coordinates
-        previous = float(((weight[r0:r1] - out[r0:r1]) * g).sum())
+        previous = float(((weight[r0:r1] - out[r0:r1]) * g).sum()) if tolerance else 0.0
         for sweep in range(sweeps):
             relax = relaxed[sweep]
             changed = 0

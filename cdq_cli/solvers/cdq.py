@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .cd import cd_sweeps, order_permutation
-from .gptq import solve_gptq
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
 from .result import QuantResult, check_finite, objective
@@ -168,8 +167,9 @@ def solve_cdq(
 
     state = run(approx, grid, start_value)
     for _ in range(rounds - 1):
-        restart = solve_gptq(weight, sigma, spec, damping=damping, act_order=True, fixed_grid=state.grid)
-        again = run(restart.weight, state.grid, restart.objective)
+        # act-order GPTQ on the best point's (refitted) grid
+        restart = scored_start_point("gptq-actorder", weight, sigma, spec, state.grid, damping=damping)
+        again = run(*restart)
         state.sweeps += again.sweeps
         if again.value < state.value:
             state.approx, state.grid, state.value = again.approx, again.grid, again.value
