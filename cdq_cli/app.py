@@ -365,11 +365,53 @@ def export_after_quantize(
 def emit_quantize_result(
     out: Path, report: dict[str, Any], *, as_json: bool, exported: dict[str, Any] | None = None
 ) -> None:
+    """What `cdq quantize` prints for a language model (see ``emit_outcome``)."""
+    summary, run = report["summary"], report["run"]
+    group = f"g{run['group_size']}" if run["group_size"] else ""
+    headline = None
+    if summary["layers"]:  # the error figures exist only when something was quantized
+        headline = (
+            f"quantized {summary['layers']} layers with {run['method']} w{run['bits']}{group} in "
+            f"{summary['wall_seconds']:.1f}s: "
+            f"mean relative error {summary['mean_relative_error']:.4g}, "
+            f"error vs RTN (geometric mean) {summary['geomean_error_vs_rtn']:.3f}x"
+        )
+    evaluated = None
+    if "evaluation" in report:
+        ev = report["evaluation"]
+        evaluated = (
+            f"perplexity on {ev['data']}: full precision {ev['fp_ppl']:.4f}, "
+            f"quantized [bold]{ev['ppl']:.4f}[/bold] ({ev['windows']} windows x {ev['seqlen']} tokens)"
+        )
+    extra, after = {}, []
+    if exported is not None:
+        extra["export"] = exported
+        after = [f"wrote {exported['output']} (GPTQ {exported['checkpoint_format']})"]
+        after.append(f"runs in: {exported['engines']}")
+    emit_outcome(
+        out, report, as_json=as_json, headline=headline, evaluated=evaluated, extra=extra, after=after
+    )
+
+
+def emit_outcome(
+    out: Path,
+    report: dict[str, Any],
+    *,
+    as_json: bool,
+    headline: str | None,
+    evaluated: str | None,
+    extra: dict[str, Any] | None = None,
+    after: list[str] | None = None,
+) -> None:
+    """A finished quantization on stdout: one JSON object, or a few human lines.
+
+    ``headline`` describes the quantization (None: nothing was quantized, ``--bits 16``),
+    ``evaluated`` the evaluation when there was one; ``extra`` goes into the JSON object before
+    ``evaluation``, ``after`` are lines printed after ``wrote OUT``.
+    """
     summary = report["summary"]
     if as_json:
-        payload = {"output": str(out), "report": str(out / "report.json"), **summary}
-        if exported is not None:
-            payload["export"] = exported
+        payload = {"output": str(out), "report": str(out / "report.json"), **summary, **(extra or {})}
         if "evaluation" in report:
             payload["evaluation"] = report["evaluation"]
         print(json.dumps(payload, allow_nan=True))
@@ -377,26 +419,15 @@ def emit_quantize_result(
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    run = report["run"]
-    if summary["layers"]:
-        console.print(
-            f"quantized {summary['layers']} layers with {run['method']} w{run['bits']}"
-            f"{'g' + str(run['group_size']) if run['group_size'] else ''} in {summary['wall_seconds']:.1f}s: "
-            f"mean relative error {summary['mean_relative_error']:.4g}, "
-            f"error vs RTN (geometric mean) {summary['geomean_error_vs_rtn']:.3f}x"
-        )
+    if headline is not None:
+        console.print(headline)
     else:
-        console.print(f"no quantization (--bits 16): ran {run['model']} block by block")
-    if "evaluation" in report:
-        ev = report["evaluation"]
-        console.print(
-            f"perplexity on {ev['data']}: full precision {ev['fp_ppl']:.4f}, "
-            f"quantized [bold]{ev['ppl']:.4f}[/bold] ({ev['windows']} windows x {ev['seqlen']} tokens)"
-        )
+        console.print(f"no quantization (--bits 16): ran {report['run']['model']} block by block")
+    if evaluated is not None:
+        console.print(evaluated)
     console.print(f"wrote {out}")
-    if exported is not None:
-        console.print(f"wrote {exported['output']} (GPTQ {exported['checkpoint_format']})")
-        console.print(f"runs in: {exported['engines']}")
+    for line in after or []:
+        console.print(line)
 
 
 def parse_options(method: str, items: list[str], base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -265,30 +265,23 @@ def vision_section(adapter: Any, spec: Any) -> dict[str, Any]:
 
 
 def emit_quantized(out: Path, report: dict[str, Any], *, as_json: bool) -> None:
-    summary = report["summary"]
-    if as_json:
-        payload = {"output": str(out), "report": str(out / "report.json"), **summary}
-        if "evaluation" in report:
-            payload["evaluation"] = report["evaluation"]
-        print(json.dumps(payload, allow_nan=True))
-        return
-    from rich.console import Console
+    """What `cdq quantize` prints for a vision model (see ``cdq_cli.app.emit_outcome``)."""
+    from .app import emit_outcome
 
-    console = Console(highlight=False, soft_wrap=True)
-    run = report["run"]
-    if summary["layers"]:
-        console.print(
+    summary, run = report["summary"], report["run"]
+    headline = None
+    if summary["layers"]:  # the error figures exist only when something was quantized
+        headline = (
             f"quantized {summary['layers']} layers of {run['model']} ({run['family']}) with {run['method']} "
             f"w{run['bits']} in {summary['wall_seconds']:.1f}s: mean relative error "
             f"{summary['mean_relative_error']:.4g}, error vs RTN (geometric mean) "
             f"{summary['geomean_error_vs_rtn']:.3f}x"
         )
-    else:
-        console.print(f"no quantization (--bits 16): ran {run['model']} block by block")
+    evaluated = None
     if "evaluation" in report:
         ev = report["evaluation"]
-        console.print(
+        evaluated = (
             f"top-1 on {ev['data']}: [bold]{ev['top1']:.2%}[/bold] (FP {ev['fp']['top1']:.2%}), "
             f"agreement with FP {ev['agreement']:.2%} ({ev['images']} images)"
         )
-    console.print(f"wrote {out}")
+    emit_outcome(out, report, as_json=as_json, headline=headline, evaluated=evaluated)
