@@ -187,20 +187,30 @@ def read_layers(folder: Path | str) -> dict[str, QuantizedLayer]:
             keys = set(fh.keys())
             for name, meta in table["layers"].items():
                 spec = GridSpec(meta["bits"], meta["group_size"], meta["sym"], meta.get("per_layer", False))
-                has_outliers = f"{name}.outliers_idx" in keys
-                layers[name] = QuantizedLayer(
-                    name=name,
-                    spec=spec,
-                    shape=tuple(meta["shape"]),
-                    qweight=fh.get_tensor(f"{name}.qweight"),
-                    scales=fh.get_tensor(f"{name}.scales"),
-                    zeros=fh.get_tensor(f"{name}.zeros"),
-                    outliers_idx=fh.get_tensor(f"{name}.outliers_idx") if has_outliers else None,
-                    outliers_val=fh.get_tensor(f"{name}.outliers_val") if has_outliers else None,
-                )
+                layers[name] = read_packed_layer(fh, name, spec, tuple(meta["shape"]), keys)
     except (OSError, KeyError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     return layers
+
+
+def read_packed_layer(
+    fh: Any, name: str, spec: GridSpec, shape: tuple[int, ...], keys: set[str]
+) -> QuantizedLayer:
+    """One layer's packed tensors from an open safetensors file (``keys``: the file's keys).
+
+    Shared by output folders and ``--resume`` block files, which store layers the same way.
+    """
+    has_outliers = f"{name}.outliers_idx" in keys
+    return QuantizedLayer(
+        name=name,
+        spec=spec,
+        shape=shape,
+        qweight=fh.get_tensor(f"{name}.qweight"),
+        scales=fh.get_tensor(f"{name}.scales"),
+        zeros=fh.get_tensor(f"{name}.zeros"),
+        outliers_idx=fh.get_tensor(f"{name}.outliers_idx") if has_outliers else None,
+        outliers_val=fh.get_tensor(f"{name}.outliers_val") if has_outliers else None,
+    )
 
 
 def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .checkpoint import read_packed_layer
 from .pipeline import LayerRow, ResumeState, Settings
 from .quantized import QuantizedLayer
 from .solvers import GridSpec
@@ -188,19 +189,10 @@ class Checkpointer:
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     table = json.loads(fh.metadata()["layers"])
+                    keys = set(fh.keys())
                     for name, meta in table.items():
                         spec = GridSpec(meta["bits"], meta["group_size"], meta["sym"], meta["per_layer"])
-                        has = f"{name}.outliers_idx" in fh.keys()
-                        found[name] = QuantizedLayer(
-                            name=name,
-                            spec=spec,
-                            shape=tuple(meta["shape"]),
-                            qweight=fh.get_tensor(f"{name}.qweight"),
-                            scales=fh.get_tensor(f"{name}.scales"),
-                            zeros=fh.get_tensor(f"{name}.zeros"),
-                            outliers_idx=fh.get_tensor(f"{name}.outliers_idx") if has else None,
-                            outliers_val=fh.get_tensor(f"{name}.outliers_val") if has else None,
-                        )
+                        found[name] = read_packed_layer(fh, name, spec, tuple(meta["shape"]), keys)
             except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
                 raise ResumeError(f"cannot read saved block {path}: {exc}") from None
         missing = [row.name for row in rows if row.name not in found]
