@@ -115,47 +115,69 @@ def _from_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _folder_tokenizer(folder: Path) -> Any:
-    """AutoTokenizer, unless it disagrees with the folder's sentencepiece ``tokenizer.model``.
+    """The folder's tokenizer, checked against its sentencepiece ``tokenizer.model`` when there is one.
 
-    Without tokenizer.json, transformers 5 builds a generic tokenizers backend from the bare
-    sentencepiece model that drops its "▁" word prefix ("Once" -> O, n, ce); ``LlamaTokenizer``
-    reads it correctly, and is told to add BOS as sentencepiece Llama tokenizers always did.
+    A folder with ``tokenizer.json`` or ``tokenizer_config.json`` says how to tokenize (BOS
+    included); AutoTokenizer reads it, and only its pieces are checked against sentencepiece. A
+    *bare* sentencepiece folder (``tokenizer.model`` alone) says nothing, so the sentencepiece-Llama
+    convention applies: the model's pieces with BOS first. Depending on the transformers release,
+    AutoTokenizer on such a folder drops the "▁" word prefix ("Once" -> O, n, ce; 5.0) or omits BOS
+    (5.24), so candidates are tried in turn and the first that reproduces the expected ids wins.
     """
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    try:
-        auto, error = AutoTokenizer.from_pretrained(folder), None
-    except (OSError, ValueError, TypeError, ImportError) as exc:
-        auto, error = None, exc
     reference = _sentencepiece_ids(folder / "tokenizer.model")
-    if reference is None or (auto is not None and _ids(auto) == reference):
-        if auto is None:
-            raise ModelLoadError(f"cannot load a tokenizer from {folder}: {_first_line(error)}")
-        return auto
-    try:
-        llama = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
-    except (OSError, ValueError, TypeError) as exc:
-        llama, error = None, exc
-    if llama is not None and _ids(llama) == reference:
-        return llama
-    if auto is None:
-        raise ModelLoadError(f"cannot load a tokenizer from {folder}: {_first_line(error)}")
-    return auto  # neither agrees with sentencepiece: keep what the folder's config asks for
+    configured = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if reference is None or configured:
+        try:
+            auto = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError, ImportError) as exc:
+            raise ModelLoadError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from exc
+        if reference is None or _ids(auto) == reference[1]:
+            return auto
+        candidates = [lambda: LlamaTokenizer.from_pretrained(folder)]
+        expected, special = reference[1], False
+    else:
+        bos, pieces = reference
+        expected, special = ([bos] if bos is not None else []) + pieces, True
+        candidates = [
+            lambda: AutoTokenizer.from_pretrained(folder),
+            lambda: AutoTokenizer.from_pretrained(folder, add_bos_token=bos is not None),
+            lambda: LlamaTokenizer.from_pretrained(folder, add_bos_token=bos is not None),
+        ]
+        auto = None
+    error: BaseException | None = None
+    for make in candidates:
+        try:
+            tokenizer = make()
+        except (OSError, ValueError, TypeError, ImportError) as exc:
+            error = exc
+            continue
+        if _ids(tokenizer, special=special) == expected:
+            return tokenizer
+        auto = auto or tokenizer
+    if auto is not None and configured:
+        return auto  # the folder's own configuration wins over our sentencepiece check
+    why = _first_line(error) if error is not None else "no tokenizer reproduces its sentencepiece pieces"
+    raise ModelLoadError(f"cannot load a tokenizer from {folder}: {why}")
 
 
-def _sentencepiece_ids(model_file: Path) -> list[int] | None:
+def _sentencepiece_ids(model_file: Path) -> tuple[int | None, list[int]] | None:
+    """(BOS id or None, ids of the probe text without special tokens) by sentencepiece itself."""
     if not model_file.is_file():
         return None
     try:
         import sentencepiece
 
-        return list(sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode(_PROBE))
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        bos = processor.bos_id()
+        return (bos if bos >= 0 else None), list(processor.encode(_PROBE))
     except (ImportError, OSError, RuntimeError):  # not a sentencepiece model (e.g. tiktoken)
         return None
 
 
-def _ids(tokenizer: Any) -> list[int]:
-    return list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+def _ids(tokenizer: Any, *, special: bool = False) -> list[int]:
+    return list(tokenizer(_PROBE, add_special_tokens=special)["input_ids"])
 
 
 def _first_line(exc: BaseException | None) -> str:
