@@ -1,0 +1,83 @@
+"""sha256 of ``model.safetensors`` for a fixed set of small real runs, one line each.
+
+Refactors that must not change behaviour (issue 11: "the same model.safetensors bytes before and
+after") are checked by running this before and after and diffing the two listings:
+
+    .venv/bin/python scripts/output_hashes.py > /tmp/before.txt   # on the old commit
+    .venv/bin/python scripts/output_hashes.py > /tmp/after.txt    # on the new one
+    diff /tmp/before.txt /tmp/after.txt
+
+Runs: stories260K (real Llama) with every method at 3 bits (per-channel, and grouped for gptq/cdq),
+``--fp-inputs`` and ``--no-true-sequential`` once each, and EfficientNet-Lite0 (real weights,
+converted by scripts/convert_efficientnet_lite0.py when present) with gptq at 4 bits. Each run goes
+through the ``cdq`` console script in a subprocess with one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CDQ_DATA_DIR", REPO.parent / "shared" / "data"))
+STORIES = DATA / "models" / "stories260K"
+CALIB = DATA / "text" / "c4-sample.jsonl"
+IMAGES = DATA / "images" / "imagenet-sample"
+LITE0 = Path("~/.cache/cdq/efficientnet_lite0_timm.safetensors").expanduser()
+
+LM_RUNS = {
+    "rtn-w3": ["--method", "rtn", "--bits", "3"],
+    "gptq-w3": ["--method", "gptq", "--bits", "3"],
+    "gptq-w3g4": ["--method", "gptq", "--bits", "3", "--group-size", "4"],
+    "quantease-w3": ["--method", "quantease", "--bits", "3"],
+    "quantease-outlier-w3": ["--method", "quantease-outlier", "--bits", "3"],
+    "comq-w3": ["--method", "comq", "--bits", "3"],
+    "comq-w4-per-layer": ["--method", "comq", "--bits", "4", "--per-layer"],
+    "cdq-w3": ["--method", "cdq", "--bits", "3"],
+    "cdq-w4g4-sym": ["--method", "cdq", "--bits", "4", "--group-size", "4", "--sym"],
+    "gptq-w4-fp-inputs": ["--method", "gptq", "--bits", "4", "--fp-inputs"],
+    "gptq-w4-not-sequential": ["--method", "gptq", "--bits", "4", "--no-true-sequential"],
+    "none-w16": ["--bits", "16"],
+}
+
+
+def cdq(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    exe = Path(sys.executable).with_name("cdq")
+    done = subprocess.run([str(exe), *args, "--quiet"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cdq {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+def digest(folder: Path) -> str:
+    shards = sorted(folder.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for shard in shards:
+        h.update(shard.name.encode())
+        h.update(shard.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in LM_RUNS.items():
+            out = Path(tmp) / name
+            cdq("quantize", str(STORIES), *flags, "--calib", str(CALIB), "--nsamples", "16",
+                "--seqlen", "64", "--output", str(out))  # fmt: skip
+            print(f"{name} {digest(out)}", flush=True)
+        if LITE0.is_file():
+            out = Path(tmp) / "lite0-gptq-w4"
+            cdq("quantize", "tf_efficientnet_lite0", "--checkpoint", str(LITE0), "--method", "gptq",
+                "--bits", "4", "--calib", str(IMAGES), "--nsamples", "16", "--output", str(out))  # fmt: skip
+            print(f"lite0-gptq-w4 {digest(out)}", flush=True)
+        else:
+            print(f"lite0-gptq-w4 skipped (no {LITE0})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
