@@ -1,90 +1,31 @@
 """The block-by-block driver: capture block-0 inputs once, then quantize one block at a time.
 
-For each block: hooks on its layers fold their inputs into Σ (streamed, no activation store), each
-layer is solved on its Σ, the dequantized Ŵ replaces the weight, and the block is run again to
-produce the next block's inputs. The model stays where it is (CPU); one block at a time visits the
-device, so peak device memory is one block, its Σ's and the calibration activations.
+For each block: hooks on its layers fold their inputs into Σ (streamed, no activation store;
+:mod:`cdq_cli.capture`), each layer is solved on its Σ, the dequantized Ŵ replaces the weight, and
+the block is run again to produce the next block's inputs. The model stays where it is (its home,
+the CPU); one block at a time visits the device (:mod:`cdq_cli.placement`), so peak device memory
+is one block, its Σ's and the calibration activations.
 
-Only :mod:`cdq_cli.solvers` (math) and an :class:`~cdq_cli.models.adapters.Adapter` (layout) are
-used, so any family with an adapter runs through this same code.
+Only :mod:`cdq_cli.solvers` (math), an :class:`~cdq_cli.models.Adapter` (layout) and the records
+of :mod:`cdq_cli.records` are used, so any family with an adapter runs through this same code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .models.adapters import Adapter, BlockInputs, join_name, quantizable_layers
-from .models.conv import conv_groups, layer_sigma
-from .quantized import QuantizedLayer
-from .solvers import SUPPORTED_BITS, GridSpec, SigmaAccumulator, method_options, solve
+from .capture import conv_groups, layer_sigma
+from .models.base import Adapter, BlockInputs, join_name, quantizable_layers
+from .placement import home_of, visiting
+from .records import Event, Journal, LayerRow, Progress, ResumeState, Settings, silent
+from .solvers import SigmaAccumulator, run_solver
 from .solvers.grouped import energy, group_spec, solve_grouped
-
-NO_QUANTIZATION = 16
-
-
-@dataclass
-class Settings:
-    """What to do to every layer. ``bits=16`` runs the block plumbing without quantizing."""
-
-    method: str = "cdq"
-    bits: int = 4
-    group_size: int | None = None
-    sym: bool = False
-    per_layer: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    true_sequential: bool = True
-    fp_inputs: bool = False
-    device: str | None = None
-    sigma_dtype: torch.dtype = torch.float32
-    compare_rtn: bool = True
-
-    @property
-    def quantizing(self) -> bool:
-        return self.bits != NO_QUANTIZATION
-
-
-@dataclass
-class LayerRow:
-    """One line of the report: how well one layer was quantized."""
-
-    name: str
-    shape: list[int]
-    bits: int
-    group_size: int | None
-    sym: bool
-    method: str
-    error: float
-    relative_error: float
-    rtn_error: float | None
-    objective_start: float
-    sweeps: int
-    seconds: float
-    outliers: int
-    tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Event:
-    """A progress event. ``kind``: ``start``, ``block``, ``layer`` (after a layer is solved), ``done``."""
-
-    kind: str
-    block: int
-    blocks: int
-    layers_done: int
-    layers: int
-    row: LayerRow | None = None
-
-
-Progress = Callable[[Event], None]
+from .store.layer import QuantizedLayer
 
 
 @dataclass
@@ -98,47 +39,15 @@ class Outcome:
     tokens: int
 
 
-@dataclass
-class ResumeState:
-    """A saved partial run: the first ``blocks_done`` blocks' report rows and stored layers."""
-
-    blocks_done: int
-    rows: list[LayerRow]
-    layers: dict[str, QuantizedLayer]
-
-
-class Checkpointer(Protocol):
-    """Persists finished blocks so a killed run can resume (implemented by :mod:`cdq_cli.resume`)."""
-
-    def resume_state(self) -> ResumeState | None: ...
-
-    def on_block_done(self, index: int, rows: list[LayerRow], layers: dict[str, QuantizedLayer]) -> None: ...
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module]:
-    """Check settings against every layer before any work (one-line ``ValueError``s)."""
+    """Check the grid against every layer before any work (one-line ``ValueError``s naming the
+    layer); return the layers that will be quantized, by full name."""
     layers = quantizable_layers(adapter, model)
-    if not settings.quantizing:
+    if settings.grid is None:
         return layers
-    if settings.bits not in SUPPORTED_BITS:
-        choices = ", ".join(str(b) for b in (*SUPPORTED_BITS, NO_QUANTIZATION))
-        raise ValueError(
-            f"unsupported bit width {settings.bits}: choose one of {choices} (16 = no quantization)"
-        )
-    spec = GridSpec(settings.bits, settings.group_size, settings.sym, settings.per_layer)
-    unknown = sorted(set(settings.options) - set(method_options(settings.method)))
-    if unknown:
-        accepted = ", ".join(method_options(settings.method)) or "none"
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for method {settings.method!r}; it accepts: {accepted}"
-        )
     for name, layer in layers.items():
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)
-            group_spec(spec, layer.weight[0].numel(), conv_groups(layer))
+            group_spec(settings.grid, layer.weight[0].numel(), conv_groups(layer))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return layers
@@ -150,49 +59,49 @@ def quantize_model(
     adapter: Adapter,
     batches: Iterable[torch.Tensor],
     settings: Settings,
-    progress: Progress | None = None,
-    checkpointer: Checkpointer | None = None,
+    progress: Progress = silent,
+    journal: Journal | None = None,
 ) -> Outcome:
     """Quantize ``model`` in place, block by block, on calibration ``batches`` (model inputs).
 
-    With a ``checkpointer``, every finished block is handed to it, and the blocks of a saved state
-    are not solved again: their stored layers are put back and the block is re-run for its outputs.
+    With a ``journal``, every finished block is handed to it, and the blocks of a saved state are
+    not solved again: their stored layers are put back and the block is re-run for its outputs.
     """
     model.eval()
     validate(model, adapter, settings)
-    device = torch.device(settings.device) if settings.device else default_device()
-    home = next(model.parameters()).device
+    device = settings.device
+    home = home_of(model)
     blocks = adapter.blocks(model)
-    run = _Run(adapter, settings, progress or (lambda event: None), len(blocks))
+    run = _Run(adapter, settings, progress, len(blocks))
     if settings.quantizing:
         run.layers = sum(len(group) for block in blocks for group in adapter.layer_groups(block))
     run.emit("start", 0)
 
-    inputs = adapter.capture_block_inputs(model, batches, device)
-    if len(inputs) == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError("no calibration batches")
+    adapter.verify(model, batches[0])
+    with visiting(adapter.preamble(model), device, home):
+        inputs = adapter.capture_block_inputs(model, batches, device)
     tokens = sum(int(h.shape[:-1].numel()) for h in inputs.hidden)
-    saved = checkpointer.resume_state() if checkpointer is not None and settings.quantizing else None
+    saved = journal.resume_state() if journal is not None and settings.quantizing else None
     for index, block in enumerate(blocks):
         run.emit("block", index)
         restored = saved is not None and index < saved.blocks_done
         done = len(run.stored)
-        block.to(device)
-        try:
+        with visiting([block], device, home):
             if restored:
                 outputs = run.restore(block, index, inputs, saved)
             elif settings.quantizing:
                 outputs = run.block(block, index, inputs)
             else:
                 outputs = _run(adapter, block, inputs)
-        finally:
-            block.to(home)
         if not all(bool(torch.isfinite(t).all()) for t in outputs):
             raise ValueError(
                 f"{adapter.block_name(index)} produced NaN/Inf activations (try --dtype float32)"
             )
-        if checkpointer is not None and settings.quantizing and not restored:
-            checkpointer.on_block_done(index, run.rows, dict(list(run.stored.items())[done:]))
+        if journal is not None and settings.quantizing and not restored:
+            journal.on_block_done(index, run.rows, dict(list(run.stored.items())[done:]))
         inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
     run.emit("done", len(blocks))
     return Outcome(run.rows, run.stored, inputs.hidden, device, tokens)
@@ -266,18 +175,20 @@ def solve_layer(
     """Solve one layer on its Σ, write Ŵ into it, and describe the result."""
     if acc.tokens == 0:
         raise ValueError(f"{name}: the layer saw no calibration inputs")
+    spec = settings.grid
+    assert spec is not None, "solve_layer needs a grid (bits 16 quantizes nothing)"
     sigma = acc.sigma
     if not torch.isfinite(sigma).all():
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     shape = tuple(layer.weight.shape)
     weight = layer.weight.detach().reshape(shape[0], -1).to(sigma.dtype)
-    common = dict(
-        bits=settings.bits, group_size=settings.group_size, sym=settings.sym, per_layer=settings.per_layer
-    )
     try:
-        solver = solve_grouped if sigma.dim() == 3 else solve  # (G, c, c): one Σ per conv group
-        result = solver(settings.method, weight, sigma, **common, **settings.options)
-        rtn = solver("rtn", weight, sigma, **common).objective if settings.compare_rtn else None
+        if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
+            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
+            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+        else:
+            result = run_solver(settings.method, weight, sigma, spec, settings.options)
+            rtn = run_solver("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if not torch.isfinite(result.weight).all() or not math.isfinite(result.objective):
@@ -291,13 +202,13 @@ def solve_layer(
     row = LayerRow(
         name=name,
         shape=list(shape),
-        bits=settings.bits,
-        group_size=settings.group_size,
-        sym=settings.sym,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
         method=settings.method,
         error=result.objective,
         relative_error=result.objective / reference if reference > 0 else 0.0,
-        rtn_error=rtn,
+        rtn_error=rtn.objective if rtn is not None else None,
         objective_start=result.objective_start,
         sweeps=result.sweeps,
         seconds=result.seconds,

@@ -13,21 +13,22 @@ import torch
 from safetensors import safe_open
 from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, single_thread, tiny_model
 
-from cdq_cli import checkpoint
-from cdq_cli.checkpoint import (
+from cdq_cli.evaluate.perplexity import perplexity
+from cdq_cli.models import adapter_for
+from cdq_cli.pipeline import quantize_model
+from cdq_cli.records import Settings
+from cdq_cli.run.language import load_quantized
+from cdq_cli.solvers import SOLVERS
+from cdq_cli.solvers.packing import unpack
+from cdq_cli.store import folder as checkpoint
+from cdq_cli.store.folder import (
     OutputExistsError,
     WriteError,
     atomic_folder,
-    load_quantized,
     read_layers,
     save_quantized,
     write_json_atomic,
 )
-from cdq_cli.evaluate import perplexity
-from cdq_cli.models import adapter_for
-from cdq_cli.pipeline import Settings, quantize_model
-from cdq_cli.solvers import SOLVERS
-from cdq_cli.solvers.packing import unpack
 
 LLAMA_LAYERS = BLOCK_LAYERS["llama"]
 
@@ -45,7 +46,7 @@ def calibration() -> list[torch.Tensor]:
 def quantized(family: str, **settings):
     model = tiny_model(family)
     base = {"method": "rtn", "bits": 3, "device": "cpu"} | settings
-    outcome = quantize_model(model, adapter_for(model), calibration(), Settings(**base))
+    outcome = quantize_model(model, adapter_for(model), calibration(), Settings.make(**base))
     return model, outcome
 
 
@@ -199,7 +200,7 @@ def test_stories260k_every_method_reloads_exactly(method: str, stories, tmp_path
     original, windows, wiki, fp = stories
     model = copy.deepcopy(original)
     outcome = quantize_model(
-        model, adapter_for(model), windows.split(8), Settings(method=method, device="cpu")
+        model, adapter_for(model), windows.split(8), Settings.make(method=method, device="cpu")
     )
     assert [r.name for r in outcome.rows] == [f"model.layers.{i}.{n}" for i in range(5) for n in LLAMA_LAYERS]
     q = perplexity(model, wiki, seqlen=512, batch_size=8).ppl

@@ -12,10 +12,11 @@ import pytest
 import torch
 from tiny_lm import FAMILIES, expected_layers, save_tiny, single_thread
 
-from cdq_cli import checkpoint, pipeline
-from cdq_cli.app import main
-from cdq_cli.checkpoint import load_quantized
+from cdq_cli import pipeline
+from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
+from cdq_cli.run.language import load_quantized
+from cdq_cli.store import folder as checkpoint
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
@@ -210,14 +211,14 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
 
 
 def test_non_finite_weights_name_the_layer(tiny, calib, tmp_path, capsys, monkeypatch) -> None:
-    real = pipeline.solve
+    real = pipeline.run_solver
 
-    def broken(method, weight, sigma, **kwargs):
-        result = real(method, weight, sigma, **kwargs)
+    def broken(method, weight, sigma, spec, options):
+        result = real(method, weight, sigma, spec, options)
         result.weight[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(pipeline, "solve", broken)
+    monkeypatch.setattr(pipeline, "run_solver", broken)
     code, _, stderr = cli(
         capsys, "quantize", tiny["opt"], "--calib", calib, *FAST, "--output", tmp_path / "q"
     )
@@ -229,7 +230,7 @@ def test_non_finite_weights_name_the_layer(tiny, calib, tmp_path, capsys, monkey
 def test_console_script_has_no_traceback(calib, tmp_path) -> None:
     """The real process: one stderr line, exit 2, no traceback."""
     done = subprocess.run(
-        [sys.executable, "-m", "cdq_cli.app", "quantize", str(tmp_path / "nope"), "--bits", "4", "--output",
+        [sys.executable, "-m", "cdq_cli", "quantize", str(tmp_path / "nope"), "--bits", "4", "--output",
          str(tmp_path / "out"), "--calib", calib, "--quiet"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cdq_cli.datapaths import data_dir as find_data_dir
-from cdq_cli.models.loading import ModelLoadError, load_causal_lm, smollm2_gguf
+from cdq_cli.models.causal_lm import ModelLoadError, load_causal_lm, smollm2_gguf
+from cdq_cli.offline import data_dir as find_data_dir
 
 
 @pytest.fixture(scope="module")

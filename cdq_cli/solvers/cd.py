@@ -28,6 +28,7 @@ import torch
 
 from .grid import Grid
 
+ORDERS = ("cyclic", "diag", "greedy")
 # Memory the per-row path may spend on gathered Σ rows (bytes).
 _GATHER_BUDGET = 256 * 2**20
 # Columns per inner sub-block of the shared-order sweep.

@@ -1,8 +1,7 @@
-"""Model quality metrics, each a function returning a small result dataclass with ``to_dict()``.
+"""Perplexity of a causal LM, GPTQ protocol, as a small result dataclass with ``to_dict()``.
 
-Perplexity follows the GPTQ protocol so numbers compare with published tables; the protocol string
-goes into the report so a reader knows exactly what was measured. Top-1 for vision models belongs
-beside ``perplexity`` here, with its own result class.
+The protocol follows GPTQ so numbers compare with published tables; the protocol string goes into
+the report so a reader knows exactly what was measured.
 """
 
 from __future__ import annotations

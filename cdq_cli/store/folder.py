@@ -1,4 +1,4 @@
-"""The packed output folder: write it atomically, read it back bit for bit.
+"""The output folder: write it atomically, read it back bit for bit.
 
 Layout of a cdq output folder::
 
@@ -31,12 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .quantized import QuantizedLayer
-from .solvers import GridSpec
-from .stable_header import sort_metadata
+from ..solvers import GridSpec
+from .header import sort_metadata
+from .layer import LEAVES, QuantizedLayer, read_packed_layer, write_layer_tensors
+from .names import MARKER, REPORT, WEIGHTS
 
-MARKER = "quantization.json"
-WEIGHTS = "model.safetensors"
 FORMAT = "cdq-packed"
 VERSION = 1
 PACKING = "codes along the input dim as one little-endian bit stream in int32 words (cdq_cli.solvers.packing)"
@@ -154,14 +153,24 @@ def save_quantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
-            (tmp / "report.json").write_text(
-                json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-            )
+            (tmp / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return dest
 
 
 def is_quantized_folder(path: Path | str) -> bool:
     return (Path(path) / MARKER).is_file()
+
+
+def read_kind(path: Path | str) -> str | None:
+    """The model kind an output folder holds (``causal-lm``, ``timm-classifier``), or None when
+    ``path`` is not a readable cdq output folder (no error: callers only route on it)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_table(folder: Path | str) -> dict[str, Any]:
@@ -193,26 +202,6 @@ def read_layers(folder: Path | str) -> dict[str, QuantizedLayer]:
     return layers
 
 
-def read_packed_layer(
-    fh: Any, name: str, spec: GridSpec, shape: tuple[int, ...], keys: set[str]
-) -> QuantizedLayer:
-    """One layer's packed tensors from an open safetensors file (``keys``: the file's keys).
-
-    Shared by output folders and ``--resume`` block files, which store layers the same way.
-    """
-    has_outliers = f"{name}.outliers_idx" in keys
-    return QuantizedLayer(
-        name=name,
-        spec=spec,
-        shape=shape,
-        qweight=fh.get_tensor(f"{name}.qweight"),
-        scales=fh.get_tensor(f"{name}.scales"),
-        zeros=fh.get_tensor(f"{name}.zeros"),
-        outliers_idx=fh.get_tensor(f"{name}.outliers_idx") if has_outliers else None,
-        outliers_val=fh.get_tensor(f"{name}.outliers_val") if has_outliers else None,
-    )
-
-
 def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A plain state dict of the stored model: quantized layers dequantized, aliases restored."""
     table = read_table(folder)
@@ -222,7 +211,7 @@ def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -
     with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as fh:
         for key in fh.keys():
             owner, _, leaf = key.rpartition(".")
-            if owner in layers and leaf in ("qweight", "scales", "zeros", "outliers_idx", "outliers_val"):
+            if owner in layers and leaf in LEAVES:
                 continue
             state[key] = fh.get_tensor(key)
     for name, layer in layers.items():
@@ -230,38 +219,6 @@ def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -
     for alias, target in table.get("aliases", {}).items():
         state[alias] = state[target]
     return state
-
-
-def load_quantized(folder: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """Rebuild a causal LM from a cdq output folder: (model, tokenizer or None)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    table = read_table(folder)
-    if table.get("kind") != "causal-lm":
-        raise CheckpointError(f"{folder} holds a {table.get('kind')!r} model; only causal LMs load here")
-    state = quantized_state_dict(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
-    model = model.to(getattr(torch, table["dtype"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder / WEIGHTS} does not match config.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    tokenizer = None
-    if any(
-        (folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the tokenizer saved in {folder}: {exc}") from None
-    return model.to(device).eval(), tokenizer
 
 
 def _tensors(
@@ -287,13 +244,8 @@ def _tensors(
             continue
         seen[identity] = key
         tensors[key] = value.detach().cpu().contiguous()
-    for name, layer in layers.items():
-        tensors[f"{name}.qweight"] = layer.qweight.contiguous()
-        tensors[f"{name}.scales"] = layer.scales.contiguous()
-        tensors[f"{name}.zeros"] = layer.zeros.contiguous()
-        if layer.outliers_idx is not None and layer.outliers_val is not None:
-            tensors[f"{name}.outliers_idx"] = layer.outliers_idx.contiguous()
-            tensors[f"{name}.outliers_val"] = layer.outliers_val.contiguous()
+    for layer in layers.values():
+        write_layer_tensors(layer, tensors)
     return tensors, aliases
 
 

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
+from ..store.names import REPORT_PLOT
+from .choices import CheckpointFormat, ExportTarget
+
 if TYPE_CHECKING:
-    from .export_gptq import ExportSummary
-
-
-class ExportFormat(str, Enum):
-    native = "native"
-    gptq = "gptq"
-
-
-class ExportTarget(str, Enum):
-    gptq = "gptq"
-
-
-class CheckpointFormat(str, Enum):
-    gptq = "gptq"
-    gptq_v2 = "gptq_v2"
+    from ..store.gptq import ExportSummary
 
 
 def export(
@@ -44,7 +32,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write the quantized model in another checkpoint layout (GPTQ: qweight/qzeros/scales/g_idx)."""
-    from .export_gptq import export_gptq
+    from ..store.gptq import export_gptq
 
     del target  # one target for now; the option keeps the command line explicit and extensible
     summary = export_gptq(output_dir, dest, checkpoint_format=checkpoint_format.value, overwrite=overwrite)
@@ -79,7 +67,7 @@ def report(
     data = load_report(output_dir)
     picture = None
     if not no_plot and data["layers"]:
-        default = (output_dir if output_dir.is_dir() else output_dir.parent) / "report.png"
+        default = (output_dir if output_dir.is_dir() else output_dir.parent) / REPORT_PLOT
         picture = write_plot(data, plot or default)
     if as_json:
         print(json.dumps({**report_payload(data, top or None), "plot": str(picture) if picture else None}))

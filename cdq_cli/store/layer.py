@@ -1,5 +1,9 @@
 """One quantized layer as it is stored: packed codes, grid, outliers, and how to dequantize it.
 
+Output folders and resume journals store a layer ``NAME`` the same way: ``NAME.qweight`` (int32,
+codes packed along the input dim), ``NAME.scales``, ``NAME.zeros`` and, when outliers were kept,
+``NAME.outliers_idx`` / ``NAME.outliers_val`` (COO).
+
 The pipeline writes ``QuantizedLayer.dequantize()`` into the model and the checkpoint reader calls
 the same function on the stored tensors, so the reloaded weights are bit-for-bit the ones the
 in-memory model used.
@@ -9,11 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .solvers import Grid, GridSpec, QuantResult
-from .solvers.packing import pack, unpack
+from ..solvers import Grid, GridSpec, QuantResult
+from ..solvers.packing import pack, unpack
+
+LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val")
 
 
 @dataclass
@@ -81,3 +88,31 @@ class QuantizedLayer:
             "shape": list(self.shape),
             "outliers": self.outlier_count,
         }
+
+
+def write_layer_tensors(layer: QuantizedLayer, tensors: dict[str, torch.Tensor]) -> None:
+    """Add ``layer``'s stored tensors to a safetensors dict (outliers only when kept)."""
+    name = layer.name
+    tensors[f"{name}.qweight"] = layer.qweight.contiguous()
+    tensors[f"{name}.scales"] = layer.scales.contiguous()
+    tensors[f"{name}.zeros"] = layer.zeros.contiguous()
+    if layer.outliers_idx is not None and layer.outliers_val is not None:
+        tensors[f"{name}.outliers_idx"] = layer.outliers_idx.contiguous()
+        tensors[f"{name}.outliers_val"] = layer.outliers_val.contiguous()
+
+
+def read_packed_layer(
+    fh: Any, name: str, spec: GridSpec, shape: tuple[int, ...], keys: set[str]
+) -> QuantizedLayer:
+    """One layer's packed tensors from an open safetensors file (``keys``: the file's keys)."""
+    has_outliers = f"{name}.outliers_idx" in keys
+    return QuantizedLayer(
+        name=name,
+        spec=spec,
+        shape=shape,
+        qweight=fh.get_tensor(f"{name}.qweight"),
+        scales=fh.get_tensor(f"{name}.scales"),
+        zeros=fh.get_tensor(f"{name}.zeros"),
+        outliers_idx=fh.get_tensor(f"{name}.outliers_idx") if has_outliers else None,
+        outliers_val=fh.get_tensor(f"{name}.outliers_val") if has_outliers else None,
+    )

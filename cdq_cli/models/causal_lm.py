@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..datapaths import hub_offline
+from ..offline import hub_offline
 
 _PROBE = "Once upon a time"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")

@@ -50,16 +50,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import WEIGHTS, atomic_folder, check_output_dir, read_layers, read_table
-from .quantized import QuantizedLayer
-from .solvers import GridSpec
-from .solvers.packing import pack
+from .. import __version__
+from ..solvers import GridSpec
+from ..solvers.packing import pack
+from .folder import atomic_folder, check_output_dir, read_layers, read_table
+from .layer import LEAVES, QuantizedLayer
+from .names import GPTQ_CONFIG, MARKER, REPORT, WEIGHTS
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 OUTLIER_METHODS = ("quantease-outlier",)
-_OWN_LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val")
-_NOT_COPIED = {WEIGHTS, "quantization.json", "config.json"}
+_NOT_COPIED = {WEIGHTS, MARKER, "config.json"}
 
 
 class ExportError(ValueError):
@@ -126,7 +126,7 @@ def preflight(
     checkpoint_format: str = "gptq",
 ) -> None:
     """:func:`check_settings` from quantize's flags, for ``cdq quantize --format gptq``."""
-    from .solvers import SUPPORTED_BITS
+    from ..solvers import SUPPORTED_BITS
 
     if bits not in SUPPORTED_BITS:
         raise ExportError(f"--format gptq needs quantized layers: --bits {bits} has none to export")
@@ -233,21 +233,21 @@ def export_gptq(
     with safe_open(str(source / WEIGHTS), framework="pt") as fh:
         for key in fh.keys():
             owner, _, leaf = key.rpartition(".")
-            if owner in layers and leaf in _OWN_LEAVES:
+            if owner in layers and leaf in LEAVES:
                 continue
             tensors[key] = fh.get_tensor(key)
     for alias, target in table.get("aliases", {}).items():
         if not (tied and alias == "lm_head.weight"):  # transformers re-ties it from the config
             tensors[alias] = tensors[target].clone()
 
-    report = _read_json(source / "report.json")
+    report = _read_json(source / REPORT)
     run = report.get("run", {})
     block = quantization_config(spec, method, run, checkpoint_format)
     config["quantization_config"] = block
     with atomic_folder(dest, overwrite=overwrite) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "quantize_config.json", {**block, "model_file_base_name": "model"})
+        _write_json(tmp / GPTQ_CONFIG, {**block, "model_file_base_name": "model"})
         for item in sorted(source.iterdir()):
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.startswith("."):
                 shutil.copy2(item, tmp / item.name)

@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .pipeline import Event
+from ..records import Event
 
 
 class Reporter:
@@ -47,7 +47,9 @@ class Reporter:
     def __call__(self, event: Event) -> None:
         if self.quiet:
             return
-        if self.rich:
+        if event.kind == "note":
+            self.note(event.text)
+        elif self.rich:
             self._rich(event)
         else:
             self._plain(event)
@@ -115,3 +117,10 @@ class Reporter:
 
 def _short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def quiet_libraries() -> None:
+    """Keep stderr clean for machine-readable runs (no transformers "Loading weights" bars)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -1,6 +1,6 @@
-"""Resumable runs: after every finished block, save what is needed to continue from the next one.
+"""The resume journal: after every finished block, save what is needed to continue from the next one.
 
-The work folder is a hidden sibling of the output, ``.<OUTPUT>.partial/``::
+The journal is a hidden sibling folder of the output, ``.<OUTPUT>.partial/``::
 
     block-00000.safetensors   the packed layers of block 0 (one file per finished block)
     state.json                blocks done, the report rows so far, and the run's fingerprint
@@ -31,7 +31,6 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +38,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import read_packed_layer
-from .pipeline import LayerRow, ResumeState, Settings
-from .quantized import QuantizedLayer
-from .solvers import GridSpec
+from .. import __version__
+from ..records import LayerRow, ResumeState, Settings
+from ..solvers import GridSpec
+from .layer import QuantizedLayer, read_packed_layer, write_layer_tensors
+from .names import JOURNAL_STATE as STATE
+from .names import journal_block, journal_folder
 
 KILL_ENV = "CDQ_TEST_KILL_AFTER_BLOCK"
-STATE = "state.json"
 SCHEMA = "cdq-resume/1"
 
 
 class ResumeError(ValueError):
     """Saved state that cannot be resumed (changed inputs, unreadable files); one line, exit 2."""
-
-
-def work_folder(output: Path) -> Path:
-    output = Path(output).absolute()
-    return output.with_name(f".{output.name}.partial")
 
 
 def fingerprint(
@@ -73,8 +67,7 @@ def fingerprint(
         **{k: v for k, v in extra.items() if k == "batch_size"},
     }
     run = {
-        **{k: v for k, v in asdict(settings).items() if k != "sigma_dtype"},
-        "sigma_dtype": str(settings.sigma_dtype),
+        **settings.describe(),
         "dtype": str(next(lm.parameters()).dtype),
         **{k: v for k, v in extra.items() if k != "batch_size"},
     }
@@ -86,7 +79,7 @@ def fingerprint(
     }
 
 
-class Checkpointer:
+class Journal:
     """Writes a state after every finished block and hands it back to a resumed run.
 
     Pass it to :func:`cdq_cli.pipeline.quantize_model`; call :meth:`finish` once the output is saved.
@@ -95,7 +88,7 @@ class Checkpointer:
     def __init__(
         self, output: Path, fingerprint: dict[str, Any], *, resume: bool, note: Callable[[str], None]
     ) -> None:
-        self.folder = work_folder(output)
+        self.folder = journal_folder(output)
         self.fingerprint = fingerprint
         self.note = note
         self.state: ResumeState | None = None
@@ -122,15 +115,10 @@ class Checkpointer:
         """Persist block ``index`` (its packed layers) and the rows so far; atomic, state last."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
-        for name, layer in layers.items():
-            tensors[f"{name}.qweight"] = layer.qweight.contiguous()
-            tensors[f"{name}.scales"] = layer.scales.contiguous()
-            tensors[f"{name}.zeros"] = layer.zeros.contiguous()
-            if layer.outliers_idx is not None and layer.outliers_val is not None:
-                tensors[f"{name}.outliers_idx"] = layer.outliers_idx.contiguous()
-                tensors[f"{name}.outliers_val"] = layer.outliers_val.contiguous()
+        for layer in layers.values():
+            write_layer_tensors(layer, tensors)
         meta = {"layers": json.dumps({name: layer.metadata() for name, layer in layers.items()})}
-        _atomic(self.folder / _block_file(index), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        _atomic(self.folder / journal_block(index), lambda tmp: save_file(tensors, tmp, metadata=meta))
         state = {
             "schema": SCHEMA,
             "blocks_done": index + 1,
@@ -185,7 +173,7 @@ class Checkpointer:
         rows = [LayerRow(**row) for row in saved["rows"]]
         found: dict[str, QuantizedLayer] = {}
         for index in range(blocks):
-            path = self.folder / _block_file(index)
+            path = self.folder / journal_block(index)
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     table = json.loads(fh.metadata()["layers"])
@@ -200,10 +188,6 @@ class Checkpointer:
             raise ResumeError(f"saved state in {self.folder} lacks layer {missing[0]}; run without --resume")
         # The report and the checkpoint list layers in solve order, which the rows keep.
         return ResumeState(blocks, rows, {row.name: found[row.name] for row in rows})
-
-
-def _block_file(index: int) -> str:
-    return f"block-{index:05d}.safetensors"
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -244,7 +228,7 @@ def _file_identity(model: str) -> list[tuple[str, int, int]]:
     return entries
 
 
-def open_checkpointer(
+def open_journal(
     output: Path,
     model: str,
     lm: torch.nn.Module,
@@ -254,12 +238,12 @@ def open_checkpointer(
     batch_size: int,
     resume: bool,
     note: Callable[[str], None],
-) -> Checkpointer | None:
-    """The run's checkpointer (None for ``--bits 16``, which has nothing to save)."""
+) -> Journal | None:
+    """The run's journal (None for ``--bits 16``, which has nothing to save)."""
     if not settings.quantizing:
         if resume:
             note("--resume: nothing to resume without quantization (--bits 16)")
         return None
-    return Checkpointer(
+    return Journal(
         output, fingerprint(model, lm, windows, settings, batch_size=batch_size), resume=resume, note=note
     )

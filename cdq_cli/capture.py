@@ -1,4 +1,8 @@
-"""What a layer's weight actually multiplies: Linear inputs, or conv patches exactly as F.conv2d sees them.
+"""Σ capture: forward hooks that fold what a layer's weight multiplies into its Σ.
+
+The driver (:mod:`cdq_cli.pipeline`) puts these hooks on a block's layers; nothing here knows
+about model families. What a weight multiplies: Linear inputs, or conv patches exactly as
+F.conv2d sees them.
 
 Σ must be built from the true layer inputs. For a Conv2d those are the im2col patches of the input
 *after* the padding the layer applies, and layers pad in different places: ``nn.Conv2d`` through
@@ -12,14 +16,14 @@ Grouped and depthwise convs (``groups > 1``) get one Σ per group
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..solvers.grouped import GroupedSigmaAccumulator
-from ..solvers.sigma import SigmaAccumulator
+from .solvers.grouped import GroupedSigmaAccumulator
+from .solvers.sigma import SigmaAccumulator
 
 # Patch elements unfolded at once (float32: 256 MiB), so wide depthwise inputs stay bounded.
 _CHUNK_ELEMENTS = 64 * 2**20
@@ -119,3 +123,32 @@ def _is_conv2d_same(layer: nn.Module) -> bool:
         cls.__name__ in ("Conv2dSame", "Conv2dSameExport") and cls.__module__.startswith("timm.")
         for cls in type(layer).__mro__
     )
+
+
+@torch.no_grad()
+def linear_sigmas(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    include: Callable[[str, nn.Linear], bool] = lambda name, module: True,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, tuple[nn.Linear, SigmaAccumulator]]:
+    """Σ of every Linear of an unmodified model from one pass over ``batches`` (input ids):
+    {name: (layer, Σ accumulator)}. This is the "layer inputs from the FP model" setting of the
+    per-layer benchmarks; the block-by-block driver uses :func:`layer_sigma` instead."""
+    found: dict[str, tuple[nn.Linear, SigmaAccumulator]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and include(name, module):
+            acc = SigmaAccumulator(module.in_features, device=module.weight.device, dtype=dtype)
+            found[name] = (module, acc)
+            handles.append(
+                module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add_linear(args[0]))
+            )
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found

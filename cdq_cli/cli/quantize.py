@@ -1,0 +1,95 @@
+"""``cdq quantize``: its options, and one call to :func:`cdq_cli.run.quantize`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from ..run import QuantizeRequest, UsageError
+from ..run import quantize as run_quantize
+from .choices import DType, ExportFormat, Method, SigmaDType
+from .presets import apply_config, provenance, solver_options
+from .printing import show_quantized
+from .progress import Reporter, quiet_libraries
+
+
+def quantize(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Hugging Face folder, .gguf file or hub id."),
+    method: Method = typer.Option(
+        Method("cdq"), help="Layer solver (cdq: best of GPTQ starts, then CD with grid refits)."
+    ),
+    bits: int = typer.Option(4, help="Weight bits: 2, 3, 4, 8; 16 = no quantization (plumbing check)."),
+    group_size: int | None = typer.Option(None, help="Columns per scale group (default: one per row)."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="One scale for the whole layer (COMQ)."),
+    calib: str = typer.Option(
+        "c4", help="Calibration text: c4, wikitext2, ptb, or a local .txt/.jsonl/folder."
+    ),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int | None = typer.Option(None, help="Tokens per window (default: min(2048, model context))."),
+    seed: int = typer.Option(0, help="Calibration sampling seed."),
+    output: Path | None = typer.Option(None, help="Output folder (default: <model>-<method>-w<bits>[g<G>])."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda if available)."),
+    dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: float32 on CPU, float16 on CUDA)."),
+    sigma_dtype: SigmaDType = typer.Option(SigmaDType.float32, help="Σ accumulation dtype."),
+    batch_size: int = typer.Option(8, help="Calibration windows per forward."),
+    fp_inputs: bool = typer.Option(
+        False, "--fp-inputs", help="Feed each block full-precision inputs (COMQ)."
+    ),
+    true_sequential: bool = typer.Option(True, help="Collect Σ per sequential group inside a block."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Solver option KEY=VALUE (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (summary + output) on stdout."),
+    eval_data: str | None = typer.Option(None, "--eval", help="Also report perplexity on this text."),
+    eval_max_windows: int | None = typer.Option(None, help="Score at most this many --eval windows."),
+    eval_seqlen: int | None = typer.Option(None, help="--eval window length (default: min(2048, context))."),
+    checkpoint: str | None = typer.Option(None, help="Vision: local timm weights (.pth/.safetensors)."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="Vision: timm create_model KEY=VALUE."),
+    quantize_embed: bool = typer.Option(False, "--quantize-embed", help="Vision: quantize the stem too."),
+    quantize_head: bool = typer.Option(False, "--quantize-head", help="Vision: quantize the classifier too."),
+    augment: bool = typer.Option(False, "--augment", help="Vision: calibrate on augmented images (COMQ)."),
+    config: Path | None = typer.Option(
+        None, "--config", is_eager=True, callback=apply_config, help="YAML preset; flags given here win."
+    ),
+    out_format: ExportFormat = typer.Option(
+        ExportFormat.native, "--format", help="gptq: also export GPTQ to <output>-gptq (docs/results.md)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
+) -> None:
+    """Quantize every Linear layer of the model's blocks and write a packed checkpoint + report.json."""
+    request = QuantizeRequest(
+        target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
+        options={**solver_options(ctx), **parse_assignments(option)}, calib=calib, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, output=output, device=device, dtype=dtype.value,
+        sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
+        true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
+        eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
+        checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
+        quantize_head=quantize_head, augment=augment,
+        command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
+    )  # fmt: skip
+    if quiet or as_json:
+        quiet_libraries()
+    reporter = Reporter(quiet=quiet)
+    try:
+        finished = run_quantize(request, reporter)
+    finally:
+        reporter.close()
+    show_quantized(finished, as_json=as_json)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``-o KEY=VALUE`` strings as {key: raw value}; the solver registry types and checks them."""
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = raw.strip()
+    return options
