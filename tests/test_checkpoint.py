@@ -110,20 +110,32 @@ def test_outliers_are_stored_as_coo(tmp_path: Path) -> None:
         assert torch.equal(load_quantized(out)[0](ids).logits, model(ids).logits)
 
 
-def test_refuses_existing_folder_unless_overwrite(tmp_path: Path) -> None:
+def test_overwrite_replaces_only_what_cdq_wrote(tmp_path: Path) -> None:
+    """A folder with a file cdq did not write survives even --overwrite; cdq's own is replaced."""
     model, outcome = quantized("bloom")
     dest = tmp_path / "q"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         save_quantized(dest, model, outcome.layers)
-    assert (dest / "keep.txt").read_text() == "mine"
-    save_quantized(dest, model, outcome.layers, overwrite=True)
-    assert not (dest / "keep.txt").exists() and (dest / "quantization.json").is_file()
-    assert siblings(dest) == []
+    with pytest.raises(OutputExistsError, match="cdq did not write it"):
+        save_quantized(dest, model, outcome.layers, overwrite=True)
+    assert (dest / "keep.txt").read_text() == "mine" and siblings(dest) == []
     empty = tmp_path / "empty"
     empty.mkdir()
     save_quantized(empty, model, outcome.layers)  # an empty folder is fine without --overwrite
+    manifest = json.loads((empty / ".cdq-manifest.json").read_text())["files"]
+    assert sorted(manifest) == sorted(p.name for p in empty.iterdir() if p.name != ".cdq-manifest.json")
+    save_quantized(empty, model, outcome.layers, overwrite=True)  # cdq's own folder: replaced
+    assert (empty / "quantization.json").is_file() and siblings(empty) == []
+    (empty / "notes.txt").write_text("added later by a person")
+    with pytest.raises(OutputExistsError, match="holds 'notes.txt', which cdq did not write"):
+        save_quantized(empty, model, outcome.layers, overwrite=True)
+    assert (empty / "notes.txt").is_file()
+    (empty / "notes.txt").unlink()
+    (empty / "sub").mkdir()
+    with pytest.raises(OutputExistsError, match="holds 'sub'"):
+        save_quantized(empty, model, outcome.layers, overwrite=True)
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -138,8 +150,8 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, interrupt: BaseExcepti
 
 def test_interrupted_overwrite_keeps_the_old_folder(tmp_path: Path) -> None:
     dest = tmp_path / "q"
-    dest.mkdir()
-    (dest / "old.txt").write_text("old")
+    with atomic_folder(dest) as tmp:  # a folder cdq wrote (its manifest lists old.txt)
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with atomic_folder(dest, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")

@@ -176,21 +176,13 @@ def test_existing_output_is_refused_and_kept(tiny, calib, tmp_path, capsys) -> N
     code, _, stderr = cli(capsys, "quantize", tiny["llama"], "--calib", calib, *FAST, "--output", out)
     assert code == 2 and stderr.startswith("error: output folder") and "--overwrite" in stderr
     assert (out / "precious.txt").read_text() == "x"
-    code, _, stderr = cli(
-        capsys,
-        "quantize",
-        tiny["llama"],
-        "--method",
-        "rtn",
-        "--calib",
-        calib,
-        *FAST,
-        "--output",
-        out,
-        "--overwrite",
-    )
+    rtn = ["quantize", tiny["llama"], "--method", "rtn", "--calib", calib, *FAST, "--output"]
+    code, _, stderr = cli(capsys, *rtn, out, "--overwrite")
+    assert code == 2 and "cdq did not write it" in stderr and (out / "precious.txt").read_text() == "x"
+    mine = tmp_path / "mine"
+    assert cli(capsys, *rtn, mine)[0] == 0
+    code, _, stderr = cli(capsys, *rtn, mine, "--overwrite")  # a folder cdq wrote: replaced
     assert code == 0, stderr
-    assert not (out / "precious.txt").exists()
 
 
 @pytest.mark.parametrize("where", ["quantizing", "writing"])
@@ -205,7 +197,13 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
     code, _, stderr = cli(
         capsys, "quantize", tiny["bloom"], "--method", "rtn", "--calib", calib, *FAST, "--output", out
     )
-    assert code == 130 and stderr.strip() == "error: interrupted"
+    expected = "error: interrupted"
+    if where == "writing":  # every block was finished and saved: the line says how to continue
+        saved = tmp_path / ".q.partial"
+        expected += (
+            f"; 2 finished block(s) are saved in {saved}: run the same command with --resume to continue"
+        )
+    assert code == 130 and stderr.strip() == expected
     # No output; once blocks were finished, only the hidden state that --resume continues from.
     assert [p.name for p in tmp_path.iterdir()] == ([] if where == "quantizing" else [".q.partial"])
 

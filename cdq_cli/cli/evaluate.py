@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from ..run import EvalRequest
@@ -12,19 +14,35 @@ from .progress import quiet_libraries
 
 
 def evaluate(
-    target: str = typer.Argument(..., help="A model (folder, .gguf, hub id) or a cdq output folder."),
-    data: str = typer.Option(..., help="Text: wikitext2, ptb, c4, or a local .txt/.jsonl/folder."),
+    target: str = typer.Argument(
+        ...,
+        metavar="TARGET",
+        help="A model (folder, .gguf, hub id, timm/NAME) or a cdq output folder.",
+    ),
+    data: str = typer.Option(
+        ...,
+        metavar="SOURCE",
+        help="Text: wikitext2, ptb, c4, or a local .txt/.jsonl file or folder; for vision models a "
+        "labelled image folder or imagenet-sample.",
+    ),
     seqlen: int | None = typer.Option(None, help="Window length (default: min(2048, model context))."),
     max_windows: int | None = typer.Option(None, help="Score at most this many windows."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda if available)."),
+    device: str | None = typer.Option(
+        None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
+    ),
     dtype: DType = typer.Option(DType.auto, help="Model dtype for plain models (auto: float32 on CPU)."),
     batch_size: int = typer.Option(8, help="Windows per forward (does not change the result)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    checkpoint: str | None = typer.Option(None, help="Vision: local timm weights (.pth/.safetensors)."),
-    model_arg: list[str] = typer.Option([], "--model-arg", help="Vision: timm create_model KEY=VALUE."),
+    checkpoint: str | None = typer.Option(
+        None, metavar="FILE", help="Vision: local timm weights (.pth/.safetensors)."
+    ),
+    model_arg: list[str] = typer.Option(
+        [], "--model-arg", metavar="KEY=VALUE", help="Vision: timm create_model argument (repeatable)."
+    ),
 ) -> None:
-    """Perplexity (GPTQ protocol) of a model or of a cdq output folder."""
-    if as_json:
+    """Perplexity (GPTQ protocol) of a language model, or top-1/top-5 of an image classifier, for a
+    model or a cdq output folder."""
+    if as_json or not sys.stderr.isatty():
         quiet_libraries()
     request = EvalRequest(
         target=target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,

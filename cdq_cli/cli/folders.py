@@ -6,7 +6,6 @@ Registered on the main Typer app by :func:`register`; errors are ``ValueError``s
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import typer
 
 from ..store.names import REPORT_PLOT
 from .choices import CheckpointFormat, ExportTarget
+from .printing import print_json
 
 if TYPE_CHECKING:
     from ..store.gptq import ExportSummary
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 def export(
     output_dir: Path = typer.Argument(..., help="A cdq output folder (from cdq quantize)."),
     target: ExportTarget = typer.Option(ExportTarget.gptq, "--format", help="Target layout."),
-    dest: Path | None = typer.Option(None, "--dest", help="Export folder (default: <OUTPUT_DIR>-gptq)."),
+    dest: Path | None = typer.Option(
+        None, "--output", "--dest", metavar="FOLDER", help="Export folder (default: <OUTPUT_DIR>-gptq)."
+    ),
     checkpoint_format: CheckpointFormat = typer.Option(
         CheckpointFormat.gptq,
         help="gptq: v1, zero-points stored minus 1 (read by every engine); gptq_v2: gptqmodel only.",
@@ -41,7 +43,7 @@ def export(
 
 def show_export(summary: ExportSummary, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
         return
     grid = f"group {summary.group_size}" if summary.group_size > 0 else "per channel"
     print(
@@ -67,10 +69,9 @@ def report(
     data = load_report(output_dir)
     picture = None
     if not no_plot and data["layers"]:
-        default = (output_dir if output_dir.is_dir() else output_dir.parent) / REPORT_PLOT
-        picture = write_plot(data, plot or default)
+        picture = write_plot(data, plot) if plot is not None else _plot_beside(data, output_dir)
     if as_json:
-        print(json.dumps({**report_payload(data, top or None), "plot": str(picture) if picture else None}))
+        print_json({**report_payload(data, top or None), "plot": str(picture) if picture else None})
         return
     header, body = report_table(data, top or None)
     lines = summary_lines(data)
@@ -78,6 +79,21 @@ def report(
     render([*lines, shown], header, body, sys.stdout)
     if picture is not None:
         print(f"plot: {picture}")
+
+
+def _plot_beside(data: dict, output_dir: Path) -> Path:
+    """Write the plot into the run's folder, as a file cdq wrote (never over a file it did not)."""
+    from ..store.folder import add_to_manifest, read_manifest
+    from .report_view import write_plot
+
+    folder = output_dir if output_dir.is_dir() else output_dir.parent
+    dest = folder / REPORT_PLOT
+    written = read_manifest(folder)
+    if dest.exists() and (written is None or REPORT_PLOT not in written):
+        raise ValueError(f"refusing to overwrite {dest}, which cdq did not write (pass --plot PATH)")
+    picture = write_plot(data, dest)
+    add_to_manifest(folder, REPORT_PLOT)
+    return picture
 
 
 def compare(
@@ -93,7 +109,7 @@ def compare(
         raise ValueError(f"--top must be 0 (all) or positive, got {top}")
     payload = compare_payload(load_report(a), load_report(b), top or None)
     if as_json:
-        print(json.dumps(payload))
+        print_json(payload)
         return
     header, body = compare_table(payload)
     render(compare_lines(payload), header, body, sys.stdout)

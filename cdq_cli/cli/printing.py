@@ -22,7 +22,7 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
             payload["export"] = finished.export
         if "evaluation" in report:
             payload["evaluation"] = report["evaluation"]
-        print(json.dumps(payload, allow_nan=True))
+        print_json(payload)
         return
     console = Console(highlight=False, soft_wrap=True)
     headline = _headline(finished) if summary["layers"] else None  # error figures exist only then
@@ -41,7 +41,7 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
 def show_evaluation(result: dict[str, Any], *, as_json: bool) -> None:
     """A finished ``cdq eval``: perplexity, or top-1/top-5 with agreement."""
     if as_json:
-        print(json.dumps(result, allow_nan=True))
+        print_json(result)
         return
     console = Console(highlight=False, soft_wrap=True)
     target, data = result["target"], result["data"]
@@ -57,6 +57,15 @@ def show_evaluation(result: dict[str, Any], *, as_json: bool) -> None:
         f"{target} on {data}: top-1 [bold]{result['top1']:.2%}[/bold], top-{result['k']} {result['top5']:.2%}"
         f"{agree} ({result['images']} images)" + (f"; {note}" if note else "")
     )
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    """One strict JSON object on stdout: NaN or Infinity are never printed (an error instead)."""
+    try:
+        text = json.dumps(payload, allow_nan=False)
+    except ValueError:
+        raise ValueError("a result is NaN or infinite; refusing to print it as JSON") from None
+    print(text)
 
 
 def _headline(finished: Finished) -> str:

@@ -120,7 +120,18 @@ def _short(name: str, width: int = 32) -> str:
 
 
 def quiet_libraries() -> None:
-    """Keep stderr clean for machine-readable runs (no transformers "Loading weights" bars)."""
+    """Keep stderr to cdq's own lines under --quiet/--json or when stderr is not a terminal: no
+    "Loading weights" bars, no library logging below errors, no library warnings."""
+    import warnings
+
+    import datasets
+    import huggingface_hub
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    for library in ("transformers", "huggingface_hub", "datasets", "timm", "torch", "accelerate", "gguf"):
+        warnings.filterwarnings("ignore", module=rf"{library}(\..*)?")

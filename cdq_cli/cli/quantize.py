@@ -18,7 +18,12 @@ from .progress import Reporter, quiet_libraries
 
 def quantize(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Hugging Face folder, .gguf file or hub id."),
+    model: str = typer.Argument(
+        ...,
+        metavar="MODEL",
+        help="A causal LM (Hugging Face folder, .gguf file, hub id) or a timm image classifier "
+        "(timm/NAME, NAME, or any MODEL with --checkpoint).",
+    ),
     method: Method = typer.Option(
         Method("cdq"), help="Layer solver (cdq: best of GPTQ starts, then CD with grid refits)."
     ),
@@ -27,13 +32,22 @@ def quantize(
     sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid."),
     per_layer: bool = typer.Option(False, "--per-layer", help="One scale for the whole layer (COMQ)."),
     calib: str = typer.Option(
-        "c4", help="Calibration text: c4, wikitext2, ptb, or a local .txt/.jsonl/folder."
+        "c4",
+        metavar="SOURCE",
+        help="Calibration data: c4, wikitext2, ptb, or a local .txt/.jsonl file or folder of them; "
+        "for vision models a folder of images (class subfolders or flat), imagenet-sample or hf:NAME.",
     ),
-    nsamples: int = typer.Option(128, help="Calibration windows."),
+    nsamples: int = typer.Option(128, help="Calibration windows (vision: images)."),
     seqlen: int | None = typer.Option(None, help="Tokens per window (default: min(2048, model context))."),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
-    output: Path | None = typer.Option(None, help="Output folder (default: <model>-<method>-w<bits>[g<G>])."),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda if available)."),
+    output: Path | None = typer.Option(
+        None,
+        metavar="FOLDER",
+        help="Output folder (default: <model>-<method>-w<bits>[g<G>]).",
+    ),
+    device: str | None = typer.Option(
+        None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
+    ),
     dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: float32 on CPU, float16 on CUDA)."),
     sigma_dtype: SigmaDType = typer.Option(SigmaDType.float32, help="Σ accumulation dtype."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward."),
@@ -41,15 +55,32 @@ def quantize(
         False, "--fp-inputs", help="Feed each block full-precision inputs (COMQ)."
     ),
     true_sequential: bool = typer.Option(True, help="Collect Σ per sequential group inside a block."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Solver option KEY=VALUE (repeatable)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        "-o",
+        metavar="KEY=VALUE",
+        help="Solver option (repeatable); `cdq methods` lists every method's keys, types and ranges.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing output folder that cdq wrote (nothing else)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (summary + output) on stdout."),
-    eval_data: str | None = typer.Option(None, "--eval", help="Also report perplexity on this text."),
+    eval_data: str | None = typer.Option(
+        None,
+        "--eval",
+        metavar="SOURCE",
+        help="Also evaluate before and after: perplexity on this text, or top-1 on labelled images.",
+    ),
     eval_max_windows: int | None = typer.Option(None, help="Score at most this many --eval windows."),
     eval_seqlen: int | None = typer.Option(None, help="--eval window length (default: min(2048, context))."),
-    checkpoint: str | None = typer.Option(None, help="Vision: local timm weights (.pth/.safetensors)."),
-    model_arg: list[str] = typer.Option([], "--model-arg", help="Vision: timm create_model KEY=VALUE."),
+    checkpoint: str | None = typer.Option(
+        None, metavar="FILE", help="Vision: local timm weights (.pth/.safetensors)."
+    ),
+    model_arg: list[str] = typer.Option(
+        [], "--model-arg", metavar="KEY=VALUE", help="Vision: timm create_model argument (repeatable)."
+    ),
     quantize_embed: bool = typer.Option(False, "--quantize-embed", help="Vision: quantize the stem too."),
     quantize_head: bool = typer.Option(False, "--quantize-head", help="Vision: quantize the classifier too."),
     augment: bool = typer.Option(False, "--augment", help="Vision: calibrate on augmented images (COMQ)."),
@@ -61,7 +92,8 @@ def quantize(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
 ) -> None:
-    """Quantize every Linear layer of the model's blocks and write a packed checkpoint + report.json."""
+    """Quantize a causal LM or a timm image classifier block by block; write a packed checkpoint
+    and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
     request = QuantizeRequest(
         target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
         options={**solver_options(ctx), **parse_assignments(option)}, calib=calib, nsamples=nsamples,
@@ -73,7 +105,7 @@ def quantize(
         quantize_head=quantize_head, augment=augment,
         command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
     )  # fmt: skip
-    if quiet or as_json:
+    if quiet or as_json or not sys.stderr.isatty():
         quiet_libraries()
     reporter = Reporter(quiet=quiet)
     try:

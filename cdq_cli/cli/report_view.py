@@ -32,14 +32,18 @@ def load_report(target: Path | str) -> dict[str, Any]:
     if path.is_dir():
         path = path / REPORT
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise ReportError(f"no report found: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ReportError(f"cannot read {path}: {exc}") from None
     if not isinstance(report, dict) or "layers" not in report or "run" not in report:
         raise ReportError(f"{path} is not a cdq report (no 'run'/'layers')")
     return report
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not a number cdq writes")
 
 
 def block_of(name: str) -> str:

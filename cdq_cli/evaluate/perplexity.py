@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_MAX_NLL = 700.0  # exp(700) ≈ 1e304: beyond, perplexity is not a finite float64
 PPL_PROTOCOL = "gptq: non-overlapping windows, exp(mean NLL)"
 
 
@@ -81,10 +82,12 @@ def perplexity(
     finally:
         model.train(was_training)
     nll = nll_sum / windows
-    try:
-        ppl = math.exp(nll)  # nan stays nan: a broken model must not read as a good one
-    except OverflowError:
-        ppl = math.inf
+    if not math.isfinite(nll) or nll > _MAX_NLL:  # a broken model must not read as a result
+        raise ValueError(
+            f"the model's mean loss on the evaluation windows is {nll:.4g} nats: its logits are "
+            "non-finite or its perplexity overflows (a broken model, or try --dtype float32)"
+        )
+    ppl = math.exp(nll)
     return PerplexityResult(ppl, nll, windows, seqlen, windows * seqlen, n)
 
 

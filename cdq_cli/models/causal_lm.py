@@ -8,6 +8,7 @@ cannot be reached.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,12 @@ def load_causal_lm(
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a folder with config.json, a ``.gguf`` file (or folder plus
     ``gguf_file``), or a hub id. The model is in eval mode on ``device``, weights in ``dtype``
-    (GGUF weights are dequantized to it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (GGUF weights are dequantized to it).
 
+    Code that comes with a model is never run (``trust_remote_code=False`` everywhere; a folder
+    whose config names its own code is refused), and a checkpoint that leaves any weight of the
+    model uninitialised is refused rather than run with random weights.
+    """
     path = Path(name_or_path).expanduser()
     if not path.exists():
         if gguf_file is not None or not _looks_like_hub_id(name_or_path):
@@ -44,20 +48,64 @@ def load_causal_lm(
         model, tokenizer = _from_hub(name_or_path, dtype)
     else:
         folder, gguf = _resolve_local(path, gguf_file)
-        try:
-            if gguf is not None:
-                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
-                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-                tokenizer = _folder_tokenizer(folder)
-        except (OSError, ValueError, ImportError) as exc:
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise ModelLoadError(f"cannot load {path}: {_first_line(exc)}") from exc
+        refuse_remote_code(folder)
+        model, tokenizer = _from_folder(folder, gguf, dtype, shown=path)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """A folder whose config.json or tokenizer_config.json maps classes to its own Python files
+    (``auto_map``) is refused, naming the files: cdq never runs code that comes with a model."""
+    for name in ("config.json", "tokenizer_config.json"):
+        config = folder / name
+        if not config.is_file():
+            continue
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {config}: {_first_line(exc)}") from None
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            files = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for ref in _flatten(refs)})
+            raise ModelLoadError(
+                f"{folder} ships its own Python code ({', '.join(files)}, named by auto_map in {name}); "
+                "cdq never runs code that comes with a model"
+            )
+
+
+def _from_folder(folder: Path, gguf: str | None, dtype: torch.dtype, *, shown: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+        if gguf is not None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
+        else:
+            tokenizer = _folder_tokenizer(folder)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a corrupt or truncated file, a bad config: one line naming the model
+        raise ModelLoadError(f"cannot load {shown}: {_first_line(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"cannot load {shown}: its checkpoint has no weights for {missing[0]}{more} "
+            "(they would be random); is it a complete model folder?"
+        )
+    return model, tokenizer
+
+
+def _flatten(items: Any) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+    return out
 
 
 def smollm2_gguf() -> Path | None:
@@ -103,9 +151,17 @@ def _from_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     # Offline: read only the local cache, which fails in milliseconds instead of retrying for minutes.
     local_only = hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-    except (OSError, ValueError, EntryNotFoundError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, local_files_only=local_only, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"'{name}' ships its own Python code; cdq never runs code that comes with a model"
+            ) from exc
+        raise ModelLoadError(f"cannot load '{name}' from the Hugging Face hub: {_first_line(exc)}") from exc
+    except (OSError, EntryNotFoundError) as exc:
         why = "offline and not in the local cache" if local_only else "not found or not reachable"
         raise ModelLoadError(
             f"cannot load '{name}' from the Hugging Face hub ({why}); download it elsewhere and pass "
@@ -130,7 +186,7 @@ def _folder_tokenizer(folder: Path) -> Any:
     configured = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     if reference is None or configured:
         try:
-            auto = AutoTokenizer.from_pretrained(folder)
+            auto = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         except (OSError, ValueError, TypeError, ImportError) as exc:
             raise ModelLoadError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from exc
         if reference is None or _ids(auto) == reference[1]:
@@ -141,8 +197,10 @@ def _folder_tokenizer(folder: Path) -> Any:
         bos, pieces = reference
         expected, special = ([bos] if bos is not None else []) + pieces, True
         candidates = [
-            lambda: AutoTokenizer.from_pretrained(folder),
-            lambda: AutoTokenizer.from_pretrained(folder, add_bos_token=bos is not None),
+            lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+            lambda: AutoTokenizer.from_pretrained(
+                folder, add_bos_token=bos is not None, trust_remote_code=False
+            ),
             lambda: LlamaTokenizer.from_pretrained(folder, add_bos_token=bos is not None),
         ]
         auto = None

@@ -18,6 +18,8 @@ from torch import nn
 from .causal_lm import ModelLoadError
 
 KIND = "timm-classifier"
+# create_model arguments that would load weights or configs from elsewhere: never taken from a file.
+_NOT_FROM_FILES = ("pretrained", "checkpoint_path")
 PREFIX = "timm/"
 _DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -35,8 +37,19 @@ class TimmSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TimmSpec:
-        return cls(data["name"], dict(data.get("kwargs") or {}), data.get("checkpoint"))
+    def from_dict(cls, data: Any) -> TimmSpec:
+        """The spec an output folder stores, checked: an architecture name, plain keyword arguments
+        (never ones that load weights or configs from elsewhere), an optional checkpoint path."""
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ModelLoadError("the stored timm model has no architecture name")
+        kwargs, checkpoint = data.get("kwargs") or {}, data.get("checkpoint")
+        if not isinstance(kwargs, dict) or any(
+            not isinstance(k, str) or not k.isidentifier() or k in _NOT_FROM_FILES for k in kwargs
+        ):
+            raise ModelLoadError(f"the stored timm model arguments {kwargs!r} are not allowed")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ModelLoadError(f"the stored timm checkpoint {checkpoint!r} is not a path")
+        return cls(data["name"], dict(kwargs), checkpoint)
 
 
 def timm_name(target: str) -> str:
@@ -78,7 +91,7 @@ def load_timm(spec: TimmSpec) -> nn.Module:
     checkpoint = check_spec(spec)
     try:
         model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **spec.kwargs)
-    except (RuntimeError, TypeError, ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # a corrupt or truncated checkpoint, a bad argument: one line
         where = f" from {checkpoint}" if checkpoint else ""
         raise ModelLoadError(f"cannot build timm model {name!r}{where}: {_first_line(exc)}") from exc
     return model.float().eval()

@@ -12,13 +12,15 @@ the ``progress`` callback as :class:`~cdq_cli.records.Event`\\ s, the result com
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..records import Event, Progress, silent
 from .kinds import ModelKind, kind_of
-from .plan import EvalRequest, Plan, QuantizeRequest, UsageError, resolve_device, settle
+from .plan import EvalRequest, Plan, QuantizeRequest, UsageError, plan_sources, resolve_device, settle
 
 __all__ = [
     "EvalRequest",
@@ -45,6 +47,7 @@ class Finished:
 
 def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     """Run ``cdq quantize`` (see the module docstring); raises one-line ``ValueError``/``OSError``."""
+    from ..models.base import non_finite_tensors
     from ..pipeline import quantize_model, validate
     from ..store import report as reports
     from ..store.folder import save_quantized, write_json_atomic
@@ -61,6 +64,10 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     _check_kind(kind, plan)
     data = kind.read_data(plan)
     loaded = kind.load(plan, note)
+    bad = non_finite_tensors(loaded.model)
+    if bad:  # found now, not after hours of solving the blocks before it
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UsageError(f"{request.target}: tensor {bad[0]}{more} holds NaN/Inf values")
     layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, layers)
     calibration = kind.calibrate(loaded, data, plan, note)
@@ -80,9 +87,15 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
             resume=request.resume,
             note=note,
         )
-    outcome = quantize_model(
-        loaded.model, loaded.adapter, calibration.batches, plan.settings, progress=progress, journal=journal
-    )
+    with _guarded(journal, bad_input_discards=True):
+        outcome = quantize_model(
+            loaded.model,
+            loaded.adapter,
+            calibration.batches,
+            plan.settings,
+            progress=progress,
+            journal=journal,
+        )
     report = reports.build(
         model=request.target,
         family=loaded.adapter.name,
@@ -110,21 +123,26 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
         **kind.table_info(loaded, plan),
     }
     note(f"writing {plan.output}")
-    save_quantized(
-        plan.output,
-        loaded.model,
-        outcome.layers,
-        tokenizer=loaded.tokenizer,
-        report=report,
-        info=info,
-        overwrite=request.overwrite,
-        kind=kind.name,
-    )
+    with _guarded(journal, bad_input_discards=False):
+        save_quantized(
+            plan.output,
+            loaded.model,
+            outcome.layers,
+            tokenizer=loaded.tokenizer,
+            report=report,
+            info=info,
+            overwrite=request.overwrite,
+            protect=plan_sources(request),
+            kind=kind.name,
+        )
     if journal is not None:
         journal.finish()
     if fp is not None:
         note(f"evaluating the quantized model on {request.eval_data}")
-        quantized = kind.score(loaded, data, plan, reference=fp.reference)
+        try:
+            quantized = kind.score(loaded, data, plan, reference=fp.reference)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (the output {plan.output} was written)") from None
         report["evaluation"] = kind.evaluation(plan, quantized, fp)
         write_json_atomic(plan.output / REPORT, report)
     exported = _export(plan, note)
@@ -138,6 +156,23 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     device = resolve_device(request.device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)
+
+
+@contextmanager
+def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
+    """Keep the resume journal where resuming helps (a full disk, Ctrl-C, SIGTERM: the error then
+    says ``--resume``); drop it when the run failed on bad input, which resuming would repeat."""
+    try:
+        yield
+    except ValueError:
+        if journal is not None and bad_input_discards:
+            journal.discard()
+        raise
+    except (OSError, KeyboardInterrupt) as exc:
+        hint = journal.resume_hint() if journal is not None else None
+        if hint is not None:
+            exc.cdq_hint = hint  # type: ignore[union-attr]
+        raise
 
 
 def _check_kind(kind: ModelKind, plan: Plan) -> None:

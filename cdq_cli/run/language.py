@@ -43,6 +43,7 @@ class LanguageModels:
         from ..models import adapter_for, load_causal_lm
 
         note(f"loading {plan.request.target}")
+        refuse_orphaned_output(plan.request.target)
         model, tokenizer = load_causal_lm(
             plan.request.target, dtype=model_dtype(plan.request.dtype, plan.device), device="cpu"
         )
@@ -128,6 +129,7 @@ class LanguageModels:
             if tokenizer is None:
                 raise UsageError(f"{request.target} holds no tokenizer")
         else:
+            refuse_orphaned_output(request.target)
             model, tokenizer = load_causal_lm(request.target, dtype=model_dtype(request.dtype, device))
         result = perplexity_of(
             model,
@@ -139,6 +141,15 @@ class LanguageModels:
             batch_size=request.batch_size,
         )
         return {"target": request.target, "data": request.data, **result}
+
+
+def refuse_orphaned_output(target: str) -> None:
+    """A cdq output folder that lost its quantization.json is not a plain model: say so."""
+    from ..store.folder import CheckpointError, orphaned_output
+    from ..store.names import MARKER
+
+    if orphaned_output(target):
+        raise CheckpointError(f"{target} is a cdq output folder without its {MARKER}: it cannot be loaded")
 
 
 def evaluation_texts(data: str) -> list[str]:
@@ -175,20 +186,22 @@ def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
     """Rebuild a causal LM from a cdq output folder, on the CPU: (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..store.folder import CheckpointError, quantized_state_dict, read_table
+    from ..models.causal_lm import refuse_remote_code
+    from ..store.folder import CheckpointError, quantized_state_dict, read_table, table_dtype
     from ..store.names import WEIGHTS
 
     folder = Path(folder)
     table = read_table(folder)
     if table.get("kind") != KIND:
         raise CheckpointError(f"{folder} holds a {table.get('kind')!r} model; only causal LMs load here")
+    refuse_remote_code(folder)
     state = quantized_state_dict(folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
-    model = model.to(getattr(torch, table["dtype"]))
+    model = model.to(table_dtype(table))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -200,7 +213,7 @@ def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
         (folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     ):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the tokenizer saved in {folder}: {exc}") from None
     return model.eval(), tokenizer

@@ -79,6 +79,28 @@ class EvalRequest:
     model_args: list[str] = field(default_factory=list)
 
 
+def plan_sources(request: QuantizeRequest) -> list[Path]:
+    """The local files a run reads and must never replace: the model, its checkpoint, the data."""
+    paths = [request.target, request.checkpoint, request.calib, request.eval_data]
+    return [Path(p).expanduser() for p in paths if p is not None and Path(p).expanduser().exists()]
+
+
+def check_writable(output: Path) -> None:
+    """Fail now, not after hours, when the output's location cannot be written (read-only, no
+    permission): try a temporary folder in the nearest existing ancestor."""
+    import tempfile
+
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".cdq-write-check-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the output {output}: {ancestor} is not writable ({exc.strerror})"
+        ) from None
+
+
 @dataclass
 class Plan:
     """A checked request: the settings carried to every layer, and where things go."""
@@ -126,11 +148,12 @@ def settle(request: QuantizeRequest) -> Plan:
         sigma_dtype=getattr(torch, request.sigma_dtype),
     )
     output = (request.output or Path(default_output(request))).absolute()
-    check_output_dir(output, overwrite=request.overwrite)
+    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
+    check_writable(output)
     export_dest = None
     if request.export_format == "gptq":
         export_dest = default_dest(output)
-        check_output_dir(export_dest, overwrite=request.overwrite)
+        check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
     return Plan(request, settings, output, export_dest)
 
 

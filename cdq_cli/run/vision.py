@@ -209,7 +209,7 @@ def timm_spec(model: str, checkpoint: str | None, model_args: list[str]) -> Any:
 def load_vision_quantized(folder: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the timm model stored in a cdq output folder: (model in eval mode, marker table)."""
     from ..models.timm_models import KIND, TimmSpec, load_timm
-    from ..store.folder import CheckpointError, quantized_state_dict, read_table
+    from ..store.folder import CheckpointError, quantized_state_dict, read_table, table_dtype
 
     folder = Path(folder)
     table = read_table(folder)
@@ -223,4 +223,4 @@ def load_vision_quantized(folder: Path | str) -> tuple[nn.Module, dict[str, Any]
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: weights do not match timm model {spec.name!r}: {first}") from None
-    return model.to(getattr(torch, table["dtype"])).eval(), table
+    return model.to(table_dtype(table)).eval(), table

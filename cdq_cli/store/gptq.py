@@ -203,7 +203,9 @@ def export_gptq(
     source = Path(source).absolute()
     dest = Path(dest).absolute() if dest is not None else default_dest(source)
     if dest == source:
-        raise ExportError("the GPTQ export needs its own folder (--dest must differ from the output folder)")
+        raise ExportError(
+            "the GPTQ export needs its own folder (--output must differ from the folder it exports)"
+        )
     table = read_table(source)
     if table.get("kind", "causal-lm") != "causal-lm":
         raise ExportError(
@@ -215,7 +217,7 @@ def export_gptq(
     spec = _common_spec(layers)
     method = str(table.get("method", "unknown"))
     check_settings({n: layer.shape for n, layer in layers.items()}, spec, method, checkpoint_format)
-    check_output_dir(dest, overwrite=overwrite)
+    check_output_dir(dest, overwrite=overwrite, protect=[source])
 
     tensors: dict[str, torch.Tensor] = {}
     rounding = 0.0
@@ -244,7 +246,7 @@ def export_gptq(
     run = report.get("run", {})
     block = quantization_config(spec, method, run, checkpoint_format)
     config["quantization_config"] = block
-    with atomic_folder(dest, overwrite=overwrite) as tmp:
+    with atomic_folder(dest, overwrite=overwrite, protect=[source]) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
         _write_json(tmp / GPTQ_CONFIG, {**block, "model_file_base_name": "model"})

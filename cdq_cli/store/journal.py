@@ -18,8 +18,9 @@ The fingerprint is what must not change between the interrupted run and ``--resu
 quantization settings (method options included), and the cdq and torch versions. A mismatch is
 refused with a line naming what changed.
 
-Test hook: ``CDQ_TEST_KILL_AFTER_BLOCK=N`` makes the process SIGKILL itself right after block N's
-state (0-based) is on disk, so tests can kill a real run at a known point.
+Test hooks: ``CDQ_TEST_KILL_AFTER_BLOCK=N`` makes the process SIGKILL itself right after block N's
+state (0-based) is on disk, ``CDQ_TEST_TERM_AFTER_BLOCK=N`` sends it SIGTERM there, so tests can
+stop a real run at a known point.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -40,12 +42,13 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..records import LayerRow, ResumeState, Settings
-from ..solvers import GridSpec
-from .layer import QuantizedLayer, read_packed_layer, write_layer_tensors
+from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
 from .names import JOURNAL_STATE as STATE
 from .names import journal_block, journal_folder
 
 KILL_ENV = "CDQ_TEST_KILL_AFTER_BLOCK"
+TERM_ENV = "CDQ_TEST_TERM_AFTER_BLOCK"
+_BLOCK_FILE = re.compile(r"block-\d{5,}\.safetensors")
 SCHEMA = "cdq-resume/1"
 
 
@@ -92,15 +95,22 @@ class Journal:
         self.fingerprint = fingerprint
         self.note = note
         self.state: ResumeState | None = None
-        saved = self._read_state() if self.folder.exists() else None
+        self.saved_blocks = 0  # finished blocks on disk (restored or written by this run)
         if resume:
+            saved = self._read_state() if self.folder.exists() else None
             if saved is None:
                 note(f"no saved state for {Path(output).name} (nothing to resume): starting fresh")
             else:
                 self._check(saved["fingerprint"])
                 self.state = self._load(saved)
+                self.saved_blocks = self.state.blocks_done
                 note(f"resuming: {self.state.blocks_done} finished block(s) restored from {self.folder}")
         elif self.folder.exists():
+            if not is_journal(self.folder):
+                raise ResumeError(
+                    f"refusing to delete {self.folder}: it is not a cdq resume journal; "
+                    "remove it yourself or choose another --output"
+                )
             note(f"discarding the state of an unfinished earlier run ({self.folder}); --resume continues one")
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -126,12 +136,30 @@ class Journal:
             "rows": [row.to_dict() for row in rows],
         }
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1) + "\n"))
+        self.saved_blocks = index + 1
         if os.environ.get(KILL_ENV) == str(index):  # test hook: die like a power loss would
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(TERM_ENV) == str(index):  # test hook: be asked to stop, as a scheduler would
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def finish(self) -> None:
-        """The output is saved: the work folder is no longer needed."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The output is saved: the journal is no longer needed."""
+        if self.folder.exists() and is_journal(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        """The run failed on bad input: resuming it cannot help, so its journal goes too."""
+        self.finish()
+        self.saved_blocks = 0
+
+    def resume_hint(self) -> str | None:
+        """What to tell a user whose run stopped for a reason that resuming fixes (or None)."""
+        if not self.saved_blocks:
+            return None
+        return (
+            f"{self.saved_blocks} finished block(s) are saved in {self.folder}: "
+            "run the same command with --resume to continue"
+        )
 
     def _read_state(self) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -139,10 +167,16 @@ class Journal:
             return None
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ResumeError(f"cannot read saved state {path}: {exc}") from None
-        if saved.get("schema") != SCHEMA:
-            raise ResumeError(f"{path}: unsupported state format {saved.get('schema')!r}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResumeError(f"cannot read saved state {path}: {exc}; run without --resume") from None
+        if not isinstance(saved, dict) or saved.get("schema") != SCHEMA:
+            schema = saved.get("schema") if isinstance(saved, dict) else None
+            raise ResumeError(f"{path}: unsupported state format {schema!r}; run without --resume")
+        blocks, rows = saved.get("blocks_done"), saved.get("rows")
+        if type(blocks) is not int or blocks < 0 or not isinstance(rows, list):
+            raise ResumeError(f"{path}: not a valid resume state; run without --resume")
+        if not isinstance(saved.get("fingerprint"), dict):
+            raise ResumeError(f"{path}: the state has no fingerprint; run without --resume")
         return saved
 
     def _check(self, saved: dict[str, Any]) -> None:
@@ -169,8 +203,13 @@ class Journal:
             )
 
     def _load(self, saved: dict[str, Any]) -> ResumeState:
-        blocks = int(saved["blocks_done"])
-        rows = [LayerRow(**row) for row in saved["rows"]]
+        blocks = saved["blocks_done"]
+        try:
+            rows = [LayerRow(**row) for row in saved["rows"]]
+        except TypeError:
+            raise ResumeError(
+                f"{self.folder / STATE}: its report rows are not valid; run without --resume"
+            ) from None
         found: dict[str, QuantizedLayer] = {}
         for index in range(blocks):
             path = self.folder / journal_block(index)
@@ -179,15 +218,28 @@ class Journal:
                     table = json.loads(fh.metadata()["layers"])
                     keys = set(fh.keys())
                     for name, meta in table.items():
-                        spec = GridSpec(meta["bits"], meta["group_size"], meta["sym"], meta["per_layer"])
-                        found[name] = read_packed_layer(fh, name, spec, tuple(meta["shape"]), keys)
-            except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-                raise ResumeError(f"cannot read saved block {path}: {exc}") from None
+                        spec, shape, outliers = spec_of(name, meta)
+                        layer = read_packed_layer(fh, name, spec, shape, keys)
+                        check_record(layer, outliers)
+                        found[name] = layer
+            except Exception as exc:  # truncated, corrupt or edited: safetensors, OS, JSON, record errors
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ResumeError(f"cannot read saved block {path}: {first}; run without --resume") from None
         missing = [row.name for row in rows if row.name not in found]
         if missing:
             raise ResumeError(f"saved state in {self.folder} lacks layer {missing[0]}; run without --resume")
         # The report and the checkpoint list layers in solve order, which the rows keep.
         return ResumeState(blocks, rows, {row.name: found[row.name] for row in rows})
+
+
+def is_journal(folder: Path) -> bool:
+    """True when every entry of ``folder`` is one a journal writes (state, block files, their
+    temporaries): only such a folder is ever deleted."""
+    for entry in Path(folder).iterdir():
+        name = entry.name.lstrip(".").split(".tmp-")[0]
+        if not entry.is_file() or not (name == STATE or _BLOCK_FILE.fullmatch(name)):
+            return False
+    return True
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..solvers import Grid, GridSpec, QuantResult
-from ..solvers.packing import pack, unpack
+from ..solvers import SUPPORTED_BITS, Grid, GridSpec, QuantResult
+from ..solvers.packing import pack, packed_length, unpack
 
 LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val")
 
@@ -88,6 +88,74 @@ class QuantizedLayer:
             "shape": list(self.shape),
             "outliers": self.outlier_count,
         }
+
+
+class LayerRecordError(ValueError):
+    """A stored layer whose description and tensors disagree (one line naming the layer)."""
+
+
+def spec_of(name: str, meta: Any) -> tuple[GridSpec, tuple[int, ...], int]:
+    """(grid spec, weight shape, outlier count) of a layer's table entry, every value checked
+    against what cdq writes: bits in {2, 3, 4, 8}, a positive group size dividing the width,
+    booleans, a 2-D or 4-D shape of positive integers."""
+
+    def fail(what: str) -> LayerRecordError:
+        return LayerRecordError(f"layer {name}: {what}")
+
+    if not isinstance(meta, dict):
+        raise fail("its description is not a mapping")
+    bits, group, sym, per_layer = (meta.get(k) for k in ("bits", "group_size", "sym", "per_layer"))
+    shape, outliers = meta.get("shape"), meta.get("outliers", 0)
+    if type(bits) is not int or bits not in SUPPORTED_BITS:
+        raise fail(f"bits {bits!r} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (2, 4)
+        or any(type(d) is not int or d < 1 for d in shape)
+    ):
+        raise fail(f"shape {shape!r} is not a list of 2 or 4 positive integers")
+    if group is not None and (type(group) is not int or group < 1 or math.prod(shape[1:]) % group):
+        raise fail(f"group size {group!r} does not divide the layer's width {math.prod(shape[1:])}")
+    if type(sym) is not bool or type(per_layer or False) is not bool or (per_layer and group is not None):
+        raise fail(f"sym {sym!r} / per_layer {per_layer!r} are not a valid pair of booleans")
+    if type(outliers) is not int or outliers < 0:
+        raise fail(f"outlier count {outliers!r} is not a non-negative integer")
+    return GridSpec(bits, group, sym, bool(per_layer)), tuple(shape), outliers
+
+
+def check_record(layer: QuantizedLayer, outliers: int) -> None:
+    """The layer's tensors have exactly the sizes its grid and shape imply, and valid values."""
+    rows, columns, spec = layer.shape[0], layer.columns, layer.spec
+    groups = spec.n_groups(columns)
+    expected = {
+        "qweight": ((rows, packed_length(columns, spec.bits)), (torch.int32,)),
+        "scales": ((rows, groups), _FLOATS),
+        "zeros": ((rows, groups), _FLOATS),
+    }
+    for leaf, (shape, dtypes) in expected.items():
+        tensor = getattr(layer, leaf)
+        if tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
+            raise LayerRecordError(
+                f"layer {layer.name}: {leaf} is {tensor.dtype} {tuple(tensor.shape)}, but {spec.bits}-bit "
+                f"codes of a {list(layer.shape)} weight need {dtypes[0]} {shape}"
+            )
+    if not bool(torch.isfinite(layer.scales).all()) or not bool((layer.scales > 0).all()):
+        raise LayerRecordError(f"layer {layer.name}: scales must be finite and positive")
+    zeros = layer.zeros
+    if not bool(((zeros >= 0) & (zeros <= spec.maxq) & (zeros == zeros.round())).all()):
+        raise LayerRecordError(f"layer {layer.name}: zero-points must be integers in [0, {spec.maxq}]")
+    idx, val = layer.outliers_idx, layer.outliers_val
+    if outliers == 0 and idx is None and val is None:
+        return
+    if idx is None or val is None:
+        raise LayerRecordError(f"layer {layer.name}: {outliers} outliers declared, their tensors missing")
+    if idx.dtype != torch.int64 or tuple(idx.shape) != (2, outliers) or tuple(val.shape) != (outliers,):
+        raise LayerRecordError(f"layer {layer.name}: outlier tensors do not hold {outliers} entries")
+    if outliers and (int(idx.min()) < 0 or int(idx[0].max()) >= rows or int(idx[1].max()) >= columns):
+        raise LayerRecordError(f"layer {layer.name}: outlier positions lie outside the weight")
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def write_layer_tensors(layer: QuantizedLayer, tensors: dict[str, torch.Tensor]) -> None:

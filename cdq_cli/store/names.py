@@ -9,6 +9,7 @@ MARKER = "quantization.json"  # an output folder's quantization table; its prese
 REPORT = "report.json"  # run settings, one row per layer, summary
 REPORT_PLOT = "report.png"  # written by `cdq report`
 GPTQ_CONFIG = "quantize_config.json"  # GPTQ export: read by auto-gptq and vLLM
+MANIFEST = ".cdq-manifest.json"  # in every folder cdq writes: the names of the files it wrote there
 JOURNAL_STATE = "state.json"  # inside a resume journal folder: blocks done, rows, fingerprint
 
 
