@@ -109,6 +109,79 @@ def layer_sigma(
     raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
 
 
+class ExpertsCapture:
+    """Σ of every expert's own inputs: the tokens routed to expert e for its ``gate_up_proj[e]``
+    (an (H, H) Σ), and ``act(gate) * up`` of those tokens for its ``down_proj[e]`` ((I, I)).
+
+    While active, the module runs cdq's copy of the experts computation (the loop transformers'
+    eager implementation runs: for each expert hit, in order, its tokens' gate/up product, the
+    activation, the down product, weighted and added back), which feeds the accumulators. The copy
+    is checked against the module's own forward on the first call: a transformers release that
+    computes experts differently fails loudly instead of collecting a wrong Σ.
+    """
+
+    def __init__(self, module: nn.Module, wanted: set[str], dtype: torch.dtype = torch.float32) -> None:
+        self.module = module
+        self.wanted = wanted
+        self.dtype = dtype
+        experts, rows, hidden = module.gate_up_proj.shape
+        inner = module.down_proj.shape[2]
+        self.experts = experts
+        self.sigmas: dict[str, list[SigmaAccumulator | None]] = {name: [None] * experts for name in wanted}
+        self._features = {"gate_up_proj": hidden, "down_proj": inner}
+        self._checked = False
+        self._own = module.forward
+
+    def __enter__(self) -> ExpertsCapture:
+        self.module.forward = self._forward  # an instance attribute: the class's forward is untouched
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.module.forward
+
+    def tokens(self, name: str, expert: int) -> int:
+        acc = self.sigmas[name][expert]
+        return 0 if acc is None else acc.tokens
+
+    def _add(self, name: str, expert: int, x: torch.Tensor) -> None:
+        if name not in self.wanted:
+            return
+        acc = self.sigmas[name][expert]
+        if acc is None:
+            acc = SigmaAccumulator(self._features[name], device=x.device, dtype=self.dtype)
+            self.sigmas[name][expert] = acc
+        acc.add_linear(x)
+
+    def _forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        module = self.module
+        out = torch.zeros_like(hidden)
+        mask = F.one_hot(top_k_index, num_classes=self.experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit[:, 0].tolist():
+            if expert == self.experts:
+                continue
+            position, token = torch.where(mask[expert])
+            state = hidden[token]
+            self._add("gate_up_proj", expert, state)
+            gate, up = F.linear(state, module.gate_up_proj[expert]).chunk(2, dim=-1)
+            inner = module.act_fn(gate) * up
+            self._add("down_proj", expert, inner)
+            result = F.linear(inner, module.down_proj[expert]) * top_k_weights[token, position, None]
+            out.index_add_(0, token, result.to(out.dtype))
+        if not self._checked:
+            reference = self._own(hidden, top_k_index, top_k_weights)
+            scale = float(reference.abs().max()) or 1.0
+            if not torch.allclose(out, reference, rtol=1e-4, atol=1e-5 * scale):
+                raise ValueError(
+                    f"cannot collect Σ per expert for {type(module).__name__}: its experts compute "
+                    "differently from the layout cdq knows"
+                )
+            self._checked = True
+        return out
+
+
 def _positions(layer: nn.Conv2d, size: torch.Size, padding: tuple[int, int]) -> int:
     count = 1
     for dim in range(2):

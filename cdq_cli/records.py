@@ -37,6 +37,7 @@ class Settings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sigma_dtype: torch.dtype = torch.float32
     compare_rtn: bool = True
+    offload_activations: str = "auto"
 
     @classmethod
     def make(
@@ -124,6 +125,12 @@ class LayerRow:
     seconds: float
     outliers: int
     tokens: int
+    note: str | None = None  # e.g. an expert that got no calibration tokens, rounded instead
+
+    @property
+    def layer(self) -> str:
+        """The stored layer the row belongs to (``NAME[e]``, one expert of fused experts: NAME)."""
+        return self.name.split("[", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +165,19 @@ class ResumeState:
     blocks_done: int
     rows: list[LayerRow]
     layers: dict[str, QuantizedLayer]
+
+
+class Weights(Protocol):
+    """Where a lazily loaded model's tensors come from, by state-dict name (a checkpoint's shards,
+    a cdq output folder); implemented in :mod:`cdq_cli.models.lazy` and :mod:`cdq_cli.store.folder`."""
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` in the model's dtype, on the CPU, read now."""
+        ...
+
+    def names(self) -> list[str]:
+        """Every tensor name the source holds."""
+        ...
 
 
 class Journal(Protocol):

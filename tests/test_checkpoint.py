@@ -21,14 +21,8 @@ from cdq_cli.run.language import load_quantized
 from cdq_cli.solvers import SOLVERS
 from cdq_cli.solvers.packing import unpack
 from cdq_cli.store import folder as checkpoint
-from cdq_cli.store.folder import (
-    OutputExistsError,
-    WriteError,
-    atomic_folder,
-    read_layers,
-    save_quantized,
-    write_json_atomic,
-)
+from cdq_cli.store.files import OutputExistsError, WriteError, atomic_folder, write_json_atomic
+from cdq_cli.store.folder import read_layers, save_quantized
 
 LLAMA_LAYERS = BLOCK_LAYERS["llama"]
 
@@ -83,7 +77,7 @@ def test_layout_packed_codes_scales_and_marker(tmp_path: Path) -> None:
     }
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         keys = set(fh.keys())
-        assert json.loads(fh.metadata()["cdq_quantization"]) == table
+        assert json.loads(fh.metadata()["cdq_layers"]) == table["layers"]
         fc1 = "model.decoder.layers.0.fc1"
         qweight = fh.get_tensor(f"{fc1}.qweight")
         assert qweight.dtype == torch.int32 and qweight.shape == (64, 32 * 4 // 32)
@@ -165,7 +159,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: p
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr("cdq_cli.store.shards.ShardWriter.write", full)
     dest = tmp_path / "q"
     with pytest.raises(WriteError) as info:
         save_quantized(dest, model, outcome.layers)

@@ -16,7 +16,7 @@ from cdq_cli import pipeline
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
 from cdq_cli.run.language import load_quantized
-from cdq_cli.store import folder as checkpoint
+from cdq_cli.store.folder import OutputBuilder
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
@@ -191,7 +191,7 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        *((pipeline, "quantize_model") if where == "quantizing" else (checkpoint, "save_file")), interrupt
+        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "finish")), interrupt
     )
     out = tmp_path / "q"
     code, _, stderr = cli(

@@ -250,17 +250,30 @@ def test_interrupt_keeps_the_journal_and_says_resume(llama, calib, tmp_path, cap
 
 
 def test_disk_full_keeps_the_journal_and_says_resume(llama, calib, tmp_path, capsys, monkeypatch) -> None:
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    from cdq_cli.store.shards import ShardWriter
 
-    monkeypatch.setattr("cdq_cli.store.folder.save_file", full)
+    real = ShardWriter.write
+
+    def full_at_the_second_block(self, tensors, metadata=None):
+        if any(".layers.1." in name for name in tensors):
+            raise OSError(28, "No space left on device")
+        return real(self, tensors, metadata)
+
+    monkeypatch.setattr(ShardWriter, "write", full_at_the_second_block)
     out = tmp_path / "q"
     code, _, stderr = cli(
         capsys, "quantize", llama, "--method", "rtn", "--calib", calib, *FAST, "--output", out
     )
     line = one_error_line(stderr)
-    assert code == 1 and "no space left" in line and "--resume" in line
+    assert code == 1 and f"no space left on device while writing {out}" in line
+    assert "2 finished block(s) are saved" in line and "--resume" in line  # block 1 was solved and saved
     assert journal_folder(out).is_dir() and not out.exists()
+    monkeypatch.setattr(ShardWriter, "write", real)
+    code, _, stderr = cli(
+        capsys, "quantize", llama, "--method", "rtn", "--calib", calib, *FAST, "--output", out, "--resume"
+    )
+    assert code == 0, stderr
+    assert out.is_dir() and not journal_folder(out).exists()
 
 
 def test_sigterm_is_handled_like_ctrl_c_then_resume_finishes(llama, calib, tmp_path) -> None:

@@ -16,6 +16,12 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Offload(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
 class SigmaDType(str, Enum):
     float32 = "float32"
     float64 = "float64"

@@ -8,7 +8,7 @@ import typer
 
 from ..run import EvalRequest
 from ..run import evaluate as run_evaluate
-from .choices import DType
+from .choices import DType, Offload
 from .printing import show_evaluation
 from .progress import quiet_libraries
 
@@ -30,8 +30,13 @@ def evaluate(
     device: str | None = typer.Option(
         None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
     ),
-    dtype: DType = typer.Option(DType.auto, help="Model dtype for plain models (auto: float32 on CPU)."),
+    dtype: DType = typer.Option(
+        DType.auto, help="Model dtype for plain models (auto: the checkpoint's own)."
+    ),
     batch_size: int = typer.Option(8, help="Windows per forward (does not change the result)."),
+    offload_activations: Offload = typer.Option(
+        Offload.auto, help="Keep activations on the CPU (always), the device (never) or as fits (auto)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     checkpoint: str | None = typer.Option(
         None, metavar="FILE", help="Vision: local timm weights (.pth/.safetensors)."
@@ -46,6 +51,7 @@ def evaluate(
         quiet_libraries()
     request = EvalRequest(
         target=target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
-        dtype=dtype.value, batch_size=batch_size, checkpoint=checkpoint, model_args=model_arg,
+        dtype=dtype.value, batch_size=batch_size, offload_activations=offload_activations.value,
+        checkpoint=checkpoint, model_args=model_arg,
     )  # fmt: skip
     show_evaluation(run_evaluate(request), as_json=as_json)

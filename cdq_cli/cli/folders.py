@@ -83,7 +83,7 @@ def report(
 
 def _plot_beside(data: dict, output_dir: Path) -> Path:
     """Write the plot into the run's folder, as a file cdq wrote (never over a file it did not)."""
-    from ..store.folder import add_to_manifest, read_manifest
+    from ..store.files import add_to_manifest, read_manifest
     from .report_view import write_plot
 
     folder = output_dir if output_dir.is_dir() else output_dir.parent

@@ -122,16 +122,20 @@ def _short(name: str, width: int = 32) -> str:
 def quiet_libraries() -> None:
     """Keep stderr to cdq's own lines under --quiet/--json or when stderr is not a terminal: no
     "Loading weights" bars, no library logging below errors, no library warnings."""
+    import logging as stdlib_logging
+    import os
     import warnings
 
-    import datasets
     import huggingface_hub
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = (
+        "1"  # datasets is imported only if a named source is read
+    )
+    for name in ("datasets", "accelerate"):
+        stdlib_logging.getLogger(name).setLevel(stdlib_logging.ERROR)
     for library in ("transformers", "huggingface_hub", "datasets", "timm", "torch", "accelerate", "gguf"):
         warnings.filterwarnings("ignore", module=rf"{library}(\..*)?")

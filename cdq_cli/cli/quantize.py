@@ -10,7 +10,7 @@ import typer
 
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
-from .choices import DType, ExportFormat, Method, SigmaDType
+from .choices import DType, ExportFormat, Method, Offload, SigmaDType
 from .presets import apply_config, provenance, solver_options
 from .printing import show_quantized
 from .progress import Reporter, quiet_libraries
@@ -48,7 +48,7 @@ def quantize(
     device: str | None = typer.Option(
         None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
     ),
-    dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: float32 on CPU, float16 on CUDA)."),
+    dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: the checkpoint's own; GGUF: float32)."),
     sigma_dtype: SigmaDType = typer.Option(SigmaDType.float32, help="Σ accumulation dtype."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward."),
     fp_inputs: bool = typer.Option(
@@ -91,6 +91,13 @@ def quantize(
         ExportFormat.native, "--format", help="gptq: also export GPTQ to <output>-gptq (docs/results.md)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
+    max_shard_size: str = typer.Option(
+        "5GB", metavar="SIZE", help="Largest output shard (e.g. 5GB, 500MB); more make an indexed set."
+    ),
+    offload_activations: Offload = typer.Option(
+        Offload.auto,
+        help="Keep calibration activations on the CPU (always), the device (never) or as fits (auto).",
+    ),
 ) -> None:
     """Quantize a causal LM or a timm image classifier block by block; write a packed checkpoint
     and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
@@ -101,6 +108,7 @@ def quantize(
         sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
         true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
+        max_shard_size=max_shard_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
         quantize_head=quantize_head, augment=augment,
         command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),

@@ -35,6 +35,43 @@ class PerplexityResult:
         return asdict(self)
 
 
+def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """The GPTQ protocol's windows: the first ``N // seqlen`` non-overlapping slices of the token
+    stream ``input_ids`` (1, N), at most ``max_windows``, as a (windows, seqlen) tensor."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, N), got {tuple(input_ids.shape)}")
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"need seqlen >= 2 and max_windows >= 1 (got {seqlen}, {max_windows})")
+    n = input_ids.shape[1]
+    if n < seqlen + 1:
+        raise ValueError(f"evaluation text has {n} tokens, fewer than one window of {seqlen} plus one")
+    windows = n // seqlen if max_windows is None else min(n // seqlen, max_windows)
+    return input_ids[0, : windows * seqlen].view(windows, seqlen)
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL (float64, nats) of each window of ``batch`` given the model's ``logits``
+    (upcast to float32 for the loss, whatever the model's dtype)."""
+    logits = logits[:, :-1].float()
+    token_nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+    )
+    return token_nll.view(len(batch), -1).mean(dim=1).double()
+
+
+def result_of(nll_sum: float, windows: torch.Tensor, stream_tokens: int) -> PerplexityResult:
+    """``ppl = exp(mean per-window NLL)``; a non-finite or overflowing loss is an error, never a
+    number (a broken model must not read as a result)."""
+    count, seqlen = windows.shape
+    nll = nll_sum / count
+    if not math.isfinite(nll) or nll > _MAX_NLL:
+        raise ValueError(
+            f"the model's mean loss on the evaluation windows is {nll:.4g} nats: its logits are "
+            "non-finite or its perplexity overflows (a broken model, or try --dtype float32)"
+        )
+    return PerplexityResult(math.exp(nll), nll, count, seqlen, count * seqlen, stream_tokens)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -45,50 +82,31 @@ def perplexity(
     device: torch.device | str | None = None,
     batch_size: int = 1,
 ) -> PerplexityResult:
-    """GPTQ perplexity of a causal LM on ``input_ids`` (1, N).
+    """GPTQ perplexity of a causal LM held whole, on ``input_ids`` (1, N).
 
-    Windows are the first ``N // seqlen`` non-overlapping slices (at most ``max_windows``); each is
-    scored on its own, predicting tokens 1..seqlen-1 from the preceding ones, and
+    Each window is scored on its own, predicting tokens 1..seqlen-1 from the preceding ones, and
     ``ppl = exp(mean per-window NLL)``, equal to the mean token NLL as windows have equal length.
-    Logits are upcast to float32 for the loss, whatever the model's dtype. The model runs in eval
-    mode (its previous mode is restored); windows are sent to ``device`` (default: where the
-    model's first parameter is); placing the model is the caller's business.
+    The model runs in eval mode (its previous mode is restored); windows are sent to ``device``
+    (default: where the model's first parameter is); placing the model is the caller's business.
+    A model too large to hold whole is scored block by block (:func:`cdq_cli.pipeline.forward_blocks`)
+    with the same windows, loss and result.
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must have shape (1, N), got {tuple(input_ids.shape)}")
-    if seqlen < 2 or batch_size < 1 or (max_windows is not None and max_windows < 1):
-        raise ValueError(
-            f"need seqlen >= 2, batch_size >= 1, max_windows >= 1 (got {seqlen}, {batch_size}, {max_windows})"
-        )
-    n = input_ids.shape[1]
-    if n < seqlen + 1:
-        raise ValueError(f"evaluation text has {n} tokens, fewer than one window of {seqlen} plus one")
-    windows = n // seqlen if max_windows is None else min(n // seqlen, max_windows)
+    if batch_size < 1:
+        raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    chunks = windows_of(input_ids, seqlen, max_windows)
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        chunks = input_ids[0, : windows * seqlen].view(windows, seqlen)
         nll_sum = 0.0
-        for start in range(0, windows, batch_size):
+        for start in range(0, len(chunks), batch_size):
             batch = chunks[start : start + batch_size].to(device)
             out = model(batch)
-            logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
-            token_nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            )
-            nll_sum += token_nll.view(len(batch), -1).mean(dim=1).double().sum().item()
+            nll_sum += window_nll(out.logits if hasattr(out, "logits") else out, batch).sum().item()
     finally:
         model.train(was_training)
-    nll = nll_sum / windows
-    if not math.isfinite(nll) or nll > _MAX_NLL:  # a broken model must not read as a result
-        raise ValueError(
-            f"the model's mean loss on the evaluation windows is {nll:.4g} nats: its logits are "
-            "non-finite or its perplexity overflows (a broken model, or try --dtype float32)"
-        )
-    ppl = math.exp(nll)
-    return PerplexityResult(ppl, nll, windows, seqlen, windows * seqlen, n)
+    return result_of(nll_sum, chunks, input_ids.shape[1])
 
 
 def default_seqlen(model: nn.Module | Any, *, cap: int = 2048) -> int:

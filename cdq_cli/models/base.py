@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+FUSED_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class AdapterError(ValueError):
@@ -64,10 +65,14 @@ class Adapter(Protocol):
         ...
 
     def capture_block_inputs(
-        self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+        self,
+        model: nn.Module,
+        batches: Iterable[torch.Tensor],
+        device: torch.device,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden,
     ) -> BlockInputs:
         """Block 0's inputs for every batch (batches are sent to ``device``; the preamble is
-        already there)."""
+        already there); ``keep`` stores each hidden state (on the CPU, say)."""
         ...
 
     def run_block(
@@ -75,6 +80,10 @@ class Adapter(Protocol):
     ) -> torch.Tensor: ...
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None: ...
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules :meth:`head` runs (placed by the driver)."""
+        ...
 
 
 class StopForward(Exception):
@@ -89,10 +98,11 @@ def capture_first_inputs(
     device: torch.device,
     name: str,
     clean: Callable[[dict[str, Any]], dict[str, Any]] = lambda kwargs: kwargs,
+    keep: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden,
 ) -> BlockInputs:
     """Run ``forward(batch)`` for every batch (sent to ``device``) up to block ``first`` and record
-    its inputs; ``clean`` rewrites the keyword arguments (e.g. drops KV caches). Identical extras
-    of consecutive batches are stored once."""
+    its inputs; ``clean`` rewrites the keyword arguments (e.g. drops KV caches), ``keep`` stores
+    each hidden state (on the CPU, say). Identical extras of consecutive batches are stored once."""
     captured = BlockInputs([], [], [])
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -106,7 +116,7 @@ def capture_first_inputs(
         kwargs = clean(dict(kwargs))
         if captured.kwargs and same(kwargs, captured.kwargs[-1]) and same(rest, captured.args[-1]):
             kwargs, rest = captured.kwargs[-1], captured.args[-1]
-        captured.hidden.append(hidden.detach())
+        captured.hidden.append(keep(hidden.detach()))
         captured.args.append(rest)
         captured.kwargs.append(kwargs)
         raise StopForward
@@ -150,14 +160,60 @@ def module_ids(*modules: nn.Module) -> set[int]:
     return {id(m) for module in modules for m in module.modules()}
 
 
-def quantizable_layers(adapter: Adapter, model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer the pipeline will quantize, by its full name in the model."""
-    found: dict[str, nn.Module] = {}
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's mixture-of-experts layout: one module holding every expert's weights as
+    3-D parameters ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), called with the
+    tokens, their top-k expert indices and routing weights (Mixtral, Qwen2/3-MoE, OLMoE...)."""
+    return hasattr(module, "act_fn") and all(
+        isinstance(getattr(module, name, None), torch.Tensor) and getattr(module, name).dim() == 3
+        for name in FUSED_PROJECTIONS
+    )
+
+
+def quantizable_names(block: nn.Module) -> list[str]:
+    """What cdq can quantize in ``block``, in registration order: Linear and Conv2d layers by module
+    name, fused experts by parameter name (``mlp.experts.gate_up_proj``: one matrix per expert)."""
+    names: list[str] = []
+    for name, module in block.named_modules():
+        if isinstance(module, QUANTIZABLE):
+            names.append(name)
+        elif is_fused_experts(module):
+            names.extend(join_name(name, projection) for projection in FUSED_PROJECTIONS)
+    return names
+
+
+def layer_weight(block: nn.Module, name: str) -> torch.Tensor:
+    """The weight of quantizable ``name`` (a Linear/Conv2d's ``weight``, or a fused 3-D parameter)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf in FUSED_PROJECTIONS and is_fused_experts(block.get_submodule(owner)):
+        return getattr(block.get_submodule(owner), leaf)
+    return block.get_submodule(name).weight
+
+
+def quantizable_layers(adapter: Adapter, model: nn.Module) -> dict[str, nn.Module | torch.Tensor]:
+    """Every layer the pipeline will quantize, by its full name in the model (a module, or the 3-D
+    parameter of fused experts)."""
+    found: dict[str, nn.Module | torch.Tensor] = {}
     for index, block in enumerate(adapter.blocks(model)):
         for group in adapter.layer_groups(block):
             for name in group:
-                found[join_name(adapter.block_name(index), name)] = block.get_submodule(name)
+                owner, _, leaf = name.rpartition(".")
+                fused = leaf in FUSED_PROJECTIONS and is_fused_experts(block.get_submodule(owner))
+                found[join_name(adapter.block_name(index), name)] = (
+                    layer_weight(block, name) if fused else block.get_submodule(name)
+                )
     return found
+
+
+def unquantized_weights(block: nn.Module, names: list[str]) -> list[str]:
+    """Matrices in ``block`` that none of the quantized ``names`` covers (routers, custom layers):
+    the report names them rather than skip them in silence."""
+    covered = {id(layer_weight(block, name)) for name in names}
+    return [
+        name
+        for name, param in block.named_parameters()
+        if param.dim() >= 2 and id(param) not in covered and not name.endswith(("embed_tokens.weight",))
+    ]
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:

@@ -16,7 +16,7 @@ so no family re-implements its model's preamble.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from .base import (
-    QUANTIZABLE,
     AdapterError,
     BlockInputs,
     capture_first_inputs,
     module_ids,
     outside,
+    quantizable_names,
     resolve,
 )
 
@@ -54,6 +54,7 @@ class Family:
     model_types: tuple[str, ...] = ()
     classes: tuple[str, ...] = ()
     call: dict[str, Any] = field(default_factory=lambda: {"use_cache": False})
+    strict: bool = True  # every declared layer must be in every block (False: absent ones are skipped)
 
 
 LLAMA = Family(
@@ -84,6 +85,38 @@ OPT = Family(
     head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
 )
 
+_ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+
+MIXTRAL = Family(
+    name="mixtral",
+    model_types=("mixtral",),
+    blocks="model.layers",
+    groups=(*_ATTENTION, ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
+    embeddings=("model.embed_tokens", "model.rotary_emb"),
+    head=("model.norm", "lm_head"),
+)
+
+QWEN_MOE = Family(  # Qwen2-MoE (shared expert, some dense blocks), Qwen3-MoE, OLMoE
+    name="qwen-moe",
+    model_types=("qwen2_moe", "qwen3_moe", "olmoe"),
+    blocks="model.layers",
+    groups=(
+        *_ATTENTION,
+        (
+            "mlp.experts.gate_up_proj",
+            "mlp.shared_expert.gate_proj",
+            "mlp.shared_expert.up_proj",
+            "mlp.shared_expert_gate",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ),
+        ("mlp.experts.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
+    ),
+    embeddings=("model.embed_tokens", "model.rotary_emb"),
+    head=("model.norm", "lm_head"),
+    strict=False,
+)
+
 BLOOM = Family(
     name="bloom",
     model_types=("bloom",),
@@ -107,7 +140,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (LLAMA, OPT, BLOOM):
+for _family in (LLAMA, OPT, BLOOM, MIXTRAL, QWEN_MOE):
     register(_family)
 
 
@@ -131,16 +164,18 @@ class BlockAdapter:
 
     def layer_groups(self, block: nn.Module) -> list[list[str]]:
         """Declared groups, checked against the block; quantizable layers left out form a last group."""
-        present = [name for name, module in block.named_modules() if isinstance(module, QUANTIZABLE)]
+        present = quantizable_names(block)
         groups: list[list[str]] = []
         for group in self.family.groups:
             for name in group:
-                if name not in present:
+                if name not in present and self.family.strict:
                     raise AdapterError(
                         f"{self.name} block has no Linear/Conv2d layer {name!r} "
                         f"(found: {', '.join(present) or 'none'})"
                     )
-            groups.append(list(group))
+            kept = [name for name in group if name in present]
+            if kept:
+                groups.append(kept)
         declared = {name for group in groups for name in group}
         extra = [name for name in present if name not in declared]
         if extra:
@@ -151,7 +186,11 @@ class BlockAdapter:
 
     @torch.no_grad()
     def capture_block_inputs(
-        self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+        self,
+        model: nn.Module,
+        batches: Iterable[torch.Tensor],
+        device: torch.device,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden,
     ) -> BlockInputs:
         """Run the model's own preamble on each batch and record what block 0 is called with."""
         return capture_first_inputs(
@@ -161,6 +200,7 @@ class BlockAdapter:
             device=device,
             name=self.name,
             clean=_without_cache,
+            keep=keep,
         )
 
     def verify(self, model: nn.Module, batch: torch.Tensor) -> None:
@@ -171,6 +211,10 @@ class BlockAdapter:
         if isinstance(out, (tuple, list)):  # BLOOM and older HF blocks return (hidden, attentions, ...)
             out = out[0]
         return out
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        found = [resolve(model, path, missing_ok=True) for path in self.family.head]
+        return [module for module in found if isinstance(module, nn.Module)]
 
     @torch.no_grad()
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +258,7 @@ def generic_adapter(model: nn.Module) -> BlockAdapter:
         raise AdapterError(f"unsupported model type {kind!r}: no list of blocks (layers/h/blocks) found")
     _, path = max(candidates)
     block = resolve(model, path)[0]
-    names = tuple(name for name, module in block.named_modules() if isinstance(module, QUANTIZABLE))
+    names = tuple(quantizable_names(block))
     if not names:
         raise AdapterError(f"the blocks at {path!r} have no Linear layers to quantize")
     return BlockAdapter(Family(name="generic", blocks=path, groups=(names,)))

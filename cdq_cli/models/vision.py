@@ -233,19 +233,28 @@ class VisionAdapter:
 
     @torch.no_grad()
     def capture_block_inputs(
-        self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+        self,
+        model: nn.Module,
+        batches: Iterable[torch.Tensor],
+        device: torch.device,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden,
     ) -> BlockInputs:
         """Images themselves (with a stem unit) or what the model feeds block 0, per batch."""
         self._check(model)
         batches = list(batches)
         if self.quantize_embed:
-            return BlockInputs([b.to(device) for b in batches], [()] * len(batches), [{}] * len(batches))
+            return BlockInputs(
+                [keep(b.to(device)) for b in batches], [()] * len(batches), [{}] * len(batches)
+            )
         return capture_first_inputs(
-            self.units[0].module, batches, model.forward_features, device=device, name=self.name
+            self.units[0].module, batches, model.forward_features, device=device, name=self.name, keep=keep
         )
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         return block(hidden, *args, **kwargs)
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [item for item in self._outside if isinstance(item, nn.Module)]  # forward_head lives there
 
     @torch.no_grad()
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

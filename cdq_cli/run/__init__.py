@@ -1,16 +1,19 @@
 """One quantization run for every model kind, and one evaluation.
 
 :func:`quantize` is the whole of ``cdq quantize``: settle the request (every check that needs no
-model), read the data sources, load the model, validate the layers, calibrate, score the
-full-precision model (with ``--eval``), quantize block by block (resumable), build the report,
-write the output folder, score the quantized model, export. What differs between language and
-vision models is a :class:`~cdq_cli.run.kinds.ModelKind`. Nothing here prints: progress goes to
-the ``progress`` callback as :class:`~cdq_cli.records.Event`\\ s, the result comes back as a
-:class:`Finished`; the command line renders both.
+model), read the data sources, open the model (lazily when it can: weights stay on disk until
+their block runs), check every tensor for NaN/Inf, validate the layers, calibrate, score the
+full-precision model (with ``--eval``), quantize block by block while the output folder is
+written shard by shard (resumable), build the report, put the folder in place, score what was
+written, export. What differs between language and vision models is a
+:class:`~cdq_cli.run.kinds.ModelKind`. Nothing here prints: progress goes to the ``progress``
+callback as :class:`~cdq_cli.records.Event`\\ s, the result comes back as a :class:`Finished`;
+the command line renders both.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..records import Event, Progress, silent
-from .kinds import ModelKind, kind_of
+from .kinds import Loaded, ModelKind, kind_of
 from .plan import EvalRequest, Plan, QuantizeRequest, UsageError, plan_sources, resolve_device, settle
 
 __all__ = [
@@ -47,14 +52,7 @@ class Finished:
 
 def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     """Run ``cdq quantize`` (see the module docstring); raises one-line ``ValueError``/``OSError``."""
-    from ..models.base import non_finite_tensors
-    from ..pipeline import quantize_model, validate
-    from ..store import report as reports
-    from ..store.folder import save_quantized, write_json_atomic
-    from ..store.journal import open_journal
-    from ..store.names import REPORT
-
-    began, started = time.perf_counter(), reports.now()
+    began = time.perf_counter()
 
     def note(text: str) -> None:
         progress(Event("note", text=text))
@@ -64,10 +62,25 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     _check_kind(kind, plan)
     data = kind.read_data(plan)
     loaded = kind.load(plan, note)
-    bad = non_finite_tensors(loaded.model)
-    if bad:  # found now, not after hours of solving the blocks before it
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UsageError(f"{request.target}: tensor {bad[0]}{more} holds NaN/Inf values")
+    try:
+        return _quantize_loaded(plan, kind, data, loaded, progress, note, began)
+    finally:
+        loaded.close()
+
+
+def _quantize_loaded(
+    plan: Plan, kind: ModelKind, data: Any, loaded: Loaded, progress: Progress, note: Any, began: float
+) -> Finished:
+    from ..pipeline import quantize_model, validate
+    from ..placement import Placement
+    from ..store import report as reports
+    from ..store.files import make_work_folder, write_json_atomic
+    from ..store.folder import OutputBuilder, tied_names, write_companions
+    from ..store.journal import open_journal
+    from ..store.names import REPORT
+
+    request, started = plan.request, reports.now()
+    _refuse_non_finite(loaded, request.target)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, layers)
     calibration = kind.calibrate(loaded, data, plan, note)
@@ -87,60 +100,86 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
             resume=request.resume,
             note=note,
         )
-    with _guarded(journal, bad_input_discards=True):
-        outcome = quantize_model(
-            loaded.model,
-            loaded.adapter,
-            calibration.batches,
-            plan.settings,
-            progress=progress,
-            journal=journal,
-        )
-    report = reports.build(
-        model=request.target,
-        family=loaded.adapter.name,
-        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        settings=plan.settings,
-        seed=request.seed,
-        calibration=calibration.describe,
-        rows=outcome.rows,
-        device=plan.device,
-        command=request.command,
-        started=started,
-        ended=reports.now(),
-        wall_seconds=time.perf_counter() - began,
+    work = journal.output_folder() if journal is not None else make_work_folder(plan.output)
+    placement = Placement(loaded.model, plan.device, loaded.weights)
+    builder = OutputBuilder(
+        work, dest=plan.output, ties=tied_names(loaded.model), max_shard_bytes=plan.max_shard_bytes
     )
-    report["run"].update(batch_size=request.batch_size, config=request.config)
-    if journal is not None:
-        report["run"]["resumed_blocks"] = journal.blocks_restored
-    report.update(kind.report_sections(loaded, plan))
-    info = {
-        "method": report["run"]["method"],
-        "bits": plan.settings.bits,
-        "group_size": plan.settings.group_size,
-        "sym": plan.settings.sym,
-        "model": request.target,
-        **kind.table_info(loaded, plan),
-    }
-    note(f"writing {plan.output}")
-    with _guarded(journal, bad_input_discards=False):
-        save_quantized(
-            plan.output,
-            loaded.model,
-            outcome.layers,
-            tokenizer=loaded.tokenizer,
-            report=report,
-            info=info,
-            overwrite=request.overwrite,
-            protect=plan_sources(request),
-            kind=kind.name,
+
+    def sink(index: int, block: nn.Module, records: dict) -> bool:
+        prefix = loaded.adapter.block_name(index)
+        if not prefix or _submodule(loaded.model, prefix) is not block:  # a vision stem/head view
+            return False
+        builder.add_state(block.state_dict(prefix=f"{prefix}.", keep_vars=True).items(), records)
+        return True
+
+    try:
+        with _guarded(journal, bad_input_discards=True):
+            outcome = quantize_model(
+                loaded.model,
+                loaded.adapter,
+                calibration.batches,
+                plan.settings,
+                progress=progress,
+                journal=journal,
+                placement=placement,
+                sink=sink,
+            )
+        report = reports.build(
+            model=request.target,
+            family=loaded.adapter.name,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            settings=plan.settings,
+            seed=request.seed,
+            calibration=calibration.describe,
+            rows=outcome.rows,
+            device=plan.device,
+            command=request.command,
+            started=started,
+            ended=reports.now(),
+            wall_seconds=time.perf_counter() - began,
         )
+        report["run"].update(batch_size=request.batch_size, config=request.config)
+        if journal is not None:
+            report["run"]["resumed_blocks"] = journal.blocks_restored
+        report.update(kind.report_sections(loaded, plan))
+        if outcome.unquantized:  # named, never skipped in silence
+            report["not_quantized"] = {
+                "why": "not a Linear, Conv2d or fused-experts layer (e.g. a router): kept in full precision",
+                "layers": outcome.unquantized,
+            }
+            note(f"kept in full precision (not a layer type cdq quantizes): {_patterns(outcome.unquantized)}")
+        info = {
+            "method": report["run"]["method"],
+            "bits": plan.settings.bits,
+            "group_size": plan.settings.group_size,
+            "sym": plan.settings.sym,
+            "model": request.target,
+            **kind.table_info(loaded, plan),
+        }
+        note(f"writing {plan.output}")
+        with _guarded(journal, bad_input_discards=False):
+            _write_remaining(loaded.model, placement, builder, outcome.layers)
+            builder.finish(
+                plan.output,
+                info=info,
+                kind=kind.name,
+                dtype=loaded.dtype,
+                extras=lambda folder: write_companions(folder, loaded.model, loaded.tokenizer, report),
+                overwrite=request.overwrite,
+                protect=plan_sources(request),
+                order=list(dict.fromkeys(row.layer for row in outcome.rows)),
+            )
+    except BaseException:
+        if journal is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if journal is not None:
         journal.finish()
     if fp is not None:
         note(f"evaluating the quantized model on {request.eval_data}")
         try:
-            quantized = kind.score(loaded, data, plan, reference=fp.reference)
+            quantized = kind.score(loaded, data, plan, reference=fp.reference, written=plan.output)
         except ValueError as exc:
             raise ValueError(f"{exc} (the output {plan.output} was written)") from None
         report["evaluation"] = kind.evaluation(plan, quantized, fp)
@@ -158,6 +197,70 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     return kind.evaluate_target(request, device)
 
 
+def _refuse_non_finite(loaded: Loaded, target: str) -> None:
+    """NaN/Inf anywhere in the model is refused now, not after hours of solving the blocks before
+    it: every tensor of the checkpoint is read once (one at a time for a lazy model)."""
+    import torch
+
+    if loaded.weights is None:
+        parts = ((name, [t]) for name, t in loaded.model.state_dict().items())
+    else:  # slice by slice where the source can: a scan never holds a whole tensor
+        chunks = getattr(loaded.weights, "chunks", None)
+        parts = (
+            (name, chunks(name) if chunks else [loaded.weights.tensor(name)])
+            for name in loaded.weights.names()
+        )
+    bad = [
+        name
+        for name, pieces in parts
+        if any(torch.is_floating_point(p) and not bool(torch.isfinite(p).all()) for p in pieces)
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UsageError(f"{target}: tensor {bad[0]}{more} holds NaN/Inf values")
+
+
+def _write_remaining(model: nn.Module, placement: Any, builder: Any, layers: dict) -> None:
+    """Write what the blocks did not (embeddings, final norm, head; everything of a model whose
+    units are not its own submodules), one owning module at a time (read from disk when lazy)."""
+    for prefix, owner, names in _remaining(model, builder.written, builder.ties):
+        with placement.using([owner], device=placement.home):
+            state = owner.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=True)
+            builder.add_state(((name, state[name]) for name in names), layers)
+    builder.add_state(((name, None) for name in builder.ties), {})  # tied: recorded as aliases
+
+
+def _remaining(
+    model: nn.Module, written: set[str], ties: dict[str, str]
+) -> Iterator[tuple[str, nn.Module, list[str]]]:
+    """The state-dict entries not written yet (ties aside), grouped by the module that owns them,
+    in order: (its name, the module, the entries' full names)."""
+    groups: dict[str, list[str]] = {}
+    for name in model.state_dict(keep_vars=True):
+        if name not in written and name not in ties:
+            groups.setdefault(name.rpartition(".")[0], []).append(name)
+    for owner, names in groups.items():
+        yield owner, model.get_submodule(owner), names
+
+
+def _patterns(names: list[str]) -> str:
+    """``model.layers.*.mlp.gate.weight (32x)`` for names that differ only in block numbers."""
+    import re
+
+    counts: dict[str, int] = {}
+    for name in names:
+        key = re.sub(r"\.\d+\.", ".*.", name, count=1)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} ({count}x)" if count > 1 else key for key, count in counts.items())
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 @contextmanager
 def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
     """Keep the resume journal where resuming helps (a full disk, Ctrl-C, SIGTERM: the error then
@@ -172,6 +275,8 @@ def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
         hint = journal.resume_hint() if journal is not None else None
         if hint is not None:
             exc.cdq_hint = hint  # type: ignore[union-attr]
+        elif journal is not None:
+            journal.discard()  # no block was finished: nothing to resume, nothing left behind
         raise
 
 
@@ -188,9 +293,13 @@ def _export(plan: Plan, note: Any) -> dict[str, Any] | None:
 
     note(f"exporting GPTQ to {plan.export_dest}")
     try:
-        summary = export_gptq(plan.output, plan.export_dest, overwrite=plan.request.overwrite)
+        summary = export_gptq(
+            plan.output,
+            plan.export_dest,
+            overwrite=plan.request.overwrite,
+            max_shard_bytes=plan.max_shard_bytes,
+        )
     except ExportError as exc:
-        raise ExportError(
-            f"{exc} (the native output {plan.output} was written: try cdq export on it)"
-        ) from None
+        kept = f"the native output {plan.output} was written: try cdq export on it"
+        raise ExportError(f"{exc} ({kept})") from None
     return summary.to_dict()

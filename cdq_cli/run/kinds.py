@@ -16,17 +16,31 @@ import torch
 from torch import nn
 
 from ..models.base import Adapter
+from ..records import Weights
 from .plan import EvalRequest, Plan
 
 
 @dataclass
 class Loaded:
-    """A loaded model and what comes with it (a tokenizer; for vision, its spec and data config)."""
+    """An opened model and what comes with it: its adapter, tokenizer, and (when it was opened
+    lazily, as a skeleton on the meta device) the source its weights are read from; for vision,
+    its spec and data config."""
 
     model: nn.Module
     adapter: Adapter
     tokenizer: Any = None
+    weights: Weights | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model is stored and run in (the checkpoint's, unless --dtype says)."""
+        return next(self.model.parameters()).dtype
+
+    def close(self) -> None:
+        close = getattr(self.weights, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
@@ -67,8 +81,11 @@ class ModelKind(Protocol):
 
     def calibrate(self, loaded: Loaded, data: Any, plan: Plan, note: Any) -> Calibration: ...
 
-    def score(self, loaded: Loaded, data: Any, plan: Plan, reference: Any = None) -> Score:
-        """Evaluate ``loaded.model`` on the evaluation data (the model is on its home device)."""
+    def score(
+        self, loaded: Loaded, data: Any, plan: Plan, reference: Any = None, written: Path | None = None
+    ) -> Score:
+        """Evaluate the opened model on the evaluation data, or, with ``written``, the quantized
+        model as it was written to that output folder."""
         ...
 
     def evaluation(self, plan: Plan, quantized: Score, full_precision: Score) -> dict[str, Any]:

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from ..pipeline import OFFLOAD_CHOICES
 from ..records import Settings
 from ..solvers import SOLVERS
+from ..store.shards import DEFAULT_SHARD_SIZE, parse_size
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SIGMA_DTYPES = ("float32", "float64")
@@ -55,6 +57,8 @@ class QuantizeRequest:
     eval_max_windows: int | None = None
     eval_seqlen: int | None = None
     export_format: str = "native"
+    max_shard_size: str = DEFAULT_SHARD_SIZE
+    offload_activations: str = "auto"
     checkpoint: str | None = None
     model_args: list[str] = field(default_factory=list)
     quantize_embed: bool = False
@@ -75,6 +79,7 @@ class EvalRequest:
     device: str | None = None
     dtype: str = "auto"
     batch_size: int = 8
+    offload_activations: str = "auto"
     checkpoint: str | None = None
     model_args: list[str] = field(default_factory=list)
 
@@ -109,6 +114,7 @@ class Plan:
     settings: Settings
     output: Path
     export_dest: Path | None
+    max_shard_bytes: int
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +123,7 @@ class Plan:
 
 def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, and build the run's settings."""
-    from ..store.folder import check_output_dir
+    from ..store.files import check_output_dir
     from ..store.gptq import default_dest
 
     if request.method not in SOLVERS:
@@ -146,7 +152,12 @@ def settle(request: QuantizeRequest) -> Plan:
         fp_inputs=request.fp_inputs,
         device=resolve_device(request.device),
         sigma_dtype=getattr(torch, request.sigma_dtype),
+        offload_activations=choose("--offload-activations", request.offload_activations, OFFLOAD_CHOICES),
     )
+    try:
+        max_shard_bytes = parse_size(request.max_shard_size)
+    except ValueError as exc:
+        raise UsageError(f"--max-shard-size: {exc}") from None
     output = (request.output or Path(default_output(request))).absolute()
     check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
     check_writable(output)
@@ -154,7 +165,7 @@ def settle(request: QuantizeRequest) -> Plan:
     if request.export_format == "gptq":
         export_dest = default_dest(output)
         check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
-    return Plan(request, settings, output, export_dest)
+    return Plan(request, settings, output, export_dest, max_shard_bytes)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -172,12 +183,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def model_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The dtype a model is loaded in (``auto``: float32 on the CPU, float16 on CUDA)."""
+def model_dtype(choice: str) -> torch.dtype | str:
+    """The dtype a model is loaded in: ``auto`` keeps the checkpoint's (bf16 stays bf16)."""
     choose("--dtype", choice, DTYPES)
-    if choice == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, choice)
+    return "auto" if choice == "auto" else getattr(torch, choice)
 
 
 def default_output(request: QuantizeRequest) -> str:

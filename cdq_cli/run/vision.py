@@ -105,7 +105,11 @@ class VisionModels:
         }
         return Calibration(list(calib.split(request.batch_size)), describe, calib)
 
-    def score(self, loaded: Loaded, data: Images, plan: Plan, reference: Any = None) -> Score:
+    def score(
+        self, loaded: Loaded, data: Images, plan: Plan, reference: Any = None, written: Path | None = None
+    ) -> Score:
+        """Top-1 of the model in memory (a classifier is small; after quantizing it holds exactly
+        the weights written, which tests check on reload)."""
         result, predictions = top1_of(
             loaded.model, data.evaluation, loaded.extra["data_config"], plan.device, EVAL_BATCH, reference
         )

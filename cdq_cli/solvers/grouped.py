@@ -107,11 +107,12 @@ def solve_grouped(
             results.append(run_solver(method, w, s, spec, options))
         else:
             results.append(solve_rtn(w, s, spec))
-    return _stack(results, spec)
+    return stack_results(results, spec)
 
 
-def _stack(results: list[QuantResult], spec: GridSpec) -> QuantResult:
-    """One QuantResult for the whole layer from its groups' results (stacked along rows)."""
+def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:
+    """One QuantResult for the whole layer from independent row blocks' results (conv groups,
+    experts), stacked along rows."""
     stored = GridSpec(spec.bits, None, spec.sym) if spec.per_layer and len(results) > 1 else spec
     approx = torch.cat([r.weight for r in results])
     outliers = None

@@ -1,47 +1,48 @@
-"""The output folder: write it atomically, read it back bit for bit.
+"""The output folder: written while the run goes (never held whole), read back bit for bit.
 
 Layout of a cdq output folder::
 
-    model.safetensors    per quantized layer NAME: NAME.qweight (int32, codes packed along the input
+    model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+                         per quantized layer NAME: NAME.qweight (int32, codes packed along the input
                          dim with solvers.packing.pack), NAME.scales, NAME.zeros, NAME.bias (if any),
                          NAME.outliers_idx / NAME.outliers_val (COO, only if outliers were kept);
-                         every other tensor (embeddings, norms, lm_head...) as it is
+                         every other tensor (embeddings, norms, lm_head...) as it is. Each shard's
+                         metadata ``cdq_layers`` holds the table entries of the layers it stores.
     quantization.json    the marker: format, settings, and per quantized layer bits/group/sym/shape
-                         (also stored in the safetensors metadata under "cdq_quantization")
-    config.json, tokenizer files, report.json
+    config.json, tokenizer files, report.json, .cdq-manifest.json (the files cdq wrote)
 
-The folder is built in a hidden sibling (``.NAME.tmp-XXXX``), fsynced, then renamed into place, so
-an interrupted run never leaves a folder that looks complete.
+:class:`OutputBuilder` streams tensors into shards as blocks finish (:mod:`.shards`), in a work
+folder that is renamed into place when everything is written (:func:`~cdq_cli.store.files.publish`).
+:class:`OutputWeights` reads a folder back, by tensor name, one tensor at a time, after checking
+that the table and the shards agree and that every layer's packed tensors have exactly the sizes
+its bits and shape imply.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .header import sort_metadata
+from .files import make_work_folder, publish, write_error
 from .layer import (
     LEAVES,
     LayerRecordError,
     QuantizedLayer,
     check_record,
+    param_key,
     read_packed_layer,
     spec_of,
     write_layer_tensors,
 )
-from .names import MANIFEST, MARKER, REPORT, WEIGHTS
+from .names import MARKER, REPORT, WEIGHTS, WEIGHTS_INDEX
+from .shards import ShardWriter, read_tensor, shard_files
 
 KINDS = ("causal-lm", "timm-classifier")
 DTYPES = {
@@ -53,134 +54,114 @@ DTYPES = {
 FORMAT = "cdq-packed"
 VERSION = 1
 PACKING = "codes along the input dim as one little-endian bit stream in int32 words (cdq_cli.solvers.packing)"
-
-
-class OutputExistsError(ValueError):
-    """The output folder exists and is not empty (pass --overwrite)."""
+LAYERS_KEY = "cdq_layers"  # a shard's metadata: the table entries of the layers it holds
+LEGACY_KEY = "cdq_quantization"  # single-file outputs of cdq before sharding: the whole table
 
 
 class CheckpointError(ValueError):
     """A folder that is not a readable cdq output."""
 
 
-class WriteError(OSError):
-    """Writing the output failed (full disk, permissions); ``str()`` is one line for the CLI."""
+class OutputBuilder:
+    """Builds an output folder in ``work`` as tensors come; :meth:`finish` puts it in place.
 
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def check_output_dir(dest: Path, *, overwrite: bool, protect: Sequence[Path | str] = ()) -> None:
-    """Refuse, before any work, to write where something could be lost.
-
-    A non-empty existing ``dest`` is replaced only with ``overwrite`` and only when cdq wrote it:
-    its manifest (:data:`~cdq_cli.store.names.MANIFEST`) is there and every entry of the folder
-    is listed in it. Never, even with ``overwrite``: a file, the current folder or a folder
-    holding it, and anything in ``protect`` (the source model) or a folder holding it.
+    Quantized layers are written as their packed record (:meth:`add_layer`), everything else as
+    it is (:meth:`add_tensor`); ``ties`` ({name: name it is tied to}, from :func:`tied_names`)
+    are recorded as aliases instead of being written twice. Shards hold at most
+    ``max_shard_bytes`` (None: one file).
     """
-    dest = Path(dest).absolute()
-    if dest.exists() and not dest.is_dir():
-        raise OutputExistsError(f"output path {dest} exists and is not a folder")
-    real = dest.resolve()
-    here = Path.cwd().resolve()
-    if real == here or real in here.parents:
-        raise OutputExistsError(f"refusing to write to {dest}: it is the current folder or holds it")
-    for path in protect:
-        source = Path(path).expanduser().absolute().resolve()
-        if real == source or real in source.parents:
-            raise OutputExistsError(
-                f"refusing to write to {dest}: it is {path}, which cdq reads, or holds it"
-            )
-    if not dest.is_dir() or not any(dest.iterdir()):
-        return
-    if not overwrite:
-        raise OutputExistsError(
-            f"output folder {dest} exists and is not empty (use --overwrite to replace a folder cdq wrote)"
-        )
-    written = read_manifest(dest)
-    if written is None:
-        raise OutputExistsError(
-            f"refusing to replace {dest}: cdq did not write it (no {MANIFEST}); remove it yourself or "
-            "choose another --output"
-        )
-    foreign = sorted(entry.name for entry in dest.iterdir() if entry.name not in written or entry.is_dir())
-    if foreign:
-        raise OutputExistsError(
-            f"refusing to replace {dest}: it holds {foreign[0]!r}, which cdq did not write"
-            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
-        )
 
+    def __init__(
+        self,
+        work: Path,
+        *,
+        dest: Path | None = None,
+        ties: Mapping[str, str] | None = None,
+        max_shard_bytes: int | None = None,
+    ) -> None:
+        self.dest = Path(dest) if dest is not None else Path(work)  # named in error messages
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.shards = ShardWriter(self.work, max_shard_bytes)
+        self.ties = dict(ties or {})
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.aliases: dict[str, str] = {}
+        self.written: set[str] = set()  # state-dict names covered (quantized weights included)
 
-def read_manifest(folder: Path) -> set[str] | None:
-    """The names cdq wrote in ``folder`` (its manifest, itself included), or None without one."""
-    path = Path(folder) / MANIFEST
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return None
-    return {*names, MANIFEST}
+    def add_layer(self, record: QuantizedLayer) -> None:
+        group: dict[str, torch.Tensor] = {}
+        write_layer_tensors(record, group)
+        meta = record.metadata()
+        self._write(group, {LAYERS_KEY: {record.name: meta}})
+        self.layers[record.name] = meta
+        self.written.add(param_key(record.name, meta))
 
+    def add_tensor(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Write ``name`` (a tied name is recorded as an alias; its ``tensor`` may be None)."""
+        if name in self.ties:  # tied to another tensor: safetensors stores no sharing
+            self.aliases[name] = self.ties[name]
+        elif tensor is None:
+            raise ValueError(f"no tensor for {name}")
+        else:
+            self._write({name: tensor.detach()})
+        self.written.add(name)
 
-def add_to_manifest(folder: Path, name: str) -> None:
-    """Record that cdq wrote ``name`` into ``folder`` (a folder without a manifest is left alone)."""
-    written = read_manifest(folder)
-    if written is not None and name not in written:
-        write_json_atomic(Path(folder) / MANIFEST, {"files": sorted((written - {MANIFEST}) | {name})})
+    def _write(self, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        try:
+            self.shards.write(tensors, metadata)
+        except OSError as exc:  # a full disk: one line naming the output
+            raise write_error(exc, self.dest) from exc
 
+    def add_state(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], layers: Mapping[str, QuantizedLayer]
+    ) -> None:
+        """Write ``(name, tensor)`` pairs of a state dict, a quantized layer's record in place of the
+        tensor it replaces (``layers`` by layer name)."""
+        replaced = {param_key(name, layer.metadata()): layer for name, layer in layers.items()}
+        for name, tensor in tensors:
+            if name in self.written:
+                continue
+            if name in replaced:
+                self.add_layer(replaced[name])
+            else:
+                self.add_tensor(name, tensor)
 
-def _write_manifest(folder: Path) -> None:
-    names = sorted(entry.name for entry in folder.iterdir() if entry.is_file())
-    (folder / MANIFEST).write_text(json.dumps({"files": names}, indent=1) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def atomic_folder(
-    dest: Path, *, overwrite: bool = False, protect: Sequence[Path | str] = ()
-) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success write its manifest, fsync it and rename it to
-    ``dest`` (which :func:`check_output_dir` allows).
-
-    Any exception (KeyboardInterrupt included) removes the temporary folder and leaves ``dest``
-    as it was. A full disk becomes a one-line ``OSError``.
-    """
-    dest = Path(dest).absolute()
-    check_output_dir(dest, overwrite=overwrite, protect=protect)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    except OSError as exc:
-        raise _one_line(exc, dest) from exc
-    try:
-        yield tmp
-        _write_manifest(tmp)
-        _fsync_tree(tmp, chmod=True)
-        _replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _one_line(exc, dest) from exc
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON next to ``path`` then rename over it (readers never see a partial file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _one_line(exc, path) from exc
-        raise
+    def finish(
+        self,
+        dest: Path,
+        *,
+        info: dict[str, Any],
+        kind: str,
+        dtype: torch.dtype,
+        extras: Callable[[Path], None] | None = None,
+        overwrite: bool = False,
+        protect: Sequence[Path | str] = (),
+        order: Sequence[str] = (),
+    ) -> Path:
+        """Close the shards, write quantization.json (layers listed in ``order``, the solve order,
+        then any others) and ``extras`` (config, tokenizer, report); put the folder in place."""
+        try:
+            self.shards.close()
+        except OSError as exc:
+            raise write_error(exc, Path(dest)) from exc
+        ranked = {name: rank for rank, name in enumerate(order)}
+        self.layers = dict(sorted(self.layers.items(), key=lambda item: ranked.get(item[0], len(ranked))))
+        table = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": kind,
+            "dtype": str(dtype).removeprefix("torch."),
+            "packing": PACKING,
+            **info,
+            "aliases": self.aliases,
+            "layers": self.layers,
+        }
+        (self.work / MARKER).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        if extras is not None:
+            extras(self.work)
+        dest = Path(dest).absolute()
+        publish(self.work, dest, overwrite=overwrite, protect=protect)
+        return dest
 
 
 def save_quantized(
@@ -194,42 +175,50 @@ def save_quantized(
     overwrite: bool = False,
     protect: Sequence[Path | str] = (),
     kind: str = "causal-lm",
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write the whole output folder atomically; ``info`` adds run settings to the marker;
-    ``protect``: paths the output must never replace (the source model; see :func:`check_output_dir`).
+    """Write the output folder of a model held in memory (the streaming run uses
+    :class:`OutputBuilder` directly): its state dict with ``layers`` in place of their weights."""
+    from .files import check_output_dir
 
-    ``kind`` names how to rebuild the model (:func:`load_quantized` handles ``causal-lm``; other
-    kinds rebuild their model themselves and load :func:`quantized_state_dict` into it).
-    """
     dest = Path(dest).absolute()
-    tensors, aliases = _tensors(model, layers)
-    table = {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": kind,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "packing": PACKING,
-        **(info or {}),
-        "aliases": aliases,
-        "layers": {name: layer.metadata() for name, layer in layers.items()},
-    }
-    with atomic_folder(dest, overwrite=overwrite, protect=protect) as tmp:
-        save_file(
-            tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "cdq_quantization": json.dumps(table)}
+    check_output_dir(dest, overwrite=overwrite, protect=protect)
+    work = make_work_folder(dest)
+    try:
+        builder = OutputBuilder(work, dest=dest, ties=tied_names(model), max_shard_bytes=max_shard_bytes)
+        builder.add_state(model.state_dict(keep_vars=True).items(), layers)
+        return builder.finish(
+            dest,
+            info=info or {},
+            kind=kind,
+            dtype=next(model.parameters()).dtype,
+            extras=lambda folder: write_companions(folder, model, tokenizer, report),
+            overwrite=overwrite,
+            protect=protect,
+            order=list(layers),
         )
-        sort_metadata(tmp / WEIGHTS)  # safetensors writes metadata in random order: same run, same bytes
-        (tmp / MARKER).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-        config = getattr(model, "config", None)
-        if hasattr(config, "save_pretrained"):
-            config.save_pretrained(tmp)
-        generation = getattr(model, "generation_config", None)
-        if hasattr(generation, "save_pretrained"):
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return dest
+    except BaseException as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, dest) from exc
+        raise
+
+
+def write_companions(folder: Path, model: nn.Module, tokenizer: Any, report: dict[str, Any] | None) -> None:
+    """What travels with the weights: config, generation config, tokenizer, report.json."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "save_pretrained"):
+        config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if report is not None:
+        (folder / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+# -- reading ------------------------------------------------------------------------------------
 
 
 def is_quantized_folder(path: Path | str) -> bool:
@@ -237,17 +226,22 @@ def is_quantized_folder(path: Path | str) -> bool:
 
 
 def orphaned_output(path: Path | str) -> bool:
-    """True for a folder whose model.safetensors cdq wrote (it carries cdq's table) but whose
+    """True for a folder whose weights cdq wrote (their metadata carries cdq's table) but whose
     quantization.json is gone: loading it as a plain model would leave its layers random."""
     folder = Path(path)
-    weights = folder / WEIGHTS
-    if not folder.is_dir() or (folder / MARKER).exists() or not weights.is_file():
+    if not folder.is_dir() or (folder / MARKER).exists():
+        return False
+    if not ((folder / WEIGHTS).is_file() or (folder / WEIGHTS_INDEX).is_file()):
         return False
     try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return "cdq_quantization" in (fh.metadata() or {})
+        for name in sorted(set(shard_files(folder).values())):
+            with safe_open(str(folder / name), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                if LAYERS_KEY in metadata or LEGACY_KEY in metadata:
+                    return True
     except Exception:  # unreadable: the loader will say so
         return False
+    return False
 
 
 def read_kind(path: Path | str) -> str | None:
@@ -297,152 +291,153 @@ def table_dtype(table: dict[str, Any]) -> torch.dtype:
     return DTYPES[table["dtype"]]
 
 
+class OutputWeights:
+    """A cdq output folder's tensors by state-dict name, read one at a time (quantized layers
+    dequantized, aliases resolved): the :class:`~cdq_cli.records.Weights` source of a lazily
+    reloaded model, and the reader behind every other read of an output folder.
+
+    Opening checks the folder before anything is used: the table's allow-lists, that the layer
+    entries in the shards' metadata equal quantization.json's, that every tensor the index names
+    is in its shard, and that no packed tensor lacks a table entry.
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.table = read_table(self.folder)
+        self.dtype = table_dtype(self.table)
+        self.layer_meta: dict[str, dict] = self.table["layers"]
+        self.aliases: dict[str, str] = self.table.get("aliases", {})
+        try:
+            self.files = shard_files(self.folder)
+            self._check_shards()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a truncated or corrupt file: safetensors, OS and JSON errors alike
+            raise CheckpointError(f"cannot read {self._where()}: {_first_line(exc)}") from None
+        self.params = {param_key(name, meta): name for name, meta in self.layer_meta.items()}
+
+    def names(self) -> list[str]:
+        """Every state-dict name the folder restores, in the order stored (aliases last)."""
+        names = []
+        for key in self.files:
+            owner, _, leaf = key.rpartition(".")
+            if owner in self.layer_meta and leaf in LEAVES:
+                if leaf == "qweight":
+                    names.append(param_key(owner, self.layer_meta[owner]))
+                continue
+            names.append(key)
+        return names + [alias for alias in self.aliases if alias not in names]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self.aliases:
+            return self.tensor(self.aliases[name])
+        if name in self.params:
+            return self.layer(self.params[name]).dequantize().to(self.dtype)
+        return self._read(name)
+
+    def layer(self, name: str) -> QuantizedLayer:
+        """Layer ``name``'s packed record, its sizes checked exactly."""
+        meta = self.layer_meta[name]
+        try:
+            spec, shape, outliers = spec_of(name, meta)
+            path = self.folder / self.files[f"{name}.qweight"]
+            with safe_open(str(path), framework="pt") as fh:
+                layer = read_packed_layer(fh, name, spec, shape, set(fh.keys()))
+            check_record(layer, outliers)
+        except LayerRecordError as exc:
+            raise CheckpointError(f"{self._where()}: {exc}") from None
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {self._where()}: {_first_line(exc)}") from None
+        return layer
+
+    def layers(self) -> dict[str, QuantizedLayer]:
+        return {name: self.layer(name) for name in self.layer_meta}
+
+    def _read(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise CheckpointError(f"{self._where()} holds no tensor {name}")
+        path = self.folder / self.files[name]
+        try:
+            return read_tensor(path, name)  # slice by slice: no whole memory map on top of the copy
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path}: {_first_line(exc)}") from None
+
+    def _check_shards(self) -> None:
+        declared: dict[str, dict] = {}
+        legacy = False
+        for shard in sorted(set(self.files.values())):
+            path = self.folder / shard
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                keys = set(fh.keys())
+            missing = [name for name, file in self.files.items() if file == shard and name not in keys]
+            if missing:
+                raise CheckpointError(f"{path} lacks {missing[0]}, which {WEIGHTS_INDEX} places there")
+            if LEGACY_KEY in metadata:
+                legacy = True
+                if json.loads(metadata[LEGACY_KEY]) != self.table:
+                    raise self._disagree(path)
+                continue
+            entries = json.loads(metadata.get(LAYERS_KEY, "{}"))
+            for name, meta in entries.items():
+                if f"{name}.qweight" not in keys:
+                    raise self._disagree(path)
+                declared[name] = meta
+        if not legacy and declared != self.layer_meta:
+            raise self._disagree(
+                self.folder / (WEIGHTS if len(set(self.files.values())) == 1 else WEIGHTS_INDEX)
+            )
+        stray = sorted(
+            {key.rpartition(".")[0] for key in self.files if key.rpartition(".")[2] in LEAVES}
+            - set(self.layer_meta)
+        )
+        if stray:
+            raise CheckpointError(
+                f"{self._where()} holds packed tensors of {stray[0]}, which {MARKER} does not list"
+            )
+
+    def _disagree(self, path: Path) -> CheckpointError:
+        return CheckpointError(
+            f"{path} and {self.folder / MARKER} disagree about the quantization "
+            "(one of them was edited or replaced); refusing to load either"
+        )
+
+    def _where(self) -> Path:
+        return self.folder / (WEIGHTS if (self.folder / WEIGHTS).is_file() else WEIGHTS_INDEX)
+
+
 def read_layers(folder: Path | str) -> dict[str, QuantizedLayer]:
-    """The stored quantized layers of a cdq output folder (packed form), checked: the table in
-    model.safetensors equals quantization.json, every layer's tensors have exactly the sizes its
-    bits and shape imply, and no packed tensor lacks a table entry."""
-    table = read_table(folder)
-    path = Path(folder) / WEIGHTS
-    layers: dict[str, QuantizedLayer] = {}
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            embedded = (fh.metadata() or {}).get("cdq_quantization")
-            if embedded is None or json.loads(embedded) != table:
-                raise CheckpointError(
-                    f"{path} and {Path(folder) / MARKER} disagree about the quantization "
-                    "(one of them was edited or replaced); refusing to load either"
-                )
-            keys = set(fh.keys())
-            for name, meta in table["layers"].items():
-                spec, shape, outliers = spec_of(name, meta)
-                layer = read_packed_layer(fh, name, spec, shape, keys)
-                check_record(layer, outliers)
-                layers[name] = layer
-    except CheckpointError:
-        raise
-    except LayerRecordError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    except Exception as exc:  # a truncated or corrupt file: safetensors, OS and key errors alike
-        raise CheckpointError(f"cannot read {path}: {_first_line(exc)}") from None
-    stray = sorted({key.rpartition(".")[0] for key in keys if key.rpartition(".")[2] in LEAVES} - set(layers))
-    if stray:
-        raise CheckpointError(f"{path} holds packed tensors of {stray[0]}, which {MARKER} does not list")
-    return layers
+    """The stored quantized layers of a cdq output folder (packed form), checked."""
+    return OutputWeights(folder).layers()
 
 
 def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A plain state dict of the stored model: quantized layers dequantized, aliases restored."""
-    table = read_table(folder)
-    layers = read_layers(folder)
-    dtype = dtype or table_dtype(table)
-    state: dict[str, torch.Tensor] = {}
-    path = Path(folder) / WEIGHTS
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                owner, _, leaf = key.rpartition(".")
-                if owner in layers and leaf in LEAVES:
-                    continue
-                state[key] = fh.get_tensor(key)
-    except Exception as exc:  # a truncated or corrupt file
-        raise CheckpointError(f"cannot read {path}: {_first_line(exc)}") from None
-    for name, layer in layers.items():
-        state[f"{name}.weight"] = layer.dequantize().to(dtype)
-    for alias, target in table.get("aliases", {}).items():
-        if target not in state:
-            raise CheckpointError(f"{path}: {alias} is an alias of {target}, which it does not hold")
-        state[alias] = state[target]
-    return state
+    weights = OutputWeights(folder)
+    state = {name: weights.tensor(name) for name in weights.names()}
+    return {name: t.to(dtype) for name, t in state.items()} if dtype is not None else state
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """{name: earlier name} of state-dict entries that are the same tensor (tied embeddings), found
+    while the model holds every tensor (so identities are unique): the same object, or for real
+    tensors the same storage, offset, shape and dtype."""
+    first: dict[Any, str] = {}
+    ties: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        keys: list[Any] = [("object", id(tensor))]
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage().data_ptr()
+            keys.append((tensor.device, storage, tensor.storage_offset(), tensor.shape, tensor.dtype))
+        target = next((first[key] for key in keys if key in first), None)
+        if target is not None:
+            ties[name] = target
+            continue
+        for key in keys:
+            first[key] = name
+    return ties
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _tensors(
-    model: nn.Module, layers: dict[str, QuantizedLayer]
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors to store (shared ones once, with an alias table) from the model and packed layers."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    replaced = {f"{name}.weight" for name in layers}
-    for key, value in model.state_dict().items():
-        if key in replaced:
-            continue
-        identity = (
-            value.device,
-            value.untyped_storage().data_ptr(),
-            value.storage_offset(),
-            value.shape,
-            value.dtype,
-        )
-        if identity in seen:  # tied weights (lm_head = embeddings): safetensors stores no shared memory
-            aliases[key] = seen[identity]
-            continue
-        seen[identity] = key
-        tensors[key] = value.detach().cpu().contiguous()
-    for layer in layers.values():
-        write_layer_tensors(layer, tensors)
-    return tensors, aliases
-
-
-def _replace(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; an existing ``dest`` (allowed by the caller) is set aside first."""
-    if not dest.exists():
-        os.rename(tmp, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.rmdir(old)
-    os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path, *, chmod: bool = False) -> None:
-    """fsync every file and folder under ``root``; ``chmod`` gives them the usual umask modes
-    (mkdtemp and some writers create private 0700/0600 entries)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for folder, _dirs, files in os.walk(root):
-        if chmod:
-            os.chmod(folder, 0o777 & ~umask)
-        for name in files:
-            path = os.path.join(folder, name)
-            if chmod:
-                os.chmod(path, 0o666 & ~umask)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def _one_line(exc: OSError, where: Path) -> WriteError:
-    if isinstance(exc, WriteError):
-        return exc
-    if exc.errno == errno.ENOSPC:
-        return WriteError(errno.ENOSPC, f"no space left on device while writing {where}")
-    reason = exc.strerror or str(exc)
-    return WriteError(
-        exc.errno, f"cannot write {where}: {reason}" + (f" ({exc.filename})" if exc.filename else "")
-    )

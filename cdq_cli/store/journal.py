@@ -43,12 +43,14 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..records import LayerRow, ResumeState, Settings
 from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
+from .names import JOURNAL_OUTPUT as OUTPUT
 from .names import JOURNAL_STATE as STATE
 from .names import journal_block, journal_folder
 
 KILL_ENV = "CDQ_TEST_KILL_AFTER_BLOCK"
 TERM_ENV = "CDQ_TEST_TERM_AFTER_BLOCK"
 _BLOCK_FILE = re.compile(r"block-\d{5,}\.safetensors")
+_SHARD_FILE = re.compile(r"\.shard-\d{5,}\.(data|safetensors)")
 SCHEMA = "cdq-resume/1"
 
 
@@ -113,6 +115,15 @@ class Journal:
                 )
             note(f"discarding the state of an unfinished earlier run ({self.folder}); --resume continues one")
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def output_folder(self) -> Path:
+        """A fresh folder inside the journal where the output is built (what an interrupted run
+        left there is discarded: a resumed run writes the restored blocks again)."""
+        folder = self.folder / OUTPUT
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return folder
 
     @property
     def blocks_restored(self) -> int:
@@ -225,17 +236,22 @@ class Journal:
             except Exception as exc:  # truncated, corrupt or edited: safetensors, OS, JSON, record errors
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise ResumeError(f"cannot read saved block {path}: {first}; run without --resume") from None
-        missing = [row.name for row in rows if row.name not in found]
+        missing = [row.layer for row in rows if row.layer not in found]
         if missing:
             raise ResumeError(f"saved state in {self.folder} lacks layer {missing[0]}; run without --resume")
         # The report and the checkpoint list layers in solve order, which the rows keep.
-        return ResumeState(blocks, rows, {row.name: found[row.name] for row in rows})
+        return ResumeState(blocks, rows, {row.layer: found[row.layer] for row in rows})
 
 
 def is_journal(folder: Path) -> bool:
     """True when every entry of ``folder`` is one a journal writes (state, block files, their
-    temporaries): only such a folder is ever deleted."""
+    temporaries, the output being built with its shard files): only such a folder is ever deleted."""
+    stated = (Path(folder) / STATE).is_file()  # a state written by cdq: its output folder is cdq's too
     for entry in Path(folder).iterdir():
+        if entry.name == OUTPUT and entry.is_dir():
+            if not stated and not all(e.is_file() and _SHARD_FILE.fullmatch(e.name) for e in entry.iterdir()):
+                return False
+            continue
         name = entry.name.lstrip(".").split(".tmp-")[0]
         if not entry.is_file() or not (name == STATE or _BLOCK_FILE.fullmatch(name)):
             return False

@@ -37,8 +37,12 @@ class QuantizedLayer:
     outliers_val: torch.Tensor | None = None  # (nnz,), scales' dtype
 
     @property
+    def rows(self) -> int:
+        return matrix_shape(self.shape)[0]
+
+    @property
     def columns(self) -> int:
-        return math.prod(self.shape[1:])
+        return matrix_shape(self.shape)[1]
 
     @property
     def outlier_count(self) -> int:
@@ -79,8 +83,11 @@ class QuantizedLayer:
         return weight.reshape(self.shape)
 
     def metadata(self) -> dict:
-        """JSON description for the checkpoint's quantization table."""
+        """JSON description for the checkpoint's quantization table (stacked experts also name
+        the 3-D parameter they replace)."""
+        extra = {"param": self.name} if len(self.shape) == 3 else {}
         return {
+            **extra,
             "bits": self.spec.bits,
             "group_size": self.spec.group_size,
             "sym": self.spec.sym,
@@ -88,6 +95,21 @@ class QuantizedLayer:
             "shape": list(self.shape),
             "outliers": self.outlier_count,
         }
+
+
+def param_key(name: str, meta: dict[str, Any]) -> str:
+    """The state-dict entry a stored layer replaces: ``NAME.weight`` (Linear, Conv2d), or the
+    fused experts' 3-D parameter itself."""
+    return str(meta.get("param", f"{name}.weight"))
+
+
+def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """(rows, columns) of the matrix a weight is quantized as: a Linear's (out, in); a Conv2d's
+    (out, in·kh·kw); stacked experts (E, out, in) as E·out rows of ``in`` columns (every row has
+    its own grid, so stacking changes nothing)."""
+    if len(shape) == 3:
+        return shape[0] * shape[1], shape[2]
+    return shape[0], math.prod(shape[1:])
 
 
 class LayerRecordError(ValueError):
@@ -110,12 +132,15 @@ def spec_of(name: str, meta: Any) -> tuple[GridSpec, tuple[int, ...], int]:
         raise fail(f"bits {bits!r} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
     if (
         not isinstance(shape, list)
-        or len(shape) not in (2, 4)
+        or len(shape) not in (2, 3, 4)
         or any(type(d) is not int or d < 1 for d in shape)
     ):
-        raise fail(f"shape {shape!r} is not a list of 2 or 4 positive integers")
-    if group is not None and (type(group) is not int or group < 1 or math.prod(shape[1:]) % group):
-        raise fail(f"group size {group!r} does not divide the layer's width {math.prod(shape[1:])}")
+        raise fail(f"shape {shape!r} is not a list of 2 to 4 positive integers")
+    width = matrix_shape(shape)[1]
+    if group is not None and (type(group) is not int or group < 1 or width % group):
+        raise fail(f"group size {group!r} does not divide the layer's width {width}")
+    if "param" in meta and meta["param"] != name:
+        raise fail(f"param {meta['param']!r} is not the layer itself")
     if type(sym) is not bool or type(per_layer or False) is not bool or (per_layer and group is not None):
         raise fail(f"sym {sym!r} / per_layer {per_layer!r} are not a valid pair of booleans")
     if type(outliers) is not int or outliers < 0:
@@ -125,7 +150,7 @@ def spec_of(name: str, meta: Any) -> tuple[GridSpec, tuple[int, ...], int]:
 
 def check_record(layer: QuantizedLayer, outliers: int) -> None:
     """The layer's tensors have exactly the sizes its grid and shape imply, and valid values."""
-    rows, columns, spec = layer.shape[0], layer.columns, layer.spec
+    rows, columns, spec = layer.rows, layer.columns, layer.spec
     groups = spec.n_groups(columns)
     expected = {
         "qweight": ((rows, packed_length(columns, spec.bits)), (torch.int32,)),

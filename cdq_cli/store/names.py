@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS = "model.safetensors"  # the packed model of an output folder
+WEIGHTS = "model.safetensors"  # the packed model of an output folder (when it fits one shard)
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded model: tensor name -> shard file
 MARKER = "quantization.json"  # an output folder's quantization table; its presence marks a cdq folder
 REPORT = "report.json"  # run settings, one row per layer, summary
 REPORT_PLOT = "report.png"  # written by `cdq report`
 GPTQ_CONFIG = "quantize_config.json"  # GPTQ export: read by auto-gptq and vLLM
-MANIFEST = ".cdq-manifest.json"  # in every folder cdq writes: the names of the files it wrote there
-JOURNAL_STATE = "state.json"  # inside a resume journal folder: blocks done, rows, fingerprint
+MANIFEST = ".cdq-manifest.json"  # in every folder cdq writes: the files it wrote there
+JOURNAL_STATE = "state.json"  # inside a journal folder: blocks done, report rows, fingerprint
+JOURNAL_OUTPUT = "output"  # inside a journal folder: the output folder being built
 
 
 def journal_folder(output: Path) -> Path:
