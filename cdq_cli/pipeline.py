@@ -108,16 +108,20 @@ class Outcome:
 
 def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module | torch.Tensor]:
     """Check the grid against every layer before any work (one-line ``ValueError``s naming the
-    layer); return the layers that will be quantized, by full name."""
+    layer; a ``--skip``/``--layer`` pattern that matches no layer); return the layers that will be
+    quantized (those ``--skip`` keeps in full precision left out), by full name."""
     layers = quantizable_layers(adapter, model)
     if settings.grid is None:
         return layers
+    settings.check_overrides(layers)
+    layers = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
     for name, layer in layers.items():
+        spec = settings.grid_for(name)
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)
             if isinstance(layer, torch.Tensor):  # fused experts: (E, out, in), one matrix per expert
-                group_spec(settings.grid, layer.shape[-1], 1)
+                group_spec(spec, layer.shape[-1], 1)
             else:
-                group_spec(settings.grid, layer.weight[0].numel(), conv_groups(layer))
+                group_spec(spec, layer.weight[0].numel(), conv_groups(layer))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return layers
@@ -150,8 +154,8 @@ def quantize_model(
     if settings.quantizing:
         run.layers = sum(
             _rows_of(block, name)
-            for block in blocks
-            for group in adapter.layer_groups(block)
+            for index, block in enumerate(blocks)
+            for group in _groups(adapter, block, index, settings)
             for name in group
         )
     run.emit("start", 0)
@@ -266,7 +270,7 @@ class _Run:
 
     def block(self, block: nn.Module, index: int, acts: Activations) -> None:
         """Solve every layer of one block; advance ``acts`` to the next block's inputs."""
-        groups = self.adapter.layer_groups(block)
+        groups = _groups(self.adapter, block, index, self.settings)
         everything = [name for group in groups for name in group]
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
@@ -321,13 +325,14 @@ def solve_experts(
     from .solvers.grouped import stack_results
     from .solvers.rtn import solve_rtn
 
-    assert settings.grid is not None
+    spec = settings.grid_for(name)
+    assert spec is not None
     rows, results = [], []
     for expert, acc in enumerate(sigmas.accumulators):
         label = f"{name}[{expert}]"
         matrix = weight[expert].detach()
         if acc is None or acc.tokens == 0:
-            result = solve_rtn(matrix.to(settings.sigma_dtype), _no_sigma(matrix, settings), settings.grid)
+            result = solve_rtn(matrix.to(settings.sigma_dtype), _no_sigma(matrix, settings), spec)
             row = _row(label, list(matrix.shape), settings, result, 0.0, None, 0)
             row.method, row.note = (
                 "rtn",
@@ -337,7 +342,7 @@ def solve_experts(
             row, result = _solve_matrix(label, matrix, acc, settings)
         rows.append(row)
         results.append(result)
-    stacked = stack_results(results, settings.grid)
+    stacked = stack_results(results, spec)
     record = QuantizedLayer.from_result(name, stacked, tuple(weight.shape))
     _write_back(name, weight, record, stacked)
     return rows, record
@@ -346,8 +351,8 @@ def solve_experts(
 def _solve_matrix(
     name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings
 ) -> tuple[LayerRow, QuantResult]:
-    spec = settings.grid
-    assert spec is not None, "solving needs a grid (bits 16 quantizes nothing)"
+    spec = settings.grid_for(name)  # the run's grid, or a --layer rule's
+    assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     sigma = acc.sigma
     if not torch.isfinite(sigma).all():
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
@@ -377,8 +382,7 @@ def _row(
     rtn: QuantResult | None,
     tokens: int,
 ) -> LayerRow:
-    spec = settings.grid
-    assert spec is not None
+    spec = result.grid.spec  # the grid this layer was solved on (per-layer rules included)
     return LayerRow(
         name=name,
         shape=shape,
@@ -408,6 +412,16 @@ def _write_back(name: str, weight: torch.Tensor, record: QuantizedLayer, result:
 def _no_sigma(matrix: torch.Tensor, settings: Settings) -> torch.Tensor:
     columns = matrix.shape[1]
     return torch.zeros(columns, columns, dtype=settings.sigma_dtype, device=matrix.device)
+
+
+def _groups(adapter: Adapter, block: nn.Module, index: int, settings: Settings) -> list[list[str]]:
+    """The block's layer groups without the layers ``--skip`` keeps in full precision."""
+    prefix = adapter.block_name(index)
+    groups = [
+        [name for name in group if settings.grid_for(join_name(prefix, name)) is not None]
+        for group in adapter.layer_groups(block)
+    ]
+    return [group for group in groups if group]
 
 
 def _rows_of(block: nn.Module, name: str) -> int:

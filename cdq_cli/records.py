@@ -7,6 +7,8 @@ writes and reads them); neither imports the other's internals.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,8 +27,10 @@ class Settings:
     """What to do to every layer: one object from the command line to the solver.
 
     ``grid`` is the validated grid spec (None: ``--bits 16``, run the block plumbing without
-    quantizing); ``options`` the method's solver options, already typed and range-checked
-    (:func:`cdq_cli.solvers.check_options`); ``device`` where blocks are solved.
+    quantizing); ``overrides`` the ``--skip``/``--layer`` rules, parsed and compiled once, so that
+    :meth:`grid_for` resolves any layer's grid (None: kept in full precision); ``options`` the
+    method's solver options, already typed and range-checked (:func:`cdq_cli.solvers.check_options`);
+    ``device`` where blocks are solved.
     """
 
     method: str = "cdq"
@@ -38,6 +42,7 @@ class Settings:
     sigma_dtype: torch.dtype = torch.float32
     compare_rtn: bool = True
     offload_activations: str = "auto"
+    overrides: tuple[LayerRule, ...] = ()
 
     @classmethod
     def make(
@@ -49,13 +54,47 @@ class Settings:
         per_layer: bool = False,
         options: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
+        skip: Sequence[str] = (),
+        layer: Sequence[str] = (),
         **rest: Any,
     ) -> Settings:
-        """Settings from flag-like values: the grid built by :func:`grid_spec`, the options typed and
-        checked by :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input)."""
+        """Settings from flag-like values: the grid built by :func:`grid_spec`, the ``--skip`` /
+        ``--layer`` rules by :func:`layer_rules`, the options typed and checked by
+        :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input)."""
         grid = grid_spec(bits, group_size, sym, per_layer)
         checked = check_options(method, options or {}) if grid is not None else dict(options or {})
-        return cls(method=method, grid=grid, options=checked, device=torch.device(device), **rest)
+        if grid is None and (skip or layer):
+            raise ValueError(
+                "--skip and --layer choose layers to quantize differently; --bits 16 quantizes none"
+            )
+        rules = layer_rules(grid, skip, layer) if grid is not None else ()
+        return cls(
+            method=method, grid=grid, options=checked, device=torch.device(device), overrides=rules, **rest
+        )
+
+    def grid_for(self, name: str) -> GridSpec | None:
+        """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is
+        NAME's): the last ``--layer`` rule that matches it, else the run's grid; None when a
+        ``--skip`` rule matches it (kept in full precision) or nothing is quantized."""
+        if self.grid is None:
+            return None
+        layer = name.split("[", 1)[0]
+        chosen: GridSpec | None = self.grid
+        for rule in self.overrides:
+            if rule.spec is not None and rule.matches(layer):
+                chosen = rule.grid
+        if any(rule.spec is None and rule.matches(layer) for rule in self.overrides):
+            return None
+        return chosen
+
+    def check_overrides(self, names: Iterable[str]) -> None:
+        """Every ``--skip``/``--layer`` pattern must match at least one of the model's layers
+        (``names``: their full names); one line naming the first that matches none."""
+        names = list(names)
+        for rule in self.overrides:
+            if not any(rule.matches(name) for name in names):
+                example = f" (its layers are named like {names[0]})" if names else ""
+                raise ValueError(f"{rule.flag} {rule.text!r} matches no layer of the model{example}")
 
     @property
     def quantizing(self) -> bool:
@@ -91,6 +130,8 @@ class Settings:
             "device": str(self.device),
             "sigma_dtype": str(self.sigma_dtype).removeprefix("torch."),
             "compare_rtn": self.compare_rtn,
+            # only when given, so runs without overrides keep their resume fingerprints
+            **({"overrides": [rule.describe() for rule in self.overrides]} if self.overrides else {}),
         }
 
 
@@ -105,6 +146,107 @@ def grid_spec(bits: int, group_size: int | None, sym: bool, per_layer: bool) -> 
     if per_layer and group_size is not None:
         raise ValueError("--per-layer means one scale for the whole layer; it cannot have a --group-size")
     return GridSpec(bits, group_size, sym, per_layer)
+
+
+LAYER_SPEC = re.compile(r"^(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<channel>ch))?(?P<sym>sym|asym)?$")
+SPEC_GRAMMAR = (
+    "BITS[gGROUP|ch][sym|asym], e.g. 8, 4g128, 3g64sym, 8ch (bits 2, 3, 4 or 8; gGROUP: one scale per "
+    "GROUP columns, ch: one per output row; what is left out comes from --group-size/--sym)"
+)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One ``--skip PATTERN`` (``spec`` None: full precision) or ``--layer PATTERN=SPEC`` rule.
+    ``PATTERN`` is a regular expression searched in full layer names (``re.search``: anchor with
+    ``^``/``$``); ``grid`` is the rule's resolved grid."""
+
+    pattern: str
+    spec: str | None
+    grid: GridSpec | None
+
+    @property
+    def flag(self) -> str:
+        return "--skip" if self.spec is None else "--layer"
+
+    @property
+    def text(self) -> str:
+        return self.pattern if self.spec is None else f"{self.pattern}={self.spec}"
+
+    def matches(self, name: str) -> bool:
+        return _compiled(self.pattern).search(name) is not None
+
+    def describe(self) -> dict[str, Any]:
+        grid = self.grid
+        return {
+            "flag": self.flag,
+            "pattern": self.pattern,
+            "spec": self.spec,
+            "grid": None
+            if grid is None
+            else {
+                "bits": grid.bits,
+                "group_size": grid.group_size,
+                "sym": grid.sym,
+                "per_layer": grid.per_layer,
+            },
+        }
+
+
+def layer_rules(default: GridSpec, skip: Sequence[str], layer: Sequence[str]) -> tuple[LayerRule, ...]:
+    """The ``--skip`` and ``--layer`` rules of a run, checked: every pattern compiles, every SPEC
+    follows :data:`SPEC_GRAMMAR` and makes a valid grid (one-line ``ValueError`` otherwise)."""
+    rules = []
+    for pattern in skip:
+        rules.append(LayerRule(_pattern("--skip", pattern, pattern), None, None))
+    for item in layer:
+        pattern, sep, spec = str(item).rpartition("=")
+        if not sep or not pattern.strip():
+            raise ValueError(f"--layer expects PATTERN=SPEC, got {item!r}")
+        spec = spec.strip()
+        rules.append(LayerRule(_pattern("--layer", pattern, item), spec, parse_layer_spec(spec, default)))
+    return tuple(rules)
+
+
+def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
+    """The grid a ``--layer`` SPEC gives (see :data:`SPEC_GRAMMAR`); what the SPEC leaves out comes
+    from ``default`` (the run's --group-size, --sym, --per-layer)."""
+    found = LAYER_SPEC.match(spec.lower())
+    if not found:
+        raise ValueError(f"--layer SPEC {spec!r} is not {SPEC_GRAMMAR}")
+    bits = int(found["bits"])
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"--layer SPEC {spec!r}: {bits} bits is not one of 2, 3, 4, 8 "
+            "(--skip keeps a layer in full precision)"
+        )
+    group, per_layer = default.group_size, default.per_layer
+    if found["group"] is not None:
+        group, per_layer = int(found["group"]), False
+        if group < 1:
+            raise ValueError(f"--layer SPEC {spec!r}: the group size must be positive")
+    elif found["channel"]:
+        group, per_layer = None, False
+    sym = default.sym if found["sym"] is None else found["sym"] == "sym"
+    return GridSpec(bits, group, sym, per_layer)
+
+
+def _pattern(flag: str, pattern: str, shown: str) -> str:
+    try:
+        _compiled(pattern)
+    except re.error as exc:
+        raise ValueError(f"{flag} {shown!r}: not a valid regular expression ({exc})") from None
+    return pattern
+
+
+_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _compiled(pattern: str) -> re.Pattern[str]:
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        compiled = _PATTERNS[pattern] = re.compile(pattern)
+    return compiled
 
 
 @dataclass

@@ -30,10 +30,12 @@ class SigmaDType(str, Enum):
 class ExportFormat(str, Enum):
     native = "native"
     gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
 
 
 class ExportTarget(str, Enum):
     gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
 
 
 class CheckpointFormat(str, Enum):

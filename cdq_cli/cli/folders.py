@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import typer
 
@@ -16,42 +16,66 @@ from ..store.names import REPORT_PLOT
 from .choices import CheckpointFormat, ExportTarget
 from .printing import print_json
 
-if TYPE_CHECKING:
-    from ..store.gptq import ExportSummary
-
 
 def export(
     output_dir: Path = typer.Argument(..., help="A cdq output folder (from cdq quantize)."),
-    target: ExportTarget = typer.Option(ExportTarget.gptq, "--format", help="Target layout."),
-    dest: Path | None = typer.Option(
-        None, "--output", "--dest", metavar="FOLDER", help="Export folder (default: <OUTPUT_DIR>-gptq)."
+    target: ExportTarget = typer.Option(
+        ExportTarget.gptq, "--format", help="Target layout: gptq or compressed-tensors (vLLM's native)."
     ),
-    checkpoint_format: CheckpointFormat = typer.Option(
-        CheckpointFormat.gptq,
-        help="gptq: v1, zero-points stored minus 1 (read by every engine); gptq_v2: gptqmodel only.",
+    dest: Path | None = typer.Option(
+        None,
+        "--output",
+        "--dest",
+        metavar="FOLDER",
+        help="Export folder (default: <OUTPUT_DIR>-gptq, <OUTPUT_DIR>-ct).",
+    ),
+    checkpoint_format: CheckpointFormat | None = typer.Option(
+        None,
+        help="GPTQ only. gptq (default): v1, zero-points stored minus 1 (read by every engine); "
+        "gptq_v2: gptqmodel only.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Write the quantized model in another checkpoint layout (GPTQ: qweight/qzeros/scales/g_idx)."""
-    from ..store.gptq import export_gptq
+    """Write the quantized model in another checkpoint layout: GPTQ (qweight/qzeros/scales/g_idx) or
+    compressed-tensors pack-quantized (what llm-compressor writes and vLLM serves)."""
+    from ..store.exports import export as run_export
 
-    del target  # one target for now; the option keeps the command line explicit and extensible
-    summary = export_gptq(output_dir, dest, checkpoint_format=checkpoint_format.value, overwrite=overwrite)
-    show_export(summary, as_json=as_json)
-
-
-def show_export(summary: ExportSummary, *, as_json: bool) -> None:
-    if as_json:
-        print_json(summary.to_dict())
-        return
-    grid = f"group {summary.group_size}" if summary.group_size > 0 else "per channel"
-    print(
-        f"wrote {summary.dest}: GPTQ ({summary.checkpoint_format}), {summary.bits}-bit, {grid}, "
-        f"{'sym' if summary.sym else 'asym'}, {summary.layers} layers; scales in float16 "
-        f"(max relative rounding {summary.max_scale_rounding:.2g})"
+    if checkpoint_format is not None and target is not ExportTarget.gptq:
+        raise ValueError("--checkpoint-format is a GPTQ option; compressed-tensors has one layout")
+    summary = run_export(
+        target.value,
+        output_dir,
+        dest,
+        checkpoint_format=(checkpoint_format or CheckpointFormat.gptq).value,
+        overwrite=overwrite,
     )
-    print(f"runs in: {summary.engines}")
+    show_export(summary.to_dict(), as_json=as_json)
+
+
+def show_export(summary: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print_json(summary)
+        return
+    if summary["format"] == "gptq":
+        grid = f"group {summary['group_size']}" if summary["group_size"] > 0 else "per channel"
+        print(
+            f"wrote {summary['output']}: GPTQ ({summary['checkpoint_format']}), {summary['bits']}-bit, "
+            f"{grid}, {'sym' if summary['sym'] else 'asym'}, {summary['layers']} layers; scales in float16 "
+            f"(max relative rounding {summary['max_scale_rounding']:.2g})"
+        )
+    else:
+        grids = ", ".join(
+            f"{g['bits']}-bit {'group ' + str(g['group_size']) if g['group_size'] else 'per channel'} "
+            f"{'sym' if g['sym'] else 'asym'} ({g['layers']} layers)"
+            for g in summary["grids"]
+        )
+        kept = f"; {len(summary['ignore'])} matrices kept as they are" if summary["ignore"] else ""
+        print(
+            f"wrote {summary['output']}: compressed-tensors pack-quantized, {grids}{kept}; scales in "
+            f"{summary['scale_dtype']} (max relative rounding {summary['max_scale_rounding']:.2g})"
+        )
+    print(f"runs in: {summary['engines']}")
 
 
 def report(

@@ -34,8 +34,10 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
         console.print(_evaluated(finished))
     console.print(f"wrote {out}")
     if finished.export is not None:
-        console.print(f"wrote {finished.export['output']} (GPTQ {finished.export['checkpoint_format']})")
-        console.print(f"runs in: {finished.export['engines']}")
+        export = finished.export
+        layout = f"GPTQ {export['checkpoint_format']}" if export["format"] == "gptq" else "compressed-tensors"
+        console.print(f"wrote {export['output']} ({layout})")
+        console.print(f"runs in: {export['engines']}")
 
 
 def show_evaluation(result: dict[str, Any], *, as_json: bool) -> None:

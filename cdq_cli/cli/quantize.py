@@ -31,6 +31,19 @@ def quantize(
     group_size: int | None = typer.Option(None, help="Columns per scale group (default: one per row)."),
     sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid."),
     per_layer: bool = typer.Option(False, "--per-layer", help="One scale for the whole layer (COMQ)."),
+    skip: list[str] = typer.Option(
+        [],
+        "--skip",
+        metavar="PATTERN",
+        help="Keep layers whose full name matches this regex (re.search) in full precision (repeatable).",
+    ),
+    layer: list[str] = typer.Option(
+        [],
+        "--layer",
+        metavar="PATTERN=SPEC",
+        help="Give matching layers their own grid, SPEC = BITS[gGROUP|ch][sym|asym], e.g. 8, 4g128, "
+        "3g64sym (repeatable; the last match wins; docs/cli.md).",
+    ),
     calib: str = typer.Option(
         "c4",
         metavar="SOURCE",
@@ -88,7 +101,9 @@ def quantize(
         None, "--config", is_eager=True, callback=apply_config, help="YAML preset; flags given here win."
     ),
     out_format: ExportFormat = typer.Option(
-        ExportFormat.native, "--format", help="gptq: also export GPTQ to <output>-gptq (docs/results.md)."
+        ExportFormat.native,
+        "--format",
+        help="gptq / compressed-tensors: also export to <output>-gptq / <output>-ct (docs/results.md).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
     max_shard_size: str = typer.Option(
@@ -103,8 +118,8 @@ def quantize(
     and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
     request = QuantizeRequest(
         target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
-        options={**solver_options(ctx), **parse_assignments(option)}, calib=calib, nsamples=nsamples,
-        seqlen=seqlen, seed=seed, output=output, device=device, dtype=dtype.value,
+        skip=skip, layer=layer, options={**solver_options(ctx), **parse_assignments(option)}, calib=calib,
+        nsamples=nsamples, seqlen=seqlen, seed=seed, output=output, device=device, dtype=dtype.value,
         sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
         true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,

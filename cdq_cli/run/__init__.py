@@ -281,19 +281,23 @@ def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
 
 
 def _check_kind(kind: ModelKind, plan: Plan) -> None:
-    if (plan.export_dest is not None and not kind.exports) or (plan.request.resume and not kind.resumable):
-        raise UsageError("--format gptq and --resume are for causal LMs, not vision models")
+    if plan.export_dest is not None and not kind.exports:
+        raise UsageError(f"--format {plan.request.export_format} is for causal LMs, not vision models")
+    if plan.request.resume and not kind.resumable:
+        raise UsageError("--resume is for causal LMs, not vision models")
 
 
 def _export(plan: Plan, note: Any) -> dict[str, Any] | None:
-    """The GPTQ export of the just-written output folder; its failure names the kept output."""
+    """The export (--format) of the just-written output folder; its failure names the kept output."""
     if plan.export_dest is None:
         return None
-    from ..store.gptq import ExportError, export_gptq
+    from ..store.exports import ExportError, export
 
-    note(f"exporting GPTQ to {plan.export_dest}")
+    fmt = plan.request.export_format
+    note(f"exporting {fmt} to {plan.export_dest}")
     try:
-        summary = export_gptq(
+        summary = export(
+            fmt,
             plan.output,
             plan.export_dest,
             overwrite=plan.request.overwrite,

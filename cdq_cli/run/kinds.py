@@ -105,6 +105,27 @@ class ModelKind(Protocol):
         ...
 
 
+def skipped_layers(loaded: Loaded, plan: Plan) -> list[str]:
+    """The layers ``--skip`` keeps in full precision, by full name, in model order."""
+    from ..models.base import quantizable_layers
+
+    settings = plan.settings
+    if not settings.overrides:
+        return []
+    return [
+        name for name in quantizable_layers(loaded.adapter, loaded.model) if settings.grid_for(name) is None
+    ]
+
+
+def override_sections(loaded: Loaded, plan: Plan) -> dict[str, Any]:
+    """report.json's ``skipped`` section (only when --skip kept layers in full precision)."""
+    skipped = skipped_layers(loaded, plan)
+    if not skipped:
+        return {}
+    rules = [rule.pattern for rule in plan.settings.overrides if rule.spec is None]
+    return {"skipped": {"why": f"--skip {' '.join(rules)}: kept in full precision", "layers": skipped}}
+
+
 def kind_of(target: str, checkpoint: str | None = None) -> ModelKind:
     """The kind of ``target``: a timm classifier for ``timm/NAME``, any target with
     ``--checkpoint``, an output folder holding one, or a plain name timm knows; else a causal LM."""

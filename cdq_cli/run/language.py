@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kinds import Calibration, Loaded, Score
+from .kinds import Calibration, Loaded, Score, override_sections, skipped_layers
 from .plan import EvalRequest, Plan, UsageError, model_dtype
 
 KIND = "causal-lm"
@@ -48,21 +48,20 @@ class LanguageModels:
         note(f"loading {plan.request.target}")
         return open_model(plan.request.target, plan.request.dtype)
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
+    def preflight(self, plan: Plan, layers: dict[str, nn.Module | torch.Tensor]) -> None:
+        """What the export (--format) cannot hold is refused now, before any work."""
         if plan.export_dest is None:
             return
-        from ..store.gptq import preflight
+        from ..store.exports import preflight
 
         settings = plan.settings
-        shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
-        preflight(
-            shapes,
-            bits=settings.bits,
-            group_size=settings.group_size,
-            sym=settings.sym,
-            per_layer=settings.per_layer,
-            method=settings.method,
-        )
+        planned = {
+            name: (tuple(layer.shape if isinstance(layer, torch.Tensor) else layer.weight.shape), spec)
+            for name, layer in layers.items()
+            if (spec := settings.grid_for(name)) is not None
+        }
+        skipped = [rule.pattern for rule in settings.overrides if rule.spec is None]
+        preflight(plan.request.export_format, planned, skipped=skipped, method=settings.method)
 
     def calibrate(self, loaded: Loaded, data: Texts, plan: Plan, note: Any) -> Calibration:
         from ..calib import calibration_windows, text_fingerprint
@@ -120,10 +119,11 @@ class LanguageModels:
         }
 
     def report_sections(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
-        return {}
+        return override_sections(loaded, plan)
 
     def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
-        return {}
+        skipped = skipped_layers(loaded, plan)
+        return {"skipped": skipped} if skipped else {}
 
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
         from ..evaluate.perplexity import default_seqlen

@@ -21,7 +21,7 @@ from ..store.shards import DEFAULT_SHARD_SIZE, parse_size
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SIGMA_DTYPES = ("float32", "float64")
-FORMATS = ("native", "gptq")
+FORMATS = ("native", "gptq", "compressed-tensors")
 
 
 class UsageError(ValueError):
@@ -39,6 +39,8 @@ class QuantizeRequest:
     group_size: int | None = None
     sym: bool = False
     per_layer: bool = False
+    skip: list[str] = field(default_factory=list)  # --skip PATTERN: layers kept in full precision
+    layer: list[str] = field(default_factory=list)  # --layer PATTERN=SPEC: their own grid
     options: dict[str, Any] = field(default_factory=dict)
     calib: str = "c4"
     nsamples: int = 128
@@ -123,8 +125,8 @@ class Plan:
 
 def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, and build the run's settings."""
+    from ..store.exports import default_dest
     from ..store.files import check_output_dir
-    from ..store.gptq import default_dest
 
     if request.method not in SOLVERS:
         raise UsageError(f"unknown method {request.method!r}: choose one of {', '.join(SOLVERS)}")
@@ -147,6 +149,8 @@ def settle(request: QuantizeRequest) -> Plan:
         group_size=request.group_size,
         sym=request.sym,
         per_layer=request.per_layer,
+        skip=request.skip,
+        layer=request.layer,
         options=request.options,
         true_sequential=request.true_sequential,
         fp_inputs=request.fp_inputs,
@@ -162,8 +166,8 @@ def settle(request: QuantizeRequest) -> Plan:
     check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
     check_writable(output)
     export_dest = None
-    if request.export_format == "gptq":
-        export_dest = default_dest(output)
+    if request.export_format != "native":
+        export_dest = default_dest(output, request.export_format)
         check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
     return Plan(request, settings, output, export_dest, max_shard_bytes)
 

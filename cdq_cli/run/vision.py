@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..placement import home_of, visiting
-from .kinds import Calibration, Loaded, Score
+from .kinds import Calibration, Loaded, Score, override_sections
 from .plan import EvalRequest, Plan, UsageError
 
 VISION_NOTES = {
@@ -123,6 +123,7 @@ class VisionModels:
 
         adapter, spec = loaded.adapter, loaded.extra["spec"]
         return {
+            **override_sections(loaded, plan),
             "vision": {
                 "timm": timm.__version__,
                 "architecture": spec.name,
@@ -132,7 +133,7 @@ class VisionModels:
                 "head": "quantized" if adapter.quantize_head else "full precision",
                 "head_layers": adapter.layers("head"),
                 **VISION_NOTES,
-            }
+            },
         }
 
     def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:

@@ -39,9 +39,7 @@ scales (reported as ``max_scale_rounding``), nothing else.
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,19 +49,22 @@ import torch
 from .. import __version__
 from ..solvers import GridSpec
 from ..solvers.packing import pack
+from .exports import ExportError, copy_companions, read_json, refuse_same_folder, write_json
+from .exports import default_dest as _default_dest
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
-from .names import GPTQ_CONFIG, MARKER, REPORT, WEIGHTS, WEIGHTS_INDEX
+from .names import GPTQ_CONFIG, REPORT
 from .shards import ShardWriter
+
+__all__ = ["ExportError", "ExportSummary", "default_dest", "export_gptq", "gptq_tensors", "preflight"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 OUTLIER_METHODS = ("quantease-outlier",)
-_NOT_COPIED = {WEIGHTS, MARKER, "config.json"}
-
-
-class ExportError(ValueError):
-    """What the GPTQ format cannot hold; one line for the CLI (exit 2)."""
+MIXED = (
+    "GPTQ's quantization_config describes one grid for every Linear of every block (transformers' "
+    "GPTQ loader, optimum, ignores GPTQModel's per-layer 'dynamic' field): use --format compressed-tensors"
+)
 
 
 @dataclass
@@ -95,8 +96,7 @@ class ExportSummary:
 
 def default_dest(source: Path) -> Path:
     """``<OUTPUT_DIR>-gptq``, a sibling of the native folder (which stays: report, resume, cdq eval)."""
-    source = Path(source).absolute()
-    return source.with_name(f"{source.name}-gptq")
+    return _default_dest(source, "gptq")
 
 
 def check_settings(
@@ -116,21 +116,22 @@ def check_settings(
 
 
 def preflight(
-    shapes: Mapping[str, tuple[int, ...]],
+    layers: Mapping[str, tuple[tuple[int, ...], GridSpec]],
     *,
-    bits: int,
-    group_size: int | None,
-    sym: bool,
-    per_layer: bool,
+    skipped: Sequence[str] = (),
     method: str,
     checkpoint_format: str = "gptq",
 ) -> None:
-    """:func:`check_settings` from quantize's flags, for ``cdq quantize --format gptq``."""
-    from ..solvers import SUPPORTED_BITS
-
-    if bits not in SUPPORTED_BITS:
-        raise ExportError(f"--format gptq needs quantized layers: --bits {bits} has none to export")
-    check_settings(shapes, GridSpec(bits, group_size, sym, per_layer), method, checkpoint_format)
+    """:func:`check_settings` for ``cdq quantize --format gptq``: ``layers`` are the layers the run
+    will quantize (name -> (shape, grid)), ``skipped`` the run's --skip patterns; one grid for all
+    of them, none kept in full precision."""
+    if skipped:
+        raise ExportError(f"--skip {skipped[0]!r} keeps layers in full precision, which {MIXED}")
+    specs = {spec for _, spec in layers.values()}
+    if len(specs) > 1:
+        raise ExportError(f"--layer gives layers different grids, which {MIXED}")
+    spec = next(iter(specs))
+    check_settings({name: shape for name, (shape, _) in layers.items()}, spec, method, checkpoint_format)
 
 
 def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
@@ -204,10 +205,7 @@ def export_gptq(
     tensor at a time into shards of at most ``max_shard_bytes`` (None: one file)."""
     source = Path(source).absolute()
     dest = Path(dest).absolute() if dest is not None else default_dest(source)
-    if dest == source:
-        raise ExportError(
-            "the GPTQ export needs its own folder (--output must differ from the folder it exports)"
-        )
+    refuse_same_folder(source, dest, "GPTQ")
     stored = OutputWeights(source)
     table = stored.table
     if table.get("kind", "causal-lm") != "causal-lm":
@@ -218,16 +216,19 @@ def export_gptq(
         raise ExportError(f"{source} has no quantized layers (--bits 16?); nothing to export")
     specs = {name: spec_of(name, meta) for name, meta in stored.layer_meta.items()}
     if len({spec for spec, _, _ in specs.values()}) != 1:
-        raise ExportError("layers use different grids; GPTQ's quantization_config describes one grid")
+        raise ExportError(f"layers use different grids (--layer), which {MIXED}")
+    skipped = table.get("skipped") or []
+    if skipped:
+        raise ExportError(f"{skipped[0]} was kept in full precision (--skip), which {MIXED}")
     spec = next(iter(specs.values()))[0]
     method = str(table.get("method", "unknown"))
     check_settings({n: shape for n, (_, shape, _) in specs.items()}, spec, method, checkpoint_format)
     check_output_dir(dest, overwrite=overwrite, protect=[source])
-    config = _read_json(source / "config.json")
+    config = read_json(source / "config.json")
     if not config:
         raise ExportError(f"{source} has no config.json; the GPTQ export needs the model's config")
     tied = bool(config.get("tie_word_embeddings", False))
-    report = _read_json(source / REPORT)
+    report = read_json(source / REPORT)
     block = quantization_config(spec, method, report.get("run", {}), checkpoint_format)
     config["quantization_config"] = block
 
@@ -248,12 +249,9 @@ def export_gptq(
             elif not (tied and name == "lm_head.weight" and name in stored.aliases):
                 shards.write({name: stored.tensor(name)})  # transformers re-ties a tied head from config
         shards.close()
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / GPTQ_CONFIG, {**block, "model_file_base_name": "model"})
-        for item in sorted(source.iterdir()):
-            if item.is_file() and not _weights_file(item.name) and item.name not in _NOT_COPIED:
-                if not item.name.startswith("."):
-                    shutil.copy2(item, tmp / item.name)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / GPTQ_CONFIG, {**block, "model_file_base_name": "model"})
+        copy_companions(source, tmp)
     return ExportSummary(
         dest=dest,
         layers=len(stored.layer_meta),
@@ -264,10 +262,6 @@ def export_gptq(
         max_scale_rounding=rounding,
         engines=engines_note(spec.bits, spec.sym, checkpoint_format),
     )
-
-
-def _weights_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name == WEIGHTS_INDEX
 
 
 def quantization_config(
@@ -319,16 +313,3 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

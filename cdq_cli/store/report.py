@@ -107,6 +107,7 @@ def build(
             "group_size": settings.group_size,
             "sym": settings.sym,
             "per_layer": settings.per_layer,
+            "overrides": [rule.describe() for rule in settings.overrides],  # --skip / --layer, in order
             "seed": seed,
             "options": _json_options(settings.options),
             "true_sequential": settings.true_sequential,
