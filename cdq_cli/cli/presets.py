@@ -6,6 +6,7 @@ option is read), and click records each value's origin (``ctx.get_parameter_sour
 beats DEFAULT_MAP beats DEFAULT). Keys are option names in snake_case or kebab-case (``group_size``,
 ``group-size``, or the flag's own name such as ``json``/``eval``), plus an ``options:`` mapping of
 solver options, merged key by key under any ``--option KEY=VALUE`` given on the command line.
+``skip:`` is a list of patterns, ``layer:`` a list of ``PATTERN=SPEC`` or a mapping PATTERN: SPEC.
 Unknown keys and wrongly typed values are refused with the key's name (exit 2). Relative paths
 in a preset are read relative to the folder cdq runs in, like paths typed on the command line.
 """
@@ -44,6 +45,8 @@ def apply_config(ctx: Any, _param: Any, value: Path | None) -> Path | None:
             options = _solver_options(path, raw_value)
             continue
         name = aliases.get(key)
+        if name == "layer" and isinstance(raw_value, dict):  # layer: {PATTERN: SPEC, ...}
+            raw_value = [f"{pattern}={spec}" for pattern, spec in raw_value.items()]
         if name is None:
             hint = " (use an 'options:' mapping for solver options)" if key == "option" else ""
             raise ConfigError(f"{path}: unknown key {raw_key!r}{hint}")

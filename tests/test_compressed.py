@@ -1,0 +1,259 @@
+"""compressed-tensors export (``pack-quantized``): an independent reader, transformers loading it
+with the compressed-tensors package, refusals, and the command line.
+
+The reference reader is written from the layout's description, not from cdq's packing:
+``weight_packed`` (out, ceil(in·b/32)) holds, per output row, the codes of consecutive inputs as one
+little-endian bit stream over int32 words (value k at stream bits k·b…, 3-bit values straddling
+words); ``weight_zero_point`` (ceil(out·b/32), G) holds the zero-points the same way down each group's
+column; ``W[o, i] = scale[o, i // group] · (code[o, i] − zero[o, i // group])`` with
+``zero = 2^(b−1)`` when symmetric (no zero-point tensor). Scales are stored in the model's dtype
+(float32 here), so the reader's weights must equal cdq's EXACTLY.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_export import quantized_folder, reference_unpack
+from tiny_lm import single_thread
+
+from cdq_cli.cli import main
+from cdq_cli.run.language import load_quantized
+from cdq_cli.store.compressed import export_compressed
+from cdq_cli.store.exports import ExportError
+from cdq_cli.store.folder import read_layers
+from cdq_cli.store.layer import QuantizedLayer
+from cdq_cli.store.shards import shard_files
+
+FAST = ["--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from single_thread()
+
+
+def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, file in shard_files(folder).items():
+        with safe_open(str(folder / file), framework="pt") as fh:
+            out[name] = fh.get_tensor(name)
+    return out
+
+
+def reference_weight(tensors: dict[str, torch.Tensor], name: str, bits: int, sym: bool) -> torch.Tensor:
+    """(out, in) float64 weight of one layer, read from its compressed-tensors tensors."""
+    out, columns = tensors[f"{name}.weight_shape"].tolist()
+    packed = tensors[f"{name}.weight_packed"]
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (out, math.ceil(columns * bits / 32)), name
+    padded = torch.nn.functional.pad(packed, (0, bits))  # the reader may look one word past the end
+    codes = reference_unpack(padded, bits, columns, dim=1)
+    scales = tensors[f"{name}.weight_scale"].to(torch.float64)
+    groups = scales.shape[1]
+    if sym:
+        assert f"{name}.weight_zero_point" not in tensors
+        zeros = torch.full_like(scales, 2 ** (bits - 1))
+    else:
+        stored = tensors[f"{name}.weight_zero_point"]
+        assert stored.dtype == torch.int32 and tuple(stored.shape) == (math.ceil(out * bits / 32), groups)
+        zeros = reference_unpack(torch.nn.functional.pad(stored, (0, 0, 0, bits)), bits, out, dim=0)
+    group = columns // groups
+    column_group = torch.arange(columns) // group
+    return scales[:, column_group] * (codes - zeros[:, column_group].to(torch.int64)).to(torch.float64)
+
+
+def exact_weight(layer: QuantizedLayer) -> torch.Tensor:
+    """cdq's Ŵ of a stored layer, computed in float64 (its float32 scales, products exact)."""
+    wide = QuantizedLayer(
+        layer.name, layer.spec, layer.shape, layer.qweight, layer.scales.double(), layer.zeros.double()
+    )
+    return wide.dequantize()
+
+
+CASES = {
+    "opt-w4g16-gptq": ("opt", {"bits": 4, "group_size": 16}),
+    "opt-w3-rtn": ("opt", {"method": "rtn", "bits": 3}),  # 3-bit values straddle int32 words
+    "bloom-w2g32-sym": ("bloom", {"method": "rtn", "bits": 2, "group_size": 32, "sym": True}),
+    "opt-w8-sym-quantease": (
+        "opt",
+        {"method": "quantease", "bits": 8, "sym": True, "options": {"sweeps": 2}},
+    ),
+    "llama-w4-comq-per-layer": ("llama", {"method": "comq", "bits": 4, "per_layer": True}),
+    # act-order keeps groups on their natural columns: read without any g_idx permutation
+    "llama-w4g16-gptq-act-order": ("llama", {"bits": 4, "group_size": 16, "options": {"act_order": True}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_through_an_independent_reader(case: str, tmp_path: Path) -> None:
+    family, settings = CASES[case]
+    source, _model = quantized_folder(tmp_path, family, **settings)
+    summary = export_compressed(source, tmp_path / "ct")
+    tensors = tensors_of(tmp_path / "ct")
+    layers = read_layers(source)
+    bits, sym = settings["bits"], settings.get("sym", False)
+    for name, layer in layers.items():
+        assert f"{name}.weight" not in tensors and tensors[f"{name}.weight_shape"].dtype == torch.int64
+        assert torch.equal(reference_weight(tensors, name, bits, sym), exact_weight(layer)), name
+    assert summary.layers == len(layers) and summary.max_scale_rounding == 0.0  # float32 scales: exact
+    block = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert block["quant_method"] == "compressed-tensors" and block["format"] == "pack-quantized"
+    assert block["quantization_status"] == "compressed" and list(block["config_groups"]) == ["group_0"]
+    group = block["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == "pack-quantized"
+    weights = group["weights"]
+    size = settings.get("group_size")
+    assert (weights["num_bits"], weights["symmetric"], weights["group_size"]) == (bits, sym, size)
+    assert weights["strategy"] == ("group" if size else "channel") and weights["type"] == "int"
+    assert "lm_head" in block["ignore"] and not set(block["ignore"]) & set(layers)
+
+
+def test_widths_that_are_not_multiples_of_32_and_a_sharded_export(data_dir, tmp_path, capsys) -> None:
+    """stories260K: inputs of 172 and outputs of 32 and 172, so words and zero-point columns end
+    part-filled; written as several shards, every layer still reads back exactly."""
+    out = tmp_path / "q"
+    model = data_dir / "models" / "stories260K"
+    calib = data_dir / "text" / "c4-sample.jsonl"
+    code, _, err = cli(capsys, "quantize", model, *FAST, "--calib", calib, "--bits", "3", "--output", out)
+    assert code == 0, err
+    export_compressed(out, tmp_path / "ct", max_shard_bytes=40_000)
+    assert (tmp_path / "ct" / "model.safetensors.index.json").is_file()
+    tensors = tensors_of(tmp_path / "ct")
+    widths = set()
+    for name, layer in read_layers(out).items():
+        widths.update(layer.shape)
+        assert torch.equal(reference_weight(tensors, name, 3, False), exact_weight(layer)), name
+    assert {32, 64, 172} <= widths
+
+
+# -- loading in transformers with compressed-tensors ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compressed_tensors_installed() -> None:
+    pytest.importorskip("compressed_tensors", reason="the serve extra (compressed-tensors) is not installed")
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_transformers_loads_a_mixed_symmetric_export(
+    compressed_tensors_installed, data_dir, tmp_path, capsys
+) -> None:
+    """`cdq quantize --format compressed-tensors` with --layer/--skip (three grids, a skipped layer):
+    transformers + compressed-tensors load <output>-ct as is, and its logits and weights equal cdq's
+    own output folder's."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    code, stdout, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST,
+        "--calib", data_dir / "text" / "c4-sample.jsonl", "--bits", "4", "--group-size", "32", "--sym",
+        "--layer", "down_proj=8ch", "--layer", r"layers\.0\.self_attn\.[qkv]_proj=2g16",
+        "--skip", r"layers\.4\.mlp\.up_proj", "--output", out, "--format", "compressed-tensors", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    payload = json.loads(stdout)["export"]
+    assert payload["output"] == str(tmp_path / "q-ct") and payload["format"] == "compressed-tensors"
+    assert "vLLM: no (2-bit" in payload["engines"]
+    assert [(g["bits"], g["group_size"], g["layers"]) for g in payload["grids"]] == [
+        (4, 32, 26),
+        (8, None, 5),
+        (2, 16, 3),
+    ]
+    assert "model.layers.4.mlp.up_proj" in payload["ignore"]
+    block = json.loads((tmp_path / "q-ct" / "config.json").read_text())["quantization_config"]
+    assert len(block["config_groups"]) == 3
+    native, _ = load_quantized(out)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q-ct", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference, got = logits_of(native, ids), logits_of(loaded, ids)
+    assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+    for name, module in loaded.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            assert torch.equal(module.weight, native.get_submodule(name).weight), name
+    # `cdq export` of the same folder writes the same weights (nothing time-dependent).
+    code, stdout, err = cli(
+        capsys, "export", out, "--format", "compressed-tensors", "--dest", tmp_path / "again"
+    )
+    assert code == 0 and "compressed-tensors pack-quantized, 4-bit group 32 sym (26 layers)" in stdout, err
+    assert "runs in: " in stdout
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / "q-ct" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_transformers_loads_an_asymmetric_3bit_export(
+    compressed_tensors_installed, data_dir, tmp_path, capsys
+):
+    """3-bit asymmetric per channel, act-order GPTQ (packed zero-points, widths 32/64/172): logits
+    equal cdq's. compressed-tensors 0.20's compressed-load path allocates unpacked zero-points, so
+    asymmetric checkpoints (llm-compressor's own included) load through ``dequantize=True``."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--method", "gptq",
+        "-o", "act_order=true", "--calib", data_dir / "text" / "c4-sample.jsonl", "--bits", "3",
+        "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    export_compressed(out, tmp_path / "ct")
+    block = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert block["config_groups"]["group_0"]["weights"]["actorder"] == "weight"  # static groups: no g_idx
+    native, _ = load_quantized(out)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    reference, got = logits_of(native, ids), logits_of(loaded, ids)
+    assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+
+def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
+    options = {"iterations": 2, "final_sweeps": 1, "outlier_fraction": 0.05}
+    source, _ = quantized_folder(tmp_path, "opt", method="quantease-outlier", bits=4, options=options)
+    with pytest.raises(ExportError, match="outliers, which compressed-tensors cannot hold"):
+        export_compressed(source, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(ExportError, match="needs its own folder"):
+        export_compressed(source, source)
+    code, _, err = cli(
+        capsys, "export", source, "--format", "compressed-tensors", "--checkpoint-format", "gptq_v2"
+    )
+    assert (
+        code == 2
+        and err.strip() == "error: --checkpoint-format is a GPTQ option; compressed-tensors has one layout"
+    )
+    calib = data_dir / "text" / "c4-sample.jsonl"
+    model = data_dir / "models" / "stories260K"
+    for args, message in (
+        (
+            ["--method", "quantease-outlier"],
+            "keeps full-precision outliers, which compressed-tensors cannot hold",
+        ),
+        (["--bits", "16"], "--format compressed-tensors needs quantized layers"),
+    ):
+        code, _, err = cli(
+            capsys, "quantize", model, *FAST, *args, "--calib", calib, "--output", tmp_path / "new",
+            "--format", "compressed-tensors",
+        )  # fmt: skip
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+        assert not (tmp_path / "new").exists()
