@@ -16,6 +16,10 @@ Protocol (written into every result line):
   (``ru_maxrss``: model, cached images, activations and Σ's).
 
     python scripts/bench_vision.py --bits 4 3 2 [--methods ...] [--out FILE] [--table]
+    python scripts/bench_vision.py --bits 4 --methods cdq --layer conv_dw=8     # per-layer overrides
+
+``--layer PATTERN=SPEC`` and ``--skip PATTERN`` are ``cdq quantize``'s per-layer overrides, applied
+to every quantized row (recorded in each result line and shown in the method column).
 
 Results go to ``--out`` (JSON lines, default ~/.cache/cdq/bench_vision.jsonl); configurations
 already there are skipped, so an interrupted run resumes. ``--table`` prints the Markdown table.
@@ -98,7 +102,7 @@ def cached_images(seed: int, nsamples: int) -> Path:
     return path
 
 
-def child(key: str, bits: int, cache: Path, seed: int) -> dict:
+def child(key: str, bits: int, cache: Path, seed: int, layer: list[str], skip: list[str]) -> dict:
     """One configuration in this (fresh) process: quantize, evaluate, measure."""
     from cdq_cli.evaluate.classification import scores, topk_predictions
     from cdq_cli.models.timm_models import TimmSpec, load_timm
@@ -113,7 +117,13 @@ def child(key: str, bits: int, cache: Path, seed: int) -> dict:
     if method is not None:
         adapter = vision_adapter_for(model)
         settings = Settings.make(
-            method=method, bits=bits, per_layer=per_layer, fp_inputs=fp_inputs, device="cpu"
+            method=method,
+            bits=bits,
+            per_layer=per_layer,
+            fp_inputs=fp_inputs,
+            device="cpu",
+            layer=layer,
+            skip=skip,
         )
         calib = data["images"][data["calib"]]
         began, cpu = time.perf_counter(), _cpu_seconds()
@@ -124,9 +134,14 @@ def child(key: str, bits: int, cache: Path, seed: int) -> dict:
     held = torch.tensor(data["held_out"])
     every = scores(predictions, data["labels"], data["fp"])
     half = scores(predictions[held], data["labels"][held], data["fp"][held])
+    overrides = [*(f"--skip {p}" for p in skip), *(f"--layer {r}" for r in layer)] if method else []
     return {
         "key": key,
-        "label": label,
+        "label": label + "".join(f", {o}" for o in overrides),
+        "overrides": overrides,
+        "bits_per_layer": {
+            str(b): sum(1 for row in rows if row.bits == b) for b in sorted({r.bits for r in rows})
+        },
         "bits": bits if method else 32,
         "top1_all": every.top1,
         "top5_all": every.top5,
@@ -158,7 +173,7 @@ def table(lines: list[dict]) -> str:
     )
     out = [head]
     order = ["fp", *CONFIGS]
-    for r in sorted(lines, key=lambda r: (-r["bits"], order.index(r["key"]))):
+    for r in sorted(lines, key=lambda r: (-r["bits"], order.index(r["key"]), len(r.get("overrides", [])))):
         bits = "32" if r["key"] == "fp" else str(r["bits"])
         cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "–"
         out.append(
@@ -176,11 +191,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=CACHE / "bench_vision.jsonl")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--layer", action="append", default=[], metavar="PATTERN=SPEC")
+    parser.add_argument("--skip", action="append", default=[], metavar="PATTERN")
     parser.add_argument("--child", nargs=2, metavar=("KEY", "BITS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         cache = cached_images(args.seed, args.nsamples)
-        print(json.dumps(child(args.child[0], int(args.child[1]), cache, args.seed)), flush=True)
+        result = child(args.child[0], int(args.child[1]), cache, args.seed, args.layer, args.skip)
+        print(json.dumps(result), flush=True)
         return 0
     done = []
     if args.out.is_file():
@@ -190,11 +208,20 @@ def main() -> int:
         return 0
     cached_images(args.seed, args.nsamples)
     todo = [("fp", 32)] + [(key, bits) for bits in args.bits for key in args.methods]
+    overrides = [*(f"--skip {p}" for p in args.skip), *(f"--layer {r}" for r in args.layer)]
     for key, bits in todo:
-        if any(r["key"] == key and r["bits"] == bits and r.get("seed") == args.seed for r in done):
+        wanted = overrides if key != "fp" else []
+        if any(
+            r["key"] == key
+            and r["bits"] == bits
+            and r.get("seed") == args.seed
+            and r.get("overrides", []) == wanted
+            for r in done
+        ):
             continue
         command = [sys.executable, __file__, "--child", key, str(bits), "--seed", str(args.seed)]
         command += ["--nsamples", str(args.nsamples)]
+        command += [f"--layer={r}" for r in args.layer] + [f"--skip={p}" for p in args.skip]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"{key} w{bits} failed:\n{result.stderr[-2000:]}", file=sys.stderr, flush=True)

@@ -2,7 +2,10 @@
 
 Both protocols follow the GPTQ reference code (IST-DASLab/gptq ``datautils.py``) so results are
 comparable with published numbers: calibration draws random documents and random windows from them
-with a seeded ``random.Random``; evaluation joins the split with ``"\\n\\n"`` and tokenizes it once.
+with a seeded ``random.Random``; evaluation joins the split with ``"\\n\\n"`` and tokenizes it once,
+except C4 (``c4``), whose evaluation is GPTQ's 256 random windows of random validation documents
+(:func:`c4_validation_windows`). Named data sets stream (``datasets`` streaming mode): only the rows
+are read, no split is downloaded and converted to a cache first.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import gzip
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,50 @@ def calibration_windows(
     return torch.stack(windows)
 
 
+C4_EVAL_WINDOWS = 256  # GPTQ's C4 perplexity: 256 windows of the validation shard
+C4_EVAL_SEED = 0
+
+
+def c4_validation_windows(
+    docs: Sequence[str],
+    tokenizer: Any,
+    *,
+    seqlen: int,
+    count: int = C4_EVAL_WINDOWS,
+    seed: int = C4_EVAL_SEED,
+) -> torch.Tensor:
+    """``(count, seqlen)`` token ids: GPTQ's C4 evaluation windows (its ``get_c4``).
+
+    With ``random.seed(seed)``'s sequence: ``count`` times, draw a random document until one is
+    longer than ``seqlen`` tokens, then take a random window of ``seqlen`` tokens from it (the same
+    ``randint`` calls as GPTQ, so the same documents, tokenizer and seed give the same windows).
+    Documents are tokenized only when drawn (and once). Fails with one line when no document is
+    longer than ``seqlen``.
+    """
+    if not docs:
+        raise DataSourceError("the C4 evaluation data holds no documents")
+    rng = random.Random(seed)
+    encoded: dict[int, list[int]] = {}
+    short: set[int] = set()
+    windows: list[torch.Tensor] = []
+    for _ in range(count):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            if i not in encoded:
+                encoded[i] = _encode(tokenizer, docs[i])
+            if len(encoded[i]) > seqlen:
+                break
+            short.add(i)
+            if len(short) == len(docs):
+                raise DataSourceError(
+                    f"no C4 evaluation document is longer than {seqlen} tokens (try a smaller --seqlen)"
+                )
+        ids = encoded[i]
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
+    return torch.stack(windows)
+
+
 def evaluation_ids(text_or_texts: str | Sequence[str], tokenizer: Any, *, sep: str = "\n\n") -> torch.Tensor:
     """``(1, N)`` token ids of the whole evaluation text, tokenized once (GPTQ protocol).
 
@@ -170,27 +217,40 @@ def _load_named(name: str, split: str) -> list[str]:
     fail = f"cannot load '{name}' ({split}) from the Hugging Face hub; pass a local file instead, e.g. {hint}"
     if hub_offline():
         raise DataSourceError(f"{fail} (offline)")
+    if name == "c4" and split not in _C4_FILES:
+        raise DataSourceError(f"c4 has splits {', '.join(_C4_FILES)}, not '{split}'")
     try:
-        from datasets import load_dataset
-
-        if name == "c4":
-            if split not in _C4_FILES:
-                raise DataSourceError(f"c4 has splits {', '.join(_C4_FILES)}, not '{split}'")
-            ds = load_dataset("allenai/c4", data_files={split: _C4_FILES[split]}, split=split)
-            return list(ds["text"])
+        if name == "c4":  # one fixed shard per split (GPTQ's), read row by row
+            rows = _stream_rows("allenai/c4", None, split, data_files={split: _C4_FILES[split]})
+            return [row["text"] for row in rows]
         if name == "wikitext2":
-            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-            return ["\n\n".join(ds["text"])]
-        try:
-            ds = load_dataset("ptb_text_only", "penn_treebank", split=split)
-        except RuntimeError:  # datasets >= 4 runs no loading scripts: use the hub's Parquet export
-            ds = load_dataset("ptb_text_only", "penn_treebank", split=split, revision="refs/convert/parquet")
-        return ["\n\n".join(ds["sentence"])]
+            rows = _stream_rows("wikitext", "wikitext-2-raw-v1", split)
+            return ["\n\n".join(row["text"] for row in rows)]
+        # datasets >= 4 runs no loading scripts: PTB is read from the hub's Parquet export
+        rows = _stream_rows("ptb_text_only", "penn_treebank", split, revision="refs/convert/parquet")
+        return ["\n\n".join(row["sentence"] for row in rows)]
     except DataSourceError:
         raise
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # network, hub and format errors surface while iterating: one line
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise DataSourceError(f"{fail} ({reason})") from exc
+
+
+def _stream_rows(
+    path: str,
+    config: str | None,
+    split: str,
+    *,
+    data_files: dict[str, str] | None = None,
+    revision: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The rows of a hub data set, streamed (``datasets`` streaming mode: nothing is downloaded
+    whole or converted to a cache; rows are read as they are iterated)."""
+    from datasets import load_dataset
+
+    return iter(
+        load_dataset(path, config, split=split, data_files=data_files, revision=revision, streaming=True)
+    )
 
 
 def _load_folder(path: Path) -> list[str]:

@@ -16,6 +16,10 @@ from torch import nn
 
 _MAX_NLL = 700.0  # exp(700) ≈ 1e304: beyond, perplexity is not a finite float64
 PPL_PROTOCOL = "gptq: non-overlapping windows, exp(mean NLL)"
+C4_PROTOCOL = (
+    "gptq c4: 256 random windows of random validation documents longer than the window (seed 0), "
+    "exp(mean NLL)"
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return token_nll.view(len(batch), -1).mean(dim=1).double()
 
 
-def result_of(nll_sum: float, windows: torch.Tensor, stream_tokens: int) -> PerplexityResult:
+def result_of(
+    nll_sum: float, windows: torch.Tensor, stream_tokens: int, protocol: str = PPL_PROTOCOL
+) -> PerplexityResult:
     """``ppl = exp(mean per-window NLL)``; a non-finite or overflowing loss is an error, never a
     number (a broken model must not read as a result)."""
     count, seqlen = windows.shape
@@ -69,7 +75,7 @@ def result_of(nll_sum: float, windows: torch.Tensor, stream_tokens: int) -> Perp
             f"the model's mean loss on the evaluation windows is {nll:.4g} nats: its logits are "
             "non-finite or its perplexity overflows (a broken model, or try --dtype float32)"
         )
-    return PerplexityResult(math.exp(nll), nll, count, seqlen, count * seqlen, stream_tokens)
+    return PerplexityResult(math.exp(nll), nll, count, seqlen, count * seqlen, stream_tokens, protocol)
 
 
 @torch.no_grad()

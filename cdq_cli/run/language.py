@@ -104,6 +104,7 @@ class LanguageModels:
                 max_windows=request.eval_max_windows,
                 batch_size=request.batch_size,
                 policy=request.offload_activations,
+                source=request.eval_data,
             )
         finally:
             if written is not None:
@@ -146,6 +147,7 @@ class LanguageModels:
                 max_windows=request.max_windows,
                 batch_size=request.batch_size,
                 policy=request.offload_activations,
+                source=request.data,
             )
         finally:
             loaded.close()
@@ -237,16 +239,24 @@ def perplexity_of(
     max_windows: int | None = None,
     batch_size: int = 8,
     policy: str = "auto",
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
-    memory: one block plus the activations), as a JSON-ready dict."""
-    from ..calib import evaluation_ids
-    from ..evaluate.perplexity import result_of, window_nll, windows_of
+    memory: one block plus the activations), as a JSON-ready dict. ``source`` is where the texts
+    came from: the named source ``c4`` is scored on GPTQ's 256 random validation windows, every
+    other text on the non-overlapping windows of its joined token stream."""
+    from ..calib import C4_EVAL_WINDOWS, c4_validation_windows, evaluation_ids
+    from ..evaluate.perplexity import C4_PROTOCOL, PPL_PROTOCOL, result_of, window_nll, windows_of
     from ..pipeline import forward_blocks
     from ..placement import Placement
 
-    ids = evaluation_ids(texts, loaded.tokenizer)
-    chunks = windows_of(ids, seqlen, max_windows)
+    if source is not None and source.lower() == "c4":
+        count = min(C4_EVAL_WINDOWS, max_windows or C4_EVAL_WINDOWS)
+        chunks = c4_validation_windows(texts, loaded.tokenizer, seqlen=seqlen, count=count)
+        stream, protocol = chunks.numel(), C4_PROTOCOL
+    else:
+        ids = evaluation_ids(texts, loaded.tokenizer)
+        chunks, stream, protocol = windows_of(ids, seqlen, max_windows), ids.shape[1], PPL_PROTOCOL
     batches = list(chunks.split(batch_size))
     placement = Placement(loaded.model, device, loaded.weights)
     nll_sum = 0.0
@@ -254,7 +264,7 @@ def perplexity_of(
         batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
     ):
         nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
-    return result_of(nll_sum, chunks, ids.shape[1]).to_dict()
+    return result_of(nll_sum, chunks, stream, protocol).to_dict()
 
 
 def refuse_orphaned_output(target: str) -> None:
