@@ -19,12 +19,19 @@ def evaluate(
         metavar="TARGET",
         help="A model (folder, .gguf, hub id, timm/NAME) or a cdq output folder.",
     ),
-    data: str = typer.Option(
-        ...,
+    data: str | None = typer.Option(
+        None,
         metavar="SOURCE",
         help="Text: wikitext2, ptb, c4, or a local .txt/.jsonl file or folder; for vision models a "
         "labelled image folder or imagenet-sample.",
     ),
+    tasks: str | None = typer.Option(
+        None,
+        metavar="LIST",
+        help="Zero-shot accuracy through lm-evaluation-harness instead: comma-separated task names "
+        "(hellaswag,arc_easy), task YAML files or folders of them (needs the zeroshot extra).",
+    ),
+    limit: int | None = typer.Option(None, help="--tasks: score at most this many items per task."),
     seqlen: int | None = typer.Option(None, help="Window length (default: min(2048, model context))."),
     max_windows: int | None = typer.Option(None, help="Score at most this many windows."),
     device: str | None = typer.Option(
@@ -45,13 +52,13 @@ def evaluate(
         [], "--model-arg", metavar="KEY=VALUE", help="Vision: timm create_model argument (repeatable)."
     ),
 ) -> None:
-    """Perplexity (GPTQ protocol) of a language model, or top-1/top-5 of an image classifier, for a
-    model or a cdq output folder."""
+    """Perplexity (GPTQ protocol) of a language model, top-1/top-5 of an image classifier, or
+    zero-shot accuracy on lm-eval tasks (--tasks), for a model or a cdq output folder."""
     if as_json or not sys.stderr.isatty():
         quiet_libraries()
     request = EvalRequest(
         target=target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
         dtype=dtype.value, batch_size=batch_size, offload_activations=offload_activations.value,
-        checkpoint=checkpoint, model_args=model_arg,
+        checkpoint=checkpoint, model_args=model_arg, tasks=tasks, limit=limit,
     )  # fmt: skip
     show_evaluation(run_evaluate(request), as_json=as_json)

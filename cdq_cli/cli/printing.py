@@ -41,11 +41,22 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
 
 
 def show_evaluation(result: dict[str, Any], *, as_json: bool) -> None:
-    """A finished ``cdq eval``: perplexity, or top-1/top-5 with agreement."""
+    """A finished ``cdq eval``: perplexity, top-1/top-5 with agreement, or per-task accuracy."""
     if as_json:
         print_json(result)
         return
     console = Console(highlight=False, soft_wrap=True)
+    if "tasks" in result:
+        for task in result["tasks"]:
+            shown = ", ".join(
+                f"{name} [bold]{m['value']:.4f}[/bold]"
+                + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
+                for name, m in task["metrics"].items()
+                if m["value"] is not None
+            )
+            console.print(f"{result['target']} on {task['task']}: {shown} ({task['samples']} items)")
+        console.print(f"{result['protocol']}; model {result['model']}")
+        return
     target, data = result["target"], result["data"]
     if "ppl" in result:
         console.print(

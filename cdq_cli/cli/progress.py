@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -135,7 +135,24 @@ def quiet_libraries() -> None:
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = (
         "1"  # datasets is imported only if a named source is read
     )
+    _silence_tqdm()  # lm-eval draws its own bars, asking for them explicitly
     for name in ("datasets", "accelerate"):
         stdlib_logging.getLogger(name).setLevel(stdlib_logging.ERROR)
     for library in ("transformers", "huggingface_hub", "datasets", "timm", "torch", "accelerate", "gguf"):
         warnings.filterwarnings("ignore", module=rf"{library}(\..*)?")
+
+
+def _silence_tqdm() -> None:
+    """Every tqdm bar off in this process, even those created with ``disable=False``."""
+    from tqdm import std
+
+    original = std.tqdm.__init__
+    if getattr(original, "cdq_silenced", False):
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    init.cdq_silenced = True  # type: ignore[attr-defined]
+    std.tqdm.__init__ = init  # type: ignore[method-assign]

@@ -189,9 +189,16 @@ def _quantize_loaded(
 
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
-    """Run ``cdq eval``: perplexity of a language model, top-1 of a classifier (JSON-ready dict)."""
+    """Run ``cdq eval``: perplexity of a language model, top-1 of a classifier, or zero-shot
+    accuracy on lm-eval tasks (JSON-ready dict)."""
     if request.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if (request.data is None) == (request.tasks is None):
+        raise UsageError(
+            "cdq eval takes --data SOURCE (perplexity, top-1) or --tasks LIST (zero-shot accuracy)"
+        )
+    if request.limit is not None and (request.tasks is None or request.limit < 1):
+        raise UsageError("--limit is a positive number of items per --tasks task")
     device = resolve_device(request.device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)

@@ -130,6 +130,9 @@ class LanguageModels:
         from ..evaluate.perplexity import default_seqlen
         from ..store.folder import is_quantized_folder
 
+        if request.tasks is not None:
+            return zero_shot(request, device)
+        assert request.data is not None
         texts = evaluation_texts(request.data)
         if is_quantized_folder(request.target):
             loaded = open_output(Path(request.target))
@@ -152,6 +155,35 @@ class LanguageModels:
         finally:
             loaded.close()
         return {"target": request.target, "data": request.data, **result}
+
+
+def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
+    """``cdq eval --tasks``: lm-eval's zero-shot accuracy of a model or an output folder. The tasks
+    are built (their data read) first; then the model is loaded WHOLE (lm-eval's wrapper runs a
+    whole model: an output folder through :func:`load_quantized`, a plain model resident)."""
+    from ..evaluate.zeroshot import build_tasks, evaluate_tasks, parse_tasks
+    from ..models import load_causal_lm
+    from ..offline import hub_offline
+    from ..store.folder import is_quantized_folder
+
+    if request.seqlen is not None or request.max_windows is not None:
+        raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
+    tasks = parse_tasks(request.tasks or "", offline=hub_offline)
+    built = build_tasks(tasks)
+    if is_quantized_folder(request.target):
+        model, tokenizer = load_quantized(request.target)
+        held = "the quantized layers dequantized from the output folder, held whole in memory"
+    else:
+        refuse_orphaned_output(request.target)
+        dtype = model_dtype(request.dtype)
+        model, tokenizer = load_causal_lm(request.target, dtype=torch.float32 if dtype == "auto" else dtype)
+        held = "held whole in memory"
+    if tokenizer is None:
+        raise UsageError(f"{request.target} holds no tokenizer")
+    result = evaluate_tasks(
+        model, tokenizer, built, device=device, batch_size=request.batch_size, limit=request.limit
+    )
+    return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
 
 def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:

@@ -72,10 +72,11 @@ class QuantizeRequest:
 
 @dataclass
 class EvalRequest:
-    """One ``cdq eval``: a model or a cdq output folder, scored on ``data``."""
+    """One ``cdq eval``: a model or a cdq output folder, scored on ``data`` (perplexity, top-1) or
+    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task)."""
 
     target: str
-    data: str
+    data: str | None = None
     seqlen: int | None = None
     max_windows: int | None = None
     device: str | None = None
@@ -84,6 +85,8 @@ class EvalRequest:
     offload_activations: str = "auto"
     checkpoint: str | None = None
     model_args: list[str] = field(default_factory=list)
+    tasks: str | None = None
+    limit: int | None = None
 
 
 def plan_sources(request: QuantizeRequest) -> list[Path]:

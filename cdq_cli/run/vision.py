@@ -150,6 +150,10 @@ class VisionModels:
         from ..models.timm_models import TimmSpec, data_config, load_timm
         from ..store.folder import is_quantized_folder
 
+        if request.tasks is not None or request.data is None:
+            raise UsageError(
+                "--tasks (lm-eval zero-shot accuracy) is for causal LMs; score images with --data"
+            )
         images = open_images(request.data)
         if images.labels is None:
             raise UsageError(
