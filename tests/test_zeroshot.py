@@ -198,3 +198,9 @@ def test_vision_model_with_tasks_is_refused(capsys) -> None:
     code, out, err = cli(capsys, "eval", "timm/resnet18", "--tasks", TASK)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "--tasks (lm-eval zero-shot accuracy) is for causal LMs" in err
+
+
+def test_eval_needs_data_or_tasks(stories, capsys) -> None:
+    code, out, err = cli(capsys, "eval", stories)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "cdq eval takes --data SOURCE (perplexity, top-1) or --tasks LIST (zero-shot accuracy)" in err
