@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cdq_cli import kernels
 from cdq_cli.solvers.gptq import gptq_hinv, solve_gptq
 from cdq_cli.solvers.grid import GridSpec, fit_clipped, fit_minmax
 
@@ -44,7 +45,14 @@ def _reference_gptq(weight, sigma, spec, *, act_order=False, fixed_grid=None, da
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_gptq_equals_reference(problem, spec, act_order, clipped, seed):
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_blocked_gptq_equals_reference(problem, monkeypatch, backend, spec, act_order, clipped, seed):
+    """Every in-block kernel backend (Triton through its CPU interpreter) against the textbook."""
+    if not kernels.available(backend):
+        pytest.skip(f"{backend} is not installed")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(kernels.ENV, backend)
     p = problem(seed, 10, 48)
     fixed = fit_clipped(p.weight, spec, p.sigma.diagonal()) if clipped else None
     expected = _reference_gptq(p.weight, p.sigma, spec, act_order=act_order, fixed_grid=fixed)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..kernels import GPTQ, backend_module, resolve
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp, objective
 
@@ -49,49 +50,56 @@ def solve_gptq(
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None
     grid = fixed_grid if fixed_grid is not None else fit_minmax(weight, spec)
-    scale_full, zero_full = grid.expand(columns)
     perm = torch.argsort(sigma.diagonal(), descending=True, stable=True) if act_order else None
-    w = weight.clone()
-    h = sigma
+    w, h = weight, sigma
     if perm is not None:
         w, h = w[:, perm], sigma[perm][:, perm]
-        scale_full, zero_full = scale_full[:, perm], zero_full[:, perm]
     hinv = gptq_hinv(h, damping)
-    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
-    w_t = w.T.contiguous()
-    approx_t = torch.zeros_like(w_t)
-    scale_t, zero_t = scale_full.T.contiguous(), zero_full.T.contiguous()
-    group_scale = grid.scale.clone()
-    group_zero = grid.zero.clone()
-    diag = hinv.diagonal().tolist()
+    name = resolve(w)
+    kernel = backend_module(name)
+    block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
+    w = w.clone(memory_format=torch.contiguous_format)  # updated as errors are spread
+    approx = torch.zeros_like(w)
+    s_tab = grid.scale.clone(memory_format=torch.contiguous_format)  # (rows, groups); dynamic
+    z_tab = grid.zero.clone(memory_format=torch.contiguous_format)  # groups filled in as reached
+    visited = perm if perm is not None else torch.arange(columns, device=w.device)
+    gidx = torch.div(visited, columns // n_groups, rounding_mode="floor")
+    hdiag = hinv.diagonal().contiguous()
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
-        w_blk = w_t[b0:b1].clone()
-        err_blk = torch.zeros_like(w_blk)
-        hinv_blk = hinv[b0:b1, b0:b1]
-        for jl in range(b1 - b0):
-            j = b0 + jl
-            if not static and j % spec.group_size == 0:
-                # Dynamic groups: fit this group's grid on the error-updated weights.
-                g = j // spec.group_size
-                span = torch.cat([w_blk[jl:], w_t[b1:]], dim=0)[: spec.group_size]
-                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
-                group_scale[:, g], group_zero[:, g] = s, z
-                scale_t[j : j + spec.group_size] = s
-                zero_t[j : j + spec.group_size] = z
-            col = w_blk[jl]
-            # round(w / s) + z, as Grid.quantize does: a division, so exact ties round the same way
-            codes = torch.div(col, scale_t[j]).round_().add_(zero_t[j]).clamp_(0, spec.maxq)
-            q = codes.sub_(zero_t[j]).mul_(scale_t[j])
-            approx_t[j] = q
-            err = torch.sub(col, q, out=err_blk[jl]).div_(diag[j])
-            if jl + 1 < b1 - b0:
-                w_blk[jl + 1 :].addr_(hinv_blk[jl, jl + 1 :], err, alpha=-1)
-        w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
-    approx = approx_t.T
+        w_blk = w[:, b0:b1].contiguous()  # updated in place by the kernel
+        err_blk = torch.empty_like(w_blk)
+        hinv_blk = hinv[b0:b1, b0:b1].contiguous()
+        # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
+        # on the error-updated weights of the group's columns before it resumes.
+        cuts = [j for j in range(b0, b1) if not static and j % spec.group_size == 0]
+        bounds = sorted({b0, *cuts, b1})
+        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+            if c0 in cuts:
+                span = torch.cat([w_blk[:, c0 - b0 :], w[:, b1:]], dim=1)[:, : spec.group_size]
+                s, z = _minmax_params(span.amin(dim=1), span.amax(dim=1), spec)
+                s_tab[:, c0 // spec.group_size], z_tab[:, c0 // spec.group_size] = s, z
+            kernel.block(
+                w_blk,
+                approx,
+                w,
+                b0,
+                s_tab,
+                z_tab,
+                gidx[b0:b1],
+                hinv_blk,
+                hdiag[b0:b1],
+                None,
+                err_blk,
+                maxq=spec.maxq,
+                rule=GPTQ,
+                start=c0 - b0,
+                stop=c1 - b0,
+            )
+        w[:, b1:].addmm_(err_blk, hinv[b0:b1, b1:], alpha=-1)
     if perm is not None:
         approx = approx[:, torch.argsort(perm)]
-    grid = Grid(spec, group_scale, group_zero) if not static else grid
+    grid = Grid(spec, s_tab, z_tab) if not static else grid
     assert grid.scale.shape == (rows, n_groups)
     codes = grid.quantize(approx)
     approx = grid.dequantize(codes)
