@@ -40,15 +40,16 @@ def backend(request):
 
 
 def _block_inputs(seed, rows, width, columns, groups, *, dead=(), dtype=torch.float64):
-    """Random operands of one block call: x, hat (full), w (full), tables, gidx, mat, diag, dead."""
+    """Random operands of one block call, transposed layout: x (B, R), hat and w (p, R), scale and
+    zero (groups, R), the group of every column, mat (B, B), diag and dead (B,)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, width, generator=gen, dtype=dtype)
-    w = torch.randn(rows, columns, generator=gen, dtype=dtype)
-    scale = torch.rand(rows, groups, generator=gen, dtype=dtype) * 0.5 + 0.1
-    zero = torch.randint(0, 8, (rows, groups), generator=gen).to(dtype)
-    codes = torch.randint(0, 8, (rows, columns), generator=gen).to(dtype)
+    x = torch.randn(width, rows, generator=gen, dtype=dtype)
+    w = torch.randn(columns, rows, generator=gen, dtype=dtype)
+    scale = torch.rand(groups, rows, generator=gen, dtype=dtype) * 0.5 + 0.1
+    zero = torch.randint(0, 8, (groups, rows), generator=gen).to(dtype)
+    codes = torch.randint(0, 8, (columns, rows), generator=gen).to(dtype)
     gidx_full = torch.arange(columns) // (columns // groups)
-    hat = scale[:, gidx_full] * (codes - zero[:, gidx_full])
+    hat = scale[gidx_full] * (codes - zero[gidx_full])
     mat = torch.randn(width, width, generator=gen, dtype=dtype) * 0.3
     diag = torch.rand(width, generator=gen, dtype=dtype) + 0.5
     dead_mask = torch.zeros(width, dtype=torch.bool)
@@ -60,7 +61,8 @@ def _block_inputs(seed, rows, width, columns, groups, *, dead=(), dtype=torch.fl
 def _run_block(name, inputs, col0, width, *, rule, relax=False, start=0, stop=None):
     x, hat, w, scale, zero, gidx_full, mat, diag, dead = (t.clone() for t in inputs)
     out = torch.zeros_like(x)
-    kernels.backend_module(name).block(
+    err = torch.zeros_like(w)
+    result = kernels.backend_module(name).block(
         x,
         hat,
         w,
@@ -77,7 +79,12 @@ def _run_block(name, inputs, col0, width, *, rule, relax=False, start=0, stop=No
         rule=rule,
         start=start,
         stop=stop,
+        err=err if rule == CD else None,
+        sdiag=diag * 2 + 1 if rule == CD else None,
     )
+    if rule == CD:
+        return x, hat, out, err, *result
+    assert result is None
     return x, hat, out
 
 
@@ -100,12 +107,17 @@ def test_block_call_equals_reference(backend, seed, rule, relax, dead, segment):
     ref = _run_block("torch", inputs, col0, width, rule=rule, relax=relax, start=start, stop=stop)
     got = _run_block(backend, inputs, col0, width, rule=rule, relax=relax, start=start, stop=stop)
     for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     hat = got[1]
     # Untouched outside the block (and outside the segment).
     lo, hi = col0 + start, col0 + (stop or width)
-    torch.testing.assert_close(hat[:, :lo], inputs[1][:, :lo], rtol=0, atol=0)
-    torch.testing.assert_close(hat[:, hi:], inputs[1][:, hi:], rtol=0, atol=0)
+    torch.testing.assert_close(hat[:lo], inputs[1][:lo], rtol=0, atol=0)
+    torch.testing.assert_close(hat[hi:], inputs[1][hi:], rtol=0, atol=0)
+    if rule == CD:  # err = w − hat in the block's columns only, and a real count of changes
+        err = got[3]
+        torch.testing.assert_close(err[lo:hi], inputs[2][lo:hi] - hat[lo:hi], rtol=0, atol=0)
+        assert not err[:lo].any() and not err[hi:].any()
+        assert int(got[5]) == int(torch.count_nonzero(got[2]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,11 +1,11 @@
 """The in-block kernel in Triton, for CUDA tensors (and, for tests, Triton's CPU interpreter).
 
 Same rules and layout as :mod:`cdq_cli.kernels.reference` (read its docstring for the math). One
-program owns a tile of ``BLOCK_R`` rows and keeps the tile's whole block of ``x`` (BLOCK_R × ≤ 128)
+program owns a tile of ``BLOCK_R`` rows and keeps the tile's whole block of ``x`` (≤ 128 × BLOCK_R)
 in registers for the sequential column loop; one launch per block instead of ~10 per column.
 Every operand is passed with its strides, so the same kernel serves the shared order (``mat``
 (B, B), ``diag`` (B,) broadcast over rows with stride 0) and per-row orders (``mat`` (R, B, B),
-``diag`` (R, B)), CD and GPTQ.
+``diag`` (B, R)), CD and GPTQ.
 
 Rounding is done with ``floor`` (half to even, as ``torch.round``) and IEEE division
 (``div_rn`` in float32; float64 division is IEEE already), so results equal torch's bit for bit
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CD
+from .reference import CD, finish_cd
 
 BLOCK_R = 32
 # ``tl.sum``'s combine function, passed to the builtin ``tl.reduce`` directly: ``tl.sum`` itself is
@@ -163,14 +163,20 @@ def usable(tensor: torch.Tensor) -> bool:
 def _launch(
     x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax, rule, start, stop, per_row
 ):
+    """Every per-entry operand is indexed [j, i] (block column, row): ``x, out, gidx, diag, dead``
+    (B, R), ``hat, w`` (p, R), ``scale, zero`` (groups, R); ``mat`` (B, B), or (R, B, B) per row."""
     if not usable(x):
         raise RuntimeError(
             "the Triton kernel needs CUDA tensors; set TRITON_INTERPRET=1 to run it on the CPU (tests)"
         )
-    rows, width = x.shape
+    width, rows = x.shape
     if width > MAX_BLOCK:
         raise ValueError(f"the Triton in-block kernel takes at most {MAX_BLOCK} columns, got {width}")
     mat_strides = (mat.stride(0), mat.stride(1), mat.stride(2)) if per_row else (0, *mat.stride())
+
+    def ij(t):  # strides in the kernel's (row, column) order
+        return t.stride(1), t.stride(0)
+
     grid = (triton.cdiv(rows, BLOCK_R),)
     _kernel()[grid](
         x,
@@ -189,16 +195,16 @@ def _launch(
         start,
         stop,
         float(maxq),
-        *x.stride(),
-        *hat.stride(),
-        *w.stride(),
-        *out.stride(),
-        *scale.stride(),
-        *zero.stride(),
-        *gidx.stride(),
+        *ij(x),
+        *ij(hat),
+        *ij(w),
+        *ij(out),
+        *ij(scale),
+        *ij(zero),
+        *ij(gidx),
         *mat_strides,
-        *diag.stride(),
-        *dead.stride(),
+        *ij(diag),
+        *ij(dead),
         RELAX=bool(relax),
         RULE=int(rule),
         PER_ROW=per_row,
@@ -226,12 +232,16 @@ def block(
     rule=CD,
     start=0,
     stop=None,
+    err=None,
+    sdiag=None,
 ):
     """Triton version of :func:`cdq_cli.kernels.reference.block`."""
-    rows, width = x.shape
+    width, rows = x.shape
     stop = width if stop is None else stop
     if start >= stop:
-        return
+        return (
+            None if rule != CD else (x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.int64))
+        )
     dead = torch.zeros(width, dtype=torch.bool, device=x.device) if dead is None else dead
     _launch(
         x,
@@ -240,10 +250,10 @@ def block(
         col0,
         scale,
         zero,
-        gidx.unsqueeze(0).expand(rows, width),
+        gidx.unsqueeze(1).expand(width, rows),
         mat,
-        diag.unsqueeze(0).expand(rows, width),
-        dead.unsqueeze(0).expand(rows, width),
+        diag.unsqueeze(1).expand(width, rows),
+        dead.unsqueeze(1).expand(width, rows),
         out,
         maxq=maxq,
         relax=relax,
@@ -252,9 +262,13 @@ def block(
         stop=stop,
         per_row=False,
     )
+    if rule != CD:
+        return None
+    sdiag = diag if sdiag is None else sdiag
+    return finish_cd(x, hat, w, err, col0, sdiag.unsqueeze(-1), out, start, stop)
 
 
-def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax=False):
+def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax=False, sdiag):
     """Triton version of :func:`cdq_cli.kernels.reference.block_rows`."""
     _launch(
         x,
@@ -272,6 +286,7 @@ def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq
         relax=relax,
         rule=CD,
         start=0,
-        stop=x.shape[1],
+        stop=x.shape[0],
         per_row=True,
     )
+    return finish_cd(x, hat, w, None, col0, sdiag, out, 0, x.shape[0])

@@ -159,12 +159,6 @@ def _inverse_diag(diag: torch.Tensor) -> torch.Tensor:
     return torch.where(diag > 0, 1.0 / safe, torch.zeros_like(diag))
 
 
-def _gain(delta: torch.Tensor, g: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
-    """Objective change ``Σ δ (2 g + δ Σ_jj)`` of changing E by ``delta`` where G was ``g``
-    (entries indexed alike; ``diag`` broadcasts), summed in float64."""
-    return (delta * (2 * g + delta * diag)).sum(dtype=torch.float64)
-
-
 def _shared(
     weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance, f0, name
 ):
@@ -182,10 +176,11 @@ def _shared(
         weight, start = weight[:, order], start[:, order]
         sigma = sigma[order][:, order]
     sigma = sigma.contiguous()
-    w = weight.contiguous()
-    hat = start.clone(memory_format=torch.contiguous_format)
-    err = w - hat
-    s_tab, z_tab = grid.scale.contiguous(), grid.zero.contiguous()  # (rows, groups)
+    # Transposed working copies: row j is input column j for every output row.
+    w_t = weight.T.contiguous()
+    hat_t = start.T.clone(memory_format=torch.contiguous_format)
+    err_t = w_t - hat_t
+    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
     diag = sigma.diagonal().contiguous()
     dead = diag <= 0
     inv_d = _inverse_diag(diag)
@@ -199,12 +194,12 @@ def _shared(
         changed = torch.zeros((), dtype=torch.int64, device=device)
         for b0 in range(0, columns, block_size):
             b1 = min(b0 + block_size, columns)
-            g_blk = err @ sigma[:, b0:b1]  # G's block columns from the whole current E
+            g_blk = sigma[b0:b1] @ err_t  # (E Σ)ᵀ for this block, from the whole current E
             delta = torch.empty_like(g_blk)
-            kernel.block(
+            block_gain, block_changed = kernel.block(
                 g_blk,
-                hat,
-                w,
+                hat_t,
+                w_t,
                 b0,
                 s_tab,
                 z_tab,
@@ -215,14 +210,13 @@ def _shared(
                 delta,
                 maxq=maxq,
                 relax=relax,
+                err=err_t,
+                sdiag=diag[b0:b1],
             )
-            torch.sub(w[:, b0:b1], hat[:, b0:b1], out=err[:, b0:b1])
-            # After the kernel, g_blk[:, j] is G's column j as it was when j was visited.
-            gain += _gain(delta, g_blk, diag[b0:b1])
-            if not relax:
-                changed += torch.count_nonzero(delta)
+            gain += block_gain
+            changed += block_changed
         log.gains.append(float(gain))
-        log.changed.append(int(changed))
+        log.changed.append(0 if relax else int(changed))
         log.relaxed.append(relax)
         if stop_at_fixed_point and not relax and log.changed[-1] == 0:
             break
@@ -231,9 +225,10 @@ def _shared(
             break
         if previous is not None:
             previous += log.gains[-1]
+    approx = hat_t.T
     if order is not None:
-        hat = hat[:, torch.argsort(order)]
-    return hat, log
+        approx = approx[:, torch.argsort(order)]
+    return approx.contiguous(), log
 
 
 def _per_row(
@@ -345,24 +340,25 @@ class _gathered_rows:
             sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
             g_blk = g.gather(1, cols)
             delta = torch.empty_like(g_blk)
-            self.kernel.block_rows(
-                g_blk,
-                self.hat_p,
-                self.w_p,
+            block_gain, block_changed = self.kernel.block_rows(
+                g_blk.T,
+                self.hat_p.T,
+                self.w_p.T,
                 b0,
-                self.scale,
-                self.zero,
-                self.gidx_p[:, b0:b1],
+                self.scale.T,
+                self.zero.T,
+                self.gidx_p[:, b0:b1].T,
                 sig_bb,
-                self.inv_d_p[:, b0:b1],
-                self.dead_p[:, b0:b1],
-                delta,
+                self.inv_d_p[:, b0:b1].T,
+                self.dead_p[:, b0:b1].T,
+                delta.T,
                 maxq=maxq,
                 relax=relax,
+                sdiag=self.diag_p[:, b0:b1].T,
             )
             g += torch.bmm(delta.unsqueeze(1), sig_rows).squeeze(1)
-            gain += _gain(delta, g_blk, self.diag_p[:, b0:b1])
-            changed += torch.count_nonzero(delta)
+            gain += block_gain
+            changed += block_changed
         return float(gain), int(changed)
 
     def finish(self):

@@ -58,16 +58,17 @@ def solve_gptq(
     name = resolve(w)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
-    w = w.clone(memory_format=torch.contiguous_format)  # updated as errors are spread
-    approx = torch.zeros_like(w)
-    s_tab = grid.scale.clone(memory_format=torch.contiguous_format)  # (rows, groups); dynamic
-    z_tab = grid.zero.clone(memory_format=torch.contiguous_format)  # groups filled in as reached
+    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
+    w_t = w.T.clone(memory_format=torch.contiguous_format)  # updated as errors are spread
+    approx_t = torch.zeros_like(w_t)
+    s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows); dynamic
+    z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # groups filled in as reached
     visited = perm if perm is not None else torch.arange(columns, device=w.device)
     gidx = torch.div(visited, columns // n_groups, rounding_mode="floor")
     hdiag = hinv.diagonal().contiguous()
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
-        w_blk = w[:, b0:b1].contiguous()  # updated in place by the kernel
+        w_blk = w_t[b0:b1]  # updated in place by the kernel
         err_blk = torch.empty_like(w_blk)
         hinv_blk = hinv[b0:b1, b0:b1].contiguous()
         # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
@@ -76,13 +77,13 @@ def solve_gptq(
         bounds = sorted({b0, *cuts, b1})
         for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
             if c0 in cuts:
-                span = torch.cat([w_blk[:, c0 - b0 :], w[:, b1:]], dim=1)[:, : spec.group_size]
-                s, z = _minmax_params(span.amin(dim=1), span.amax(dim=1), spec)
-                s_tab[:, c0 // spec.group_size], z_tab[:, c0 // spec.group_size] = s, z
+                span = torch.cat([w_blk[c0 - b0 :], w_t[b1:]], dim=0)[: spec.group_size]
+                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
+                s_tab[c0 // spec.group_size], z_tab[c0 // spec.group_size] = s, z
             kernel.block(
                 w_blk,
-                approx,
-                w,
+                approx_t,
+                w_t,
                 b0,
                 s_tab,
                 z_tab,
@@ -96,10 +97,11 @@ def solve_gptq(
                 start=c0 - b0,
                 stop=c1 - b0,
             )
-        w[:, b1:].addmm_(err_blk, hinv[b0:b1, b1:], alpha=-1)
+        w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
+    approx = approx_t.T
     if perm is not None:
         approx = approx[:, torch.argsort(perm)]
-    grid = Grid(spec, s_tab, z_tab) if not static else grid
+    grid = Grid(spec, s_tab.T.contiguous(), z_tab.T.contiguous()) if not static else grid
     assert grid.scale.shape == (rows, n_groups)
     codes = grid.quantize(approx)
     approx = grid.dequantize(codes)
