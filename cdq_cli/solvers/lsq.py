@@ -39,19 +39,35 @@ def _solve_rows(lhs: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tensor) ->
 
 def _normal_blocks(basis: torch.Tensor, sigma: torch.Tensor, n_groups: int) -> torch.Tensor:
     """M[i, g, h] = basis_ig Σ basis_ihᵀ where basis_ig is ``basis`` restricted to group g."""
+    return _products(basis, sigma, n_groups)[0]
+
+
+def _products(basis: torch.Tensor, sigma: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M`` (as :func:`_normal_blocks`) and ``X[i, g, h] = Σ_{a∈g, b∈h} basis_ia Σ_ab`` from
+    one pass of products (``basis`` times Σ costs one GEMM in all)."""
     rows, columns = basis.shape
     size = columns // n_groups
-    out = torch.empty(rows, n_groups, n_groups, dtype=basis.dtype, device=basis.device)
+    normal = torch.empty(rows, n_groups, n_groups, dtype=basis.dtype, device=basis.device)
+    cross = torch.empty_like(normal)
     for g in range(n_groups):
         part = basis[:, g * size : (g + 1) * size] @ sigma[g * size : (g + 1) * size]
-        out[:, g, :] = _group_sums(part * basis, n_groups)
-    return out
+        normal[:, g, :] = _group_sums(part * basis, n_groups)
+        cross[:, g, :] = _group_sums(part, n_groups)
+    return normal, cross
 
 
-def refit_scales(weight: torch.Tensor, sigma: torch.Tensor, grid: Grid, codes: torch.Tensor) -> Grid:
+def refit_scales(
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    grid: Grid,
+    codes: torch.Tensor,
+    *,
+    wsigma: torch.Tensor | None = None,
+) -> Grid:
     """The positive scales minimising the objective for fixed ``codes`` and zero-points.
 
     Rows (or the layer) whose solution is degenerate or not positive keep their old scales.
+    ``wsigma``: ``W Σ`` when the caller already has it (it depends on neither codes nor grid).
     """
     rows, columns = weight.shape
     n_groups = grid.scale.shape[1]
@@ -64,43 +80,60 @@ def refit_scales(weight: torch.Tensor, sigma: torch.Tensor, grid: Grid, codes: t
             return grid
         return Grid(grid.spec, torch.full_like(grid.scale, float(num / den)), grid.zero.clone())
     lhs = _normal_blocks(levels, sigma, n_groups)
-    rhs = _group_sums(levels * (weight @ sigma), n_groups)
-    solution = _solve_rows(lhs, rhs, grid.scale)
+    sw = weight @ sigma if wsigma is None else wsigma
+    rhs = _group_sums(levels * sw, n_groups)
+    return _positive_scales(grid, _solve_rows(lhs, rhs, grid.scale), grid.zero.clone())
+
+
+def _positive_scales(grid: Grid, solution: torch.Tensor, zero: torch.Tensor) -> Grid:
+    """Rows with a non-positive scale keep their old scales."""
     solution = torch.where((solution <= 0).any(dim=1, keepdim=True), grid.scale, solution)
-    return Grid(grid.spec, solution, grid.zero.clone())
+    return Grid(grid.spec, solution, zero)
 
 
 def refit_scales_and_zeros(
-    weight: torch.Tensor, sigma: torch.Tensor, grid: Grid, codes: torch.Tensor
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    grid: Grid,
+    codes: torch.Tensor,
+    *,
+    wsigma: torch.Tensor | None = None,
 ) -> Grid:
     """Jointly refit scales and zero-points for fixed codes, then round zeros to integers.
 
     Solves for (s, m) with Ŵ = s ⊙ c + m per group, sets z = clamp(round(−m / s), 0, maxq), and
     refits the scales for those integer zeros. Per-layer grids and symmetric grids (whose zero is
     fixed at the midpoint) only refit their scales.
+
+    Products: ``c Σ`` once (one GEMM) and ``W Σ`` (one, or none when ``wsigma`` is given). The
+    second scale refit needs no product: with levels ``c − z``,
+    ``M_lv[g, h] = M_c[g, h] − z_h X[g, h] − z_g X[h, g] + z_g z_h S[g, h]`` and
+    ``rhs_lv[g] = rhs_c[g] − z_g Σ_{a∈g} (WΣ)_a``, where ``X`` is the cross term of the joint
+    system and ``S[g, h]`` the sum of Σ over groups g × h.
     """
     if grid.spec.sym or grid.spec.per_layer:
-        return refit_scales(weight, sigma, grid, codes)
+        return refit_scales(weight, sigma, grid, codes, wsigma=wsigma)
     rows, columns = weight.shape
     n_groups = grid.scale.shape[1]
-    c = codes.to(weight.dtype)
-    ones = torch.ones_like(c)
     size = columns // n_groups
+    c = codes.to(weight.dtype)
+    normal, cross = _products(c, sigma, n_groups)
+    block_sums = sigma.reshape(n_groups, size, n_groups, size).sum(dim=(1, 3))  # S[g, h]
     lhs = torch.empty(rows, 2 * n_groups, 2 * n_groups, dtype=c.dtype, device=c.device)
-    lhs[:, :n_groups, :n_groups] = _normal_blocks(c, sigma, n_groups)
-    cross = torch.empty(rows, n_groups, n_groups, dtype=c.dtype, device=c.device)
-    for g in range(n_groups):
-        part = c[:, g * size : (g + 1) * size] @ sigma[g * size : (g + 1) * size]
-        cross[:, g, :] = _group_sums(part, n_groups)
+    lhs[:, :n_groups, :n_groups] = normal
     lhs[:, :n_groups, n_groups:] = cross
     lhs[:, n_groups:, :n_groups] = cross.transpose(1, 2)
-    lhs[:, n_groups:, n_groups:] = _normal_blocks(ones[:1], sigma, n_groups)
-    sw = weight @ sigma
-    rhs = torch.cat([_group_sums(c * sw, n_groups), _group_sums(sw, n_groups)], dim=1)
+    lhs[:, n_groups:, n_groups:] = block_sums
+    sw = weight @ sigma if wsigma is None else wsigma
+    rhs_c, rhs_1 = _group_sums(c * sw, n_groups), _group_sums(sw, n_groups)
     offset = -grid.scale * grid.zero
-    solution = _solve_rows(lhs, rhs, torch.cat([grid.scale, offset], dim=1))
+    solution = _solve_rows(lhs, torch.cat([rhs_c, rhs_1], dim=1), torch.cat([grid.scale, offset], dim=1))
     scale, offset = solution[:, :n_groups], solution[:, n_groups:]
     ok = (scale > 0).all(dim=1, keepdim=True)
     zero = torch.where(ok, torch.round(-offset / scale.where(ok, torch.ones_like(scale))), grid.zero)
     zero = zero.clamp(0, grid.spec.maxq)
-    return refit_scales(weight, sigma, Grid(grid.spec, grid.scale.clone(), zero), codes)
+    # The scales for these integer zeros, from the sums above (levels c − z).
+    zg, zh = zero.unsqueeze(2), zero.unsqueeze(1)
+    lhs_lv = normal - zh * cross - zg * cross.transpose(1, 2) + zg * zh * block_sums
+    rhs_lv = rhs_c - zero * rhs_1
+    return _positive_scales(grid, _solve_rows(lhs_lv, rhs_lv, grid.scale), zero)

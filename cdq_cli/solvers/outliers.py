@@ -19,7 +19,7 @@ import torch
 from .cd import cd_sweeps, order_permutation
 from .cdq import DEFAULT_STARTS, best_start, descend
 from .grid import GridSpec, fit_minmax
-from .result import QuantResult, check_finite, objective
+from .result import QuantResult, check_finite, working_objective
 from .starts import start_point
 
 
@@ -74,7 +74,7 @@ def solve_quantease_outlier(
         grid = fit_minmax(weight - outliers, spec)
         approx, grid = start_point(start, weight - outliers, sigma, spec, grid, damping=damping)
     on_grid = grid.round(approx) if start == "weight" and inner == "cd" else approx
-    start_value = objective(weight, on_grid + outliers, sigma)
+    start_value = working_objective(weight, on_grid + outliers, sigma)
     step = 1.0 / largest_eigenvalue(sigma)
     perm = order_permutation(order, weight, sigma)
     history: list[float] = []
@@ -86,7 +86,7 @@ def solve_quantease_outlier(
         sweeps += log.sweeps
         gradient = (approx + outliers - weight) @ sigma
         outliers = project_sparse(outliers - step * gradient, budget, structured)
-        history.append(objective(weight, approx + outliers, sigma))
+        history.append(working_objective(weight, approx + outliers, sigma))
     if inner == "cdq":
         state = descend(
             weight - outliers,
@@ -107,7 +107,7 @@ def solve_quantease_outlier(
     codes = grid.quantize(approx)
     full = grid.dequantize(codes) + outliers
     check_finite(full, "quantease-outlier")
-    value = objective(weight, full, sigma)
+    value = working_objective(weight, full, sigma)
     history.append(value)
     return QuantResult(
         "quantease-outlier",
