@@ -40,11 +40,11 @@ def backend(request):
 
 
 def _block_inputs(seed, rows, width, columns, groups, *, dead=(), dtype=torch.float64):
-    """Random operands of one block call, transposed layout: x (B, R), hat and w (p, R), scale and
-    zero (groups, R), the group of every column, mat (B, B), diag and dead (B,)."""
+    """Random operands of one block call, transposed layout: x (B, R), hat and err (p, R), scale
+    and zero (groups, R), the group of every column, mat (B, B), diag and dead (B,)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(width, rows, generator=gen, dtype=dtype)
-    w = torch.randn(columns, rows, generator=gen, dtype=dtype)
+    err = torch.randn(columns, rows, generator=gen, dtype=dtype)
     scale = torch.rand(groups, rows, generator=gen, dtype=dtype) * 0.5 + 0.1
     zero = torch.randint(0, 8, (groups, rows), generator=gen).to(dtype)
     codes = torch.randint(0, 8, (columns, rows), generator=gen).to(dtype)
@@ -55,17 +55,15 @@ def _block_inputs(seed, rows, width, columns, groups, *, dead=(), dtype=torch.fl
     dead_mask = torch.zeros(width, dtype=torch.bool)
     dead_mask[list(dead)] = True
     diag[dead_mask] = 0
-    return x, hat, w, scale, zero, gidx_full, mat, diag, dead_mask
+    return x, hat, err, scale, zero, gidx_full, mat, diag, dead_mask
 
 
 def _run_block(name, inputs, col0, width, *, rule, relax=False, start=0, stop=None):
-    x, hat, w, scale, zero, gidx_full, mat, diag, dead = (t.clone() for t in inputs)
+    x, hat, err, scale, zero, gidx_full, mat, diag, dead = (t.clone() for t in inputs)
     out = torch.zeros_like(x)
-    err = torch.zeros_like(w)
     result = kernels.backend_module(name).block(
         x,
         hat,
-        w,
         col0,
         scale,
         zero,
@@ -113,11 +111,14 @@ def test_block_call_equals_reference(backend, seed, rule, relax, dead, segment):
     lo, hi = col0 + start, col0 + (stop or width)
     torch.testing.assert_close(hat[:lo], inputs[1][:lo], rtol=0, atol=0)
     torch.testing.assert_close(hat[hi:], inputs[1][hi:], rtol=0, atol=0)
-    if rule == CD:  # err = w − hat in the block's columns only, and a real count of changes
-        err = got[3]
-        torch.testing.assert_close(err[lo:hi], inputs[2][lo:hi] - hat[lo:hi], rtol=0, atol=0)
-        assert not err[:lo].any() and not err[hi:].any()
-        assert int(got[5]) == int(torch.count_nonzero(got[2]))
+    if rule == CD:  # err += out in the block's columns only; dead columns untouched; a real count
+        err, out = got[3], got[2]
+        torch.testing.assert_close(err[lo:hi], inputs[2][lo:hi] + out, rtol=0, atol=0)
+        torch.testing.assert_close(err[:lo], inputs[2][:lo], rtol=0, atol=0)
+        torch.testing.assert_close(err[hi:], inputs[2][hi:], rtol=0, atol=0)
+        for j in dead:
+            assert torch.equal(hat[col0 + j], inputs[1][col0 + j]) and not out[j].any()
+        assert int(got[5]) == int(torch.count_nonzero(out))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -378,3 +379,19 @@ def test_reference_round_is_grid_quantize():
     grid = fit_minmax(weight, GridSpec(bits=3, group_size=4))
     scale, zero = grid.expand(16)
     assert torch.equal(reference.round_to_grid(weight, scale, zero, 7), grid.round(weight))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("order", ["cyclic", "diag", "greedy"])
+def test_inputs_are_never_modified(problem, rows, order):
+    """Working copies only: a one-row layer's transposed view is contiguous, a trap for in-place ops."""
+    p = problem(3, rows, 12, dead=(4,))
+    grid = p.grid(3, group_size=4)
+    start = grid.round(p.weight)
+    saved = [t.clone() for t in (p.weight, p.sigma, start, grid.scale, grid.zero)]
+    perm = order_permutation(order, p.weight, p.sigma)
+    cd_sweeps(p.weight, p.sigma, grid, start, sweeps=2, order=perm, relaxed=[True, False])
+    solve_gptq(p.weight, p.sigma, GridSpec(3, group_size=4))
+    solve_gptq(p.weight, p.sigma, GridSpec(3), act_order=True, fixed_grid=p.grid(3))
+    for before, after in zip(saved, (p.weight, p.sigma, start, grid.scale, grid.zero), strict=True):
+        assert torch.equal(before, after)

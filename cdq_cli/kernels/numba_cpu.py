@@ -58,9 +58,8 @@ def _visit_cd(out_j, hat_c, x_j, s, z, inv, maxq, relax, lo, hi):
 
 
 @numba.njit(**_EXACT)
-def _visit_dead(out_j, hat_c, w_c, s, z, maxq, lo, hi):
+def _zero(out_j, lo, hi):
     for t in range(np.uint64(lo), np.uint64(hi)):
-        hat_c[t] = _round(w_c[t], s[t], z[t], maxq)
         out_j[t] = 0
 
 
@@ -121,16 +120,15 @@ def _gain(out_j, x_j, sd, lo, hi):
 
 
 @numba.njit(**_EXACT)
-def _err(err_c, w_c, hat_c, lo, hi):
+def _add(err_c, out_j, lo, hi):
     for t in range(np.uint64(lo), np.uint64(hi)):
-        err_c[t] = w_c[t] - hat_c[t]
+        err_c[t] += out_j[t]
 
 
 @numba.njit(**_EXACT)
 def _block_tile(
     x,
     hat,
-    w,
     err,
     col0,
     scale,
@@ -162,7 +160,7 @@ def _block_tile(
             g = gidx[j]
             if rule == CD:
                 if dead[j]:
-                    _visit_dead(out[j], hat[c], w[c], scale[g], zero[g], maxq, lo, hi)
+                    _zero(out[j], lo, hi)
                     continue
                 _visit_cd(out[j], hat[c], x[j], scale[g], zero[g], diag[j], maxq, relax, lo, hi)
                 part, count = _gain(out[j], x[j], sdiag[j], lo, hi)
@@ -184,7 +182,7 @@ def _block_tile(
                     j += 1
     if rule == CD and err.shape[0] > 0:
         for j in range(start, stop):
-            _err(err[col0 + j], w[col0 + j], hat[col0 + j], lo, hi)
+            _add(err[col0 + j], out[j], lo, hi)
     return gain, changed
 
 
@@ -203,7 +201,6 @@ def _coefficients(mat, rule):
 def _block_serial(
     x,
     hat,
-    w,
     err,
     col0,
     scale,
@@ -230,7 +227,6 @@ def _block_serial(
         gains[t], counts[t] = _block_tile(
             x,
             hat,
-            w,
             err,
             col0,
             scale,
@@ -256,7 +252,6 @@ def _block_serial(
 def _block_parallel(
     x,
     hat,
-    w,
     err,
     col0,
     scale,
@@ -283,7 +278,6 @@ def _block_parallel(
         gains[t], counts[t] = _block_tile(
             x,
             hat,
-            w,
             err,
             col0,
             scale,
@@ -368,7 +362,6 @@ def _arrays(*tensors):
 def block(
     x,
     hat,
-    w,
     col0,
     scale,
     zero,
@@ -402,15 +395,12 @@ def block(
     tiles = -(-rows // tile)
     gains = np.zeros(tiles, dtype=np.float64)
     counts = np.zeros(tiles, dtype=np.int64)
-    x_np, hat_np, w_np, err_np, *rest = _arrays(
-        x, hat, w, err, scale, zero, gidx, mat, diag, sdiag, dead, out
-    )
+    x_np, hat_np, err_np, *rest = _arrays(x, hat, err, scale, zero, gidx, mat, diag, sdiag, dead, out)
     run = _block_serial if threads == 1 else _block_parallel
     maxq = x_np.dtype.type(maxq)
     run(
         x_np,
         hat_np,
-        w_np,
         err_np,
         int(col0),
         *rest,

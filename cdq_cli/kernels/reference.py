@@ -1,8 +1,8 @@
 """The in-block kernel in plain torch: the reference every compiled backend is tested against.
 
 Layout (see :mod:`cdq_cli.kernels`): matrices are kept transposed, (columns, rows), so "column j
-for every row" is one contiguous vector. ``x`` and ``out`` are the block's (B, R); ``hat``,
-``w`` and ``err`` are whole (p, R) matrices whose block starts at column ``col0``. Grids are tables
+for every row" is one contiguous vector. ``x`` and ``out`` are the block's (B, R); ``hat`` and
+``err`` are whole (p, R) matrices whose block starts at column ``col0``. Grids are tables
 ``scale, zero`` (groups, R) with ``gidx[j]`` the group of block column j.
 
 Rules, for each block column ``j`` in ``[start, stop)`` in turn (every row at once), with
@@ -11,16 +11,17 @@ Rules, for each block column ``j`` in ``[start, stop)`` in turn (every row at on
 * CD (``rule=CD``; ``x`` = the block's columns of ``G = E Σ``, ``diag`` = 1/Σ_jj, ``sdiag`` = Σ_jj,
   ``mat`` = Σ_bbᵀ, i.e. ``mat[j, k] = Σ[k, j]``)::
 
-      dead column (Σ_jj = 0):  hat[c] = round(w[c]);  out[j] = 0          (no effect on f)
+      dead column (Σ_jj = 0): skipped, out[j] = 0   (it cannot affect f; the caller sets it to
+                                                    the rounding of W once, before the sweeps)
       t = hat[c] + x[j] · diag[j];   new = t if relax else round(t)
       out[j] = hat[c] − new;  hat[c] = new;  x[k] += mat[j, k] · out[j]      (k > j)
 
-  and, when ``err`` is given, ``err[c] = w[c] − hat[c]`` for the block's columns. Returned: the
-  objective change ``Σ out[j]·(2·x[j] + out[j]·sdiag[j])`` (``x[j]`` as column j was visited;
-  float64) and the number of entries that changed.
+  and, when ``err`` (E = W − Ŵ) is given, ``err[c] += out[j]``. Returned: the objective change
+  ``Σ out[j]·(2·x[j] + out[j]·sdiag[j])`` (``x[j]`` as column j was visited; float64) and the
+  number of entries that changed.
 
 * GPTQ (``rule=GPTQ``; ``x`` = the block's error-updated weights, ``diag`` = Hinv_jj,
-  ``mat`` = Hinv_bb; ``w``, ``err``, ``dead`` are not read; returns None)::
+  ``mat`` = Hinv_bb; ``err``, ``dead`` are not read; returns None)::
 
       hat[c] = round(x[j]);  out[j] = (x[j] − hat[c]) / diag[j];  x[k] −= mat[j, k] · out[j]   (k > j)
 
@@ -49,7 +50,6 @@ def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 def block(
     x: torch.Tensor,
     hat: torch.Tensor,
-    w: torch.Tensor,
     col0: int,
     scale: torch.Tensor,
     zero: torch.Tensor,
@@ -67,7 +67,7 @@ def block(
     err: torch.Tensor | None = None,
     sdiag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Shared column order: ``x, out`` (B, R); ``hat, w, err`` (p, R); ``scale, zero``
+    """Shared column order: ``x, out`` (B, R); ``hat, err`` (p, R); ``scale, zero``
     (groups, R); ``gidx, diag, sdiag, dead`` (B,); ``mat`` (B, B). Updates ``x``, ``hat``,
     ``out`` (and ``err``) in place; see the module docstring for the rules and return value."""
     width = x.shape[0]
@@ -90,7 +90,6 @@ def block(
             s, z = scale[groups[j]], zero[groups[j]]
             c = col0 + j
             if dead_cols[j]:
-                hat[c] = round_to_grid(w[c], s, z, maxq)
                 out[j].zero_()
                 continue
             old = hat[c]
@@ -103,17 +102,16 @@ def block(
         if s1 < width:  # the sub-block's change reaches the rest of the block in one small GEMM
             x[s1:].addmm_(mat[s0:s1, s1:].T, out[s0:s1])
     sdiag = diag if sdiag is None else sdiag
-    return finish_cd(x, hat, w, err, col0, sdiag.unsqueeze(-1), out, start, stop)
+    return finish_cd(x, err, col0, sdiag.unsqueeze(-1), out, start, stop)
 
 
-def finish_cd(x, hat, w, err, col0, sdiag, out, start, stop):
+def finish_cd(x, err, col0, sdiag, out, start, stop):
     """The CD kernel's return value from its outputs, and ``err`` (see the module docstring):
     after the loop, ``x[j]`` still holds G's column j as it was when j was visited. ``sdiag``
     broadcasts against ``out[start:stop]``."""
-    rows = slice(col0 + start, col0 + stop)
-    if err is not None:
-        torch.sub(w[rows], hat[rows], out=err[rows])
     delta = out[start:stop]
+    if err is not None:
+        err[col0 + start : col0 + stop] += delta
     gain = (delta * (2 * x[start:stop] + delta * sdiag[start:stop])).sum(dtype=torch.float64)
     return gain, torch.count_nonzero(delta)
 
@@ -137,7 +135,8 @@ def block_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row orders (CD only): as :func:`block`, but every row has its own columns, so ``gidx``,
     ``diag``, ``sdiag`` and ``dead`` are (B, R) and ``mat`` is (R, B, B) (row i's
-    ``mat[i, j, k]``). Callers pass transposed views of row-major (R, ·) storage."""
+    ``mat[i, j, k]``); a dead entry is set to the rounding of ``w`` (p, R) here. Callers pass
+    transposed views of row-major (R, ·) storage."""
     width = x.shape[0]
     s_blk = scale.gather(0, gidx)
     z_blk = zero.gather(0, gidx)
@@ -153,4 +152,4 @@ def block_rows(
         out[j] = delta
         if j + 1 < width:
             x[j + 1 :].addcmul_(mat[:, j, j + 1 :].T, delta.unsqueeze(0))
-    return finish_cd(x, hat, w, None, col0, sdiag, out, 0, width)
+    return finish_cd(x, None, col0, sdiag, out, 0, width)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CD, finish_cd
+from .reference import CD
 
 BLOCK_R = 32
 # ``tl.sum``'s combine function, passed to the builtin ``tl.reduce`` directly: ``tl.sum`` itself is
@@ -44,6 +44,10 @@ def _kernel_source(
     mat_ptr,
     diag_ptr,
     dead_ptr,
+    err_ptr,
+    sdiag_ptr,
+    gain_ptr,
+    count_ptr,
     rows,
     width,
     col0,
@@ -71,9 +75,14 @@ def _kernel_source(
     sd_j,
     se_i,
     se_j,
+    sr_i,
+    sr_j,
+    sq_i,
+    sq_j,
     RELAX: tl.constexpr,
     RULE: tl.constexpr,
     PER_ROW: tl.constexpr,
+    HAS_ERR: tl.constexpr,
     F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -85,6 +94,8 @@ def _kernel_source(
     kmask = k < width
     tile_mask = rmask[:, None] & kmask[None, :]
     xt = tl.load(x_ptr + r[:, None] * sx_i + k[None, :] * sx_j, mask=tile_mask, other=0.0)
+    gain = tl.full([BLOCK_R], 0.0, tl.float64)  # CD: objective change and count, this tile
+    count = tl.full([BLOCK_R], 0, tl.int64)
     for j in range(start, stop):
         xj = tl.reduce(tl.where(k[None, :] == j, xt, 0.0), 1, _SUM)  # column j of the tile, exactly
         gid = tl.load(gidx_ptr + r * sg_i + j * sg_j, mask=rmask, other=0)
@@ -96,22 +107,36 @@ def _kernel_source(
             old = tl.load(hat_at, mask=rmask, other=0.0)
             target = old + xj * d
             dead = tl.load(dead_ptr + r * se_i + j * se_j, mask=rmask, other=0) != 0
-            wv = tl.load(w_ptr + r * sw_i + (col0 + j) * sw_j, mask=rmask, other=0.0)
-            # Rounded: the target, or W itself in a dead column.
-            if F64:  # float64 division is IEEE already; div_rn is the float32 one
-                u = tl.where(dead, wv, target) / s
+            if PER_ROW:  # a dead entry takes the rounding of W (the shared order skips dead columns)
+                wv = tl.load(w_ptr + r * sw_i + (col0 + j) * sw_j, mask=rmask, other=0.0)
+                source = tl.where(dead, wv, target)
             else:
-                u = tl.math.div_rn(tl.where(dead, wv, target), s)
+                source = target
+            if F64:  # float64 division is IEEE already; div_rn is the float32 one
+                u = source / s
+            else:
+                u = tl.math.div_rn(source, s)
             f = tl.floor(u)
             odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0  # rint: half to even, from exact floors
             up = ((u - f) > 0.5) | (((u - f) == 0.5) & odd)
             rounded = (tl.minimum(tl.maximum(tl.where(up, f + 1.0, f) + z, 0.0), maxq) - z) * s
             if RELAX:
-                new = tl.where(dead, rounded, target)
+                new = target
             else:
                 new = rounded
+            if PER_ROW:
+                new = tl.where(dead, rounded, new)
+            else:
+                new = tl.where(dead, old, new)
             delta = tl.where(dead, 0.0, old - new)
             coef = delta
+            sd = tl.load(sdiag_ptr + r * sq_i + j * sq_j, mask=rmask, other=0.0).to(tl.float64)
+            d64 = delta.to(tl.float64)
+            gain += d64 * (2.0 * xj.to(tl.float64) + d64 * sd)
+            count += (delta != 0.0).to(tl.int64)
+            if HAS_ERR:
+                err_at = err_ptr + r * sr_i + (col0 + j) * sr_j
+                tl.store(err_at, tl.load(err_at, mask=rmask, other=0.0) + delta, mask=rmask)
         else:
             if F64:  # new = s · (clamp(rint(xj / s) + z, 0, maxq) − z)
                 u = xj / s
@@ -139,6 +164,9 @@ def _kernel_source(
             m = tl.load(mat_ptr + j * sm_j + k * sm_k, mask=later, other=0.0)[None, :]
         xt = tl.where(later[None, :], xt + coef[:, None] * m, xt)
     tl.store(x_ptr + r[:, None] * sx_i + k[None, :] * sx_j, xt, mask=tile_mask)
+    if RULE == 0:
+        tl.store(gain_ptr + pid, tl.reduce(gain, 0, _SUM))
+        tl.store(count_ptr + pid, tl.reduce(count, 0, _SUM))
 
 
 @functools.cache
@@ -161,10 +189,30 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 def _launch(
-    x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax, rule, start, stop, per_row
+    x,
+    hat,
+    w,
+    col0,
+    scale,
+    zero,
+    gidx,
+    mat,
+    diag,
+    dead,
+    out,
+    *,
+    maxq,
+    relax,
+    rule,
+    start,
+    stop,
+    per_row,
+    err,
+    sdiag,
 ):
-    """Every per-entry operand is indexed [j, i] (block column, row): ``x, out, gidx, diag, dead``
-    (B, R), ``hat, w`` (p, R), ``scale, zero`` (groups, R); ``mat`` (B, B), or (R, B, B) per row."""
+    """Every per-entry operand is indexed [j, i] (block column, row): ``x, out, gidx, diag, dead,
+    sdiag`` (B, R), ``hat, w, err`` (p, R), ``scale, zero`` (groups, R); ``mat`` (B, B), or
+    (R, B, B) per row. Returns the CD objective change and count of changed entries."""
     if not usable(x):
         raise RuntimeError(
             "the Triton kernel needs CUDA tensors; set TRITON_INTERPRET=1 to run it on the CPU (tests)"
@@ -177,8 +225,10 @@ def _launch(
     def ij(t):  # strides in the kernel's (row, column) order
         return t.stride(1), t.stride(0)
 
-    grid = (triton.cdiv(rows, BLOCK_R),)
-    _kernel()[grid](
+    programs = triton.cdiv(rows, BLOCK_R)
+    gains = torch.zeros(programs, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(programs, dtype=torch.int64, device=x.device)
+    _kernel()[(programs,)](
         x,
         hat,
         w,
@@ -189,6 +239,10 @@ def _launch(
         mat,
         diag,
         dead,
+        hat if err is None else err,
+        sdiag,
+        gains,
+        counts,
         rows,
         width,
         col0,
@@ -205,19 +259,22 @@ def _launch(
         *mat_strides,
         *ij(diag),
         *ij(dead),
+        *ij(hat if err is None else err),
+        *ij(sdiag),
         RELAX=bool(relax),
         RULE=int(rule),
         PER_ROW=per_row,
+        HAS_ERR=err is not None,
         F64=x.dtype == torch.float64,
         BLOCK_R=BLOCK_R,
         BLOCK_B=max(16, triton.next_power_of_2(width)),
     )
+    return gains.sum(), counts.sum()
 
 
 def block(
     x,
     hat,
-    w,
     col0,
     scale,
     zero,
@@ -243,17 +300,22 @@ def block(
             None if rule != CD else (x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.int64))
         )
     dead = torch.zeros(width, dtype=torch.bool, device=x.device) if dead is None else dead
-    _launch(
+    sdiag = diag if sdiag is None else sdiag
+
+    def per_entry(t):
+        return t.unsqueeze(1).expand(width, rows)
+
+    result = _launch(
         x,
         hat,
-        w,
+        hat,  # no W in the shared order: dead columns are skipped
         col0,
         scale,
         zero,
-        gidx.unsqueeze(1).expand(width, rows),
+        per_entry(gidx),
         mat,
-        diag.unsqueeze(1).expand(width, rows),
-        dead.unsqueeze(1).expand(width, rows),
+        per_entry(diag),
+        per_entry(dead),
         out,
         maxq=maxq,
         relax=relax,
@@ -261,16 +323,15 @@ def block(
         start=start,
         stop=stop,
         per_row=False,
+        err=err if rule == CD else None,
+        sdiag=per_entry(sdiag),
     )
-    if rule != CD:
-        return None
-    sdiag = diag if sdiag is None else sdiag
-    return finish_cd(x, hat, w, err, col0, sdiag.unsqueeze(-1), out, start, stop)
+    return result if rule == CD else None
 
 
 def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax=False, sdiag):
     """Triton version of :func:`cdq_cli.kernels.reference.block_rows`."""
-    _launch(
+    return _launch(
         x,
         hat,
         w,
@@ -288,5 +349,6 @@ def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq
         start=0,
         stop=x.shape[0],
         per_row=True,
+        err=None,
+        sdiag=sdiag,
     )
-    return finish_cd(x, hat, w, None, col0, sdiag, out, 0, x.shape[0])

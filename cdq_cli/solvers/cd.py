@@ -33,7 +33,7 @@ from itertools import accumulate
 
 import torch
 
-from ..kernels import backend_module, resolve
+from ..kernels import backend_module, resolve, round_to_grid
 from .grid import Grid
 from .result import objective
 
@@ -176,14 +176,18 @@ def _shared(
         weight, start = weight[:, order], start[:, order]
         sigma = sigma[order][:, order]
     sigma = sigma.contiguous()
-    # Transposed working copies: row j is input column j for every output row.
-    w_t = weight.T.contiguous()
-    hat_t = start.T.clone(memory_format=torch.contiguous_format)
-    err_t = w_t - hat_t
-    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
     diag = sigma.diagonal().contiguous()
     dead = diag <= 0
     inv_d = _inverse_diag(diag)
+    # Transposed working copies: row j is input column j for every output row. Dead columns
+    # (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps skip them.
+    hat_t = start.T.clone(memory_format=torch.contiguous_format)
+    if sweeps and bool(dead.any()):
+        cols = dead.nonzero().squeeze(1)
+        s_dead, z_dead = grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]]
+        hat_t[cols] = round_to_grid(weight[:, cols], s_dead, z_dead, maxq).T
+    err_t = weight.T.clone(memory_format=torch.contiguous_format).sub_(hat_t)  # E = W − Ŵ, transposed
+    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
@@ -199,7 +203,6 @@ def _shared(
             block_gain, block_changed = kernel.block(
                 g_blk,
                 hat_t,
-                w_t,
                 b0,
                 s_tab,
                 z_tab,

@@ -98,7 +98,6 @@ def solve_gptq(
             kernel.block(
                 w_blk,
                 approx_t,
-                w_t,
                 b0,
                 s_tab,
                 z_tab,
