@@ -206,12 +206,16 @@ def solve_cdq(
     codes = state.grid.quantize(state.approx)
     final = state.grid.dequantize(codes)
     check_finite(final, "cdq")
+    # The best point is on its grid, so the round trip gives it back bit for bit and its objective
+    # is already known (from a sweep's log or a refit's product); recompute only if it did not.
+    same = torch.equal(final, state.approx)
+    value = state.value if same else working_objective(weight, final, sigma)
     return QuantResult(
         "cdq",
         final,
         codes,
         state.grid,
-        working_objective(weight, final, sigma),
+        value,
         start_value,
         sweeps=state.sweeps,
         seconds=time.perf_counter() - began,

@@ -112,9 +112,7 @@ def solve_gptq(
                 stop=c1 - b0,
             )
         w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
-    approx = approx_t.T
-    if perm is not None:
-        approx = approx[:, torch.argsort(perm)]
+    approx = (approx_t if perm is None else approx_t[torch.argsort(perm)]).T  # rows of approx_t
     grid = Grid(spec, s_tab.T.contiguous(), z_tab.T.contiguous()) if not static else grid
     assert grid.scale.shape == (rows, n_groups)
     codes = grid.quantize(approx)
