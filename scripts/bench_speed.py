@@ -143,7 +143,7 @@ def main() -> None:
     if backend == "numba":
         import numba
 
-        extra = f", numba {numba.__version__} ({numba.config.THREADING_LAYER} threading layer)"
+        extra = f", numba {numba.__version__} (NUMBA_NUM_THREADS {numba.config.NUMBA_NUM_THREADS})"
     print(
         f"# bench_speed: torch {torch.__version__}, device {device} ({name}), "
         f"{torch.get_num_threads()} CPU threads, in-block kernel {backend}{extra}; "
@@ -161,6 +161,11 @@ def main() -> None:
     headers += ["greedy/GEMM", "greedy/sweep", "GPTQ ms", "GPTQ/GEMM"]
     headers += ["QuantEase ms", "QuantEase/GPTQ"] if args.quantease else []
     print_table(headers, rows)
+    if backend == "numba":
+        try:
+            print(f"# numba threading layer: {numba.threading_layer()}")
+        except ValueError:
+            print("# numba ran on one thread only (no parallel region started)")
 
 
 if __name__ == "__main__":
