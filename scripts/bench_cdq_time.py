@@ -13,6 +13,10 @@ same Σ:
     python scripts/bench_cdq_time.py --compare /tmp/old.json /tmp/new.json
 
 ``--sigmas`` caches the captured (W, Σ) pairs (float32), so every run sees the same problems.
+``--float64-decisions`` runs the current code with every objective it reports or decides with
+recomputed in float64 (GPTQ's, the starts', the sweeps' and the refits'), which isolates what
+taking objectives from the working dtype and the sweep log changes: compare its JSON with a plain
+run's.
 """
 
 from __future__ import annotations
@@ -79,7 +83,34 @@ def instrument(acc: collections.Counter) -> None:
         setattr(module, function, timed)
 
 
+def float64_decisions() -> None:
+    """Patch the current solvers so that every objective they use is the float64 one."""
+    from cdq_cli.solvers import cdq, result, starts
+
+    exact = result.objective
+    cdq.working_objective = starts.working_objective = exact
+    plain_gptq, plain_sweeps = starts.solve_gptq, cdq.cd_sweeps
+
+    def solve_gptq(weight, sigma, spec, **options):
+        solved = plain_gptq(weight, sigma, spec, **options)
+        solved.objective = solved.objective_start = exact(weight, solved.weight, sigma)
+        return solved
+
+    def cd_sweeps(weight, sigma, grid, start, **options):
+        approx, log = plain_sweeps(weight, sigma, grid, start, **options)
+        log.start = exact(weight, approx, sigma) - sum(log.gains)  # objectives[-1] is exact
+        return approx, log
+
+    def lower(new, old, _exact, *, margin=0.0, or_equal=False):
+        bound = old * (1 - margin)
+        return (new <= bound if or_equal else new < bound), new, old
+
+    starts.solve_gptq, cdq.cd_sweeps, cdq.lower = solve_gptq, cd_sweeps, lower
+
+
 def run(args) -> None:
+    import hashlib
+
     import cdq_cli
     from cdq_cli.solvers import solve
     from cdq_cli.solvers.result import objective
@@ -87,14 +118,17 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     found = problems(args)
+    if args.float64_decisions:
+        float64_decisions()
     acc: collections.Counter = collections.Counter()
     instrument(acc)
-    total, values = 0.0, {}
+    total, values, codes = 0.0, {}, {}
     for name, (weight, sigma) in found.items():
         began = time.perf_counter()
         result = solve("cdq", weight, sigma, bits=args.bits, group_size=args.group_size)
         total += time.perf_counter() - began
         values[name] = objective(weight, result.weight, sigma)
+        codes[name] = hashlib.sha256(result.codes.numpy().tobytes()).hexdigest()
     print(
         f"# cdq from {Path(cdq_cli.__file__).parent}, {torch.get_num_threads()} threads, {len(found)} layers"
     )
@@ -104,7 +138,8 @@ def run(args) -> None:
     for label, seconds in sorted(acc.items(), key=lambda item: -item[1]):
         print(f"| {label} | {seconds:.2f} | {seconds / total:.0%} |")
     if args.json_out:
-        record = {"seconds": total, "parts": dict(acc), "objectives": values, "source": cdq_cli.__file__}
+        record = {"seconds": total, "parts": dict(acc), "objectives": values, "codes": codes}
+        record["source"] = cdq_cli.__file__
         Path(args.json_out).write_text(json.dumps(record, indent=1))
 
 
@@ -113,7 +148,9 @@ def compare(before: str, after: str) -> None:
     ratios = [b["objectives"][k] / a["objectives"][k] for k in a["objectives"]]
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     worse = sum(r > 1 for r in ratios)
+    same = sum(a.get("codes", {}).get(k) == b.get("codes", {}).get(k, "") for k in a["objectives"])
     print(f"solver time {a['seconds']:.2f} s -> {b['seconds']:.2f} s ({b['seconds'] / a['seconds']:.2f}x)")
+    print(f"layers with identical codes: {same} of {len(ratios)}")
     print(
         f"objective after/before over {len(ratios)} layers: geometric mean {geo:.7f}, "
         f"min {min(ratios):.7f}, max {max(ratios):.9f}, layers higher: {worse}"
@@ -130,6 +167,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sigmas", help="cache file for the captured (W, Σ) pairs")
+    parser.add_argument("--float64-decisions", action="store_true", help="see the module docstring")
     parser.add_argument("--json-out")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args()

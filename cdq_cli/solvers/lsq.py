@@ -16,9 +16,10 @@ from .grid import Grid
 
 
 def _group_sums(values: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Sum (rows, columns) over each group's columns → (rows, n_groups)."""
+    """Sum (rows, columns) over each group's columns → (rows, n_groups), in float64: the small
+    normal systems are formed and solved in float64 whatever the working dtype."""
     rows, columns = values.shape
-    return values.reshape(rows, n_groups, columns // n_groups).sum(dim=2)
+    return values.reshape(rows, n_groups, columns // n_groups).sum(dim=2, dtype=torch.float64)
 
 
 def _solve_rows(lhs: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def _products(basis: torch.Tensor, sigma: torch.Tensor, n_groups: int) -> tuple[
     one pass of products (``basis`` times Σ costs one GEMM in all)."""
     rows, columns = basis.shape
     size = columns // n_groups
-    normal = torch.empty(rows, n_groups, n_groups, dtype=basis.dtype, device=basis.device)
+    normal = torch.empty(rows, n_groups, n_groups, dtype=torch.float64, device=basis.device)
     cross = torch.empty_like(normal)
     for g in range(n_groups):
         part = basis[:, g * size : (g + 1) * size] @ sigma[g * size : (g + 1) * size]
@@ -82,11 +83,12 @@ def refit_scales(
     lhs = _normal_blocks(levels, sigma, n_groups)
     sw = weight @ sigma if wsigma is None else wsigma
     rhs = _group_sums(levels * sw, n_groups)
-    return _positive_scales(grid, _solve_rows(lhs, rhs, grid.scale), grid.zero.clone())
+    return _positive_scales(grid, _solve_rows(lhs, rhs, grid.scale.double()), grid.zero.clone())
 
 
 def _positive_scales(grid: Grid, solution: torch.Tensor, zero: torch.Tensor) -> Grid:
     """Rows with a non-positive scale keep their old scales."""
+    solution = solution.to(grid.scale.dtype)
     solution = torch.where((solution <= 0).any(dim=1, keepdim=True), grid.scale, solution)
     return Grid(grid.spec, solution, zero)
 
@@ -118,22 +120,23 @@ def refit_scales_and_zeros(
     size = columns // n_groups
     c = codes.to(weight.dtype)
     normal, cross = _products(c, sigma, n_groups)
-    block_sums = sigma.reshape(n_groups, size, n_groups, size).sum(dim=(1, 3))  # S[g, h]
-    lhs = torch.empty(rows, 2 * n_groups, 2 * n_groups, dtype=c.dtype, device=c.device)
+    block_sums = sigma.reshape(n_groups, size, n_groups, size).sum(dim=(1, 3), dtype=torch.float64)  # S[g, h]
+    lhs = torch.empty(rows, 2 * n_groups, 2 * n_groups, dtype=torch.float64, device=c.device)
     lhs[:, :n_groups, :n_groups] = normal
     lhs[:, :n_groups, n_groups:] = cross
     lhs[:, n_groups:, :n_groups] = cross.transpose(1, 2)
     lhs[:, n_groups:, n_groups:] = block_sums
     sw = weight @ sigma if wsigma is None else wsigma
     rhs_c, rhs_1 = _group_sums(c * sw, n_groups), _group_sums(sw, n_groups)
-    offset = -grid.scale * grid.zero
-    solution = _solve_rows(lhs, torch.cat([rhs_c, rhs_1], dim=1), torch.cat([grid.scale, offset], dim=1))
+    old_scale = grid.scale.double()
+    offset = -old_scale * grid.zero.double()
+    solution = _solve_rows(lhs, torch.cat([rhs_c, rhs_1], dim=1), torch.cat([old_scale, offset], dim=1))
     scale, offset = solution[:, :n_groups], solution[:, n_groups:]
     ok = (scale > 0).all(dim=1, keepdim=True)
-    zero = torch.where(ok, torch.round(-offset / scale.where(ok, torch.ones_like(scale))), grid.zero)
+    zero = torch.where(ok, torch.round(-offset / scale.where(ok, torch.ones_like(scale))), grid.zero.double())
     zero = zero.clamp(0, grid.spec.maxq)
     # The scales for these integer zeros, from the sums above (levels c − z).
     zg, zh = zero.unsqueeze(2), zero.unsqueeze(1)
     lhs_lv = normal - zh * cross - zg * cross.transpose(1, 2) + zg * zh * block_sums
     rhs_lv = rhs_c - zero * rhs_1
-    return _positive_scales(grid, _solve_rows(lhs_lv, rhs_lv, grid.scale), zero)
+    return _positive_scales(grid, _solve_rows(lhs_lv, rhs_lv, old_scale), zero.to(grid.zero.dtype))
