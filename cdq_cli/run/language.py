@@ -89,7 +89,13 @@ class LanguageModels:
         return Calibration(list(windows.split(request.batch_size)), describe, windows)
 
     def score(
-        self, loaded: Loaded, data: Texts, plan: Plan, reference: Any = None, written: Path | None = None
+        self,
+        loaded: Loaded,
+        data: Texts,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
     ) -> Score:
         from ..evaluate.perplexity import default_seqlen
 
@@ -105,6 +111,7 @@ class LanguageModels:
                 max_windows=request.eval_max_windows,
                 batch_size=request.batch_size,
                 policy=request.offload_activations,
+                ranks=ranks,
             )
         finally:
             if written is not None:
@@ -237,9 +244,11 @@ def perplexity_of(
     max_windows: int | None = None,
     batch_size: int = 8,
     policy: str = "auto",
+    ranks: Any = None,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
-    memory: one block plus the activations), as a JSON-ready dict."""
+    memory: one block plus the activations), as a JSON-ready dict; with several ``ranks`` each
+    scores its range of the windows and the losses are summed."""
     from ..calib import evaluation_ids
     from ..evaluate.perplexity import result_of, window_nll, windows_of
     from ..pipeline import forward_blocks
@@ -248,12 +257,16 @@ def perplexity_of(
     ids = evaluation_ids(texts, loaded.tokenizer)
     chunks = windows_of(ids, seqlen, max_windows)
     batches = list(chunks.split(batch_size))
+    if ranks is not None and ranks.active:
+        batches = [batches[b] for b in ranks.batches(len(batches))]
     placement = Placement(loaded.model, device, loaded.weights)
     nll_sum = 0.0
     for batch, logits in zip(
         batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
     ):
         nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
+    if ranks is not None and ranks.active:
+        nll_sum = ranks.sum_value(nll_sum)
     return result_of(nll_sum, chunks, ids.shape[1]).to_dict()
 
 
