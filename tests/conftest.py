@@ -123,7 +123,7 @@ class RealLayer:
 def stories_layers(data_dir: Path) -> list[RealLayer]:
     """Every Linear of stories260K except lm_head, with Σ captured once on 32×256 C4 tokens."""
     transformers = pytest.importorskip("transformers")
-    from cdq_cli.models.capture import linear_sigmas
+    from cdq_cli.capture import linear_sigmas
 
     model_dir = data_dir / "models" / "stories260K"
     text_file = data_dir / "text" / "c4-sample.jsonl"

@@ -13,21 +13,16 @@ import torch
 from safetensors import safe_open
 from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, single_thread, tiny_model
 
-from cdq_cli import checkpoint
-from cdq_cli.checkpoint import (
-    OutputExistsError,
-    WriteError,
-    atomic_folder,
-    load_quantized,
-    read_layers,
-    save_quantized,
-    write_json_atomic,
-)
-from cdq_cli.evaluate import perplexity
+from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for
-from cdq_cli.pipeline import Settings, quantize_model
+from cdq_cli.pipeline import quantize_model
+from cdq_cli.records import Settings
+from cdq_cli.run.language import load_quantized
 from cdq_cli.solvers import SOLVERS
 from cdq_cli.solvers.packing import unpack
+from cdq_cli.store import folder as checkpoint
+from cdq_cli.store.files import OutputExistsError, WriteError, atomic_folder, write_json_atomic
+from cdq_cli.store.folder import read_layers, save_quantized
 
 LLAMA_LAYERS = BLOCK_LAYERS["llama"]
 
@@ -45,7 +40,7 @@ def calibration() -> list[torch.Tensor]:
 def quantized(family: str, **settings):
     model = tiny_model(family)
     base = {"method": "rtn", "bits": 3, "device": "cpu"} | settings
-    outcome = quantize_model(model, adapter_for(model), calibration(), Settings(**base))
+    outcome = quantize_model(model, adapter_for(model), calibration(), Settings.make(**base))
     return model, outcome
 
 
@@ -82,7 +77,7 @@ def test_layout_packed_codes_scales_and_marker(tmp_path: Path) -> None:
     }
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         keys = set(fh.keys())
-        assert json.loads(fh.metadata()["cdq_quantization"]) == table
+        assert json.loads(fh.metadata()["cdq_layers"]) == table["layers"]
         fc1 = "model.decoder.layers.0.fc1"
         qweight = fh.get_tensor(f"{fc1}.qweight")
         assert qweight.dtype == torch.int32 and qweight.shape == (64, 32 * 4 // 32)
@@ -109,20 +104,32 @@ def test_outliers_are_stored_as_coo(tmp_path: Path) -> None:
         assert torch.equal(load_quantized(out)[0](ids).logits, model(ids).logits)
 
 
-def test_refuses_existing_folder_unless_overwrite(tmp_path: Path) -> None:
+def test_overwrite_replaces_only_what_cdq_wrote(tmp_path: Path) -> None:
+    """A folder with a file cdq did not write survives even --overwrite; cdq's own is replaced."""
     model, outcome = quantized("bloom")
     dest = tmp_path / "q"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         save_quantized(dest, model, outcome.layers)
-    assert (dest / "keep.txt").read_text() == "mine"
-    save_quantized(dest, model, outcome.layers, overwrite=True)
-    assert not (dest / "keep.txt").exists() and (dest / "quantization.json").is_file()
-    assert siblings(dest) == []
+    with pytest.raises(OutputExistsError, match="cdq did not write it"):
+        save_quantized(dest, model, outcome.layers, overwrite=True)
+    assert (dest / "keep.txt").read_text() == "mine" and siblings(dest) == []
     empty = tmp_path / "empty"
     empty.mkdir()
     save_quantized(empty, model, outcome.layers)  # an empty folder is fine without --overwrite
+    manifest = json.loads((empty / ".cdq-manifest.json").read_text())["files"]
+    assert sorted(manifest) == sorted(p.name for p in empty.iterdir() if p.name != ".cdq-manifest.json")
+    save_quantized(empty, model, outcome.layers, overwrite=True)  # cdq's own folder: replaced
+    assert (empty / "quantization.json").is_file() and siblings(empty) == []
+    (empty / "notes.txt").write_text("added later by a person")
+    with pytest.raises(OutputExistsError, match="holds 'notes.txt', which cdq did not write"):
+        save_quantized(empty, model, outcome.layers, overwrite=True)
+    assert (empty / "notes.txt").is_file()
+    (empty / "notes.txt").unlink()
+    (empty / "sub").mkdir()
+    with pytest.raises(OutputExistsError, match="holds 'sub'"):
+        save_quantized(empty, model, outcome.layers, overwrite=True)
 
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -137,8 +144,8 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, interrupt: BaseExcepti
 
 def test_interrupted_overwrite_keeps_the_old_folder(tmp_path: Path) -> None:
     dest = tmp_path / "q"
-    dest.mkdir()
-    (dest / "old.txt").write_text("old")
+    with atomic_folder(dest) as tmp:  # a folder cdq wrote (its manifest lists old.txt)
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(KeyboardInterrupt):
         with atomic_folder(dest, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
@@ -152,7 +159,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: p
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr("cdq_cli.store.shards.ShardWriter.write", full)
     dest = tmp_path / "q"
     with pytest.raises(WriteError) as info:
         save_quantized(dest, model, outcome.layers)
@@ -199,7 +206,7 @@ def test_stories260k_every_method_reloads_exactly(method: str, stories, tmp_path
     original, windows, wiki, fp = stories
     model = copy.deepcopy(original)
     outcome = quantize_model(
-        model, adapter_for(model), windows.split(8), Settings(method=method, device="cpu")
+        model, adapter_for(model), windows.split(8), Settings.make(method=method, device="cpu")
     )
     assert [r.name for r in outcome.rows] == [f"model.layers.{i}.{n}" for i in range(5) for n in LLAMA_LAYERS]
     q = perplexity(model, wiki, seqlen=512, batch_size=8).ppl

@@ -12,10 +12,11 @@ import pytest
 import torch
 from tiny_lm import FAMILIES, expected_layers, save_tiny, single_thread
 
-from cdq_cli import checkpoint, pipeline
-from cdq_cli.app import main
-from cdq_cli.checkpoint import load_quantized
+from cdq_cli import pipeline
+from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
+from cdq_cli.run.language import load_quantized
+from cdq_cli.store.folder import OutputBuilder
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
@@ -175,21 +176,13 @@ def test_existing_output_is_refused_and_kept(tiny, calib, tmp_path, capsys) -> N
     code, _, stderr = cli(capsys, "quantize", tiny["llama"], "--calib", calib, *FAST, "--output", out)
     assert code == 2 and stderr.startswith("error: output folder") and "--overwrite" in stderr
     assert (out / "precious.txt").read_text() == "x"
-    code, _, stderr = cli(
-        capsys,
-        "quantize",
-        tiny["llama"],
-        "--method",
-        "rtn",
-        "--calib",
-        calib,
-        *FAST,
-        "--output",
-        out,
-        "--overwrite",
-    )
+    rtn = ["quantize", tiny["llama"], "--method", "rtn", "--calib", calib, *FAST, "--output"]
+    code, _, stderr = cli(capsys, *rtn, out, "--overwrite")
+    assert code == 2 and "cdq did not write it" in stderr and (out / "precious.txt").read_text() == "x"
+    mine = tmp_path / "mine"
+    assert cli(capsys, *rtn, mine)[0] == 0
+    code, _, stderr = cli(capsys, *rtn, mine, "--overwrite")  # a folder cdq wrote: replaced
     assert code == 0, stderr
-    assert not (out / "precious.txt").exists()
 
 
 @pytest.mark.parametrize("where", ["quantizing", "writing"])
@@ -198,26 +191,32 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        *((pipeline, "quantize_model") if where == "quantizing" else (checkpoint, "save_file")), interrupt
+        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "finish")), interrupt
     )
     out = tmp_path / "q"
     code, _, stderr = cli(
         capsys, "quantize", tiny["bloom"], "--method", "rtn", "--calib", calib, *FAST, "--output", out
     )
-    assert code == 130 and stderr.strip() == "error: interrupted"
+    expected = "error: interrupted"
+    if where == "writing":  # every block was finished and saved: the line says how to continue
+        saved = tmp_path / ".q.partial"
+        expected += (
+            f"; 2 finished block(s) are saved in {saved}: run the same command with --resume to continue"
+        )
+    assert code == 130 and stderr.strip() == expected
     # No output; once blocks were finished, only the hidden state that --resume continues from.
     assert [p.name for p in tmp_path.iterdir()] == ([] if where == "quantizing" else [".q.partial"])
 
 
 def test_non_finite_weights_name_the_layer(tiny, calib, tmp_path, capsys, monkeypatch) -> None:
-    real = pipeline.solve
+    real = pipeline.run_solver
 
-    def broken(method, weight, sigma, **kwargs):
-        result = real(method, weight, sigma, **kwargs)
+    def broken(method, weight, sigma, spec, options):
+        result = real(method, weight, sigma, spec, options)
         result.weight[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(pipeline, "solve", broken)
+    monkeypatch.setattr(pipeline, "run_solver", broken)
     code, _, stderr = cli(
         capsys, "quantize", tiny["opt"], "--calib", calib, *FAST, "--output", tmp_path / "q"
     )
@@ -229,7 +228,7 @@ def test_non_finite_weights_name_the_layer(tiny, calib, tmp_path, capsys, monkey
 def test_console_script_has_no_traceback(calib, tmp_path) -> None:
     """The real process: one stderr line, exit 2, no traceback."""
     done = subprocess.run(
-        [sys.executable, "-m", "cdq_cli.app", "quantize", str(tmp_path / "nope"), "--bits", "4", "--output",
+        [sys.executable, "-m", "cdq_cli", "quantize", str(tmp_path / "nope"), "--bits", "4", "--output",
          str(tmp_path / "out"), "--calib", calib, "--quiet"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

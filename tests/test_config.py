@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_lm import save_tiny, single_thread
 
-from cdq_cli.app import main
+from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cdq_cli.calib import evaluation_ids, load_texts
-from cdq_cli.evaluate import PPL_PROTOCOL, default_seqlen, perplexity
-from cdq_cli.models.loading import load_causal_lm
+from cdq_cli.evaluate.perplexity import PPL_PROTOCOL, default_seqlen, perplexity
+from cdq_cli.models.causal_lm import load_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from cdq_cli.datapaths import data_dir as find_data_dir
-from cdq_cli.models.loading import ModelLoadError, load_causal_lm, smollm2_gguf
+from cdq_cli.models.causal_lm import ModelLoadError, load_causal_lm, smollm2_gguf
+from cdq_cli.offline import data_dir as find_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,21 @@ def test_bare_sentencepiece_folder_gets_llama_tokenizer(stories_dir: Path, tmp_p
         shutil.copy(stories_dir / name, tmp_path / name)
     _, tokenizer = load_causal_lm(str(tmp_path), dtype=torch.float64)
     assert _story_tokens(tokenizer) == ["<s>", "▁Once", "▁upon", "▁a", "▁time"]
+    # What an output folder stores reads back the same way (BOS included).
+    tokenizer.save_pretrained(tmp_path / "saved")
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert _story_tokens(again) == ["<s>", "▁Once", "▁upon", "▁a", "▁time"]
+
+
+def test_configured_folder_keeps_its_own_bos_setting(stories_dir: Path, tmp_path: Path) -> None:
+    """A folder whose tokenizer_config.json turns BOS off is obeyed, not second-guessed."""
+    for name in ("config.json", "tokenizer.model", "model.safetensors"):
+        shutil.copy(stories_dir / name, tmp_path / name)
+    _, tokenizer = load_causal_lm(str(tmp_path), dtype=torch.float64)
+    tokenizer.add_bos_token = False
+    tokenizer.save_pretrained(tmp_path)
+    _, again = load_causal_lm(str(tmp_path), dtype=torch.float64)
+    assert _story_tokens(again) == ["▁Once", "▁upon", "▁a", "▁time"]
 
 
 def test_hub_id_offline_fails_fast_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,12 +80,15 @@ def test_hand_computed_layouts():
 
 
 def test_rejects_bad_input():
-    """Out-of-range codes and a word count that cannot hold the codes are errors, not garbage."""
+    """Out-of-range codes and a word count other than exactly what the codes pack into are errors."""
     with pytest.raises(ValueError, match="out of range"):
         pack(torch.tensor([0, 4]), 2)
     with pytest.raises(ValueError, match="out of range"):
         pack(torch.tensor([-1, 0]), 2)
-    with pytest.raises(ValueError, match="cannot hold"):
+    with pytest.raises(ValueError, match="33 codes of 3 bits pack into 6 words, not 3"):
         unpack(torch.zeros(3, dtype=torch.int32), 3, 33)
-    with pytest.raises(ValueError, match="cannot hold"):
+    with pytest.raises(ValueError, match="pack into 3 words, not 4"):
         unpack(torch.zeros(4, dtype=torch.int32), 3, 10)
+    with pytest.raises(ValueError, match="64 codes of 3 bits pack into 6 words, not 9"):
+        unpack(torch.zeros(9, dtype=torch.int32), 3, 64)  # room for 96 codes: too many words is wrong too
+    assert unpack(torch.zeros(6, dtype=torch.int32), 3, 64).shape == (64,)

@@ -10,9 +10,10 @@ from tiny_lm import FAMILIES, expected_layers, single_thread, tiny_model
 from torch import nn
 
 from cdq_cli import pipeline
+from cdq_cli.capture import linear_sigmas
 from cdq_cli.models import BlockAdapter, Family, adapter_for, generic_adapter
-from cdq_cli.models.capture import linear_sigmas
-from cdq_cli.pipeline import Settings, quantize_model
+from cdq_cli.pipeline import quantize_model
+from cdq_cli.records import Settings
 from cdq_cli.solvers import SOLVERS
 
 # Quick settings per method: the tiny layers need only a few sweeps to show the behaviour.
@@ -53,7 +54,7 @@ def test_bits16_block_plumbing_leaves_logits_unchanged(family: str) -> None:
     data = batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reference = logits(model, data)
-    outcome = quantize_model(model, adapter_for(model), data, Settings(bits=16, device="cpu"))
+    outcome = quantize_model(model, adapter_for(model), data, Settings.make(bits=16, device="cpu"))
     assert outcome.rows == [] and outcome.layers == {}
     assert torch.equal(chain_logits(model, outcome), reference)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -67,7 +68,9 @@ def test_quantized_blocks_chain_equals_model_and_cover_every_linear(family: str)
     model = tiny_model(family)
     data = batches()
     reference = logits(model, data)
-    outcome = quantize_model(model, adapter_for(model), data, Settings(method="rtn", bits=3, device="cpu"))
+    outcome = quantize_model(
+        model, adapter_for(model), data, Settings.make(method="rtn", bits=3, device="cpu")
+    )
     names = [row.name for row in outcome.rows]
     assert names == expected_layers(family)
     assert list(outcome.layers) == names
@@ -88,7 +91,7 @@ def test_quantized_blocks_chain_equals_model_and_cover_every_linear(family: str)
 @pytest.mark.parametrize("method", sorted(SOLVERS))
 def test_every_method_runs_and_reports(method: str) -> None:
     model = tiny_model("llama")
-    settings = Settings(method=method, bits=4, group_size=16, options=FAST.get(method, {}), device="cpu")
+    settings = Settings.make(method=method, bits=4, group_size=16, options=FAST.get(method, {}), device="cpu")
     outcome = quantize_model(model, adapter_for(model), batches(), settings)
     assert len(outcome.rows) == 14
     for row in outcome.rows:
@@ -124,7 +127,7 @@ def test_fp_inputs_takes_every_sigma_from_the_full_precision_model(monkeypatch: 
         return original(name, layer, acc, settings)
 
     monkeypatch.setattr(pipeline, "solve_layer", spy)
-    settings = Settings(method="rtn", bits=4, fp_inputs=True, device="cpu", sigma_dtype=torch.float64)
+    settings = Settings.make(method="rtn", bits=4, fp_inputs=True, device="cpu", sigma_dtype=torch.float64)
     outcome = quantize_model(model, adapter_for(model), data, settings)
     assert set(seen) == set(fp_sigmas)
     for name, sigma in seen.items():
@@ -138,7 +141,7 @@ def test_true_sequential_changes_only_later_groups() -> None:
     rows = {}
     for flag in (True, False):
         model = tiny_model("llama")
-        settings = Settings(method="rtn", bits=2, true_sequential=flag, device="cpu")
+        settings = Settings.make(method="rtn", bits=2, true_sequential=flag, device="cpu")
         rows[flag] = {
             r.name: r.error for r in quantize_model(model, adapter_for(model), batches(), settings).rows
         }
@@ -150,15 +153,20 @@ def test_true_sequential_changes_only_later_groups() -> None:
 
 
 @pytest.mark.parametrize(
-    ("settings", "message"),
+    ("flags", "message"),
     [
-        (Settings(bits=5), "unsupported bit width 5"),
-        (Settings(bits=4, group_size=24), "model.layers.0.self_attn.q_proj: group size 24 does not divide"),
-        (Settings(method="rtn", options={"sweeps": 2}), "unknown option(s) sweeps"),
-        (Settings(method="nope"), "unknown method 'nope'"),
+        ({"bits": 5}, "--bits 5 is not supported"),
+        ({"bits": 4, "group_size": 24}, "model.layers.0.self_attn.q_proj: group size 24 does not divide"),
+        ({"method": "rtn", "options": {"sweeps": 2}}, "unknown option(s) sweeps"),
+        (
+            {"method": "cdq", "options": {"sweeps": -3}},
+            "sweeps (option sweeps of cdq) must be an integer >= 0",
+        ),
+        ({"method": "nope"}, "unknown method 'nope'"),
     ],
 )
-def test_bad_settings_fail_before_any_work(settings: Settings, message: str) -> None:
+def test_bad_settings_fail_before_any_work(flags: dict, message: str) -> None:
+    """Bad settings are refused when they are made, or by the model's layers before any data."""
     model = tiny_model("llama")
 
     def never():
@@ -166,7 +174,7 @@ def test_bad_settings_fail_before_any_work(settings: Settings, message: str) -> 
         yield
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        quantize_model(model, adapter_for(model), never(), settings)
+        quantize_model(model, adapter_for(model), never(), Settings.make(**flags))
 
 
 def test_non_finite_weight_fails_naming_the_layer() -> None:
@@ -174,7 +182,9 @@ def test_non_finite_weight_fails_naming_the_layer() -> None:
     with torch.no_grad():
         model.transformer.h[1].mlp.dense_h_to_4h.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"transformer\.h\.1"):
-        quantize_model(model, adapter_for(model), batches(), Settings(method="rtn", bits=4, device="cpu"))
+        quantize_model(
+            model, adapter_for(model), batches(), Settings.make(method="rtn", bits=4, device="cpu")
+        )
 
 
 def test_generic_adapter_for_unknown_family() -> None:
@@ -187,7 +197,7 @@ def test_generic_adapter_for_unknown_family() -> None:
     assert len(groups) == 1 and len(groups[0]) == 7
     data = batches()
     reference = logits(model, data)
-    outcome = quantize_model(model, adapter, data, Settings(method="rtn", bits=8, device="cpu"))
+    outcome = quantize_model(model, adapter, data, Settings.make(method="rtn", bits=8, device="cpu"))
     assert [r.name for r in outcome.rows] == expected_layers("llama")
     assert torch.allclose(logits(model, data), reference, atol=0.05)
 
@@ -227,7 +237,7 @@ def test_a_vision_family_plugs_in_as_data() -> None:
     adapter = BlockAdapter(family)
     images = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]
     outcome = quantize_model(
-        model, adapter, images, Settings(method="quantease", bits=4, options={"sweeps": 2})
+        model, adapter, images, Settings.make(method="quantease", bits=4, options={"sweeps": 2})
     )
     assert [r.name for r in outcome.rows] == [
         "stages.0.body.0",

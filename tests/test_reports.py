@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdq_cli import report as reports
-from cdq_cli.app import main
-from cdq_cli.pipeline import LayerRow, Settings
+from cdq_cli.cli import main
+from cdq_cli.records import LayerRow, Settings
+from cdq_cli.store import report as reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +23,7 @@ def row(name: str, error: float, relative: float, rtn: float, outliers: int = 0)
 def write_run(folder: Path, rows: list[LayerRow], method: str, evaluation: dict | None = None) -> Path:
     """A real report.json (built by cdq_cli.report) for ``rows``."""
     report = reports.build(
-        model="models/tiny", family="llama", dtype="float32", settings=Settings(method=method, bits=3),
+        model="models/tiny", family="llama", dtype="float32", settings=Settings.make(method=method, bits=3),
         seed=0, calibration={"source": "c4-sample.jsonl", "nsamples": 4, "seqlen": 32, "seed": 0},
         rows=rows, device=torch.device("cpu"), command="cdq quantize models/tiny", started="s", ended="e",
         wall_seconds=1.5,

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from tiny_lm import save_tiny, single_thread
 
-from cdq_cli import resume
-from cdq_cli.app import main
+from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
-from cdq_cli.resume import KILL_ENV, work_folder
+from cdq_cli.store import journal as resume
+from cdq_cli.store.journal import KILL_ENV
+from cdq_cli.store.names import journal_folder as work_folder
 
 TIMING = {"started", "ended", "wall_seconds", "peak_memory_bytes", "seconds", "command", "resumed_blocks"}
 
@@ -66,7 +67,7 @@ def test_sigkill_then_resume_gives_byte_identical_output(argv, reference, tmp_pa
     out = tmp_path / "q"
     env = {**os.environ, KILL_ENV: "0", "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
-        [sys.executable, "-m", "cdq_cli.app", *argv, "--output", str(out)],
+        [sys.executable, "-m", "cdq_cli", *argv, "--output", str(out)],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -90,13 +91,13 @@ def test_two_identical_runs_write_identical_bytes(argv, reference, tmp_path) -> 
 
 def interrupt_after_first_block(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C right after block 0's state is saved (in-process; the SIGKILL test covers a real kill)."""
-    real = resume.Checkpointer.on_block_done
+    real = resume.Journal.on_block_done
 
     def stop(self, index, rows, layers):
         real(self, index, rows, layers)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume.Checkpointer, "on_block_done", stop)
+    monkeypatch.setattr(resume.Journal, "on_block_done", stop)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdq_cli.models.capture import linear_sigmas
+from cdq_cli.capture import linear_sigmas
 from cdq_cli.solvers import SigmaAccumulator
 from cdq_cli.solvers.result import objective
 

@@ -15,16 +15,18 @@ from tiny_lm import single_thread
 from tiny_vision import EMBED, FAMILY, HEAD, TINY, images, quantizable, tiny_model, write_folder
 from torch import nn
 
-from cdq_cli.app import main
 from cdq_cli.calib.images import DataSourceError, calibration_images, labelled_batches, open_images
-from cdq_cli.checkpoint import read_table, save_quantized
-from cdq_cli.evaluate_vision import scores, top1
-from cdq_cli.models.conv import conv_columns, layer_sigma
-from cdq_cli.models.timm_models import KIND, TimmSpec, data_config, load_vision_quantized
+from cdq_cli.capture import conv_columns, layer_sigma
+from cdq_cli.cli import main
+from cdq_cli.evaluate.classification import scores, top1
+from cdq_cli.models.timm_models import KIND, TimmSpec, data_config
 from cdq_cli.models.vision import generic_family, vision_adapter_for
-from cdq_cli.pipeline import Settings, quantize_model
-from cdq_cli.solvers import SOLVERS, solve
+from cdq_cli.pipeline import quantize_model
+from cdq_cli.records import Settings
+from cdq_cli.run.vision import load_vision_quantized
+from cdq_cli.solvers import SOLVERS, GridSpec, solve
 from cdq_cli.solvers.grouped import solve_grouped
+from cdq_cli.store.folder import read_table, save_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["vit", "deit", "swin", "resnet", "lite0"]
@@ -39,7 +41,7 @@ def _one_thread():
 def run(model: nn.Module, method: str = "rtn", bits: int = 4, *, embed=False, head=False, **options):
     adapter = vision_adapter_for(model, quantize_embed=embed, quantize_head=head)
     x = images()
-    settings = Settings(method=method, bits=bits, device="cpu", options=options)
+    settings = Settings.make(method=method, bits=bits, device="cpu", options=options)
     outcome = quantize_model(model, adapter, [x[:4], x[4:]], settings)
     chain = torch.cat([adapter.head(model, h) for h in outcome.outputs])
     return adapter, outcome, chain
@@ -143,7 +145,7 @@ def test_lite0_random_init_rtn_and_per_layer() -> None:
     assert len(outcome.rows) == 48
     model = tiny_model("lite0-small")
     adapter = vision_adapter_for(model)
-    settings = Settings(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
+    settings = Settings.make(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
     outcome = quantize_model(model, adapter, [images()], settings)
     for name, stored in outcome.layers.items():
         groups = model.get_submodule(name).groups
@@ -188,13 +190,13 @@ def test_grouped_sigma_and_solve_are_per_group() -> None:
         block = patches[:, g * 18 : (g + 1) * 18]
         assert torch.allclose(acc.sigma[g], block.T @ block)
     weight = layer.weight.detach().reshape(6, -1)
-    result = solve_grouped("cdq", weight, acc.sigma, bits=3)
+    result = solve_grouped("cdq", weight, acc.sigma, GridSpec(3), {})
     for g in range(3):
         alone = solve("cdq", weight[2 * g : 2 * g + 2], acc.sigma[g], bits=3)
         assert torch.equal(result.weight[2 * g : 2 * g + 2], alone.weight)
     dead = acc.sigma.clone()
     dead[1] = 0  # a group whose inputs are always zero is rounded, not an error
-    assert torch.isfinite(solve_grouped("gptq", weight, dead, bits=3).weight).all()
+    assert torch.isfinite(solve_grouped("gptq", weight, dead, GridSpec(3), {}).weight).all()
 
 
 # -- reload ------------------------------------------------------------------------------------

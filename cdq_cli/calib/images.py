@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..datapaths import data_dir, hub_offline
+from ..offline import data_dir, hub_offline
 from .text import DataSourceError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

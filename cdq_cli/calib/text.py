@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..datapaths import data_dir, hub_offline
+from ..offline import data_dir, hub_offline
 
 
 class DataSourceError(ValueError):

@@ -1,21 +1,17 @@
-"""Model side of cdq: loading, family adapters (layout as data), Σ capture."""
+"""Model layout and loading: families declared as data, the adapters that run them, loaders.
 
-from .adapters import (
-    FAMILIES,
-    Adapter,
-    AdapterError,
-    BlockAdapter,
-    BlockInputs,
-    Family,
-    adapter_for,
-    generic_adapter,
-    quantizable_layers,
-    register,
-)
-from .loading import ModelLoadError, load_causal_lm, smollm2_gguf
+``base`` holds what every adapter shares, ``families`` the language-model families (Llama, OPT,
+BLOOM, a generic fallback), ``vision`` the timm families; ``causal_lm`` and ``timm_models`` load
+models. Nothing here does quantization math or moves modules between devices.
+"""
+
+from .base import QUANTIZABLE, Adapter, AdapterError, BlockInputs, join_name, quantizable_layers
+from .causal_lm import ModelLoadError, load_causal_lm, smollm2_gguf
+from .families import FAMILIES, BlockAdapter, Family, adapter_for, generic_adapter, register
 
 __all__ = [
     "FAMILIES",
+    "QUANTIZABLE",
     "Adapter",
     "AdapterError",
     "BlockAdapter",
@@ -24,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "adapter_for",
     "generic_adapter",
+    "join_name",
     "load_causal_lm",
     "quantizable_layers",
     "register",

@@ -1,11 +1,9 @@
-"""timm image classifiers: recognise a vision target, build it (weights only from local files),
-resolve its eval transform, and rebuild a quantized one from a cdq output folder.
+"""timm image classifiers: build one (weights only from local files) and resolve its eval transform.
 
 There is no hub: ``pretrained=False`` always, and real weights come from ``--checkpoint FILE``
 (timm's own ``checkpoint_path`` loader: .pth/.pt/.bin/.safetensors). What rebuilds the model (the
-architecture name, ``create_model`` keyword arguments, and the data config the model was evaluated
-with) is stored in the output folder, so ``cdq eval`` and :func:`load_vision_quantized` need nothing
-else.
+architecture name, ``create_model`` keyword arguments, the checkpoint) is a :class:`TimmSpec`,
+which an output folder stores, so ``cdq eval`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -15,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .loading import ModelLoadError
+from .causal_lm import ModelLoadError
 
 KIND = "timm-classifier"
+# create_model arguments that would load weights or configs from elsewhere: never taken from a file.
+_NOT_FROM_FILES = ("pretrained", "checkpoint_path")
 PREFIX = "timm/"
 _DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -38,8 +37,19 @@ class TimmSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TimmSpec:
-        return cls(data["name"], dict(data.get("kwargs") or {}), data.get("checkpoint"))
+    def from_dict(cls, data: Any) -> TimmSpec:
+        """The spec an output folder stores, checked: an architecture name, plain keyword arguments
+        (never ones that load weights or configs from elsewhere), an optional checkpoint path."""
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ModelLoadError("the stored timm model has no architecture name")
+        kwargs, checkpoint = data.get("kwargs") or {}, data.get("checkpoint")
+        if not isinstance(kwargs, dict) or any(
+            not isinstance(k, str) or not k.isidentifier() or k in _NOT_FROM_FILES for k in kwargs
+        ):
+            raise ModelLoadError(f"the stored timm model arguments {kwargs!r} are not allowed")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise ModelLoadError(f"the stored timm checkpoint {checkpoint!r} is not a path")
+        return cls(data["name"], dict(kwargs), checkpoint)
 
 
 def timm_name(target: str) -> str:
@@ -47,14 +57,10 @@ def timm_name(target: str) -> str:
     return target[len(PREFIX) :] if target.startswith(PREFIX) else target
 
 
-def is_vision_target(target: str, checkpoint: str | None = None) -> bool:
-    """True for ``timm/NAME``, any target given with ``--checkpoint``, a cdq folder holding a timm
-    model, or a plain name timm knows (when no such file or folder exists)."""
-    if target.startswith(PREFIX) or checkpoint is not None:
+def is_timm_architecture(target: str) -> bool:
+    """True for ``timm/NAME`` and for a plain name timm knows (no path separators)."""
+    if target.startswith(PREFIX):
         return True
-    path = Path(target).expanduser()
-    if path.exists():
-        return _folder_kind(path) == KIND
     if "/" in target or "\\" in target:
         return False
     import timm
@@ -85,7 +91,7 @@ def load_timm(spec: TimmSpec) -> nn.Module:
     checkpoint = check_spec(spec)
     try:
         model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **spec.kwargs)
-    except (RuntimeError, TypeError, ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # a corrupt or truncated checkpoint, a bad argument: one line
         where = f" from {checkpoint}" if checkpoint else ""
         raise ModelLoadError(f"cannot build timm model {name!r}{where}: {_first_line(exc)}") from exc
     return model.float().eval()
@@ -106,26 +112,6 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # tuples -> lists: what the output folder stores
 
 
-def load_vision_quantized(folder: Path | str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the timm model stored in a cdq output folder: (model in eval mode, marker table)."""
-    from ..checkpoint import CheckpointError, quantized_state_dict, read_table
-
-    folder = Path(folder)
-    table = read_table(folder)
-    if table.get("kind") != KIND or "timm" not in table:
-        raise CheckpointError(f"{folder} holds a {table.get('kind')!r} model, not a timm classifier")
-    spec = TimmSpec.from_dict(table["timm"])
-    model = load_timm(TimmSpec(spec.name, spec.kwargs))
-    state = quantized_state_dict(folder)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{folder}: weights do not match timm model {spec.name!r}: {_first_line(exc)}"
-        ) from None
-    return model.to(getattr(torch, table["dtype"])).eval(), table
-
-
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings to ``create_model`` keyword arguments (values as JSON when they parse:
     ``depth=2``, ``img_size=32``, ``depths=[2,2]``; otherwise strings)."""
@@ -140,16 +126,6 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             kwargs[key] = {"true": True, "false": False, "none": None}.get(raw.strip().lower(), raw.strip())
     return kwargs
-
-
-def _folder_kind(path: Path) -> str | None:
-    marker = path / "quantization.json"
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError):
-        return None
 
 
 def _first_line(exc: BaseException) -> str:

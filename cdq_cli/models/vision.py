@@ -31,7 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters import QUANTIZABLE, AdapterError, BlockInputs, _move, join_name
+from ..placement import move
+from .base import (
+    QUANTIZABLE,
+    AdapterError,
+    BlockInputs,
+    StopForward,
+    capture_first_inputs,
+    join_name,
+    module_ids,
+    outside,
+)
 
 
 @dataclass(frozen=True)
@@ -173,12 +183,8 @@ class _View(nn.Module):
 
     def to(self, device: torch.device | str) -> _View:  # type: ignore[override]
         for item in self._owned:
-            _move(item, torch.device(device))
+            move(item, torch.device(device))
         return self
-
-
-class _Stop(Exception):
-    """Raised by the block-0 pre-hook: everything needed has been recorded."""
 
 
 class VisionAdapter:
@@ -220,43 +226,35 @@ class VisionAdapter:
 
     # -- running --------------------------------------------------------------------------------
 
+    def preamble(self, model: nn.Module) -> list[nn.Module | torch.Tensor]:
+        """Everything outside the chain (stem, head); empty when the stem is a unit of the chain."""
+        self._check(model)
+        return [] if self.quantize_embed else list(self._outside)
+
     @torch.no_grad()
     def capture_block_inputs(
-        self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+        self,
+        model: nn.Module,
+        batches: Iterable[torch.Tensor],
+        device: torch.device,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda hidden: hidden,
     ) -> BlockInputs:
         """Images themselves (with a stem unit) or what the model feeds block 0, per batch."""
         self._check(model)
         batches = list(batches)
-        if batches:
-            self.verify(model, batches[0])
         if self.quantize_embed:
-            return BlockInputs([b.to(device) for b in batches], [()] * len(batches), [{}] * len(batches))
-        captured = BlockInputs([], [], [])
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.hidden.append(args[0].detach())
-            captured.args.append(tuple(args[1:]))
-            captured.kwargs.append(dict(kwargs))
-            raise _Stop
-
-        home = next(model.parameters()).device
-        for item in self._outside:
-            _move(item, device)
-        handle = self.units[0].module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for batch in batches:
-                try:
-                    model.forward_features(batch.to(device))
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-            for item in self._outside:
-                _move(item, home)
-        return captured
+            return BlockInputs(
+                [keep(b.to(device)) for b in batches], [()] * len(batches), [{}] * len(batches)
+            )
+        return capture_first_inputs(
+            self.units[0].module, batches, model.forward_features, device=device, name=self.name, keep=keep
+        )
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         return block(hidden, *args, **kwargs)
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [item for item in self._outside if isinstance(item, nn.Module)]  # forward_head lives there
 
     @torch.no_grad()
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -288,9 +286,8 @@ class VisionAdapter:
         if not body:
             raise AdapterError(f"{type(model).__name__} has no blocks at {', '.join(self.family.blocks)}")
         tail = [name for name in self.family.tail if _get(model, name) is not None]
-        chain_ids = {id(m) for _, module in body for m in module.modules()}
-        chain_ids |= {id(m) for name in tail for m in _get(model, name).modules()}
-        self._outside = _outside(model, chain_ids)
+        chain_ids = module_ids(*(module for _, module in body), *(_get(model, name) for name in tail))
+        self._outside = outside(model, chain_ids)
         order = {name: index for index, (name, _) in enumerate(model.named_modules())}
         first = min(order[name] for name, _ in body)
         embed, head = [], []
@@ -337,12 +334,12 @@ def _stem(model: nn.Module, first: nn.Module, owned: list) -> _View:
 
         def hook(_module: nn.Module, args: tuple) -> None:
             seen.append(args[0])
-            raise _Stop
+            raise StopForward
 
         handle = first.register_forward_pre_hook(hook)
         try:
             model.forward_features(images)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -398,21 +395,3 @@ def _match(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Mo
                 found.append((name, module))
                 break
     return found
-
-
-def _outside(model: nn.Module, inside: set[int]) -> list[nn.Module | torch.Tensor]:
-    """Maximal submodules (and loose tensors) of ``model`` that hold nothing of the chain."""
-    out: list[nn.Module | torch.Tensor] = []
-
-    def visit(module: nn.Module) -> None:
-        out.extend(t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
-        for child in module.children():
-            if id(child) in inside:
-                continue
-            if any(id(m) in inside for m in child.modules()):
-                visit(child)
-            else:
-                out.append(child)
-
-    visit(model)
-    return out

@@ -37,6 +37,7 @@ from ..kernels import backend_module, resolve, round_to_grid
 from .grid import Grid
 from .result import objective
 
+ORDERS = ("cyclic", "diag", "greedy")
 # Memory the per-row path may spend on gathered Σ rows (bytes).
 _GATHER_BUDGET = 256 * 2**20
 

@@ -73,22 +73,16 @@ def energy(weight: torch.Tensor, sigma: torch.Tensor) -> float:
 
 
 def solve_grouped(
-    method: str,
-    weight: torch.Tensor,
-    sigma: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int | None = None,
-    sym: bool = False,
-    per_layer: bool = False,
-    **options,
+    method: str, weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: dict
 ) -> QuantResult:
     """Quantize a grouped layer ``weight`` (out, c) given ``sigma`` (G, c, c), group by group.
 
-    A group whose Σ is all zero (its inputs were always zero: a dead channel) does not affect the
-    output; it is rounded to its grid (RTN), as the solvers do for single dead columns.
+    ``spec`` is the layer's grid (:func:`group_spec` gives each group's), ``options`` the method's
+    checked options (:func:`cdq_cli.solvers.check_options`). A group whose Σ is all zero (its
+    inputs were always zero: a dead channel) does not affect the output; it is rounded to its
+    grid (RTN), as the solvers do for single dead columns.
     """
-    from . import solve  # the package's checked entry point (imported here: it imports this module)
+    from .registry import run_solver  # the checked entry point (imported here: it imports this module)
 
     groups = sigma.shape[0]
     rows, columns = weight.shape
@@ -97,8 +91,7 @@ def solve_grouped(
             f"grouped sigma must be (G, {columns}, {columns}) with G dividing {rows} rows, "
             f"got {tuple(sigma.shape)}"
         )
-    spec = group_spec(GridSpec(bits, group_size, sym, per_layer), columns, groups)
-    common = dict(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, per_layer=spec.per_layer)
+    spec = group_spec(spec, columns, groups)
     per = rows // groups
     sigma = sigma.to(weight.device, weight.dtype)
     if method == "rtn" and not spec.per_layer and not options:
@@ -111,14 +104,15 @@ def solve_grouped(
     for g in range(groups):
         w, s = weight[g * per : (g + 1) * per], sigma[g]
         if bool((s.diagonal() > 0).any()):
-            results.append(solve(method, w, s, **common, **options))
+            results.append(run_solver(method, w, s, spec, options))
         else:
             results.append(solve_rtn(w, s, spec))
-    return _stack(results, spec)
+    return stack_results(results, spec)
 
 
-def _stack(results: list[QuantResult], spec: GridSpec) -> QuantResult:
-    """One QuantResult for the whole layer from its groups' results (stacked along rows)."""
+def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:
+    """One QuantResult for the whole layer from independent row blocks' results (conv groups,
+    experts), stacked along rows."""
     stored = GridSpec(spec.bits, None, spec.sym) if spec.per_layer and len(results) > 1 else spec
     approx = torch.cat([r.weight for r in results])
     outliers = None

@@ -22,6 +22,8 @@ from .grid import GridSpec, fit_minmax
 from .result import QuantResult, check_finite, working_objective
 from .starts import start_point
 
+INNER_SOLVERS = ("cd", "cdq")
+
 
 def project_sparse(candidate: torch.Tensor, budget: int, structured: bool) -> torch.Tensor:
     """Best approximation of ``candidate`` with ``budget`` nonzero entries (or columns)."""
@@ -62,7 +64,7 @@ def solve_quantease_outlier(
     the grid's scales and zero-points)."""
     if not 0 <= outlier_fraction < 1:
         raise ValueError(f"outlier fraction must be in [0, 1), got {outlier_fraction}")
-    if inner not in ("cd", "cdq"):
+    if inner not in INNER_SOLVERS:
         raise ValueError(f"unknown inner solver {inner!r} for the outlier-aware method: use cd or cdq")
     began = time.perf_counter()
     rows, columns = weight.shape

@@ -49,8 +49,10 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot unpack {bits}-bit codes")
     *lead, n_words = words.shape
-    if n_words % bits or n_words // bits * _WORD < length:
-        raise ValueError(f"{n_words} words cannot hold {length} codes of {bits} bits")
+    if n_words != packed_length(length, bits):
+        raise ValueError(
+            f"{length} codes of {bits} bits pack into {packed_length(length, bits)} words, not {n_words}"
+        )
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
     chunks = unsigned.reshape(*lead, n_words // bits, bits)
     mask = (1 << bits) - 1

@@ -1,8 +1,8 @@
 """The report schema (report.json): run settings, one row per quantized layer, and a summary.
 
 Everything a reader needs to reproduce or compare a run is here: method and grid, solver options,
-the calibration source and its hash, library versions, device and command line. Rows come from
-:class:`cdq_cli.pipeline.LayerRow`; the summary is derived from them.
+the calibration source and its hash, library versions, device and command line. Rows are
+:class:`cdq_cli.records.LayerRow`; the summary is derived from them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .pipeline import LayerRow, Settings
+from .. import __version__
+from ..records import LayerRow, Settings
 
 SCHEMA = "cdq-report/1"
 
@@ -108,7 +108,7 @@ def build(
             "sym": settings.sym,
             "per_layer": settings.per_layer,
             "seed": seed,
-            "options": settings.options,
+            "options": _json_options(settings.options),
             "true_sequential": settings.true_sequential,
             "fp_inputs": settings.fp_inputs,
             "sigma_dtype": str(settings.sigma_dtype).removeprefix("torch."),
@@ -123,3 +123,8 @@ def build(
         "layers": [row.to_dict() for row in rows],
         "summary": summarize(rows, wall_seconds, peak_memory(device)),
     }
+
+
+def _json_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Solver options as JSON values (comma-list options are tuples in memory)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}

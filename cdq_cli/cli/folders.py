@@ -6,36 +6,26 @@ Registered on the main Typer app by :func:`register`; errors are ``ValueError``s
 
 from __future__ import annotations
 
-import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
+from ..store.names import REPORT_PLOT
+from .choices import CheckpointFormat, ExportTarget
+from .printing import print_json
+
 if TYPE_CHECKING:
-    from .export_gptq import ExportSummary
-
-
-class ExportFormat(str, Enum):
-    native = "native"
-    gptq = "gptq"
-
-
-class ExportTarget(str, Enum):
-    gptq = "gptq"
-
-
-class CheckpointFormat(str, Enum):
-    gptq = "gptq"
-    gptq_v2 = "gptq_v2"
+    from ..store.gptq import ExportSummary
 
 
 def export(
     output_dir: Path = typer.Argument(..., help="A cdq output folder (from cdq quantize)."),
     target: ExportTarget = typer.Option(ExportTarget.gptq, "--format", help="Target layout."),
-    dest: Path | None = typer.Option(None, "--dest", help="Export folder (default: <OUTPUT_DIR>-gptq)."),
+    dest: Path | None = typer.Option(
+        None, "--output", "--dest", metavar="FOLDER", help="Export folder (default: <OUTPUT_DIR>-gptq)."
+    ),
     checkpoint_format: CheckpointFormat = typer.Option(
         CheckpointFormat.gptq,
         help="gptq: v1, zero-points stored minus 1 (read by every engine); gptq_v2: gptqmodel only.",
@@ -44,7 +34,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Write the quantized model in another checkpoint layout (GPTQ: qweight/qzeros/scales/g_idx)."""
-    from .export_gptq import export_gptq
+    from ..store.gptq import export_gptq
 
     del target  # one target for now; the option keeps the command line explicit and extensible
     summary = export_gptq(output_dir, dest, checkpoint_format=checkpoint_format.value, overwrite=overwrite)
@@ -53,7 +43,7 @@ def export(
 
 def show_export(summary: ExportSummary, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
         return
     grid = f"group {summary.group_size}" if summary.group_size > 0 else "per channel"
     print(
@@ -79,10 +69,9 @@ def report(
     data = load_report(output_dir)
     picture = None
     if not no_plot and data["layers"]:
-        default = (output_dir if output_dir.is_dir() else output_dir.parent) / "report.png"
-        picture = write_plot(data, plot or default)
+        picture = write_plot(data, plot) if plot is not None else _plot_beside(data, output_dir)
     if as_json:
-        print(json.dumps({**report_payload(data, top or None), "plot": str(picture) if picture else None}))
+        print_json({**report_payload(data, top or None), "plot": str(picture) if picture else None})
         return
     header, body = report_table(data, top or None)
     lines = summary_lines(data)
@@ -90,6 +79,21 @@ def report(
     render([*lines, shown], header, body, sys.stdout)
     if picture is not None:
         print(f"plot: {picture}")
+
+
+def _plot_beside(data: dict, output_dir: Path) -> Path:
+    """Write the plot into the run's folder, as a file cdq wrote (never over a file it did not)."""
+    from ..store.files import add_to_manifest, read_manifest
+    from .report_view import write_plot
+
+    folder = output_dir if output_dir.is_dir() else output_dir.parent
+    dest = folder / REPORT_PLOT
+    written = read_manifest(folder)
+    if dest.exists() and (written is None or REPORT_PLOT not in written):
+        raise ValueError(f"refusing to overwrite {dest}, which cdq did not write (pass --plot PATH)")
+    picture = write_plot(data, dest)
+    add_to_manifest(folder, REPORT_PLOT)
+    return picture
 
 
 def compare(
@@ -105,7 +109,7 @@ def compare(
         raise ValueError(f"--top must be 0 (all) or positive, got {top}")
     payload = compare_payload(load_report(a), load_report(b), top or None)
     if as_json:
-        print(json.dumps(payload))
+        print_json(payload)
         return
     header, body = compare_table(payload)
     render(compare_lines(payload), header, body, sys.stdout)

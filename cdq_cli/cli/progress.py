@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .pipeline import Event
+from ..records import Event
 
 
 class Reporter:
@@ -47,7 +47,9 @@ class Reporter:
     def __call__(self, event: Event) -> None:
         if self.quiet:
             return
-        if self.rich:
+        if event.kind == "note":
+            self.note(event.text)
+        elif self.rich:
             self._rich(event)
         else:
             self._plain(event)
@@ -115,3 +117,25 @@ class Reporter:
 
 def _short(name: str, width: int = 32) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def quiet_libraries() -> None:
+    """Keep stderr to cdq's own lines under --quiet/--json or when stderr is not a terminal: no
+    "Loading weights" bars, no library logging below errors, no library warnings."""
+    import logging as stdlib_logging
+    import os
+    import warnings
+
+    import huggingface_hub
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = (
+        "1"  # datasets is imported only if a named source is read
+    )
+    for name in ("datasets", "accelerate"):
+        stdlib_logging.getLogger(name).setLevel(stdlib_logging.ERROR)
+    for library in ("transformers", "huggingface_hub", "datasets", "timm", "torch", "accelerate", "gguf"):
+        warnings.filterwarnings("ignore", module=rf"{library}(\..*)?")

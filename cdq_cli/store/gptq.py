@@ -47,19 +47,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import WEIGHTS, atomic_folder, check_output_dir, read_layers, read_table
-from .quantized import QuantizedLayer
-from .solvers import GridSpec
-from .solvers.packing import pack
+from .. import __version__
+from ..solvers import GridSpec
+from ..solvers.packing import pack
+from .files import atomic_folder, check_output_dir
+from .folder import OutputWeights
+from .layer import QuantizedLayer, spec_of
+from .names import GPTQ_CONFIG, MARKER, REPORT, WEIGHTS, WEIGHTS_INDEX
+from .shards import ShardWriter
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 OUTLIER_METHODS = ("quantease-outlier",)
-_OWN_LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val")
-_NOT_COPIED = {WEIGHTS, "quantization.json", "config.json"}
+_NOT_COPIED = {WEIGHTS, MARKER, "config.json"}
 
 
 class ExportError(ValueError):
@@ -126,7 +126,7 @@ def preflight(
     checkpoint_format: str = "gptq",
 ) -> None:
     """:func:`check_settings` from quantize's flags, for ``cdq quantize --format gptq``."""
-    from .solvers import SUPPORTED_BITS
+    from ..solvers import SUPPORTED_BITS
 
     if bits not in SUPPORTED_BITS:
         raise ExportError(f"--format gptq needs quantized layers: --bits {bits} has none to export")
@@ -198,62 +198,65 @@ def export_gptq(
     *,
     checkpoint_format: str = "gptq",
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> ExportSummary:
-    """Write the GPTQ checkpoint of the cdq output folder ``source`` to ``dest`` (atomically)."""
+    """Write the GPTQ checkpoint of the cdq output folder ``source`` to ``dest`` (atomically), one
+    tensor at a time into shards of at most ``max_shard_bytes`` (None: one file)."""
     source = Path(source).absolute()
     dest = Path(dest).absolute() if dest is not None else default_dest(source)
     if dest == source:
-        raise ExportError("the GPTQ export needs its own folder (--dest must differ from the output folder)")
-    table = read_table(source)
+        raise ExportError(
+            "the GPTQ export needs its own folder (--output must differ from the folder it exports)"
+        )
+    stored = OutputWeights(source)
+    table = stored.table
     if table.get("kind", "causal-lm") != "causal-lm":
         raise ExportError(
             f"{source} holds a {table.get('kind')!r} model; GPTQ export is for causal LMs (transformers)"
         )
-    layers = read_layers(source)
-    if not layers:
+    if not stored.layer_meta:
         raise ExportError(f"{source} has no quantized layers (--bits 16?); nothing to export")
-    spec = _common_spec(layers)
+    specs = {name: spec_of(name, meta) for name, meta in stored.layer_meta.items()}
+    if len({spec for spec, _, _ in specs.values()}) != 1:
+        raise ExportError("layers use different grids; GPTQ's quantization_config describes one grid")
+    spec = next(iter(specs.values()))[0]
     method = str(table.get("method", "unknown"))
-    check_settings({n: layer.shape for n, layer in layers.items()}, spec, method, checkpoint_format)
-    check_output_dir(dest, overwrite=overwrite)
-
-    tensors: dict[str, torch.Tensor] = {}
-    rounding = 0.0
-    for name, layer in layers.items():
-        for leaf, value in gptq_tensors(layer, checkpoint_format).items():
-            tensors[f"{name}.{leaf}"] = value
-        exact = layer.scales.to(torch.float64)
-        rounding = max(
-            rounding, float(((layer.scales.to(torch.float16).to(torch.float64) - exact) / exact).abs().max())
-        )
+    check_settings({n: shape for n, (_, shape, _) in specs.items()}, spec, method, checkpoint_format)
+    check_output_dir(dest, overwrite=overwrite, protect=[source])
     config = _read_json(source / "config.json")
     if not config:
         raise ExportError(f"{source} has no config.json; the GPTQ export needs the model's config")
     tied = bool(config.get("tie_word_embeddings", False))
-    with safe_open(str(source / WEIGHTS), framework="pt") as fh:
-        for key in fh.keys():
-            owner, _, leaf = key.rpartition(".")
-            if owner in layers and leaf in _OWN_LEAVES:
-                continue
-            tensors[key] = fh.get_tensor(key)
-    for alias, target in table.get("aliases", {}).items():
-        if not (tied and alias == "lm_head.weight"):  # transformers re-ties it from the config
-            tensors[alias] = tensors[target].clone()
-
-    report = _read_json(source / "report.json")
-    run = report.get("run", {})
-    block = quantization_config(spec, method, run, checkpoint_format)
+    report = _read_json(source / REPORT)
+    block = quantization_config(spec, method, report.get("run", {}), checkpoint_format)
     config["quantization_config"] = block
-    with atomic_folder(dest, overwrite=overwrite) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+    rounding = 0.0
+    with atomic_folder(dest, overwrite=overwrite, protect=[source]) as tmp:
+        shards = ShardWriter(tmp, max_shard_bytes)
+        for name in stored.names():
+            if name in stored.params:  # a quantized layer: its GPTQ tensors
+                layer = stored.layer(stored.params[name])
+                shards.write(
+                    {f"{layer.name}.{leaf}": t for leaf, t in gptq_tensors(layer, checkpoint_format).items()}
+                )
+                exact = layer.scales.to(torch.float64)
+                rounding = max(
+                    rounding,
+                    float(((layer.scales.to(torch.float16).to(torch.float64) - exact) / exact).abs().max()),
+                )
+            elif not (tied and name == "lm_head.weight" and name in stored.aliases):
+                shards.write({name: stored.tensor(name)})  # transformers re-ties a tied head from config
+        shards.close()
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "quantize_config.json", {**block, "model_file_base_name": "model"})
+        _write_json(tmp / GPTQ_CONFIG, {**block, "model_file_base_name": "model"})
         for item in sorted(source.iterdir()):
-            if item.is_file() and item.name not in _NOT_COPIED and not item.name.startswith("."):
-                shutil.copy2(item, tmp / item.name)
+            if item.is_file() and not _weights_file(item.name) and item.name not in _NOT_COPIED:
+                if not item.name.startswith("."):
+                    shutil.copy2(item, tmp / item.name)
     return ExportSummary(
         dest=dest,
-        layers=len(layers),
+        layers=len(stored.layer_meta),
         bits=spec.bits,
         group_size=block["group_size"],
         sym=spec.sym,
@@ -261,6 +264,10 @@ def export_gptq(
         max_scale_rounding=rounding,
         engines=engines_note(spec.bits, spec.sym, checkpoint_format),
     )
+
+
+def _weights_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name == WEIGHTS_INDEX
 
 
 def quantization_config(
@@ -306,14 +313,6 @@ def engines_note(bits: int, sym: bool, checkpoint_format: str) -> str:
         f"{bits}-bit GPTQ v1: transformers with optimum + gptqmodel (its torch kernel); most serving "
         "engines and fast kernels (Marlin, exllama v2) take 4/8-bit only"
     )
-
-
-def _common_spec(layers: Mapping[str, QuantizedLayer]) -> GridSpec:
-    """The one grid every layer shares (quantization_config describes a single grid)."""
-    specs = {layer.spec for layer in layers.values()}
-    if len(specs) != 1:
-        raise ExportError("layers use different grids; GPTQ's quantization_config describes one grid")
-    return specs.pop()
 
 
 def _gcd(a: int, b: int) -> int:

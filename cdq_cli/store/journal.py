@@ -1,6 +1,6 @@
-"""Resumable runs: after every finished block, save what is needed to continue from the next one.
+"""The resume journal: after every finished block, save what is needed to continue from the next one.
 
-The work folder is a hidden sibling of the output, ``.<OUTPUT>.partial/``::
+The journal is a hidden sibling folder of the output, ``.<OUTPUT>.partial/``::
 
     block-00000.safetensors   the packed layers of block 0 (one file per finished block)
     state.json                blocks done, the report rows so far, and the run's fingerprint
@@ -18,8 +18,9 @@ The fingerprint is what must not change between the interrupted run and ``--resu
 quantization settings (method options included), and the cdq and torch versions. A mismatch is
 refused with a line naming what changed.
 
-Test hook: ``CDQ_TEST_KILL_AFTER_BLOCK=N`` makes the process SIGKILL itself right after block N's
-state (0-based) is on disk, so tests can kill a real run at a known point.
+Test hooks: ``CDQ_TEST_KILL_AFTER_BLOCK=N`` makes the process SIGKILL itself right after block N's
+state (0-based) is on disk, ``CDQ_TEST_TERM_AFTER_BLOCK=N`` sends it SIGTERM there, so tests can
+stop a real run at a known point.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +40,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import read_packed_layer
-from .pipeline import LayerRow, ResumeState, Settings
-from .quantized import QuantizedLayer
-from .solvers import GridSpec
+from .. import __version__
+from ..records import LayerRow, ResumeState, Settings
+from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
+from .names import JOURNAL_OUTPUT as OUTPUT
+from .names import JOURNAL_STATE as STATE
+from .names import journal_block, journal_folder
 
 KILL_ENV = "CDQ_TEST_KILL_AFTER_BLOCK"
-STATE = "state.json"
+TERM_ENV = "CDQ_TEST_TERM_AFTER_BLOCK"
+_BLOCK_FILE = re.compile(r"block-\d{5,}\.safetensors")
+_SHARD_FILE = re.compile(r"\.shard-\d{5,}\.(data|safetensors)")
 SCHEMA = "cdq-resume/1"
 
 
 class ResumeError(ValueError):
     """Saved state that cannot be resumed (changed inputs, unreadable files); one line, exit 2."""
-
-
-def work_folder(output: Path) -> Path:
-    output = Path(output).absolute()
-    return output.with_name(f".{output.name}.partial")
 
 
 def fingerprint(
@@ -73,8 +72,7 @@ def fingerprint(
         **{k: v for k, v in extra.items() if k == "batch_size"},
     }
     run = {
-        **{k: v for k, v in asdict(settings).items() if k != "sigma_dtype"},
-        "sigma_dtype": str(settings.sigma_dtype),
+        **settings.describe(),
         "dtype": str(next(lm.parameters()).dtype),
         **{k: v for k, v in extra.items() if k != "batch_size"},
     }
@@ -86,7 +84,7 @@ def fingerprint(
     }
 
 
-class Checkpointer:
+class Journal:
     """Writes a state after every finished block and hands it back to a resumed run.
 
     Pass it to :func:`cdq_cli.pipeline.quantize_model`; call :meth:`finish` once the output is saved.
@@ -95,21 +93,37 @@ class Checkpointer:
     def __init__(
         self, output: Path, fingerprint: dict[str, Any], *, resume: bool, note: Callable[[str], None]
     ) -> None:
-        self.folder = work_folder(output)
+        self.folder = journal_folder(output)
         self.fingerprint = fingerprint
         self.note = note
         self.state: ResumeState | None = None
-        saved = self._read_state() if self.folder.exists() else None
+        self.saved_blocks = 0  # finished blocks on disk (restored or written by this run)
         if resume:
+            saved = self._read_state() if self.folder.exists() else None
             if saved is None:
                 note(f"no saved state for {Path(output).name} (nothing to resume): starting fresh")
             else:
                 self._check(saved["fingerprint"])
                 self.state = self._load(saved)
+                self.saved_blocks = self.state.blocks_done
                 note(f"resuming: {self.state.blocks_done} finished block(s) restored from {self.folder}")
         elif self.folder.exists():
+            if not is_journal(self.folder):
+                raise ResumeError(
+                    f"refusing to delete {self.folder}: it is not a cdq resume journal; "
+                    "remove it yourself or choose another --output"
+                )
             note(f"discarding the state of an unfinished earlier run ({self.folder}); --resume continues one")
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def output_folder(self) -> Path:
+        """A fresh folder inside the journal where the output is built (what an interrupted run
+        left there is discarded: a resumed run writes the restored blocks again)."""
+        folder = self.folder / OUTPUT
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return folder
 
     @property
     def blocks_restored(self) -> int:
@@ -122,15 +136,10 @@ class Checkpointer:
         """Persist block ``index`` (its packed layers) and the rows so far; atomic, state last."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
-        for name, layer in layers.items():
-            tensors[f"{name}.qweight"] = layer.qweight.contiguous()
-            tensors[f"{name}.scales"] = layer.scales.contiguous()
-            tensors[f"{name}.zeros"] = layer.zeros.contiguous()
-            if layer.outliers_idx is not None and layer.outliers_val is not None:
-                tensors[f"{name}.outliers_idx"] = layer.outliers_idx.contiguous()
-                tensors[f"{name}.outliers_val"] = layer.outliers_val.contiguous()
+        for layer in layers.values():
+            write_layer_tensors(layer, tensors)
         meta = {"layers": json.dumps({name: layer.metadata() for name, layer in layers.items()})}
-        _atomic(self.folder / _block_file(index), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        _atomic(self.folder / journal_block(index), lambda tmp: save_file(tensors, tmp, metadata=meta))
         state = {
             "schema": SCHEMA,
             "blocks_done": index + 1,
@@ -138,12 +147,30 @@ class Checkpointer:
             "rows": [row.to_dict() for row in rows],
         }
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1) + "\n"))
+        self.saved_blocks = index + 1
         if os.environ.get(KILL_ENV) == str(index):  # test hook: die like a power loss would
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(TERM_ENV) == str(index):  # test hook: be asked to stop, as a scheduler would
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def finish(self) -> None:
-        """The output is saved: the work folder is no longer needed."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The output is saved: the journal is no longer needed."""
+        if self.folder.exists() and is_journal(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard(self) -> None:
+        """The run failed on bad input: resuming it cannot help, so its journal goes too."""
+        self.finish()
+        self.saved_blocks = 0
+
+    def resume_hint(self) -> str | None:
+        """What to tell a user whose run stopped for a reason that resuming fixes (or None)."""
+        if not self.saved_blocks:
+            return None
+        return (
+            f"{self.saved_blocks} finished block(s) are saved in {self.folder}: "
+            "run the same command with --resume to continue"
+        )
 
     def _read_state(self) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -151,10 +178,16 @@ class Checkpointer:
             return None
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ResumeError(f"cannot read saved state {path}: {exc}") from None
-        if saved.get("schema") != SCHEMA:
-            raise ResumeError(f"{path}: unsupported state format {saved.get('schema')!r}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResumeError(f"cannot read saved state {path}: {exc}; run without --resume") from None
+        if not isinstance(saved, dict) or saved.get("schema") != SCHEMA:
+            schema = saved.get("schema") if isinstance(saved, dict) else None
+            raise ResumeError(f"{path}: unsupported state format {schema!r}; run without --resume")
+        blocks, rows = saved.get("blocks_done"), saved.get("rows")
+        if type(blocks) is not int or blocks < 0 or not isinstance(rows, list):
+            raise ResumeError(f"{path}: not a valid resume state; run without --resume")
+        if not isinstance(saved.get("fingerprint"), dict):
+            raise ResumeError(f"{path}: the state has no fingerprint; run without --resume")
         return saved
 
     def _check(self, saved: dict[str, Any]) -> None:
@@ -181,29 +214,48 @@ class Checkpointer:
             )
 
     def _load(self, saved: dict[str, Any]) -> ResumeState:
-        blocks = int(saved["blocks_done"])
-        rows = [LayerRow(**row) for row in saved["rows"]]
+        blocks = saved["blocks_done"]
+        try:
+            rows = [LayerRow(**row) for row in saved["rows"]]
+        except TypeError:
+            raise ResumeError(
+                f"{self.folder / STATE}: its report rows are not valid; run without --resume"
+            ) from None
         found: dict[str, QuantizedLayer] = {}
         for index in range(blocks):
-            path = self.folder / _block_file(index)
+            path = self.folder / journal_block(index)
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     table = json.loads(fh.metadata()["layers"])
                     keys = set(fh.keys())
                     for name, meta in table.items():
-                        spec = GridSpec(meta["bits"], meta["group_size"], meta["sym"], meta["per_layer"])
-                        found[name] = read_packed_layer(fh, name, spec, tuple(meta["shape"]), keys)
-            except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-                raise ResumeError(f"cannot read saved block {path}: {exc}") from None
-        missing = [row.name for row in rows if row.name not in found]
+                        spec, shape, outliers = spec_of(name, meta)
+                        layer = read_packed_layer(fh, name, spec, shape, keys)
+                        check_record(layer, outliers)
+                        found[name] = layer
+            except Exception as exc:  # truncated, corrupt or edited: safetensors, OS, JSON, record errors
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ResumeError(f"cannot read saved block {path}: {first}; run without --resume") from None
+        missing = [row.layer for row in rows if row.layer not in found]
         if missing:
             raise ResumeError(f"saved state in {self.folder} lacks layer {missing[0]}; run without --resume")
         # The report and the checkpoint list layers in solve order, which the rows keep.
-        return ResumeState(blocks, rows, {row.name: found[row.name] for row in rows})
+        return ResumeState(blocks, rows, {row.layer: found[row.layer] for row in rows})
 
 
-def _block_file(index: int) -> str:
-    return f"block-{index:05d}.safetensors"
+def is_journal(folder: Path) -> bool:
+    """True when every entry of ``folder`` is one a journal writes (state, block files, their
+    temporaries, the output being built with its shard files): only such a folder is ever deleted."""
+    stated = (Path(folder) / STATE).is_file()  # a state written by cdq: its output folder is cdq's too
+    for entry in Path(folder).iterdir():
+        if entry.name == OUTPUT and entry.is_dir():
+            if not stated and not all(e.is_file() and _SHARD_FILE.fullmatch(e.name) for e in entry.iterdir()):
+                return False
+            continue
+        name = entry.name.lstrip(".").split(".tmp-")[0]
+        if not entry.is_file() or not (name == STATE or _BLOCK_FILE.fullmatch(name)):
+            return False
+    return True
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -244,7 +296,7 @@ def _file_identity(model: str) -> list[tuple[str, int, int]]:
     return entries
 
 
-def open_checkpointer(
+def open_journal(
     output: Path,
     model: str,
     lm: torch.nn.Module,
@@ -254,12 +306,12 @@ def open_checkpointer(
     batch_size: int,
     resume: bool,
     note: Callable[[str], None],
-) -> Checkpointer | None:
-    """The run's checkpointer (None for ``--bits 16``, which has nothing to save)."""
+) -> Journal | None:
+    """The run's journal (None for ``--bits 16``, which has nothing to save)."""
     if not settings.quantizing:
         if resume:
             note("--resume: nothing to resume without quantization (--bits 16)")
         return None
-    return Checkpointer(
+    return Journal(
         output, fingerprint(model, lm, windows, settings, batch_size=batch_size), resume=resume, note=note
     )

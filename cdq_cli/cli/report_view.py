@@ -1,6 +1,6 @@
 """Reports people read: ``cdq report`` (one run) and ``cdq compare`` (two runs), plus the PNG plot.
 
-Both read report.json (see :mod:`cdq_cli.report`). On a terminal they print rich tables; piped or
+Both read report.json (see :mod:`cdq_cli.store.report`). On a terminal they print rich tables; piped or
 redirected, a plain fixed-width text table (no colour codes, stable for logs and diffs); ``--json``
 prints one JSON object instead. Layers are ordered worst first: by relative error ‖(W−Ŵ)X‖²/‖WX‖²
 for one run, by the error ratio B/A for a comparison.
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..store.names import REPORT
+
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
 
 
@@ -28,16 +30,20 @@ def load_report(target: Path | str) -> dict[str, Any]:
     """report.json of a cdq output folder (or the file itself)."""
     path = Path(target)
     if path.is_dir():
-        path = path / "report.json"
+        path = path / REPORT
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise ReportError(f"no report found: {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ReportError(f"cannot read {path}: {exc}") from None
     if not isinstance(report, dict) or "layers" not in report or "run" not in report:
         raise ReportError(f"{path} is not a cdq report (no 'run'/'layers')")
     return report
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not a number cdq writes")
 
 
 def block_of(name: str) -> str:

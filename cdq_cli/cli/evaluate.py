@@ -1,0 +1,57 @@
+"""``cdq eval``: its options, and one call to :func:`cdq_cli.run.evaluate`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..run import EvalRequest
+from ..run import evaluate as run_evaluate
+from .choices import DType, Offload
+from .printing import show_evaluation
+from .progress import quiet_libraries
+
+
+def evaluate(
+    target: str = typer.Argument(
+        ...,
+        metavar="TARGET",
+        help="A model (folder, .gguf, hub id, timm/NAME) or a cdq output folder.",
+    ),
+    data: str = typer.Option(
+        ...,
+        metavar="SOURCE",
+        help="Text: wikitext2, ptb, c4, or a local .txt/.jsonl file or folder; for vision models a "
+        "labelled image folder or imagenet-sample.",
+    ),
+    seqlen: int | None = typer.Option(None, help="Window length (default: min(2048, model context))."),
+    max_windows: int | None = typer.Option(None, help="Score at most this many windows."),
+    device: str | None = typer.Option(
+        None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
+    ),
+    dtype: DType = typer.Option(
+        DType.auto, help="Model dtype for plain models (auto: the checkpoint's own)."
+    ),
+    batch_size: int = typer.Option(8, help="Windows per forward (does not change the result)."),
+    offload_activations: Offload = typer.Option(
+        Offload.auto, help="Keep activations on the CPU (always), the device (never) or as fits (auto)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    checkpoint: str | None = typer.Option(
+        None, metavar="FILE", help="Vision: local timm weights (.pth/.safetensors)."
+    ),
+    model_arg: list[str] = typer.Option(
+        [], "--model-arg", metavar="KEY=VALUE", help="Vision: timm create_model argument (repeatable)."
+    ),
+) -> None:
+    """Perplexity (GPTQ protocol) of a language model, or top-1/top-5 of an image classifier, for a
+    model or a cdq output folder."""
+    if as_json or not sys.stderr.isatty():
+        quiet_libraries()
+    request = EvalRequest(
+        target=target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
+        dtype=dtype.value, batch_size=batch_size, offload_activations=offload_activations.value,
+        checkpoint=checkpoint, model_args=model_arg,
+    )  # fmt: skip
+    show_evaluation(run_evaluate(request), as_json=as_json)

@@ -1,0 +1,148 @@
+"""``cdq quantize``: its options, and one call to :func:`cdq_cli.run.quantize`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from ..run import QuantizeRequest, UsageError
+from ..run import quantize as run_quantize
+from .choices import DType, ExportFormat, Method, Offload, SigmaDType
+from .launch import launch, rank, under_torchrun
+from .presets import apply_config, provenance, solver_options
+from .printing import show_quantized
+from .progress import Reporter, quiet_libraries
+
+
+def quantize(
+    ctx: typer.Context,
+    model: str = typer.Argument(
+        ...,
+        metavar="MODEL",
+        help="A causal LM (Hugging Face folder, .gguf file, hub id) or a timm image classifier "
+        "(timm/NAME, NAME, or any MODEL with --checkpoint).",
+    ),
+    method: Method = typer.Option(
+        Method("cdq"), help="Layer solver (cdq: best of GPTQ starts, then CD with grid refits)."
+    ),
+    bits: int = typer.Option(4, help="Weight bits: 2, 3, 4, 8; 16 = no quantization (plumbing check)."),
+    group_size: int | None = typer.Option(None, help="Columns per scale group (default: one per row)."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="One scale for the whole layer (COMQ)."),
+    calib: str = typer.Option(
+        "c4",
+        metavar="SOURCE",
+        help="Calibration data: c4, wikitext2, ptb, or a local .txt/.jsonl file or folder of them; "
+        "for vision models a folder of images (class subfolders or flat), imagenet-sample or hf:NAME.",
+    ),
+    nsamples: int = typer.Option(128, help="Calibration windows (vision: images)."),
+    seqlen: int | None = typer.Option(None, help="Tokens per window (default: min(2048, model context))."),
+    seed: int = typer.Option(0, help="Calibration sampling seed."),
+    output: Path | None = typer.Option(
+        None,
+        metavar="FOLDER",
+        help="Output folder (default: <model>-<method>-w<bits>[g<G>]).",
+    ),
+    device: str | None = typer.Option(
+        None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
+    ),
+    dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: the checkpoint's own; GGUF: float32)."),
+    sigma_dtype: SigmaDType = typer.Option(SigmaDType.float32, help="Σ accumulation dtype."),
+    batch_size: int = typer.Option(8, help="Calibration windows per forward."),
+    fp_inputs: bool = typer.Option(
+        False, "--fp-inputs", help="Feed each block full-precision inputs (COMQ)."
+    ),
+    true_sequential: bool = typer.Option(True, help="Collect Σ per sequential group inside a block."),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        "-o",
+        metavar="KEY=VALUE",
+        help="Solver option (repeatable); `cdq methods` lists every method's keys, types and ranges.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing output folder that cdq wrote (nothing else)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (summary + output) on stdout."),
+    eval_data: str | None = typer.Option(
+        None,
+        "--eval",
+        metavar="SOURCE",
+        help="Also evaluate before and after: perplexity on this text, or top-1 on labelled images.",
+    ),
+    eval_max_windows: int | None = typer.Option(None, help="Score at most this many --eval windows."),
+    eval_seqlen: int | None = typer.Option(None, help="--eval window length (default: min(2048, context))."),
+    checkpoint: str | None = typer.Option(
+        None, metavar="FILE", help="Vision: local timm weights (.pth/.safetensors)."
+    ),
+    model_arg: list[str] = typer.Option(
+        [], "--model-arg", metavar="KEY=VALUE", help="Vision: timm create_model argument (repeatable)."
+    ),
+    quantize_embed: bool = typer.Option(False, "--quantize-embed", help="Vision: quantize the stem too."),
+    quantize_head: bool = typer.Option(False, "--quantize-head", help="Vision: quantize the classifier too."),
+    augment: bool = typer.Option(False, "--augment", help="Vision: calibrate on augmented images (COMQ)."),
+    config: Path | None = typer.Option(
+        None, "--config", is_eager=True, callback=apply_config, help="YAML preset; flags given here win."
+    ),
+    out_format: ExportFormat = typer.Option(
+        ExportFormat.native, "--format", help="gptq: also export GPTQ to <output>-gptq (docs/results.md)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        metavar="N",
+        help="Run N processes on this machine (torch.distributed; torchrun for more).",
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", metavar="SIZE", help="Largest output shard (e.g. 5GB, 500MB); more make an indexed set."
+    ),
+    offload_activations: Offload = typer.Option(
+        Offload.auto,
+        help="Keep calibration activations on the CPU (always), the device (never) or as fits (auto).",
+    ),
+) -> None:
+    """Quantize a causal LM or a timm image classifier block by block; write a packed checkpoint
+    and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not under_torchrun():
+        raise typer.Exit(launch(nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
+    request = QuantizeRequest(
+        target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
+        options={**solver_options(ctx), **parse_assignments(option)}, calib=calib, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, output=output, device=device, dtype=dtype.value,
+        sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
+        true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
+        eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
+        max_shard_size=max_shard_size, offload_activations=offload_activations.value,
+        checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
+        quantize_head=quantize_head, augment=augment,
+        command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
+    )  # fmt: skip
+    follower = rank() > 0  # under torchrun, the leader (rank 0) alone reports
+    if quiet or as_json or follower or not sys.stderr.isatty():
+        quiet_libraries()
+    reporter = Reporter(quiet=quiet or follower)
+    try:
+        finished = run_quantize(request, reporter)
+    finally:
+        reporter.close()
+    if not follower:
+        show_quantized(finished, as_json=as_json)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``-o KEY=VALUE`` strings as {key: raw value}; the solver registry types and checks them."""
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = raw.strip()
+    return options

@@ -1,0 +1,127 @@
+"""What differs between model kinds, as one small protocol.
+
+A :class:`ModelKind` knows how to read its data sources, load its model, build its adapter, make
+calibration batches, score a model, and what to add to the report and the output folder's table.
+The run itself (:func:`cdq_cli.run.quantize`) is written once, against this protocol;
+:mod:`cdq_cli.run.language` and :mod:`cdq_cli.run.vision` implement it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..models.base import Adapter
+from ..records import Weights
+from .plan import EvalRequest, Plan
+
+
+@dataclass
+class Loaded:
+    """An opened model and what comes with it: its adapter, tokenizer, and (when it was opened
+    lazily, as a skeleton on the meta device) the source its weights are read from; for vision,
+    its spec and data config."""
+
+    model: nn.Module
+    adapter: Adapter
+    tokenizer: Any = None
+    weights: Weights | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model is stored and run in (the checkpoint's, unless --dtype says)."""
+        return next(self.model.parameters()).dtype
+
+    def close(self) -> None:
+        close = getattr(self.weights, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class Calibration:
+    """Calibration batches (model inputs), the report's description of them, and the tensor whose
+    bytes identify them (for the resume fingerprint)."""
+
+    batches: list[torch.Tensor]
+    describe: dict[str, Any]
+    identity: torch.Tensor
+
+
+@dataclass
+class Score:
+    """One evaluation: JSON-ready metrics, and what a later score compares against (vision: the
+    full-precision model's predictions, for agreement)."""
+
+    metrics: dict[str, Any]
+    reference: Any = None
+
+
+class ModelKind(Protocol):
+    """One kind of model (causal LMs, timm classifiers): everything the run does differently."""
+
+    name: str  # stored as the output folder's "kind"
+    resumable: bool  # whether --resume is supported
+    exports: bool  # whether --format gptq is supported
+
+    def read_data(self, plan: Plan) -> Any:
+        """Open the calibration and evaluation sources (before the model is loaded: fail fast)."""
+        ...
+
+    def load(self, plan: Plan, note: Any) -> Loaded: ...
+
+    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
+        """Checks that need the layers but no calibration (e.g. the export can hold them)."""
+        ...
+
+    def calibrate(self, loaded: Loaded, data: Any, plan: Plan, note: Any) -> Calibration: ...
+
+    def score(
+        self,
+        loaded: Loaded,
+        data: Any,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
+    ) -> Score:
+        """Evaluate the opened model on the evaluation data, or, with ``written``, the quantized
+        model as it was written to that output folder (with several ``ranks``: each its share)."""
+        ...
+
+    def evaluation(self, plan: Plan, quantized: Score, full_precision: Score) -> dict[str, Any]:
+        """The report's ``evaluation`` entry."""
+        ...
+
+    def report_sections(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        """Extra top-level sections of report.json."""
+        ...
+
+    def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        """Extra entries of the output folder's quantization table (what rebuilds the model)."""
+        ...
+
+    def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
+        """``cdq eval``: score a model or an output folder of this kind."""
+        ...
+
+
+def kind_of(target: str, checkpoint: str | None = None) -> ModelKind:
+    """The kind of ``target``: a timm classifier for ``timm/NAME``, any target with
+    ``--checkpoint``, an output folder holding one, or a plain name timm knows; else a causal LM."""
+    from ..models.timm_models import KIND, is_timm_architecture
+    from ..store.folder import read_kind
+    from .language import LanguageModels
+    from .vision import VisionModels
+
+    path = Path(target).expanduser()
+    if checkpoint is not None or target.startswith("timm/"):
+        return VisionModels()
+    if path.exists():
+        return VisionModels() if read_kind(path) == KIND else LanguageModels()
+    return VisionModels() if is_timm_architecture(target) else LanguageModels()

@@ -1,0 +1,286 @@
+"""Causal language models as a :class:`~cdq_cli.run.kinds.ModelKind`: text calibration windows,
+perplexity computed block by block, the tokenizer saved beside the weights, and reopening a model
+from an output folder.
+
+Models open lazily (:func:`cdq_cli.models.lazy.open_causal_lm`): the skeleton on the meta device,
+weights read from their shards one block at a time, so quantizing and evaluating a model needs
+memory for about one block, whatever its depth. GGUF files open resident (dequantized whole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kinds import Calibration, Loaded, Score
+from .plan import EvalRequest, Plan, UsageError, model_dtype
+
+KIND = "causal-lm"
+
+
+@dataclass
+class Texts:
+    """The text sources of a run: calibration documents and the held-out evaluation text."""
+
+    calibration: list[str]
+    evaluation: list[str] | None
+
+
+class LanguageModels:
+    name = KIND
+    resumable = True
+    exports = True
+
+    def read_data(self, plan: Plan) -> Texts:
+        from ..calib import load_texts
+
+        request = plan.request
+        held_out = evaluation_texts(request.eval_data) if request.eval_data is not None else None
+        return Texts(load_texts(request.calib), held_out)
+
+    def load(self, plan: Plan, note: Any) -> Loaded:
+        note(f"loading {plan.request.target}")
+        return open_model(plan.request.target, plan.request.dtype)
+
+    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
+        if plan.export_dest is None:
+            return
+        from ..store.gptq import preflight
+
+        settings = plan.settings
+        shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+        preflight(
+            shapes,
+            bits=settings.bits,
+            group_size=settings.group_size,
+            sym=settings.sym,
+            per_layer=settings.per_layer,
+            method=settings.method,
+        )
+
+    def calibrate(self, loaded: Loaded, data: Texts, plan: Plan, note: Any) -> Calibration:
+        from ..calib import calibration_windows, text_fingerprint
+        from ..evaluate.perplexity import default_seqlen
+
+        request = plan.request
+        length = request.seqlen or default_seqlen(loaded.model)
+        context = default_seqlen(loaded.model, cap=sys.maxsize)
+        if length > context:
+            raise UsageError(f"--seqlen {length} exceeds the model's context of {context} tokens")
+        note(f"calibration: {request.nsamples} x {length} tokens from {request.calib} (seed {request.seed})")
+        windows = calibration_windows(
+            data.calibration, loaded.tokenizer, nsamples=request.nsamples, seqlen=length, seed=request.seed
+        )
+        describe = {
+            "source": request.calib,
+            "sha256": text_fingerprint(data.calibration),
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "nsamples": request.nsamples,
+            "seqlen": length,
+            "seed": request.seed,
+            "tokens": windows.numel(),
+        }
+        return Calibration(list(windows.split(request.batch_size)), describe, windows)
+
+    def score(
+        self,
+        loaded: Loaded,
+        data: Texts,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
+    ) -> Score:
+        from ..evaluate.perplexity import default_seqlen
+
+        assert data.evaluation is not None
+        request = plan.request
+        model = open_output(written) if written is not None else loaded
+        try:
+            metrics = perplexity_of(
+                model,
+                data.evaluation,
+                seqlen=request.eval_seqlen or default_seqlen(loaded.model),
+                device=plan.device,
+                max_windows=request.eval_max_windows,
+                batch_size=request.batch_size,
+                policy=request.offload_activations,
+                ranks=ranks,
+            )
+        finally:
+            if written is not None:
+                model.close()
+        return Score(metrics)
+
+    def evaluation(self, plan: Plan, quantized: Score, full_precision: Score) -> dict[str, Any]:
+        return {
+            "data": plan.request.eval_data,
+            **quantized.metrics,
+            "fp_ppl": full_precision.metrics["ppl"],
+            "fp": full_precision.metrics,
+        }
+
+    def report_sections(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        return {}
+
+    def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        return {}
+
+    def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
+        from ..evaluate.perplexity import default_seqlen
+        from ..store.folder import is_quantized_folder
+
+        texts = evaluation_texts(request.data)
+        if is_quantized_folder(request.target):
+            loaded = open_output(Path(request.target))
+            if loaded.tokenizer is None:
+                loaded.close()
+                raise UsageError(f"{request.target} holds no tokenizer")
+        else:
+            loaded = open_model(request.target, request.dtype)
+        try:
+            result = perplexity_of(
+                loaded,
+                texts,
+                seqlen=request.seqlen or default_seqlen(loaded.model),
+                device=device,
+                max_windows=request.max_windows,
+                batch_size=request.batch_size,
+                policy=request.offload_activations,
+            )
+        finally:
+            loaded.close()
+        return {"target": request.target, "data": request.data, **result}
+
+
+def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
+    """A causal LM opened lazily when it can (see the module doc), with its adapter."""
+    from ..models import adapter_for
+    from ..models.lazy import LazyModel, open_causal_lm
+    from ..store.checkpoint import CheckpointWeights
+
+    refuse_orphaned_output(target)
+    opened = open_causal_lm(target, dtype=model_dtype(dtype), scratch=scratch)
+    if not isinstance(opened, LazyModel):
+        model, tokenizer = opened
+        return Loaded(model, adapter_for(model), tokenizer)
+    weights = CheckpointWeights(opened.index, opened.loader, opened.offload)
+    try:
+        return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, weights)
+    except BaseException:
+        weights.close()
+        raise
+
+
+def open_output(folder: Path) -> Loaded:
+    """A cdq output folder opened lazily: the model's skeleton from its config on the meta device,
+    each block dequantized from the shards when its turn comes (the tables checked first)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import adapter_for
+    from ..models.causal_lm import refuse_remote_code
+    from ..store.folder import CheckpointError, OutputWeights
+
+    folder = Path(folder)
+    weights = OutputWeights(folder)
+    if weights.table.get("kind") != KIND:
+        raise CheckpointError(
+            f"{folder} holds a {weights.table.get('kind')!r} model; only causal LMs load here"
+        )
+    refuse_remote_code(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers real
+            model = AutoModelForCausalLM.from_config(config, dtype=weights.dtype, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
+    expected = set(model.state_dict())
+    stored = set(weights.names())
+    if expected - stored or stored - expected:
+        from ..store.names import WEIGHTS
+
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        raise CheckpointError(
+            f"{folder / WEIGHTS} does not match config.json: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, buffer in list(model.named_buffers()):  # persistent buffers come from the folder
+        if buffer.device.type != "meta" and name in stored:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, weights.tensor(name))
+    tokenizer = None
+    if any(
+        (folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load the tokenizer saved in {folder}: {exc}") from None
+    return Loaded(model.eval(), adapter_for(model), tokenizer, weights)
+
+
+def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
+    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
+    loaded = open_output(Path(folder))
+    state = {name: loaded.weights.tensor(name) for name in loaded.model.state_dict()}  # type: ignore[union-attr]
+    loaded.model.load_state_dict(state, assign=True)
+    loaded.model.tie_weights()
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def perplexity_of(
+    loaded: Loaded,
+    texts: list[str],
+    *,
+    seqlen: int,
+    device: torch.device,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    policy: str = "auto",
+    ranks: Any = None,
+) -> dict[str, Any]:
+    """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
+    memory: one block plus the activations), as a JSON-ready dict; with several ``ranks`` each
+    scores its range of the windows and the losses are summed."""
+    from ..calib import evaluation_ids
+    from ..evaluate.perplexity import result_of, window_nll, windows_of
+    from ..pipeline import forward_blocks
+    from ..placement import Placement
+
+    ids = evaluation_ids(texts, loaded.tokenizer)
+    chunks = windows_of(ids, seqlen, max_windows)
+    batches = list(chunks.split(batch_size))
+    if ranks is not None and ranks.active:
+        batches = [batches[b] for b in ranks.batches(len(batches))]
+    placement = Placement(loaded.model, device, loaded.weights)
+    nll_sum = 0.0
+    for batch, logits in zip(
+        batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
+    ):
+        nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
+    if ranks is not None and ranks.active:
+        nll_sum = ranks.sum_value(nll_sum)
+    return result_of(nll_sum, chunks, ids.shape[1]).to_dict()
+
+
+def refuse_orphaned_output(target: str) -> None:
+    """A cdq output folder that lost its quantization.json is not a plain model: say so."""
+    from ..store.folder import CheckpointError, orphaned_output
+    from ..store.names import MARKER
+
+    if orphaned_output(target):
+        raise CheckpointError(f"{target} is a cdq output folder without its {MARKER}: it cannot be loaded")
+
+
+def evaluation_texts(data: str) -> list[str]:
+    """Texts of an evaluation source (named sources read their evaluation split)."""
+    from ..calib import EVAL_SPLITS, load_texts
+
+    return load_texts(data, split=EVAL_SPLITS.get(data.lower()))

@@ -1,0 +1,255 @@
+"""Method names → solver functions, and each method's options with their types and ranges.
+
+Every solver is a pure function ``solver(weight, sigma, spec, **options) -> QuantResult``. Its
+user-facing options are declared here once (:data:`OPTIONS`): type, range or choices, and a
+label for messages. :func:`check_options` is the one place that turns option values (strings
+from ``-o KEY=VALUE``, typed values from a preset or from Python) into the solver's typed
+arguments, or refuses them with one line naming the option.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cd import ORDERS
+from .cdq import REFITS, solve_cdq
+from .comq import solve_comq
+from .gptq import solve_gptq
+from .grid import GridSpec
+from .outliers import INNER_SOLVERS, solve_quantease_outlier
+from .quantease import PRESETS, solve_quantease
+from .result import QuantResult, check_problem
+from .rtn import solve_rtn
+from .starts import START_POINTS
+
+SOLVERS: dict[str, Callable[..., QuantResult]] = {
+    "rtn": solve_rtn,
+    "gptq": solve_gptq,
+    "quantease": solve_quantease,
+    "quantease-outlier": solve_quantease_outlier,
+    "comq": solve_comq,
+    "cdq": solve_cdq,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One solver option: ``kind`` is int, float, bool, choice or choices (a comma list).
+
+    ``low``/``high`` bound numbers (``open_low``/``open_high``: strict bounds); ``choices`` lists
+    the allowed words; ``optional``: the value may be ``none`` (the solver then picks, e.g. from
+    its preset).
+    """
+
+    label: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.kind in ("choice", "choices"):
+            text = ("a comma list of " if self.kind == "choices" else "one of ") + ", ".join(self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        else:
+            text = "an integer" if self.kind == "int" else "a number"
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.open_low else '['}{_num(self.low)}, {_num(self.high)}"
+                text += ")" if self.open_high else "]"
+            elif self.low is not None:
+                text += f" {'>' if self.open_low else '>='} {_num(self.low)}"
+        return text + (" or none" if self.optional else "")
+
+
+_ORDER = Option("visiting order", "choice", choices=ORDERS)
+_BLOCK = Option("block size", "int", low=1)
+_DAMPING = Option("damping", "float", low=0)
+
+# method -> option name -> Option. Every keyword option a user may set, and nothing internal.
+OPTIONS: dict[str, dict[str, Option]] = {
+    "rtn": {},
+    "gptq": {
+        "damping": _DAMPING,
+        "block_size": _BLOCK,
+        "act_order": Option("act order", "bool"),
+    },
+    "quantease": {
+        "preset": Option("QuantEase preset", "choice", choices=PRESETS),
+        "sweeps": Option("sweeps", "int", low=0, optional=True),
+        "order": _ORDER,
+        "start": Option("start point", "choice", choices=START_POINTS, optional=True),
+        "relaxed": Option("relaxed sweeps", "bool", optional=True),
+        "block_size": _BLOCK,
+        "damping": _DAMPING,
+    },
+    "quantease-outlier": {
+        "outlier_fraction": Option("outlier fraction", "float", low=0, high=1, open_high=True),
+        "structured": Option("structured outliers", "bool"),
+        "iterations": Option("iterations", "int", low=0),
+        "final_sweeps": Option("final sweeps", "int", low=0),
+        "order": _ORDER,
+        "start": Option("start point", "choice", choices=START_POINTS),
+        "block_size": _BLOCK,
+        "damping": _DAMPING,
+        "inner": Option("inner solver", "choice", choices=INNER_SOLVERS),
+    },
+    "comq": {
+        "scalar": Option("COMQ scalar λ", "float", low=0, open_low=True),
+        "iterations": Option("outer iterations", "int", low=1),
+        "sweeps": Option("sweeps", "int", low=0),
+        "order": _ORDER,
+        "update_scales": Option("scale updates", "bool"),
+        "start": Option("start point", "choice", choices=START_POINTS),
+        "block_size": _BLOCK,
+        "damping": _DAMPING,
+    },
+    "cdq": {
+        "starts": Option("start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")),
+        "order": _ORDER,
+        "sweeps": Option("sweeps", "int", low=0),
+        "refit": Option("grid refit", "choice", choices=REFITS),
+        "block_size": _BLOCK,
+        "damping": _DAMPING,
+        "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
+        "rounds": Option("rounds", "int", low=1),
+    },
+}
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def method_options(method: str) -> list[str]:
+    """Names of the options ``method`` accepts."""
+    return list(_options(method))
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` as the solver's typed keyword arguments; ``ValueError`` (one line) naming the
+    first unknown option or bad value. Strings are parsed (``"4"`` → 4, ``"true"`` → True,
+    ``"none"`` → None, ``"gptq,rtn"`` → a list for comma-list options)."""
+    accepted = _options(method)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for method {method!r}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
+    return {name: _value(method, name, accepted[name], value) for name, value in options.items()}
+
+
+def solve(
+    method: str,
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    spec: GridSpec | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    sym: bool = False,
+    per_layer: bool = False,
+    **options: Any,
+) -> QuantResult:
+    """Quantize one layer ``weight`` (out, in) given ``sigma`` = X Xᵀ (in, in).
+
+    The grid is ``spec``, or built from ``bits``/``group_size``/``sym``/``per_layer``. Raises
+    ``ValueError`` with a one-line message for bad input: unknown method or option, a bad option
+    value, a bit width outside {2, 3, 4, 8}, a group size that does not divide the input width,
+    NaN/Inf in the weight or Σ, a Σ of the wrong shape, or an all-zero Σ. Computation runs on
+    ``weight``'s device and dtype (Σ is moved there).
+    """
+    if spec is None:
+        if bits is None:
+            raise ValueError("solve needs a grid: pass spec=GridSpec(...) or bits=")
+        spec = GridSpec(bits=bits, group_size=group_size, sym=sym, per_layer=per_layer)
+    return run_solver(method, weight, sigma, spec, check_options(method, options))
+
+
+def run_solver(
+    method: str, weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: Mapping[str, Any]
+) -> QuantResult:
+    """:func:`solve` for options already returned by :func:`check_options` (the driver's path:
+    options are checked once, when the run's settings are made)."""
+    solver = _solver(method)
+    if not torch.is_floating_point(weight):
+        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    check_problem(weight, sigma)
+    spec.n_groups(weight.shape[1])
+    sigma = sigma.to(weight.device, weight.dtype)
+    return solver(weight, sigma, spec, **options)
+
+
+def _solver(method: str) -> Callable[..., QuantResult]:
+    try:
+        return SOLVERS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(SOLVERS)}") from None
+
+
+def _options(method: str) -> dict[str, Option]:
+    _solver(method)
+    return OPTIONS[method]
+
+
+def _value(method: str, name: str, option: Option, value: Any) -> Any:
+    def bad(got: Any) -> ValueError:
+        return ValueError(
+            f"{option.label} (option {name} of {method}) must be {option.describe()}, got {got!r}"
+        )
+
+    raw = value.strip() if isinstance(value, str) else value
+    if option.optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+        return None
+    if option.kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise bad(value)
+    if option.kind == "choice":
+        if isinstance(raw, str) and raw in option.choices:
+            return raw
+        raise bad(value)
+    if option.kind == "choices":
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise bad(value)
+        items = [item.strip() if isinstance(item, str) else item for item in items]
+        if not items or any(item not in option.choices for item in items):
+            raise bad(value)
+        return tuple(items)
+    number: int | float
+    if option.kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise bad(value)
+        try:
+            number = int(raw)
+        except ValueError:
+            raise bad(value) from None
+    else:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise bad(value)
+        try:
+            number = float(raw)
+        except ValueError:
+            raise bad(value) from None
+        if not math.isfinite(number):
+            raise bad(value)
+    low_ok = option.low is None or (number > option.low if option.open_low else number >= option.low)
+    high_ok = option.high is None or (number < option.high if option.open_high else number <= option.high)
+    if not (low_ok and high_ok):
+        raise bad(value)
+    return number
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,128 @@
+"""Memory and time of ``cdq quantize`` and ``cdq eval`` on a model far larger than one block.
+
+Builds (once, in ``--cache``) a synthetic Llama with real architecture and random weights in bf16
+safetensors shards, written tensor by tensor (never held whole; tests/synthetic_lm.py), then runs
+``cdq quantize`` (with ``--eval``: the full-precision and the quantized model are scored block by
+block) and ``cdq eval`` of the output, each in its own process, and reports each one's peak
+resident memory (``wait4``) against the model's size:
+
+    .venv/bin/python scripts/bench_big.py                     # 1.6B parameters, 3.2 GB of bf16
+    .venv/bin/python scripts/bench_big.py --layers 4          # a quick look
+
+Target (issue "Big models"): peak RSS of each below 60% of the model's bf16 size. On a CPU the
+forward passes run in bf16 (the checkpoint's dtype: ``--dtype auto``), which is slow there; the
+default method is rtn so that the run measures loading, writing and evaluating rather than a
+solver (the GPU check, scripts/device_check.sh, runs gptq and cdq at this size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from _bench_common import data_dir, print_table  # noqa: E402
+from synthetic_lm import write_synthetic_llama  # noqa: E402
+
+
+def measured(command: list[str]) -> dict:
+    """Run ``python -m cdq_cli COMMAND`` alone; its exit code, peak RSS, CPU and wall seconds, JSON."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdq_cli", *command, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    return {
+        "code": os.waitstatus_to_exitcode(status),
+        "peak_rss": usage.ru_maxrss * 1024,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "wall_seconds": time.perf_counter() - began,
+        "json": json.loads(out) if out.strip() else None,
+        "stderr": err[-800:],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--method", default="rtn")
+    parser.add_argument("--bits", default="4")
+    parser.add_argument("--nsamples", default="4")
+    parser.add_argument("--seqlen", default="64")
+    parser.add_argument("--cache", type=Path, default=Path("~/.cache/cdq/bench-big").expanduser())
+    parser.add_argument("--threads", default="2")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = args.threads
+    from cdq_cli.models import load_causal_lm
+
+    data = data_dir()
+    shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab)
+    name = "llama-" + "-".join(f"{k}{v}" for k, v in shape.items())
+    source = args.cache / name
+    if not (source / "config.json").is_file():
+        _, tokenizer = load_causal_lm(str(data / "models" / "stories260K"))
+        heads = max(1, args.hidden // 128)
+        write_synthetic_llama(
+            source,
+            **shape,
+            heads=heads,
+            kv_heads=max(1, heads // 2),
+            tokenizer=tokenizer,
+            max_shard_bytes=2**30,
+        )
+    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    out = args.cache / f"{name}-{args.method}-w{args.bits}"
+    text = str(data / "text" / "wikitext2-raw-test.txt")
+    quantize = measured(
+        ["quantize", str(source), "--method", args.method, "--bits", args.bits, "--calib",
+         str(data / "text" / "c4-sample.jsonl"), "--nsamples", args.nsamples, "--seqlen", args.seqlen,
+         "--eval", text, "--eval-seqlen", "128", "--eval-max-windows", "2", "--output", str(out),
+         "--overwrite", "--max-shard-size", "1GB"]
+    )  # fmt: skip
+    evaluate = measured(["eval", str(out), "--data", text, "--seqlen", "128", "--max-windows", "2"])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    rows = []
+    for label, run in (("cdq quantize --eval", quantize), ("cdq eval OUTPUT", evaluate)):
+        rows.append(
+            [
+                label,
+                run["code"],
+                f"{run['peak_rss'] / 2**30:.2f}",
+                f"{run['peak_rss'] / size:.2f}",
+                f"{run['cpu_seconds']:.0f}",
+                f"{run['wall_seconds']:.0f}",
+            ]
+        )
+        if run["code"] != 0:
+            print(run["stderr"], file=sys.stderr)
+    layers = len(report.get("layers", []))
+    print(
+        f"model: synthetic Llama {shape}, bf16 safetensors {size / 2**30:.2f} GiB in "
+        f"{len(list(source.glob('*.safetensors')))} shards; {args.method} w{args.bits}, {layers} layers; "
+        f"calibration {args.nsamples} x {args.seqlen}; {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads"
+    )
+    print_table(["run", "exit", "peak RSS GiB", "peak / bf16 size", "CPU s", "wall s"], rows)
+    return 0 if all(run["code"] == 0 for run in (quantize, evaluate)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
