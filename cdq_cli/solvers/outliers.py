@@ -19,7 +19,7 @@ import torch
 from .cd import cd_sweeps, order_permutation
 from .cdq import DEFAULT_STARTS, best_start, descend
 from .grid import GridSpec, fit_minmax
-from .result import QuantResult, check_finite, working_objective
+from .result import CHUNK_BYTES, QuantResult, check_finite, working_objective
 from .starts import start_point
 
 INNER_SOLVERS = ("cd", "cdq")
@@ -41,7 +41,13 @@ def project_sparse(candidate: torch.Tensor, budget: int, structured: bool) -> to
 
 
 def largest_eigenvalue(sigma: torch.Tensor) -> float:
-    return float(torch.linalg.eigvalsh(sigma.to(torch.float64)).max())
+    """λ_max(Σ): in float64 when Σ's float64 copy fits ``CHUNK_BYTES``, otherwise in Σ's own
+    precision (at least float32; the step size needs a few digits, not sixteen)."""
+    if 8 * sigma.numel() <= CHUNK_BYTES:
+        dtype = torch.float64
+    else:
+        dtype = torch.promote_types(sigma.dtype, torch.float32)
+    return float(torch.linalg.eigvalsh(sigma.to(dtype)).max())
 
 
 def solve_quantease_outlier(

@@ -44,10 +44,37 @@ class QuantResult:
         return 0 if self.outliers is None else int((self.outliers != 0).sum())
 
 
-def objective(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
-    """``tr((W − Ŵ) Σ (W − Ŵ)ᵀ)`` = ``‖(W − Ŵ) X‖²``, computed in float64 (the reference)."""
-    err = (weight - approx).to(torch.float64)
-    return float(((err @ sigma.to(torch.float64)) * err).sum())
+# Bytes a float64 temporary may take before the work is split into pieces (Σ slabs, row tiles,
+# per-row normal systems). A 28,672-wide Σ in float64 is 6.6 GB; its slabs here are 256 MB.
+CHUNK_BYTES = 256 << 20
+
+
+def spans(total: int, per_item_bytes: int, budget: int | None = None) -> list[slice]:
+    """``range(total)`` cut into consecutive slices of at most ``budget // per_item_bytes`` items
+    (at least one each): one slice when everything fits."""
+    budget = CHUNK_BYTES if budget is None else budget
+    step = max(1, budget // max(1, per_item_bytes))
+    return [slice(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def objective(
+    weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor, *, budget: int | None = None
+) -> float:
+    """``tr((W − Ŵ) Σ (W − Ŵ)ᵀ)`` = ``‖(W − Ŵ) X‖²``, computed in float64 (the reference).
+
+    Never a whole float64 copy of Σ or W − Ŵ larger than ``budget`` bytes (``CHUNK_BYTES``):
+    Σ is taken in column slabs ``Σ[:, J]`` and the error in row tiles ``E[I]``, and the sum is
+    ``Σ_J Σ_I ⟨E[I] Σ[:, J], E[I, J]⟩``. When both fit, that is the single product (same bits).
+    """
+    err = weight - approx
+    rows, columns = err.shape
+    total = 0.0
+    for cols in spans(columns, 8 * columns, budget):
+        slab = sigma[:, cols].to(torch.float64)
+        for tile in spans(rows, 8 * columns, budget):
+            e = err[tile].to(torch.float64)
+            total += float(((e @ slab) * e[:, cols]).sum())
+    return total
 
 
 # Relative gap below which a decision between two working-dtype objectives is re-made in float64.
