@@ -17,6 +17,7 @@ Grouped and depthwise convs (``groups > 1``) get one Σ per group
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,22 +82,23 @@ def conv_columns(
 
 
 def layer_sigma(
-    layer: nn.Module, dtype: torch.dtype = torch.float32
+    layer: nn.Module, dtype: torch.dtype = torch.float32, wrap: Callable[[Any], Any] = lambda acc: acc
 ) -> tuple[Accumulator, Callable[..., None]]:
-    """A Σ accumulator for ``layer`` and the forward pre-hook that fills it."""
+    """A Σ accumulator for ``layer`` and the forward pre-hook that fills it; ``wrap`` may stand
+    in front of the accumulator (a distributed run records the additions and makes them later)."""
     device = layer.weight.device
     if isinstance(layer, nn.Conv2d):
         groups = layer.groups
         columns = layer.weight[0].numel()
         if groups == 1:
-            acc: Accumulator = SigmaAccumulator(columns, device=device, dtype=dtype)
+            acc: Accumulator = wrap(SigmaAccumulator(columns, device=device, dtype=dtype))
 
             def dense(_module: nn.Module, args: tuple) -> None:
                 for cols in conv_columns(layer, args[0]):
                     acc.add_linear(cols.T)  # a transposed view: Σ += U Uᵀ without a copy
 
             return acc, dense
-        grouped = GroupedSigmaAccumulator(groups, columns, device=device, dtype=dtype)
+        grouped = wrap(GroupedSigmaAccumulator(groups, columns, device=device, dtype=dtype))
 
         def per_group(_module: nn.Module, args: tuple) -> None:
             for cols in conv_columns(layer, args[0]):
@@ -104,7 +106,7 @@ def layer_sigma(
 
         return grouped, per_group
     if isinstance(layer, nn.Linear):
-        linear = SigmaAccumulator(layer.in_features, device=device, dtype=dtype)
+        linear = wrap(SigmaAccumulator(layer.in_features, device=device, dtype=dtype))
         return linear, lambda _module, args: linear.add_linear(args[0])
     raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
 
@@ -120,17 +122,36 @@ class ExpertsCapture:
     computes experts differently fails loudly instead of collecting a wrong Σ.
     """
 
-    def __init__(self, module: nn.Module, wanted: set[str], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        wanted: set[str],
+        dtype: torch.dtype = torch.float32,
+        wrap: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.module = module
         self.wanted = wanted
         self.dtype = dtype
+        self.wrap = wrap  # a distributed run: every expert gets its (recording) accumulator up front
         experts, rows, hidden = module.gate_up_proj.shape
         inner = module.down_proj.shape[2]
         self.experts = experts
-        self.sigmas: dict[str, list[SigmaAccumulator | None]] = {name: [None] * experts for name in wanted}
+        self.sigmas: dict[str, list[Any]] = {name: [None] * experts for name in wanted}
         self._features = {"gate_up_proj": hidden, "down_proj": inner}
         self._checked = False
         self._own = module.forward
+
+    def want(self, name: str) -> None:
+        """Collect Σ's for projection ``name`` too."""
+        self.wanted.add(name)
+        if name not in self.sigmas:
+            device = getattr(self.module, name).device
+            self.sigmas[name] = [
+                self.wrap(SigmaAccumulator(self._features[name], device=device, dtype=self.dtype))
+                if self.wrap is not None
+                else None
+                for _ in range(self.experts)
+            ]
 
     def __enter__(self) -> ExpertsCapture:
         self.module.forward = self._forward  # an instance attribute: the class's forward is untouched

@@ -7,9 +7,11 @@ the repository; the hub check lets loaders fail in milliseconds instead of sitti
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -49,3 +51,24 @@ def _hub_reachable(endpoint: str) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def hub_calls(local_only: bool) -> Iterator[None]:
+    """While inside, ``huggingface_hub`` is in offline mode when ``local_only``.
+
+    ``local_files_only=True`` alone is not enough: transformers 5.24's ``from_pretrained`` looks
+    for an adapter config without passing it on, and huggingface_hub then retries a HEAD request
+    for ~25 s. Its offline switch is read once at import, so it is set here for the duration.
+    """
+    if not local_only:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before

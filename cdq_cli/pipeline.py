@@ -34,11 +34,12 @@ from .models.base import (
     quantizable_layers,
     unquantized_weights,
 )
+from .parallel import Deferred, Ranks, assign, cost, test_hook, timed
 from .placement import Placement
 from .records import Event, Journal, LayerRow, Progress, ResumeState, Settings, silent
 from .solvers import QuantResult, SigmaAccumulator, run_solver
 from .solvers.grouped import energy, group_spec, solve_grouped
-from .store.layer import QuantizedLayer
+from .store.layer import QuantizedLayer, matrix_shape
 
 OFFLOAD_CHOICES = ("auto", "always", "never")  # --offload-activations
 # "auto" keeps activations on the device while they take at most this share of its free memory.
@@ -137,6 +138,7 @@ def quantize_model(
     journal: Journal | None = None,
     placement: Placement | None = None,
     sink: BlockSink | None = None,
+    ranks: Ranks | None = None,
 ) -> Outcome:
     """Quantize ``model`` block by block on calibration ``batches`` (model inputs).
 
@@ -144,13 +146,16 @@ def quantize_model(
     place); a lazily loaded model's blocks are read one at a time and dropped after ``sink``
     (the output folder being written) has taken each finished block. With a ``journal``, every
     finished block is handed to it, and the blocks of a saved state are not solved again: their
-    stored layers are put back and the block is re-run for its outputs.
+    stored layers are put back and the block is re-run for its outputs. With ``ranks`` of several
+    processes, each runs its own range of the batches and solves its share of the layers
+    (:mod:`cdq_cli.parallel`); the result is every rank's, and the single-process one.
     """
     model.eval()
     validate(model, adapter, settings)
     placement = placement or Placement(model, settings.device)
+    ranks = ranks or Ranks()
     blocks = adapter.blocks(model)
-    run = _Run(adapter, settings, progress, len(blocks))
+    run = _Run(adapter, settings, progress, len(blocks), ranks)
     if settings.quantizing:
         run.layers = sum(
             _rows_of(block, name)
@@ -163,9 +168,17 @@ def quantize_model(
     batches = list(batches)
     if not batches:
         raise ValueError("no calibration batches")
-    acts = capture(model, adapter, placement, batches, settings.offload_activations, verify=True)
-    tokens = sum(int(h.shape[:-1].numel()) for h in acts.inputs.hidden)
+    if len(batches) < ranks.world:
+        raise ValueError(
+            f"{ranks.world} processes need at least {ranks.world} calibration batches, got {len(batches)}"
+        )
+    local = [batches[b] for b in ranks.batches(len(batches))]
+    acts = capture(model, adapter, placement, local, settings.offload_activations, verify=ranks.leader)
+    tokens = int(ranks.sum_value(sum(int(h.shape[:-1].numel()) for h in acts.inputs.hidden)))
     saved = journal.resume_state() if journal is not None and settings.quantizing else None
+    if ranks.active and settings.quantizing:  # the leader's journal: its finished blocks' rows, to all
+        stub = ranks.broadcast(None if saved is None else ResumeState(saved.blocks_done, saved.rows, {}))
+        saved = saved if ranks.leader else stub
     for index, block in enumerate(blocks):
         run.emit("block", index)
         restored = saved is not None and index < saved.blocks_done
@@ -177,7 +190,10 @@ def quantize_model(
                 run.block(block, index, acts)
             else:
                 _forward(adapter, block, acts)
-            if not all(bool(torch.isfinite(t).all()) for t in acts.inputs.hidden):
+            if (
+                not ranks.sum_value(float(all(bool(torch.isfinite(t).all()) for t in acts.inputs.hidden)))
+                == ranks.world
+            ):
                 raise ValueError(
                     f"{adapter.block_name(index)} produced NaN/Inf activations (try --dtype float32)"
                 )
@@ -192,6 +208,7 @@ def quantize_model(
             if sink is not None and sink(index, block, new):
                 for name in new:  # written out: packed layers are not held for the whole model
                     run.stored.pop(name)
+        test_hook(ranks, index)
     run.emit("done", len(blocks))
     return Outcome(run.rows, run.stored, acts.inputs.hidden, settings.device, tokens, run.unquantized)
 
@@ -242,13 +259,15 @@ class _Run:
     settings: Settings
     progress: Progress
     blocks: int
+    ranks: Ranks = field(default_factory=lambda: Ranks())
     layers: int = 0
     rows: list[LayerRow] = field(default_factory=list)
     stored: dict[str, QuantizedLayer] = field(default_factory=dict)
     unquantized: list[str] = field(default_factory=list)
 
     def emit(self, kind: str, block: int, row: LayerRow | None = None) -> None:
-        self.progress(Event(kind, block, self.blocks, len(self.rows), self.layers, row))
+        if self.ranks.leader:
+            self.progress(Event(kind, block, self.blocks, len(self.rows), self.layers, row))
 
     def restore(self, block: nn.Module, index: int, acts: Activations, saved: ResumeState) -> None:
         """Put a saved block's layers back (no solving) and advance ``acts`` exactly as
@@ -256,10 +275,15 @@ class _Run:
         prefix = f"{self.adapter.block_name(index)}."
         if self.settings.fp_inputs:
             _forward(self.adapter, block, acts)
+        records = {
+            row.layer: saved.layers.get(row.layer) for row in saved.rows if row.name.startswith(prefix)
+        }
+        if self.ranks.active:  # only the leader read the journal: its records of this block, to all
+            records = self.ranks.broadcast(records)
         for row in saved.rows:
             if row.name.startswith(prefix):
                 if row.layer not in self.stored:
-                    record = saved.layers[row.layer]
+                    record = records[row.layer]
                     weight = layer_weight(block, row.layer[len(prefix) :])
                     weight.data.copy_(record.dequantize(weight.device).to(weight.dtype))
                     self.stored[row.layer] = record
@@ -274,32 +298,58 @@ class _Run:
         everything = [name for group in groups for name in group]
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
-            sigmas = _collect(self.adapter, block, acts, everything, self.settings, advance=True)
+            sigmas = _collect(
+                self.adapter, block, acts, everything, self.settings, advance=True, ranks=self.ranks
+            )
             self.solve(block, index, everything, sigmas)
             return
         if self.settings.true_sequential:
             # Each group's Σ is collected after the earlier groups of this block were quantized.
             for group in groups:
-                sigmas = _collect(self.adapter, block, acts, group, self.settings)
+                sigmas = _collect(self.adapter, block, acts, group, self.settings, ranks=self.ranks)
                 self.solve(block, index, group, sigmas)
         else:
-            sigmas = _collect(self.adapter, block, acts, everything, self.settings)
+            sigmas = _collect(self.adapter, block, acts, everything, self.settings, ranks=self.ranks)
             self.solve(block, index, everything, sigmas)
         _forward(self.adapter, block, acts)
 
     def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
+        """Solve ``names`` (each on its rank, in parallel when several run) and put every result
+        into every rank's block, in ``names`` order."""
+        owners = {name: 0 for name in names}
+        if self.ranks.active:
+            method, options = self.settings.method, self.settings.options
+            shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
+            costs = {name: cost(*shape, method, options) for name, shape in shapes.items()}
+            owners = assign(costs, self.ranks.world)
         for name in names:
             full = join_name(self.adapter.block_name(index), name)
             acc = sigmas.pop(name)
-            if isinstance(acc, ExpertSigmas):
-                rows, record = solve_experts(full, layer_weight(block, name), acc, self.settings)
-            else:
-                row, record = solve_layer(full, block.get_submodule(name), acc, self.settings)
-                rows = [row]
+            result = None
+            if owners[name] == self.ranks.rank:
+                result = timed(
+                    self.ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
+                )
+            if self.ranks.active:
+                result = self.ranks.broadcast(result, src=owners[name])
+                if owners[name] != self.ranks.rank:
+                    rows, record = result
+                    weight = layer_weight(block, name)
+                    weight.data.copy_(record.dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
+            rows, record = result
             self.stored[full] = record
+            self.ranks.assignments[full] = owners[name]
             for row in rows:
                 self.rows.append(row)
                 self.emit("layer", index, row)
+
+    def _solve_one(
+        self, block: nn.Module, name: str, full: str, acc: Any
+    ) -> tuple[list[LayerRow], QuantizedLayer]:
+        if isinstance(acc, ExpertSigmas):
+            return solve_experts(full, layer_weight(block, name), acc, self.settings)
+        row, record = solve_layer(full, block.get_submodule(name), acc, self.settings)
+        return [row], record
 
 
 def solve_layer(
@@ -445,14 +495,26 @@ def _collect(
     settings: Settings,
     *,
     advance: bool = False,
+    ranks: Ranks | None = None,
 ) -> dict[str, SigmaAccumulator]:
     """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
     replace ``acts`` (the inputs are not needed again).
 
     Layers fed the very same input tensor in a forward pass (q/k/v, gate/up) share one Σ: the
     first of them accumulates it, the others point at it (found on the first batch, checked on
-    every other one).
+    every other one). With several ranks, each records the inputs of its own batches and the Σ's
+    are reduced in batch order (:meth:`cdq_cli.parallel.Ranks.reduce_in_order`).
     """
+    ranks = ranks or Ranks()
+    deferred: list[Deferred] = []
+
+    def wrap(acc: Any) -> Any:
+        if not ranks.active:
+            return acc
+        stand_in = Deferred(acc, keep=acts.keep)
+        deferred.append(stand_in)
+        return stand_in
+
     sigmas: dict[str, SigmaAccumulator] = {}
     shares: dict[str, str] = {}  # layer -> the layer whose Σ it shares
     # This batch's Linear inputs and the first layer fed each; holding them keeps every tensor
@@ -467,15 +529,17 @@ def _collect(
         owner, _, leaf = name.rpartition(".")
         if leaf in FUSED_PROJECTIONS and is_fused_experts(block.get_submodule(owner)):
             module = block.get_submodule(owner)
-            capture = captures.setdefault(id(module), ExpertsCapture(module, set(), settings.sigma_dtype))
-            capture.wanted.add(leaf)
-            capture.sigmas.setdefault(leaf, [None] * capture.experts)
+            capture = captures.setdefault(
+                id(module),
+                ExpertsCapture(module, set(), settings.sigma_dtype, wrap if ranks.active else None),
+            )
+            capture.want(leaf)
             experts[name] = (capture, leaf)
     for name in names:
         if name in experts:
             continue
         layer = block.get_submodule(name)
-        acc, add = layer_sigma(layer, settings.sigma_dtype)  # conv patches as F.conv2d sees them
+        acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
@@ -505,6 +569,10 @@ def _collect(
         finally:
             for handle in handles:
                 handle.remove()
+    if ranks.active:  # in the order the accumulators were made: the same on every rank
+        used = {id(sigmas[name]) for name in sigmas if name not in shares}
+        used |= {id(acc) for capture, leaf in experts.values() for acc in capture.sigmas[leaf]}
+        ranks.reduce_in_order([acc for acc in deferred if id(acc) in used])
     for name, owner in shares.items():
         sigmas[name] = sigmas[owner]
     for name, (capture, leaf) in experts.items():

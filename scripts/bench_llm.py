@@ -21,7 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CDQ_DATA_DIR", REPO.parent / "shared" / "data"))
-CDQ = str(Path(sys.executable).with_name("cdq"))
+# The `cdq` next to this Python, or $CDQ_BIN (e.g. a checkout's CLI when the venv's is another's).
+CDQ = os.environ.get("CDQ_BIN") or str(Path(sys.executable).with_name("cdq"))
 
 # name -> extra `cdq quantize` arguments
 METHODS: dict[str, list[str]] = {

@@ -1,4 +1,6 @@
-"""The shared CD kernel: fixed points are exact coordinate minima, monotone, blocking-invariant."""
+"""The shared CD kernel: fixed points are exact coordinate minima, monotone, blocking-invariant.
+
+Every test runs once per CPU backend of the in-block kernel (the torch reference and numba)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,23 @@ from itertools import pairwise
 import pytest
 import torch
 
+from cdq_cli import kernels
 from cdq_cli.solvers import Grid, GridSpec, fit_minmax, solve
 from cdq_cli.solvers import cd as cd_module
 from cdq_cli.solvers.cd import cd_sweeps, order_permutation
 
 ORDERS = ("cyclic", "diag", "greedy")
+
+
+@pytest.fixture(autouse=True, params=["torch", "numba"])
+def kernel_backend(request, monkeypatch):
+    """Run the test with this in-block kernel backend (``$CDQ_KERNEL``)."""
+    if not kernels.available(request.param):
+        pytest.skip(f"{request.param} is not installed")
+    monkeypatch.setenv(kernels.ENV, request.param)
+    return request.param
+
+
 GRIDS = {"channel": {}, "group": {"group_size": 4}, "sym": {"sym": True}}
 
 

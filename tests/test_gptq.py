@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cdq_cli import kernels
 from cdq_cli.solvers.gptq import gptq_hinv, solve_gptq
 from cdq_cli.solvers.grid import GridSpec, fit_clipped, fit_minmax
 
@@ -44,9 +45,34 @@ def _reference_gptq(weight, sigma, spec, *, act_order=False, fixed_grid=None, da
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blocked_gptq_equals_reference(problem, spec, act_order, clipped, seed):
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
+def test_blocked_gptq_equals_reference(problem, monkeypatch, backend, spec, act_order, clipped, seed):
+    """Every in-block kernel backend (Triton through its CPU interpreter) against the textbook."""
+    if not kernels.available(backend):
+        pytest.skip(f"{backend} is not installed")
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(kernels.ENV, backend)
     p = problem(seed, 10, 48)
     fixed = fit_clipped(p.weight, spec, p.sigma.diagonal()) if clipped else None
     expected = _reference_gptq(p.weight, p.sigma, spec, act_order=act_order, fixed_grid=fixed)
     result = solve_gptq(p.weight, p.sigma, spec, act_order=act_order, fixed_grid=fixed, block_size=16)
     torch.testing.assert_close(result.weight, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("leaf", [4, 256])
+@pytest.mark.parametrize("dead", [(), (3, 17)])
+def test_factor_is_the_upper_cholesky_factor_of_the_inverse(problem, leaf, dead, monkeypatch):
+    """U (one Cholesky of the reversed H and a triangular inverse by halves) is the upper factor
+    with H⁻¹ = Uᵀ U: the one torch gets by inverting H and factoring the inverse."""
+    from cdq_cli.solvers import gptq as gptq_module
+
+    p = problem(3, 4, 37, dead=dead)
+    inverse = gptq_module._upper_inverse
+    monkeypatch.setattr(gptq_module, "_upper_inverse", lambda upper, _leaf=None: inverse(upper, leaf=leaf))
+    u, extra = gptq_module._factor(p.sigma, 0.0 if dead else 0.01)
+    h = p.sigma + torch.diag(extra)
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    torch.testing.assert_close(u, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u.T @ u @ h, torch.eye(37, dtype=h.dtype), rtol=0, atol=1e-10)

@@ -112,3 +112,40 @@ def test_outliers_on_real_layer(stories_layers):
     assert torch.equal(result.weight, result.grid.dequantize(result.codes) + result.outliers)
     plain = solve("quantease", layer.weight, layer.sigma, bits=3, preset="fast", start="rtn", sweeps=14)
     assert result.objective < plain.objective
+
+
+def test_working_dtype_objectives_decide_like_float64(stories_layers, monkeypatch):
+    """cdq takes its objectives from the working dtype (float32 here) and from the sweep log, and
+    re-decides in float64 only when two values are close. On real layers that must pick exactly
+    the codes that deciding everything on float64 objectives picks."""
+    from cdq_cli.solvers import cdq as cdq_module
+    from cdq_cli.solvers import result as result_module
+    from cdq_cli.solvers import starts as starts_module
+
+    layers = [(layer.weight.float(), layer.sigma.float()) for layer in stories_layers[:14]]
+    shipped = [solve("cdq", w, s, bits=3).codes for w, s in layers]
+
+    exact = result_module.objective
+    plain_gptq, plain_sweeps = starts_module.solve_gptq, cdq_module.cd_sweeps
+
+    def solve_gptq(weight, sigma, spec, **options):
+        solved = plain_gptq(weight, sigma, spec, **options)
+        solved.objective = solved.objective_start = exact(weight, solved.weight, sigma)
+        return solved
+
+    def cd_sweeps(weight, sigma, grid, start, **options):
+        approx, log = plain_sweeps(weight, sigma, grid, start, **options)
+        log.start = exact(weight, approx, sigma) - sum(log.gains)
+        return approx, log
+
+    def lower(new, old, _exact, *, margin=0.0, or_equal=False):
+        bound = old * (1 - margin)
+        return (new <= bound if or_equal else new < bound), new, old
+
+    monkeypatch.setattr(cdq_module, "working_objective", exact)
+    monkeypatch.setattr(starts_module, "working_objective", exact)
+    monkeypatch.setattr(starts_module, "solve_gptq", solve_gptq)
+    monkeypatch.setattr(cdq_module, "cd_sweeps", cd_sweeps)
+    monkeypatch.setattr(cdq_module, "lower", lower)
+    for (w, s), codes in zip(layers, shipped, strict=True):
+        assert torch.equal(solve("cdq", w, s, bits=3).codes, codes)

@@ -138,6 +138,8 @@ def _debug() -> bool:
 def _error(message: str, exc: BaseException | None = None) -> None:
     """``error: MESSAGE`` on one line, with how to resume when the run left a journal."""
     text = " ".join(str(message).split()) or "unknown error"
+    if int(os.environ.get("RANK", "0")) > 0:  # a torchrun worker other than the leader
+        text = f"rank {os.environ['RANK']}: {text}"
     hint = getattr(exc, "cdq_hint", None)
     if hint:
         text += f"; {hint}"

@@ -11,6 +11,7 @@ import typer
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
 from .choices import DType, ExportFormat, Method, Offload, SigmaDType
+from .launch import launch, rank, under_torchrun
 from .presets import apply_config, provenance, solver_options
 from .printing import show_quantized
 from .progress import Reporter, quiet_libraries
@@ -106,6 +107,12 @@ def quantize(
         help="gptq / compressed-tensors: also export to <output>-gptq / <output>-ct (docs/results.md).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        metavar="N",
+        help="Run N processes on this machine (torch.distributed; torchrun for more).",
+    ),
     max_shard_size: str = typer.Option(
         "5GB", metavar="SIZE", help="Largest output shard (e.g. 5GB, 500MB); more make an indexed set."
     ),
@@ -116,6 +123,10 @@ def quantize(
 ) -> None:
     """Quantize a causal LM or a timm image classifier block by block; write a packed checkpoint
     and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not under_torchrun():
+        raise typer.Exit(launch(nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
     request = QuantizeRequest(
         target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
         skip=skip, layer=layer, options={**solver_options(ctx), **parse_assignments(option)}, calib=calib,
@@ -128,14 +139,16 @@ def quantize(
         quantize_head=quantize_head, augment=augment,
         command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
     )  # fmt: skip
-    if quiet or as_json or not sys.stderr.isatty():
+    follower = rank() > 0  # under torchrun, the leader (rank 0) alone reports
+    if quiet or as_json or follower or not sys.stderr.isatty():
         quiet_libraries()
-    reporter = Reporter(quiet=quiet)
+    reporter = Reporter(quiet=quiet or follower)
     try:
         finished = run_quantize(request, reporter)
     finally:
         reporter.close()
-    show_quantized(finished, as_json=as_json)
+    if not follower:
+        show_quantized(finished, as_json=as_json)
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

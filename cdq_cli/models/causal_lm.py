@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..offline import hub_offline
+from ..offline import hub_calls, hub_offline
 
 _PROBE = "Once upon a time"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -151,10 +151,13 @@ def _from_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     # Offline: read only the local cache, which fails in milliseconds instead of retrying for minutes.
     local_only = hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, local_files_only=local_only, trust_remote_code=False
-        )
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only, trust_remote_code=False)
+        with hub_calls(local_only):
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, local_files_only=local_only, trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, local_files_only=local_only, trust_remote_code=False
+            )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(

@@ -138,11 +138,12 @@ def _snapshot(name: str) -> Path:
     """The local folder of hub model ``name`` (downloaded, or from the cache when offline)."""
     from huggingface_hub import snapshot_download
 
-    from ..offline import hub_offline
+    from ..offline import hub_calls, hub_offline
 
     local_only = hub_offline()
     try:
-        return Path(snapshot_download(name, local_files_only=local_only))
+        with hub_calls(local_only):
+            return Path(snapshot_download(name, local_files_only=local_only))
     except Exception as exc:
         why = "offline and not in the local cache" if local_only else "not found or not reachable"
         raise ModelLoadError(

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..parallel import Ranks
 from ..records import Event, Progress, silent
 from .kinds import Loaded, ModelKind, kind_of
 from .plan import EvalRequest, Plan, QuantizeRequest, UsageError, plan_sources, resolve_device, settle
@@ -57,19 +58,34 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     def note(text: str) -> None:
         progress(Event("note", text=text))
 
+    from ..parallel import close, from_environment
+
     plan = settle(request)
-    kind = kind_of(request.target, request.checkpoint)
-    _check_kind(kind, plan)
-    data = kind.read_data(plan)
-    loaded = kind.load(plan, note)
+    ranks, plan.settings.device = from_environment(plan.settings.device)  # torchrun: this rank's part
     try:
-        return _quantize_loaded(plan, kind, data, loaded, progress, note, began)
+        kind = kind_of(request.target, request.checkpoint)
+        _check_kind(kind, plan, ranks)
+        data = kind.read_data(plan)
+        loaded = kind.load(plan, note if ranks.leader else lambda text: None)
+        try:
+            return _quantize_loaded(
+                plan, kind, data, loaded, progress if ranks.leader else silent, note, began, ranks
+            )
+        finally:
+            loaded.close()
     finally:
-        loaded.close()
+        close(ranks)
 
 
 def _quantize_loaded(
-    plan: Plan, kind: ModelKind, data: Any, loaded: Loaded, progress: Progress, note: Any, began: float
+    plan: Plan,
+    kind: ModelKind,
+    data: Any,
+    loaded: Loaded,
+    progress: Progress,
+    note: Any,
+    began: float,
+    ranks: Ranks,
 ) -> Finished:
     from ..pipeline import quantize_model, validate
     from ..placement import Placement
@@ -80,16 +96,21 @@ def _quantize_loaded(
     from ..store.names import REPORT
 
     request, started = plan.request, reports.now()
-    _refuse_non_finite(loaded, request.target)
+    if not ranks.leader:
+        note = lambda text: None  # noqa: E731 (one voice: the leader's)
+    problem = _non_finite(loaded, request.target) if ranks.leader else None  # read once, by one rank
+    problem = ranks.broadcast(problem)
+    if problem is not None:
+        raise UsageError(problem)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, layers)
     calibration = kind.calibrate(loaded, data, plan, note)
     fp = None
     if request.eval_data is not None:  # the same data, before quantization: what the bits cost
         note(f"evaluating the full-precision model on {request.eval_data}")
-        fp = kind.score(loaded, data, plan)
+        fp = kind.score(loaded, data, plan, ranks=ranks)
     journal = None
-    if kind.resumable:
+    if kind.resumable and ranks.leader:
         journal = open_journal(
             plan.output,
             request.target,
@@ -100,8 +121,10 @@ def _quantize_loaded(
             resume=request.resume,
             note=note,
         )
-    work = journal.output_folder() if journal is not None else make_work_folder(plan.output)
     placement = Placement(loaded.model, plan.device, loaded.weights)
+    if not ranks.leader:  # the other ranks compute; the leader writes
+        return _follow(plan, kind, data, loaded, calibration, fp, placement, progress, ranks)
+    work = journal.output_folder() if journal is not None else make_work_folder(plan.output)
     builder = OutputBuilder(
         work, dest=plan.output, ties=tied_names(loaded.model), max_shard_bytes=plan.max_shard_bytes
     )
@@ -124,6 +147,7 @@ def _quantize_loaded(
                 journal=journal,
                 placement=placement,
                 sink=sink,
+                ranks=ranks,
             )
         report = reports.build(
             model=request.target,
@@ -140,6 +164,7 @@ def _quantize_loaded(
             wall_seconds=time.perf_counter() - began,
         )
         report["run"].update(batch_size=request.batch_size, config=request.config)
+        report["run"]["parallel"] = _parallel_section(ranks)
         if journal is not None:
             report["run"]["resumed_blocks"] = journal.blocks_restored
         report.update(kind.report_sections(loaded, plan))
@@ -176,16 +201,65 @@ def _quantize_loaded(
         raise
     if journal is not None:
         journal.finish()
+    ranks.barrier()  # the output is in place: every rank may read it
     if fp is not None:
         note(f"evaluating the quantized model on {request.eval_data}")
         try:
-            quantized = kind.score(loaded, data, plan, reference=fp.reference, written=plan.output)
+            quantized = kind.score(
+                loaded, data, plan, reference=fp.reference, written=plan.output, ranks=ranks
+            )
         except ValueError as exc:
             raise ValueError(f"{exc} (the output {plan.output} was written)") from None
         report["evaluation"] = kind.evaluation(plan, quantized, fp)
         write_json_atomic(plan.output / REPORT, report)
     exported = _export(plan, note)
+    ranks.barrier()
     return Finished(plan.output, report, kind.name, exported)
+
+
+def _follow(
+    plan: Plan,
+    kind: ModelKind,
+    data: Any,
+    loaded: Loaded,
+    calibration: Any,
+    fp: Any,
+    placement: Any,
+    progress: Progress,
+    ranks: Ranks,
+) -> Finished:
+    """A rank other than the leader: the same blocks on its batches, its share of the layers, the
+    same collectives, and nothing written."""
+    from ..pipeline import quantize_model
+
+    quantize_model(
+        loaded.model,
+        loaded.adapter,
+        calibration.batches,
+        plan.settings,
+        progress=silent,
+        placement=placement,
+        sink=lambda index, block, records: True,
+        ranks=ranks,
+    )
+    ranks.gather_values(ranks.solve_seconds)  # the leader's report lists every rank's solve time
+    ranks.barrier()  # the leader has put the output in place
+    if fp is not None:
+        kind.score(loaded, data, plan, reference=fp.reference, written=plan.output, ranks=ranks)
+    ranks.barrier()
+    return Finished(plan.output, {}, kind.name)
+
+
+def _parallel_section(ranks: Ranks) -> dict[str, Any]:
+    """For report.json: the world, its backend, each rank's solve time and layers."""
+    seconds = ranks.gather_values(ranks.solve_seconds)
+    layers = [sum(1 for r in ranks.assignments.values() if r == rank) for rank in range(ranks.world)]
+    return {
+        "world_size": ranks.world,
+        "backend": ranks.backend or "none",
+        "solve_seconds": [round(value, 3) for value in seconds],
+        "layers_per_rank": layers,
+    }
 
 
 def evaluate(request: EvalRequest) -> dict[str, Any]:
@@ -204,9 +278,10 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     return kind.evaluate_target(request, device)
 
 
-def _refuse_non_finite(loaded: Loaded, target: str) -> None:
+def _non_finite(loaded: Loaded, target: str) -> str | None:
     """NaN/Inf anywhere in the model is refused now, not after hours of solving the blocks before
-    it: every tensor of the checkpoint is read once (one at a time for a lazy model)."""
+    it: every tensor of the checkpoint is read once (slice by slice for a lazy model). The error
+    message, or None."""
     import torch
 
     if loaded.weights is None:
@@ -222,9 +297,10 @@ def _refuse_non_finite(loaded: Loaded, target: str) -> None:
         for name, pieces in parts
         if any(torch.is_floating_point(p) and not bool(torch.isfinite(p).all()) for p in pieces)
     ]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UsageError(f"{target}: tensor {bad[0]}{more} holds NaN/Inf values")
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"{target}: tensor {bad[0]}{more} holds NaN/Inf values"
 
 
 def _write_remaining(model: nn.Module, placement: Any, builder: Any, layers: dict) -> None:
@@ -287,11 +363,13 @@ def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
         raise
 
 
-def _check_kind(kind: ModelKind, plan: Plan) -> None:
+def _check_kind(kind: ModelKind, plan: Plan, ranks: Ranks) -> None:
     if plan.export_dest is not None and not kind.exports:
         raise UsageError(f"--format {plan.request.export_format} is for causal LMs, not vision models")
     if plan.request.resume and not kind.resumable:
         raise UsageError("--resume is for causal LMs, not vision models")
+    if ranks.active and not kind.resumable:
+        raise UsageError("several processes (torchrun, --nproc) quantize causal LMs, not vision models")
 
 
 def _export(plan: Plan, note: Any) -> dict[str, Any] | None:

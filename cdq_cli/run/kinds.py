@@ -82,10 +82,16 @@ class ModelKind(Protocol):
     def calibrate(self, loaded: Loaded, data: Any, plan: Plan, note: Any) -> Calibration: ...
 
     def score(
-        self, loaded: Loaded, data: Any, plan: Plan, reference: Any = None, written: Path | None = None
+        self,
+        loaded: Loaded,
+        data: Any,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
     ) -> Score:
         """Evaluate the opened model on the evaluation data, or, with ``written``, the quantized
-        model as it was written to that output folder."""
+        model as it was written to that output folder (with several ``ranks``: each its share)."""
         ...
 
     def evaluation(self, plan: Plan, quantized: Score, full_precision: Score) -> dict[str, Any]:

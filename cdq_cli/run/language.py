@@ -88,7 +88,13 @@ class LanguageModels:
         return Calibration(list(windows.split(request.batch_size)), describe, windows)
 
     def score(
-        self, loaded: Loaded, data: Texts, plan: Plan, reference: Any = None, written: Path | None = None
+        self,
+        loaded: Loaded,
+        data: Texts,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
     ) -> Score:
         from ..evaluate.perplexity import default_seqlen
 
@@ -105,6 +111,7 @@ class LanguageModels:
                 batch_size=request.batch_size,
                 policy=request.offload_activations,
                 source=request.eval_data,
+                ranks=ranks,
             )
         finally:
             if written is not None:
@@ -272,11 +279,13 @@ def perplexity_of(
     batch_size: int = 8,
     policy: str = "auto",
     source: str | None = None,
+    ranks: Any = None,
 ) -> dict[str, Any]:
     """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
     memory: one block plus the activations), as a JSON-ready dict. ``source`` is where the texts
     came from: the named source ``c4`` is scored on GPTQ's 256 random validation windows, every
-    other text on the non-overlapping windows of its joined token stream."""
+    other text on the non-overlapping windows of its joined token stream. With several ``ranks``
+    each scores its range of the windows and the losses are summed."""
     from ..calib import C4_EVAL_WINDOWS, c4_validation_windows, evaluation_ids
     from ..evaluate.perplexity import C4_PROTOCOL, PPL_PROTOCOL, result_of, window_nll, windows_of
     from ..pipeline import forward_blocks
@@ -290,12 +299,16 @@ def perplexity_of(
         ids = evaluation_ids(texts, loaded.tokenizer)
         chunks, stream, protocol = windows_of(ids, seqlen, max_windows), ids.shape[1], PPL_PROTOCOL
     batches = list(chunks.split(batch_size))
+    if ranks is not None and ranks.active:
+        batches = [batches[b] for b in ranks.batches(len(batches))]
     placement = Placement(loaded.model, device, loaded.weights)
     nll_sum = 0.0
     for batch, logits in zip(
         batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
     ):
         nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
+    if ranks is not None and ranks.active:
+        nll_sum = ranks.sum_value(nll_sum)
     return result_of(nll_sum, chunks, stream, protocol).to_dict()
 
 

@@ -106,7 +106,13 @@ class VisionModels:
         return Calibration(list(calib.split(request.batch_size)), describe, calib)
 
     def score(
-        self, loaded: Loaded, data: Images, plan: Plan, reference: Any = None, written: Path | None = None
+        self,
+        loaded: Loaded,
+        data: Images,
+        plan: Plan,
+        reference: Any = None,
+        written: Path | None = None,
+        ranks: Any = None,
     ) -> Score:
         """Top-1 of the model in memory (a classifier is small; after quantizing it holds exactly
         the weights written, which tests check on reload)."""

@@ -1,13 +1,17 @@
 """The one coordinate-descent kernel that QuantEase, COMQ and cdq's own method configure.
 
-Objective ``f(Ŵ) = tr(E Σ Eᵀ)`` with ``E = W − Ŵ``. With ``G = E Σ`` kept current, the exact
-minimiser of coordinate (i, j) over the reals is ``t_ij = Ŵ_ij + G_ij / Σ_jj`` and the best grid
-point is ``round(t_ij)`` (the objective is a parabola in that coordinate). Changing column j by
-``ΔE_:j`` changes ``G`` by ``ΔE_:j Σ_j:``.
+Objective ``f(Ŵ) = tr(E Σ Eᵀ)`` with ``E = W − Ŵ``. With ``G = E Σ``, the exact minimiser of
+coordinate (i, j) over the reals is ``t_ij = Ŵ_ij + G_ij / Σ_jj`` and the best grid point is
+``round(t_ij)`` (the objective is a parabola in that coordinate). Changing entry (i, j) of E by δ
+changes ``G[i, :]`` by ``δ Σ_j:`` and the objective by ``δ (2 G_ij + δ Σ_jj)`` (G before the
+change), which is how the sweep log's objectives are kept without recomputing ``tr(E Σ Eᵀ)``.
 
-Column blocking: inside a block of B columns only the block's slice of G is updated (rank-1 per
-column); after the block, its change reaches the rest of G in one GEMM. These are the same updates
-as the plain sequential sweep, so results agree to floating-point rounding.
+Column blocking (shared orders): before each block of B columns, one GEMM computes the block's
+slice of G from the whole current E (``G[:, blk] = E Σ[:, blk]``); inside the block the fused
+kernel (:mod:`cdq_cli.kernels`) runs the sequential column loop with rank-1 updates of that slice
+only. These are the same updates as the plain sequential sweep, so results agree to floating-point
+rounding; a sweep costs one ``2·q·p²`` GEMM (in p/B slices) plus the in-block work, and nothing
+before the first sweep.
 
 Internally matrices are kept transposed, (columns, rows), so "column j for every row" is a
 contiguous vector.
@@ -16,43 +20,55 @@ Two visiting modes:
 * a shared order (cyclic, or any permutation such as decreasing diag Σ): columns are permuted
   once and swept cyclically, with true GEMMs;
 * a per-row order (COMQ's greedy order differs per row): rows are processed in blocks, each row
-  with its own permutation, Σ gathered for that permutation (batched matrix products).
+  with its own permutation. The numba backend sweeps each row in natural coordinates (a changed
+  entry updates that row of G); the torch and Triton backends gather Σ for each row's
+  permutation and run the same in-block kernel on it (batched matrix products carry the rest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
+from ..kernels import backend_module, resolve, round_to_grid
 from .grid import Grid
+from .result import objective
 
 ORDERS = ("cyclic", "diag", "greedy")
 # Memory the per-row path may spend on gathered Σ rows (bytes).
 _GATHER_BUDGET = 256 * 2**20
-# Columns per inner sub-block of the shared-order sweep.
-_SUB = 16
-
-
-def _rounded(values: torch.Tensor, inv_s: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int):
-    """Nearest grid point, s·(clamp(round(v/s) + z) − z), with few temporaries."""
-    codes = torch.addcmul(z, values, inv_s).round_().clamp_(0, maxq)
-    return codes.sub_(z).mul_(s)
 
 
 @dataclass
 class SweepLog:
-    """What a run of sweeps did: objective after each sweep, entries changed in each."""
+    """What a run of sweeps did: the objective change of each sweep, entries changed in each.
 
-    objectives: list[float]
+    ``objectives`` (after each sweep) is ``start`` plus the running sum of ``gains``; the start
+    objective is computed on first use when the caller did not supply it, so a run whose
+    objectives nobody reads costs no product for it. Equality ignores ``start``.
+    """
+
+    gains: list[float]
     changed: list[int]
     relaxed: list[bool]
     stalled: bool = False  # stopped because a sweep gained less than the tolerance
+    start: float | None = field(default=None, compare=False)
+    start_fn: Callable[[], float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def sweeps(self) -> int:
-        return len(self.objectives)
+        return len(self.gains)
+
+    @property
+    def objectives(self) -> list[float]:
+        if self.start is None:
+            if self.start_fn is None:
+                raise ValueError("this sweep log has no start objective")
+            self.start, self.start_fn = self.start_fn(), None
+        return list(accumulate(self.gains, initial=self.start))[1:]
 
     @property
     def reached_fixed_point(self) -> bool:
@@ -83,6 +99,8 @@ def cd_sweeps(
     block_size: int = 128,
     stop_at_fixed_point: bool = True,
     tolerance: float = 0.0,
+    start_objective: float | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, SweepLog]:
     """Run up to ``sweeps`` CD sweeps from ``start``; return the new Ŵ (rows, columns) and a log.
 
@@ -93,6 +111,10 @@ def cd_sweeps(
     objective by less than that fraction (``log.stalled``): late sweeps move few entries and gain
     little, so this bounds the cost without moving uphill. Columns with Σ_jj = 0 do not affect the
     objective; they are set to the grid rounding of W.
+
+    ``start_objective``: ``f(start)`` when the caller knows it (the log's objectives then cost no
+    extra product). ``backend``: the in-block kernel (``torch``, ``numba``, ``triton``; default
+    ``$CDQ_KERNEL`` or automatic, see :mod:`cdq_cli.kernels`).
     """
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
@@ -100,149 +122,249 @@ def cd_sweeps(
         raise ValueError("sweeps must be >= 0")
     relaxed = list(relaxed) if relaxed is not None else [False] * sweeps
     relaxed = (relaxed + [False] * sweeps)[:sweeps]
+    name = resolve(weight, backend)
+    block_size = min(block_size, getattr(backend_module(name), "MAX_BLOCK", block_size))
     if order is not None and order.dim() == 2:
         return _per_row(
-            weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance
+            weight,
+            sigma,
+            grid,
+            start,
+            sweeps,
+            order,
+            relaxed,
+            block_size,
+            stop_at_fixed_point,
+            tolerance,
+            name,
         )
     return _shared(
-        weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance
+        weight,
+        sigma,
+        grid,
+        start,
+        sweeps,
+        order,
+        relaxed,
+        block_size,
+        stop_at_fixed_point,
+        tolerance,
+        start_objective,
+        name,
     )
 
 
-def _shared(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance):
+def _inverse_diag(diag: torch.Tensor) -> torch.Tensor:
+    """1/Σ_jj, and 0 for dead columns (Σ_jj = 0)."""
+    safe = diag.clamp_min(torch.finfo(diag.dtype).tiny)
+    return torch.where(diag > 0, 1.0 / safe, torch.zeros_like(diag))
+
+
+def _shared(
+    weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance, f0, name
+):
+    kernel = backend_module(name)
     columns = weight.shape[1]
-    scale, zero = grid.expand(columns)
+    device = weight.device
     maxq = grid.spec.maxq
+    group_size = columns // grid.scale.shape[1]
+    visited = torch.arange(columns, device=device) if order is None else order
+    gidx = torch.div(visited, group_size, rounding_mode="floor")  # the group of each visited column
+    if f0 is None and tolerance:
+        f0 = objective(weight, start, sigma)  # the tolerance compares gains with the objective
+    caller = (weight, start, sigma)
     if order is not None:
-        weight, start, scale, zero = (m[:, order] for m in (weight, start, scale, zero))
+        weight, start = weight[:, order], start[:, order]
         sigma = sigma[order][:, order]
-    # Transposed working copies: row j is input column j for every output row.
-    w_t = weight.T.contiguous()
-    hat_t = start.T.contiguous().clone()
-    inv_s = (1.0 / scale).T.contiguous()
-    s_t = scale.T.contiguous()
-    z_t = zero.T.contiguous()
-    diag = sigma.diagonal()
-    dead = (diag <= 0).tolist()
-    inv_d = torch.where(diag > 0, 1.0 / diag.clamp_min(torch.finfo(diag.dtype).tiny), torch.zeros_like(diag))
-    inv_d_list = inv_d.tolist()
-    g_t = sigma @ (w_t - hat_t)  # (E Σ)ᵀ = Σ Eᵀ since Σ is symmetric
-    log = SweepLog([], [], [])
-    previous = float(((w_t - hat_t) * g_t).sum()) if tolerance else 0.0  # only the tolerance reads it
+    sigma = sigma.contiguous()
+    diag = sigma.diagonal().contiguous()
+    dead = diag <= 0
+    inv_d = _inverse_diag(diag)
+    # Transposed working copies: row j is input column j for every output row. Dead columns
+    # (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps skip them.
+    hat_t = start.T.clone(memory_format=torch.contiguous_format)
+    if sweeps and bool(dead.any()):
+        cols = dead.nonzero().squeeze(1)
+        s_dead, z_dead = grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]]
+        hat_t[cols] = round_to_grid(weight[:, cols], s_dead, z_dead, maxq).T
+    err_t = weight.T.clone(memory_format=torch.contiguous_format).sub_(hat_t)  # E = W − Ŵ, transposed
+    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
+    log = SweepLog([], [], [], start=f0)
+    if f0 is None:
+        log.start_fn = lambda: objective(*caller)
+    previous = f0
     for sweep in range(sweeps):
         relax = relaxed[sweep]
-        changed = 0
+        gain = torch.zeros((), dtype=torch.float64, device=device)
+        changed = torch.zeros((), dtype=torch.int64, device=device)
         for b0 in range(0, columns, block_size):
             b1 = min(b0 + block_size, columns)
-            sig_bb = sigma[b0:b1, b0:b1]
-            g_blk = g_t[b0:b1].clone()
-            delta_blk = torch.zeros_like(g_blk)
-            width = b1 - b0
-            # Two levels of laziness: rank-1 updates only inside a sub-block of _SUB columns,
-            # a small GEMM carries each sub-block's change to the rest of the block.
-            for s0 in range(0, width, _SUB):
-                s1 = min(s0 + _SUB, width)
-                for jl in range(s0, s1):
-                    j = b0 + jl
-                    if dead[j]:
-                        hat_t[j] = _rounded(w_t[j], inv_s[j], s_t[j], z_t[j], maxq)
-                        continue
-                    old = hat_t[j]
-                    target = torch.add(old, g_blk[jl], alpha=inv_d_list[j])
-                    new = target if relax else _rounded(target, inv_s[j], s_t[j], z_t[j], maxq)
-                    delta = torch.sub(old, new, out=delta_blk[jl])  # change of E = W − Ŵ
-                    hat_t[j] = new
-                    if jl + 1 < s1:
-                        g_blk[jl + 1 : s1].addr_(sig_bb[jl + 1 : s1, jl], delta)
-                if s1 < width:
-                    g_blk[s1:].addmm_(sig_bb[s1:, s0:s1], delta_blk[s0:s1])
-            g_t.addmm_(sigma[:, b0:b1], delta_blk)
-            if not relax:
-                changed += int(torch.count_nonzero(delta_blk))
-        value = float(((w_t - hat_t) * g_t).sum())
-        log.objectives.append(value)
-        log.changed.append(changed)
+            g_blk = sigma[b0:b1] @ err_t  # (E Σ)ᵀ for this block, from the whole current E
+            delta = torch.empty_like(g_blk)
+            block_gain, block_changed = kernel.block(
+                g_blk,
+                hat_t,
+                b0,
+                s_tab,
+                z_tab,
+                gidx[b0:b1],
+                sigma[b0:b1, b0:b1].T.contiguous(),  # mat[j, k] = Σ[k, j]
+                inv_d[b0:b1],
+                dead[b0:b1],
+                delta,
+                maxq=maxq,
+                relax=relax,
+                err=err_t,
+                sdiag=diag[b0:b1],
+            )
+            gain += block_gain
+            changed += block_changed
+        log.gains.append(float(gain))
+        log.changed.append(0 if relax else int(changed))
         log.relaxed.append(relax)
-        if stop_at_fixed_point and not relax and changed == 0:
+        if stop_at_fixed_point and not relax and log.changed[-1] == 0:
             break
-        if tolerance and not relax and previous - value < tolerance * abs(previous):
+        if tolerance and not relax and -log.gains[-1] < tolerance * abs(previous):
             log.stalled = True
             break
-        previous = value
+        if previous is not None:
+            previous += log.gains[-1]
     approx = hat_t.T
     if order is not None:
         approx = approx[:, torch.argsort(order)]
     return approx.contiguous(), log
 
 
-def _per_row(weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance):
+def _per_row(
+    weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance, name
+):
+    kernel = backend_module(name)
     rows, columns = weight.shape
-    scale, zero = grid.expand(columns)
     maxq = grid.spec.maxq
-    diag = sigma.diagonal()
-    inv_d = torch.where(diag > 0, 1.0 / diag.clamp_min(torch.finfo(diag.dtype).tiny), torch.zeros_like(diag))
+    group_size = columns // grid.scale.shape[1]
+    sigma = sigma.contiguous()
+    diag = sigma.diagonal().contiguous()
+    inv_d = _inverse_diag(diag)
     elt = sigma.element_size()
     row_block = max(1, min(rows, _GATHER_BUDGET // max(1, block_size * columns * elt)))
-    out = start.clone()
+    out = start.clone(memory_format=torch.contiguous_format)
     # Every row block runs its sweeps independently (rows never interact), then logs are summed.
-    objectives = [0.0] * sweeps
+    gains = [0.0] * sweeps
     changed_total = [0] * sweeps
+    start_total = 0.0
     ran = 0
     stalled = False
     for r0 in range(0, rows, row_block):
         r1 = min(r0 + row_block, rows)
-        perm = order[r0:r1]
-        w_p, hat_p, s_p, z_p = (m[r0:r1].gather(1, perm) for m in (weight, out, scale, zero))
-        inv_d_p = inv_d[perm]
-        dead_p = diag[perm] <= 0
-        g = (weight[r0:r1] - out[r0:r1]) @ sigma  # original coordinates
-        previous = float(((weight[r0:r1] - out[r0:r1]) * g).sum()) if tolerance else 0.0
+        w_r = weight[r0:r1].contiguous()
+        hat_r = out[r0:r1]
+        g = (w_r - hat_r) @ sigma
+        previous = float(((w_r - hat_r) * g).sum(dtype=torch.float64))  # f = Σ E ∘ G
+        start_total += previous
+        if name == "numba":
+            sweep_rows = _numba_rows(kernel, w_r, hat_r, g, grid, r0, r1, group_size, sigma, diag, inv_d)
+        else:
+            sweep_rows = _gathered_rows(kernel, w_r, hat_r, g, grid, r0, r1, group_size, sigma, diag, inv_d)
         for sweep in range(sweeps):
             relax = relaxed[sweep]
-            changed = 0
-            for b0 in range(0, columns, block_size):
-                b1 = min(b0 + block_size, columns)
-                cols = perm[:, b0:b1]  # (R, B)
-                sig_rows = sigma[cols]  # (R, B, p): Σ rows of this block's columns, per row
-                sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
-                g_blk = g.gather(1, cols)
-                delta_blk = torch.zeros_like(g_blk)
-                for jl in range(b1 - b0):
-                    k = b0 + jl
-                    old = hat_p[:, k]
-                    target = old + g_blk[:, jl] * inv_d_p[:, k]
-                    rounded_w = s_p[:, k] * (
-                        torch.clamp(torch.round(w_p[:, k] / s_p[:, k]) + z_p[:, k], 0, maxq) - z_p[:, k]
-                    )
-                    if relax:
-                        new = target
-                    else:
-                        new = s_p[:, k] * (
-                            torch.clamp(torch.round(target / s_p[:, k]) + z_p[:, k], 0, maxq) - z_p[:, k]
-                        )
-                    new = torch.where(dead_p[:, k], rounded_w, new)
-                    delta = torch.where(dead_p[:, k], torch.zeros_like(old), old - new)
-                    hat_p[:, k] = new
-                    delta_blk[:, jl] = delta
-                    if jl + 1 < b1 - b0:
-                        g_blk[:, jl + 1 :].addcmul_(delta.unsqueeze(1), sig_bb[:, jl, jl + 1 :])
-                g += torch.bmm(delta_blk.unsqueeze(1), sig_rows).squeeze(1)
-                if not relax:
-                    changed += int(torch.count_nonzero(delta_blk))
-            err = weight[r0:r1] - out[r0:r1].scatter(1, perm, hat_p)
-            value = float((err * g).sum())
-            objectives[sweep] += value
+            gain, changed = sweep_rows(order[r0:r1], block_size, maxq, relax)
+            changed = 0 if relax else changed
+            gains[sweep] += gain
             changed_total[sweep] += changed
             ran = max(ran, sweep + 1)
             done = stop_at_fixed_point and not relax and changed == 0
-            gained_little = bool(tolerance) and not relax and previous - value < tolerance * abs(previous)
+            gained_little = bool(tolerance) and not relax and -gain < tolerance * abs(previous)
             if done or gained_little:
                 # This block stops here; its objective stays as it is for the later sweeps.
                 stalled = stalled or (gained_little and not done)
-                for later in range(sweep + 1, sweeps):
-                    objectives[later] += value
                 break
-            previous = value
-        out[r0:r1] = out[r0:r1].scatter(1, perm, hat_p)
-    log = SweepLog(objectives[:ran], changed_total[:ran], relaxed[:ran], stalled)
+            previous += gain
+        sweep_rows.finish()
+    log = SweepLog(gains[:ran], changed_total[:ran], relaxed[:ran], stalled, start=start_total)
     return out, log
+
+
+class _numba_rows:
+    """Sweeps of a row block with the numba per-row kernel, in natural coordinates (in place)."""
+
+    def __init__(self, kernel, w_r, hat_r, g, grid, r0, r1, group_size, sigma, diag, inv_d):
+        self.kernel, self.w, self.hat, self.g = kernel, w_r, hat_r, g
+        self.scale = grid.scale[r0:r1].contiguous()
+        self.zero = grid.zero[r0:r1].contiguous()
+        self.group_size, self.sigma, self.diag, self.inv_d = group_size, sigma, diag, inv_d
+
+    def __call__(self, perm, block_size, maxq, relax):
+        gains, changed = self.kernel.row_sweep(
+            self.g,
+            self.hat,
+            self.w,
+            self.scale,
+            self.zero,
+            self.group_size,
+            self.sigma,
+            self.diag,
+            self.inv_d,
+            perm.contiguous(),
+            maxq=maxq,
+            relax=relax,
+        )
+        return float(gains.sum()), int(changed.sum())
+
+    def finish(self):
+        pass
+
+
+class _gathered_rows:
+    """Sweeps of a row block in permuted coordinates with Σ gathered per row (torch, Triton)."""
+
+    def __init__(self, kernel, w_r, hat_r, g, grid, r0, r1, group_size, sigma, diag, inv_d):
+        self.kernel, self.hat_r, self.g, self.sigma = kernel, hat_r, g, sigma
+        self.perm = None
+        self.w_r = w_r
+        self.scale = grid.scale[r0:r1]
+        self.zero = grid.zero[r0:r1]
+        self.group_size, self.diag, self.inv_d = group_size, diag, inv_d
+
+    def __call__(self, perm, block_size, maxq, relax):
+        if self.perm is None:  # permuted working copies, kept across this block's sweeps
+            self.perm = perm
+            self.w_p = self.w_r.gather(1, perm)
+            self.hat_p = self.hat_r.gather(1, perm)
+            self.inv_d_p = self.inv_d[perm]
+            self.diag_p = self.diag[perm]
+            self.dead_p = self.diag_p <= 0
+            self.gidx_p = torch.div(perm, self.group_size, rounding_mode="floor")
+        g, columns = self.g, perm.shape[1]
+        gain = torch.zeros((), dtype=torch.float64, device=g.device)
+        changed = torch.zeros((), dtype=torch.int64, device=g.device)
+        for b0 in range(0, columns, block_size):
+            b1 = min(b0 + block_size, columns)
+            cols = perm[:, b0:b1]  # (R, B)
+            sig_rows = self.sigma[cols]  # (R, B, p): Σ rows of this block's columns, per row
+            sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
+            g_blk = g.gather(1, cols)
+            delta = torch.empty_like(g_blk)
+            block_gain, block_changed = self.kernel.block_rows(
+                g_blk.T,
+                self.hat_p.T,
+                self.w_p.T,
+                b0,
+                self.scale.T,
+                self.zero.T,
+                self.gidx_p[:, b0:b1].T,
+                sig_bb,
+                self.inv_d_p[:, b0:b1].T,
+                self.dead_p[:, b0:b1].T,
+                delta.T,
+                maxq=maxq,
+                relax=relax,
+                sdiag=self.diag_p[:, b0:b1].T,
+            )
+            g += torch.bmm(delta.unsqueeze(1), sig_rows).squeeze(1)
+            gain += block_gain
+            changed += block_changed
+        return float(gain), int(changed)
+
+    def finish(self):
+        if self.perm is not None:
+            self.hat_r.scatter_(1, self.perm, self.hat_p)

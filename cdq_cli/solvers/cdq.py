@@ -4,8 +4,12 @@ Coordinate descent only moves downhill, so starting it from a good point (GPTQ, 
 several starts) gives a result no worse than that point. Each round runs rounded CD sweeps until a
 sweep changes nothing (or the sweep budget runs out), then refits the grid in closed form for the
 fixed codes (scales, and zero-points for asymmetric grids; see ``lsq``). The run ends at a fixed
-point of both steps or at the budget. Every accepted step lowers the float64 objective, and the
-best point seen is returned, so the result never lies above the start.
+point of both steps or at the budget. Every accepted step lowers the objective, and the best point
+seen is returned, so the result never lies above the start.
+
+Objectives: a sweep's comes from its log (the start's plus the changes the kernel summed); the
+others are one working-dtype product each (:func:`working_objective`); a decision between two
+values closer than ``CLOSE`` is re-made in float64 (:func:`lower`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from .cd import cd_sweeps, order_permutation
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
-from .result import QuantResult, check_finite, objective
+from .result import QuantResult, check_finite, lower, objective, working_objective
 from .starts import START_POINTS, scored_start_point
 
 REFITS = ("none", "scales", "scales+zeros")
@@ -60,7 +64,8 @@ def descend(
     """
     if refit not in REFITS:
         raise ValueError(f"unknown refit {refit!r}: choose one of {', '.join(REFITS)}")
-    state = Descent(approx, grid, objective(weight, approx, sigma) if value is None else value)
+    state = Descent(approx, grid, working_objective(weight, approx, sigma) if value is None else value)
+    wsigma = None
     while state.sweeps < sweep_budget:
         swept, log = cd_sweeps(
             weight,
@@ -71,21 +76,37 @@ def descend(
             order=order,
             block_size=block_size,
             tolerance=tolerance,
+            start_objective=state.value,
         )
         state.sweeps += log.sweeps
-        value = objective(weight, swept, sigma)
-        if value <= state.value:
-            state.approx, state.value = swept, value
+        if any(log.changed):
+            better, value, state.value = lower(
+                log.objectives[-1],
+                state.value,
+                lambda swept=swept: (objective(weight, swept, sigma), objective(weight, state.approx, sigma)),
+                or_equal=True,
+            )
+            if better:
+                state.approx, state.value = swept, value
         state.history.append(state.value)
         state.fixed_point = log.reached_fixed_point
         if refit == "none":
             break
         codes = state.grid.quantize(state.approx)
         fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
-        new_grid = fitter(weight, sigma, state.grid, codes)
+        wsigma = weight @ sigma if wsigma is None else wsigma  # the same for every refit
+        new_grid = fitter(weight, sigma, state.grid, codes, wsigma=wsigma)
         candidate = new_grid.dequantize(codes)
-        value = objective(weight, candidate, sigma)
-        if not value < state.value * (1 - 1e-9):
+        better, value, state.value = lower(
+            working_objective(weight, candidate, sigma),
+            state.value,
+            lambda candidate=candidate: (
+                objective(weight, candidate, sigma),
+                objective(weight, state.approx, sigma),
+            ),
+            margin=1e-9,
+        )
+        if not better:
             break  # the grid is already optimal for these codes: a fixed point of both steps
         state.approx, state.grid, state.value = candidate, new_grid, value
         state.refits += 1
@@ -111,8 +132,15 @@ def best_start(
         if kind == "weight":
             raise ValueError("the cdq method starts from a point on the grid: use rtn or a gptq start")
         approx, start_grid, value = scored_start_point(kind, weight, sigma, spec, grid, damping=damping)
-        if best is None or value < best[2]:
+        if best is None:
             best = (approx, start_grid, value, kind)
+            continue
+        better, value, best_value = lower(
+            value,
+            best[2],
+            lambda a=approx, b=best[0]: (objective(weight, a, sigma), objective(weight, b, sigma)),
+        )
+        best = (approx, start_grid, value, kind) if better else (*best[:2], best_value, best[3])
     return best
 
 
@@ -178,12 +206,16 @@ def solve_cdq(
     codes = state.grid.quantize(state.approx)
     final = state.grid.dequantize(codes)
     check_finite(final, "cdq")
+    # The best point is on its grid, so the round trip gives it back bit for bit and its objective
+    # is already known (from a sweep's log or a refit's product); recompute only if it did not.
+    same = torch.equal(final, state.approx)
+    value = state.value if same else working_objective(weight, final, sigma)
     return QuantResult(
         "cdq",
         final,
         codes,
         state.grid,
-        objective(weight, final, sigma),
+        value,
         start_value,
         sweeps=state.sweeps,
         seconds=time.perf_counter() - began,

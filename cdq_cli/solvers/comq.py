@@ -17,7 +17,7 @@ import torch
 from .cd import cd_sweeps, order_permutation
 from .grid import Grid, GridSpec, fit_minmax
 from .lsq import refit_scales
-from .result import QuantResult, check_finite, objective
+from .result import QuantResult, check_finite, working_objective
 from .starts import start_point
 
 
@@ -43,18 +43,19 @@ def solve_comq(
     base = fit_minmax(weight, spec)
     grid = Grid(spec, base.scale * scalar, base.zero.clone())
     approx, grid = start_point(start, weight, sigma, spec, grid, damping=damping)
-    start_value = objective(weight, grid.round(approx) if start == "weight" else approx, sigma)
+    start_value = working_objective(weight, grid.round(approx) if start == "weight" else approx, sigma)
     perm = order_permutation(order, weight, sigma)
     history: list[float] = []
     total = 0
+    wsigma = weight @ sigma if update_scales else None  # the same for every scale refit
     for _ in range(iterations):
         approx, log = cd_sweeps(weight, sigma, grid, approx, sweeps=sweeps, order=perm, block_size=block_size)
         total += log.sweeps
         codes = grid.quantize(approx)
         if update_scales:
-            grid = refit_scales(weight, sigma, grid, codes)
+            grid = refit_scales(weight, sigma, grid, codes, wsigma=wsigma)
             approx = grid.dequantize(codes)
-        history.append(objective(weight, approx, sigma))
+        history.append(working_objective(weight, approx, sigma))
     codes = grid.quantize(approx)
     approx = grid.dequantize(codes)
     check_finite(approx, "comq")
@@ -63,7 +64,7 @@ def solve_comq(
         approx,
         codes,
         grid,
-        objective(weight, approx, sigma),
+        working_objective(weight, approx, sigma),
         start_value,
         sweeps=total,
         seconds=time.perf_counter() - began,

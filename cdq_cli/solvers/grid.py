@@ -66,12 +66,20 @@ class Grid:
 
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``weight`` (as uint8) on this grid."""
-        scale, zero = self.expand(weight.shape[1])
-        return codes_of(weight, scale, zero, self.spec.maxq).to(torch.uint8)
+        scale, zero, grouped = self._grouped(weight)
+        return codes_of(grouped, scale, zero, self.spec.maxq).to(torch.uint8).reshape(weight.shape)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        scale, zero = self.expand(codes.shape[1])
-        return scale * (codes.to(scale.dtype) - zero)
+        scale, zero, grouped = self._grouped(codes)
+        return (scale * (grouped.to(scale.dtype) - zero)).reshape(codes.shape)
+
+    def _grouped(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, groups, 1) scale and zero and the (rows, groups, group size) view of ``values``:
+        the same arithmetic as :meth:`expand`'s per-entry tensors, without building them."""
+        rows, columns = values.shape
+        groups = self.scale.shape[1]
+        grouped = values.reshape(rows, groups, columns // groups)
+        return self.scale.unsqueeze(-1), self.zero.unsqueeze(-1), grouped
 
     def round(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest grid point of every entry (round-to-nearest)."""
@@ -128,13 +136,21 @@ def fit_minmax(weight: torch.Tensor, spec: GridSpec) -> Grid:
     return Grid(spec, scale.expand(rows, n_groups).clone(), zero.expand(rows, n_groups).clone())
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``values``: one min/max pass (NaN propagates through both), no mask."""
+    if values.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(values)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     """Reject what no solver can work on: wrong rank and non-finite values."""
     if weight.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(weight.shape)})")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"{name} has {bad} NaN/Inf entries")
 
@@ -168,17 +184,17 @@ def fit_clipped(
         lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
     best_scale, best_zero = _minmax_params(lo, hi, spec)
     best_err = None
-    reps = columns // best_scale.shape[1]
+    # (rows, groups, group size) views: the grids broadcast over each group's columns.
+    view = weight.reshape(rows, n_groups, columns // n_groups)
+    importance3 = weights.reshape(1, n_groups, columns // n_groups)
     for k in range(steps):
         factor = 1.0 - max_shrink * k / max(1, steps - 1)
         scale, zero = _minmax_params(lo * factor, hi * factor, spec)
-        full_s = scale.expand(rows, -1).repeat_interleave(reps, dim=1)
-        full_z = zero.expand(rows, -1).repeat_interleave(reps, dim=1)
-        err = (weight - round_to_grid(weight, full_s, full_z, spec.maxq)).pow(2) * weights
-        if spec.per_layer:
-            err = err.sum().reshape(1, 1)
-        else:
-            err = err.reshape(rows, n_groups, -1).sum(dim=2)
+        s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        # round_to_grid, then importance · (w − q)², in place on one buffer
+        err = torch.div(view, s3).round_().add_(z3).clamp_(0, spec.maxq).sub_(z3).mul_(s3)
+        err = err.sub_(view).pow_(2).mul_(importance3)
+        err = err.sum().reshape(1, 1) if spec.per_layer else err.sum(dim=2)
         if best_err is None:
             best_err = err
             continue

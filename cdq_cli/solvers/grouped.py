@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .grid import Grid, GridSpec
-from .result import QuantResult
+from .result import QuantResult, objective
 from .rtn import solve_rtn
 
 
@@ -63,13 +63,11 @@ def group_spec(spec: GridSpec, columns: int, groups: int) -> GridSpec:
 
 def energy(weight: torch.Tensor, sigma: torch.Tensor) -> float:
     """``‖W X‖²`` from Σ: ``tr(W Σ Wᵀ)``, or the sum over groups for a (G, c, c) Σ (float64)."""
-    w = weight.to(torch.float64)
-    s = sigma.to(torch.float64)
-    if s.dim() == 2:
-        return float(((w @ s) * w).sum())
-    groups = s.shape[0]
-    w = w.reshape(groups, -1, s.shape[1])
-    return float((torch.bmm(w, s) * w).sum())
+    if sigma.dim() == 2:
+        return objective(weight, torch.zeros_like(weight), sigma)
+    groups = sigma.shape[0]
+    w = weight.reshape(groups, -1, sigma.shape[1])
+    return sum(objective(w[g], torch.zeros_like(w[g]), sigma[g]) for g in range(groups))
 
 
 def solve_grouped(

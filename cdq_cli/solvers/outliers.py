@@ -19,7 +19,7 @@ import torch
 from .cd import cd_sweeps, order_permutation
 from .cdq import DEFAULT_STARTS, best_start, descend
 from .grid import GridSpec, fit_minmax
-from .result import QuantResult, check_finite, objective
+from .result import CHUNK_BYTES, QuantResult, check_finite, working_objective
 from .starts import start_point
 
 INNER_SOLVERS = ("cd", "cdq")
@@ -41,7 +41,13 @@ def project_sparse(candidate: torch.Tensor, budget: int, structured: bool) -> to
 
 
 def largest_eigenvalue(sigma: torch.Tensor) -> float:
-    return float(torch.linalg.eigvalsh(sigma.to(torch.float64)).max())
+    """λ_max(Σ): in float64 when Σ's float64 copy fits ``CHUNK_BYTES``, otherwise in Σ's own
+    precision (at least float32; the step size needs a few digits, not sixteen)."""
+    if 8 * sigma.numel() <= CHUNK_BYTES:
+        dtype = torch.float64
+    else:
+        dtype = torch.promote_types(sigma.dtype, torch.float32)
+    return float(torch.linalg.eigvalsh(sigma.to(dtype)).max())
 
 
 def solve_quantease_outlier(
@@ -76,7 +82,7 @@ def solve_quantease_outlier(
         grid = fit_minmax(weight - outliers, spec)
         approx, grid = start_point(start, weight - outliers, sigma, spec, grid, damping=damping)
     on_grid = grid.round(approx) if start == "weight" and inner == "cd" else approx
-    start_value = objective(weight, on_grid + outliers, sigma)
+    start_value = working_objective(weight, on_grid + outliers, sigma)
     step = 1.0 / largest_eigenvalue(sigma)
     perm = order_permutation(order, weight, sigma)
     history: list[float] = []
@@ -88,7 +94,7 @@ def solve_quantease_outlier(
         sweeps += log.sweeps
         gradient = (approx + outliers - weight) @ sigma
         outliers = project_sparse(outliers - step * gradient, budget, structured)
-        history.append(objective(weight, approx + outliers, sigma))
+        history.append(working_objective(weight, approx + outliers, sigma))
     if inner == "cdq":
         state = descend(
             weight - outliers,
@@ -109,7 +115,7 @@ def solve_quantease_outlier(
     codes = grid.quantize(approx)
     full = grid.dequantize(codes) + outliers
     check_finite(full, "quantease-outlier")
-    value = objective(weight, full, sigma)
+    value = working_objective(weight, full, sigma)
     history.append(value)
     return QuantResult(
         "quantease-outlier",

@@ -14,7 +14,7 @@ import torch
 
 from .cd import cd_sweeps, order_permutation
 from .grid import GridSpec
-from .result import QuantResult, check_finite, objective
+from .result import QuantResult, check_finite, working_objective
 from .starts import start_point
 
 PRESETS = ("paper", "fast")
@@ -47,7 +47,7 @@ def solve_quantease(
     start = start if start is not None else ("weight" if paper else "gptq")
     relaxed = relaxed if relaxed is not None else paper
     approx, grid = start_point(start, weight, sigma, spec, damping=damping)
-    start_value = objective(weight, grid.round(approx) if start == "weight" else approx, sigma)
+    start_value = working_objective(weight, grid.round(approx) if start == "weight" else approx, sigma)
     schedule = paper_relaxed_schedule(sweeps) if relaxed else [False] * sweeps
     approx, log = cd_sweeps(
         weight,
@@ -59,6 +59,7 @@ def solve_quantease(
         relaxed=schedule,
         block_size=block_size,
         stop_at_fixed_point=not relaxed,
+        start_objective=0.0 if start == "weight" else start_value,  # a W start has E = 0
     )
     codes = grid.quantize(approx)
     approx = grid.dequantize(codes)
@@ -68,7 +69,7 @@ def solve_quantease(
         approx,
         codes,
         grid,
-        objective(weight, approx, sigma),
+        working_objective(weight, approx, sigma),
         start_value,
         sweeps=log.sweeps,
         seconds=time.perf_counter() - began,

@@ -7,7 +7,7 @@ import time
 import torch
 
 from .grid import GridSpec, fit_minmax
-from .result import QuantResult, objective
+from .result import QuantResult, working_objective
 
 
 def solve_rtn(weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec) -> QuantResult:
@@ -15,5 +15,5 @@ def solve_rtn(weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec) -> Quan
     grid = fit_minmax(weight, spec)
     codes = grid.quantize(weight)
     approx = grid.dequantize(codes)
-    value = objective(weight, approx, sigma)
+    value = working_objective(weight, approx, sigma)
     return QuantResult("rtn", approx, codes, grid, value, value, seconds=time.perf_counter() - began)

@@ -6,7 +6,7 @@ import torch
 
 from .gptq import solve_gptq
 from .grid import Grid, GridSpec, fit_clipped, fit_minmax
-from .result import objective
+from .result import working_objective
 
 START_POINTS = ("weight", "rtn", "gptq", "gptq-actorder", "gptq-clip", "gptq-actorder-clip")
 
@@ -56,4 +56,4 @@ def scored_start_point(
         return result.weight, result.grid, result.objective
     grid = grid if grid is not None else fit_minmax(weight, spec)
     approx = weight.clone() if kind == "weight" else grid.round(weight)
-    return approx, grid, objective(weight, approx, sigma)
+    return approx, grid, working_objective(weight, approx, sigma)

@@ -1,0 +1,232 @@
+"""Many processes through torch.distributed (launched by ``torchrun``; NCCL on GPUs, gloo on CPUs).
+
+One quantization runs on every rank. What is split, and how the result stays the single-process
+result to the byte:
+
+* **Calibration batches** are split into contiguous ranges, rank r taking the r-th range, so the
+  forward passes of every block run data-parallel (:meth:`Ranks.batches`).
+* **Σ** is reduced in batch order. A rank records the inputs its hooks see (the very tensors the
+  single-process run folds in), then the accumulators are relayed rank to rank: rank r receives
+  the sum of ranks 0..r-1, folds in its own batches in order, passes it on; the last rank
+  broadcasts the total. Every ``addmm`` is the one the single-process run makes, in the same
+  order, so Σ is bitwise that run's (an all-reduce would sum in an order the backend chooses and
+  could not promise that). Only the Σ products are serialised; the forward passes are not.
+* **Layers** of a group are solved in parallel, assigned by estimated cost (rows × columns² per
+  sweep, times the method's sweeps), largest first onto the least-loaded rank
+  (:func:`assign`); each solved layer is broadcast from its rank, and every rank writes the same
+  Ŵ into its copy of the block, so all run the same quantized forward.
+* One rank (0) keeps the resume journal and writes the output folder; the others compute.
+
+A rank that dies takes the run down: torchrun ends the other workers (SIGTERM, handled like
+Ctrl-C), rank 0 keeps the journal, and ``--resume`` continues from the last finished block.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "CDQ_DIST_TIMEOUT_S"  # how long a collective may wait for a slow rank (default 2 h)
+KILL_RANK_ENV = "CDQ_TEST_KILL_RANK"  # test hook "R:B": rank R SIGKILLs itself after block B
+SWEEPS = {"rtn": 0.0, "gptq": 1.0, "quantease": 30.0, "quantease-outlier": 14.0, "comq": 3.0, "cdq": 8.0}
+
+
+class PeerLost(OSError):
+    """Another process of the run stopped (its collective broke off): resumable, like Ctrl-C."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A broken collective (a peer died, its connection reset) as one resumable error line."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"another process of the run stopped during {what} ({first})") from exc
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run (``world`` 1: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+    backend: str = ""
+    solve_seconds: float = 0.0
+    assignments: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def batches(self, count: int) -> range:
+        """The contiguous range of ``count`` batches this rank computes."""
+        return range(self.rank * count // self.world, (self.rank + 1) * count // self.world)
+
+    def barrier(self) -> None:
+        if self.active:
+            with _collective("a barrier"):
+                dist.barrier()
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """``value`` of rank ``src`` on every rank (any picklable object; tensors go as CPU)."""
+        if not self.active:
+            return value
+        box = [value if self.rank == src else None]
+        with _collective("a broadcast"):
+            dist.broadcast_object_list(box, src=src, device=self._object_device())
+        return box[0]
+
+    def gather_values(self, value: float) -> list[float]:
+        """``value`` of every rank, on every rank, in rank order."""
+        if not self.active:
+            return [value]
+        box: list[Any] = [None] * self.world
+        with _collective("a gather"):
+            dist.all_gather_object(box, value)
+        return [float(v) for v in box]
+
+    def sum_value(self, value: float) -> float:
+        """The sum over ranks of a float (reported metrics: not bitwise-stable across world sizes)."""
+        return sum(self.gather_values(value))
+
+    def reduce_in_order(self, accumulators: Sequence[Deferred]) -> None:
+        """Relay every accumulator through the ranks in rank (= batch) order (see the module doc)."""
+        with _collective("the Σ reduction"):
+            self._relay(accumulators)
+
+    def _relay(self, accumulators: Sequence[Deferred]) -> None:
+        for acc in accumulators:
+            if self.active and self.rank > 0:
+                for tensor in acc.state():
+                    dist.recv(tensor, src=self.rank - 1)
+                acc.settle()
+            acc.replay()
+            if self.active and self.rank < self.world - 1:
+                for tensor in acc.state():
+                    dist.send(tensor, dst=self.rank + 1)
+        if self.active:  # the last rank holds the totals: everyone gets them
+            for acc in accumulators:
+                for tensor in acc.state():
+                    dist.broadcast(tensor, src=self.world - 1)
+                acc.settle()
+
+    def _object_device(self) -> torch.device | None:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+
+
+def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
+    """The run's ranks, joining the process group when torchrun started this process, and the
+    device this rank computes on (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 7200)))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return Ranks(rank=rank, world=world, backend=backend), device
+
+
+def test_hook(ranks: Ranks, block: int) -> None:
+    """``CDQ_TEST_KILL_RANK=R:B``: rank R dies (SIGKILL) right after finishing block B, so tests can
+    take one process of a real run down at a known point."""
+    wanted = os.environ.get(KILL_RANK_ENV, "")
+    if wanted and wanted == f"{ranks.rank}:{block}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def close(ranks: Ranks) -> None:
+    if ranks.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cost(rows: int, columns: int, method: str, options: dict[str, Any]) -> float:
+    """Estimated solve cost of one layer: rows × columns² per sweep, times the method's sweeps
+    (plus one for the RTN comparison and the objective)."""
+    sweeps = float(options.get("sweeps") or SWEEPS.get(method, 1.0))
+    return rows * columns**2 * (1.0 + sweeps)
+
+
+def assign(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Each name to a rank: largest cost first onto the least-loaded rank (ties: lowest rank),
+    deterministic on every rank."""
+    load = [0.0] * world
+    owner: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
+
+
+class Deferred:
+    """A Σ accumulator whose additions are recorded now and made later, in order.
+
+    Stands in for a :class:`~cdq_cli.solvers.SigmaAccumulator` (``add_linear``) or a
+    ``GroupedSigmaAccumulator`` (``add_columns``) while a rank runs its forward passes; its inputs
+    are copied (the forward may reuse their memory) to ``keep``'s device. :meth:`replay` makes the
+    additions, in the order recorded, on the real accumulator.
+    """
+
+    def __init__(self, real: Any, keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        self.real = real
+        self._keep = keep
+        self._calls: list[tuple[str, torch.Tensor]] = []
+
+    def add_linear(self, inputs: torch.Tensor) -> None:
+        self._calls.append(("add_linear", self._keep(inputs.detach().clone())))
+
+    def add_columns(self, columns: torch.Tensor) -> None:
+        self._calls.append(("add_columns", self._keep(columns.detach().clone())))
+
+    def replay(self) -> None:
+        for method, tensor in self._calls:
+            getattr(self.real, method)(tensor.to(self.real.sigma.device))
+        self._calls.clear()
+
+    def state(self) -> list[torch.Tensor]:
+        """What the relay passes on: Σ and the token count (a one-element tensor, current)."""
+        self._tokens = torch.full(
+            (1,), float(self.real.tokens), dtype=torch.float64, device=self.real.sigma.device
+        )
+        return [self.real.sigma, self._tokens]
+
+    def settle(self) -> None:
+        """After receiving: the token count that came with Σ is the real one."""
+        self.real.tokens = int(self._tokens[0].item())
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.real.sigma
+
+    @property
+    def tokens(self) -> int:
+        return self.real.tokens
+
+
+def timed(ranks: Ranks, work: Callable[[], Any]) -> Any:
+    """Run ``work`` and add its seconds to this rank's solve time."""
+    began = time.perf_counter()
+    try:
+        return work()
+    finally:
+        ranks.solve_seconds += time.perf_counter() - began

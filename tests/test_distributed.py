@@ -1,0 +1,139 @@
+"""Several processes through torch.distributed (gloo on the CPU): the single-process bytes, always.
+
+Every run here is a real multi-process run: ``cdq quantize --nproc 2`` (torch.distributed's own
+launcher), two ``torchrun`` invocations as two nodes on localhost, and a run whose rank 1 is
+killed mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cdq_cli.parallel import KILL_RANK_ENV, Ranks, assign, cost
+from cdq_cli.store.names import journal_folder
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CDQ_SHUTDOWN_S": "5"}
+
+
+@pytest.fixture(scope="module")
+def quantize(data_dir: Path) -> list[str]:
+    stories = str(data_dir / "models" / "stories260K")
+    calib = str(data_dir / "text" / "c4-sample.jsonl")
+    return [
+        "quantize",
+        stories,
+        "--calib",
+        calib,
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "48",
+        "--batch-size",
+        "2",
+        "-q",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single(quantize, tmp_path_factory) -> dict[str, Path]:
+    """The single-process outputs every multi-process run must equal, per method."""
+    outputs = {}
+    for method in ("cdq", "gptq"):
+        out = tmp_path_factory.mktemp("single") / method
+        done = cdq(*quantize, "--method", method, "--bits", "3", "--output", str(out))
+        assert done.returncode == 0, done.stderr
+        outputs[method] = out
+    return outputs
+
+
+def cdq(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cdq_cli", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def weights(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["cdq", "gptq"])
+def test_two_processes_write_the_single_process_bytes(method, quantize, single, tmp_path) -> None:
+    two = tmp_path / "two"
+    done = cdq(*quantize, "--method", method, "--bits", "3", "--output", str(two), "--nproc", "2")
+    assert done.returncode == 0, done.stderr
+    assert weights(single[method]) == weights(two)
+    parallel = json.loads((two / "report.json").read_text())["run"]["parallel"]
+    assert parallel["world_size"] == 2 and parallel["backend"] == "gloo"
+    assert len(parallel["solve_seconds"]) == 2 and sum(parallel["layers_per_rank"]) == 35
+    assert min(parallel["layers_per_rank"]) > 0  # both ranks solved layers
+
+
+def test_two_nodes_on_localhost_write_the_same_bytes(quantize, single, tmp_path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "nodes"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    command = ["-m", "cdq_cli", *quantize, "--method", "gptq", "--bits", "3", "--output", str(out)]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, "--node-rank", str(node), *rendezvous, *command],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=240)
+        assert node.returncode == 0, err[-2000:]
+    assert weights(out) == weights(single["gptq"])
+
+
+def test_a_killed_rank_ends_every_rank_then_resume_finishes_the_same(quantize, single, tmp_path) -> None:
+    out = tmp_path / "q"
+    args = [*quantize, "--method", "gptq", "--bits", "3", "--output", str(out), "--nproc", "2"]
+    began = time.monotonic()
+    killed = subprocess.run(
+        [sys.executable, "-m", "cdq_cli", *args],
+        env={**ENV, KILL_RANK_ENV: "1:1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert time.monotonic() - began < 120  # bounded: the launcher stops the other rank
+    assert killed.returncode != 0
+    lines = killed.stderr.strip().splitlines()
+    assert all(line.startswith("error: ") for line in lines) and len(lines) <= 2, killed.stderr
+    assert any(f"ended with signal {signal.Signals.SIGKILL.name}" in line for line in lines)
+    assert any("--resume" in line for line in lines)
+    assert not out.exists() and (journal_folder(out) / "state.json").is_file()
+    resumed = cdq(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert weights(out) == weights(single["gptq"])
+    assert json.loads((out / "report.json").read_text())["run"]["resumed_blocks"] >= 1
+
+
+def test_layers_go_largest_first_to_the_least_loaded_rank() -> None:
+    costs = {"a": 9.0, "b": 7.0, "c": 5.0, "d": 4.0, "e": 1.0}
+    assert assign(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 9, 7, 12, 13, 13
+    assert assign(costs, 1) == dict.fromkeys(costs, 0)
+    assert cost(4096, 11008, "gptq", {}) > cost(4096, 4096, "gptq", {})
+    assert cost(4096, 4096, "quantease", {}) > cost(4096, 4096, "gptq", {})
+
+
+def test_batches_are_split_into_contiguous_ranges() -> None:
+    ranges = [list(Ranks(rank=r, world=3).batches(8)) for r in range(3)]
+    assert ranges == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert sum(ranges, []) == list(range(8))
