@@ -204,3 +204,20 @@ def test_eval_needs_data_or_tasks(stories, capsys) -> None:
     code, out, err = cli(capsys, "eval", stories)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "cdq eval takes --data SOURCE (perplexity, top-1) or --tasks LIST (zero-shot accuracy)" in err
+
+
+def test_a_nan_metric_is_an_error_not_a_result(monkeypatch):
+    """A broken model's NaN accuracy is refused, never printed (stderr 'N/A' is only absent)."""
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface
+
+    from cdq_cli.evaluate import zeroshot
+
+    results = {"results": {"t": {"acc,none": float("nan"), "acc_stderr,none": "N/A"}}}
+    monkeypatch.setattr(lm_eval.models.huggingface, "HFLM", lambda **kwargs: None)
+    monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", lambda **kwargs: results)
+    with pytest.raises(ValueError, match="task t: acc is nan"):
+        zeroshot.evaluate_tasks(torch.nn.Linear(2, 2), None, {"t": object()}, device=torch.device("cpu"))
+    results["results"]["t"]["acc,none"] = 0.5
+    out = zeroshot.evaluate_tasks(torch.nn.Linear(2, 2), None, {"t": object()}, device=torch.device("cpu"))
+    assert out["tasks"][0]["metrics"]["acc"] == {"value": 0.5, "stderr": None}

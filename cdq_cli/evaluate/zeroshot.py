@@ -167,6 +167,8 @@ def evaluate_tasks(
             if metric.endswith("_stderr") or metric in _NOT_METRICS or not isinstance(value, (int, float)):
                 continue
             shown = metric if filt in ("", "none") else f"{metric},{filt}"
+            if not math.isfinite(value):  # a broken model must not read as a result
+                raise ValueError(f"task {name}: {shown} is {value} (the model's outputs are not finite)")
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             row["metrics"][shown] = {"value": _number(value), "stderr": _number(stderr)}
         rows.append(row)
