@@ -69,6 +69,11 @@ def main() -> int:
     parser.add_argument("--seqlen", default="64")
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/cdq/bench-big").expanduser())
     parser.add_argument("--threads", default="2")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of both commands (auto: the checkpoint's bf16, slow on CPUs without bf16 GEMMs)",
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = args.threads
     from cdq_cli.models import load_causal_lm
@@ -95,9 +100,11 @@ def main() -> int:
         ["quantize", str(source), "--method", args.method, "--bits", args.bits, "--calib",
          str(data / "text" / "c4-sample.jsonl"), "--nsamples", args.nsamples, "--seqlen", args.seqlen,
          "--eval", text, "--eval-seqlen", "128", "--eval-max-windows", "2", "--output", str(out),
-         "--overwrite", "--max-shard-size", "1GB"]
+         "--overwrite", "--max-shard-size", "1GB", "--dtype", args.dtype]
     )  # fmt: skip
-    evaluate = measured(["eval", str(out), "--data", text, "--seqlen", "128", "--max-windows", "2"])
+    evaluate = measured(
+        ["eval", str(out), "--data", text, "--seqlen", "128", "--max-windows", "2", "--dtype", args.dtype]
+    )
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     rows = []
     for label, run in (("cdq quantize --eval", quantize), ("cdq eval OUTPUT", evaluate)):
@@ -118,7 +125,7 @@ def main() -> int:
         f"model: synthetic Llama {shape}, bf16 safetensors {size / 2**30:.2f} GiB in "
         f"{len(list(source.glob('*.safetensors')))} shards; {args.method} w{args.bits}, {layers} layers; "
         f"calibration {args.nsamples} x {args.seqlen}; {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads"
+        f"{args.threads} threads, --dtype {args.dtype}"
     )
     print_table(["run", "exit", "peak RSS GiB", "peak / bf16 size", "CPU s", "wall s"], rows)
     return 0 if all(run["code"] == 0 for run in (quantize, evaluate)) else 1

@@ -45,8 +45,10 @@ class QuantResult:
 
 
 # Bytes a float64 temporary may take before the work is split into pieces (Σ slabs, row tiles,
-# per-row normal systems). A 28,672-wide Σ in float64 is 6.6 GB; its slabs here are 256 MB.
-CHUNK_BYTES = 256 << 20
+# per-row normal systems). A 28,672-wide Σ in float64 is 6.6 GB; its slabs here are 64 MB. A few
+# pieces are alive at once (a Σ slab, an error tile, their product), so the transient is a few
+# times this: at 256 MB it was the peak of a whole lazy 1.6B-parameter run (bench_big.py).
+CHUNK_BYTES = 64 << 20
 
 
 def spans(total: int, per_item_bytes: int, budget: int | None = None) -> list[slice]:
