@@ -111,6 +111,18 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def calib(data_dir: Path) -> str:
+    """The shared C4 sample: calibration text for CLI runs."""
+    return str(data_dir / "text" / "c4-sample.jsonl")
+
+
+@pytest.fixture(scope="session")
+def wikitext(data_dir: Path) -> str:
+    """The shared WikiText-2 test text: evaluation for CLI runs."""
+    return str(data_dir / "text" / "wikitext2-raw-test.txt")
+
+
 @dataclass
 class RealLayer:
     name: str

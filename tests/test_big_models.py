@@ -38,16 +38,6 @@ def tokenizer(data_dir: Path):
     return load_causal_lm(str(data_dir / "models" / "stories260K"))[1]
 
 
-@pytest.fixture(scope="module")
-def calib(data_dir: Path) -> str:
-    return str(data_dir / "text" / "c4-sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def wikitext(data_dir: Path) -> str:
-    return str(data_dir / "text" / "wikitext2-raw-test.txt")
-
-
 def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()

@@ -35,16 +35,6 @@ def stories(data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def calib(data_dir: Path) -> str:
-    return str(data_dir / "text" / "c4-sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def wikitext(data_dir: Path) -> str:
-    return str(data_dir / "text" / "wikitext2-raw-test.txt")
-
-
-@pytest.fixture(scope="module")
 def tiny(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random OPT/BLOOM/Llama folders sharing the real stories260K tokenizer (vocab 512)."""
     _model, tokenizer = load_causal_lm(str(stories))

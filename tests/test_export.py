@@ -190,11 +190,6 @@ def tiny(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return {family: save_tiny(family, root / family, tokenizer) for family in ("opt", "llama")}
 
 
-@pytest.fixture(scope="module")
-def calib(data_dir: Path) -> str:
-    return str(data_dir / "text" / "c4-sample.jsonl")
-
-
 def test_quantize_format_gptq_and_cdq_export(tiny, calib, tmp_path, capsys) -> None:
     out = tmp_path / "q"
     code = main(

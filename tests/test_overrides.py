@@ -38,11 +38,6 @@ def llama(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-overrides") / "llama", tokenizer)
 
 
-@pytest.fixture(scope="module")
-def calib(data_dir: Path) -> str:
-    return str(data_dir / "text" / "c4-sample.jsonl")
-
-
 def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()

@@ -42,16 +42,6 @@ def tokenizer(data_dir: Path):
     return load_causal_lm(str(data_dir / "models" / "stories260K"))[1]
 
 
-@pytest.fixture(scope="module")
-def calib(data_dir: Path) -> str:
-    return str(data_dir / "text" / "c4-sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def wikitext(data_dir: Path) -> str:
-    return str(data_dir / "text" / "wikitext2-raw-test.txt")
-
-
 @pytest.fixture()
 def llama(tokenizer, tmp_path: Path) -> Path:
     """A fresh tiny Llama folder per test (tests edit it)."""
