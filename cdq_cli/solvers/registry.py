@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import gguf
 from .cd import ORDERS
 from .cdq import REFITS, solve_cdq
 from .comq import solve_comq
@@ -35,6 +36,10 @@ SOLVERS: dict[str, Callable[..., QuantResult]] = {
     "comq": solve_comq,
     "cdq": solve_cdq,
 }
+
+
+# The keyword through which each solver takes a fixed grid (a GGUF block type's: see run_solver).
+GRID_ARGUMENT = {"rtn": "grid", "gptq": "fixed_grid", "quantease": "grid", "comq": "grid", "cdq": "grid"}
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,17 @@ def run_solver(
     check_problem(weight, sigma)
     spec.n_groups(weight.shape[1])
     sigma = sigma.to(weight.device, weight.dtype)
-    return solver(weight, sigma, spec, **options)
+    if spec.block_type is None:
+        return solver(weight, sigma, spec, **options)
+    # A GGUF block type: every solver works on the type's exact grid, starting from llama.cpp's own
+    # choice of the stored scales weighted by diag Σ (solvers.gguf).
+    if method not in GRID_ARGUMENT:
+        raise ValueError(
+            f"method {method} keeps full-precision outliers, which a GGUF file cannot hold: "
+            f"choose one of {', '.join(GRID_ARGUMENT)}"
+        )
+    grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
+    return solver(weight, sigma, spec, **options, **{GRID_ARGUMENT[method]: grid})
 
 
 def _solver(method: str) -> Callable[..., QuantResult]:

@@ -6,13 +6,16 @@ import time
 
 import torch
 
-from .grid import GridSpec, fit_minmax
+from .grid import Grid, GridSpec, fit_minmax
 from .result import QuantResult, working_objective
 
 
-def solve_rtn(weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec) -> QuantResult:
+def solve_rtn(
+    weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, *, grid: Grid | None = None
+) -> QuantResult:
+    """Every weight to its nearest point of ``grid`` (default: the min–max grid of ``spec``)."""
     began = time.perf_counter()
-    grid = fit_minmax(weight, spec)
+    grid = fit_minmax(weight, spec) if grid is None else grid
     codes = grid.quantize(weight)
     approx = grid.dequantize(codes)
     value = working_objective(weight, approx, sigma)
