@@ -214,6 +214,7 @@ def _plan(
     tied = "lm_head.weight" in stored.aliases or bool(config.get("tie_word_embeddings", False))
     shapes = {name: tuple(meta["shape"]) for name, meta in stored.layer_meta.items()}
     model = gguf_mix.ModelShape(n_layers, n_head // n_kv, tied)
+    recorded = stored.table.get("gguf_layers") or {}
     items: list[_Tensor] = []
     fallbacks: list[str] = []
     for source in stored.names():
@@ -236,6 +237,8 @@ def _plan(
             shape = meta_shape
             if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
                 qtype = "F32"
+            elif recorded.get(module) == gguf_mix.F16:  # --skip, or a width no type fits: as the run kept it
+                qtype = gguf_mix.F16
             else:
                 wanted = gguf_mix.mix_type(gguf_type, module, shape[1], model)
                 qtype = gguf_mix.with_fallback(wanted, shape[1])

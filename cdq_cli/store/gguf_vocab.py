@@ -19,6 +19,8 @@ Then ``gguf.SpecialVocab`` (BOS/EOS/UNK/PAD ids, add-BOS/EOS flags, chat templat
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -69,13 +71,31 @@ class Vocab:
         if self.scores is not None:
             writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
-        self.special.add_to_gguf(writer, quiet=True)
+        with _quiet_gguf():
+            self.special.add_to_gguf(writer, quiet=True)
         if self.add_bos is not None:
             writer.add_add_bos_token(self.add_bos)
 
 
+@contextmanager
+def _quiet_gguf():
+    """gguf-py logs warnings about tokenizer details it ignores; cdq's stderr stays clean."""
+    logger = logging.getLogger("gguf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
     """The vocabulary of the tokenizer files in ``folder`` (see the module docstring)."""
+    with _quiet_gguf():
+        return _read_vocab(Path(folder), config)
+
+
+def _read_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
     import gguf
 
     folder = Path(folder)
