@@ -115,6 +115,8 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
     if settings.grid is None:
         return layers
     settings.check_overrides(layers)
+    if settings.gguf_type is not None:  # each layer's GGUF type: llama.cpp's rules, --layer, fallbacks
+        settings.resolve_gguf({name: tuple(_weight_of(layer).shape[-2:]) for name, layer in layers.items()})
     layers = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
     for name, layer in layers.items():
         spec = settings.grid_for(name)
@@ -126,6 +128,10 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return layers
+
+
+def _weight_of(layer: nn.Module | torch.Tensor) -> torch.Tensor:
+    return layer if isinstance(layer, torch.Tensor) else layer.weight
 
 
 @torch.no_grad()
@@ -434,6 +440,7 @@ def _row(
 ) -> LayerRow:
     spec = result.grid.spec  # the grid this layer was solved on (per-layer rules included)
     return LayerRow(
+        block_type=spec.block_type,
         name=name,
         shape=shape,
         bits=spec.bits,

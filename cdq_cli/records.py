@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from . import gguf_mix
 from .solvers import SUPPORTED_BITS, GridSpec, check_options
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ class Settings:
     compare_rtn: bool = True
     offload_activations: str = "auto"
     overrides: tuple[LayerRule, ...] = ()
+    # --format gguf --type T: the type (gguf_mix), then every layer's own, once the layers are known
+    gguf_type: str | None = None
+    gguf_layers: dict[str, str] | None = None
+    gguf_notes: list[str] = field(default_factory=list)
 
     @classmethod
     def make(
@@ -56,12 +61,18 @@ class Settings:
         device: torch.device | str = "cpu",
         skip: Sequence[str] = (),
         layer: Sequence[str] = (),
+        gguf_type: str | None = None,
         **rest: Any,
     ) -> Settings:
         """Settings from flag-like values: the grid built by :func:`grid_spec`, the ``--skip`` /
         ``--layer`` rules by :func:`layer_rules`, the options typed and checked by
-        :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input)."""
-        grid = grid_spec(bits, group_size, sym, per_layer)
+        :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input).
+        ``gguf_type``: a GGUF ``--type`` (its default block type is the run's grid)."""
+        if gguf_type is not None:
+            gguf_type = gguf_mix.check_type(gguf_type)
+            grid: GridSpec | None = GridSpec.of_type(gguf_mix.default_type(gguf_type))
+        else:
+            grid = grid_spec(bits, group_size, sym, per_layer)
         checked = check_options(method, options or {}) if grid is not None else dict(options or {})
         if grid is None and (skip or layer):
             raise ValueError(
@@ -69,7 +80,13 @@ class Settings:
             )
         rules = layer_rules(grid, skip, layer) if grid is not None else ()
         return cls(
-            method=method, grid=grid, options=checked, device=torch.device(device), overrides=rules, **rest
+            method=method,
+            grid=grid,
+            options=checked,
+            device=torch.device(device),
+            overrides=rules,
+            gguf_type=gguf_type,
+            **rest,
         )
 
     def grid_for(self, name: str) -> GridSpec | None:
@@ -79,6 +96,9 @@ class Settings:
         if self.grid is None:
             return None
         layer = name.split("[", 1)[0]
+        if self.gguf_layers is not None and layer in self.gguf_layers:
+            kind = self.gguf_layers[layer]
+            return None if kind == gguf_mix.F16 else GridSpec.of_type(kind)
         chosen: GridSpec | None = self.grid
         for rule in self.overrides:
             if rule.spec is not None and rule.matches(layer):
@@ -95,6 +115,31 @@ class Settings:
             if not any(rule.matches(name) for name in names):
                 example = f" (its layers are named like {names[0]})" if names else ""
                 raise ValueError(f"{rule.flag} {rule.text!r} matches no layer of the model{example}")
+
+    def resolve_gguf(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Every layer's GGUF type, from the layers' (rows, columns) by full name: a ``--layer``
+        rule's type, else llama.cpp's rules for ``--type`` (:mod:`cdq_cli.gguf_mix`), then
+        llama.cpp's width fallback; ``--skip`` and a width no type fits: F16 (kept in full
+        precision here). Fallbacks are listed in ``gguf_notes``. Called once the model's layers are
+        known, before any work."""
+        assert self.gguf_type is not None
+        model = gguf_mix.model_shape(shapes, tied=False)
+        resolved: dict[str, str] = {}
+        notes: list[str] = []
+        for name, (_, columns) in shapes.items():
+            layer = name.split("[", 1)[0]
+            if any(rule.spec is None and rule.matches(layer) for rule in self.overrides):
+                resolved[layer] = gguf_mix.F16
+                continue
+            wanted = gguf_mix.mix_type(self.gguf_type, layer, columns, model)
+            for rule in self.overrides:
+                if rule.grid is not None and rule.matches(layer):
+                    wanted = str(rule.grid.block_type)
+            final = gguf_mix.with_fallback(wanted, columns)
+            if final != wanted:
+                notes.append(f"{layer}: width {columns} does not take {wanted}: {final}, as llama.cpp does")
+            resolved[layer] = final
+        self.gguf_layers, self.gguf_notes = resolved, notes
 
     @property
     def quantizing(self) -> bool:
@@ -132,6 +177,7 @@ class Settings:
             "compare_rtn": self.compare_rtn,
             # only when given, so runs without overrides keep their resume fingerprints
             **({"overrides": [rule.describe() for rule in self.overrides]} if self.overrides else {}),
+            **({"gguf_type": self.gguf_type, "gguf_layers": self.gguf_layers} if self.gguf_type else {}),
         }
 
 
@@ -211,6 +257,11 @@ def layer_rules(default: GridSpec, skip: Sequence[str], layer: Sequence[str]) ->
 def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
     """The grid a ``--layer`` SPEC gives (see :data:`SPEC_GRAMMAR`); what the SPEC leaves out comes
     from ``default`` (the run's --group-size, --sym, --per-layer)."""
+    if default.block_type is not None:  # a GGUF run: SPEC is a GGUF block type
+        try:
+            return GridSpec.of_type(spec)
+        except ValueError as exc:
+            raise ValueError(f"--layer SPEC {spec!r} in a --format gguf run: {exc}") from None
     found = LAYER_SPEC.match(spec.lower())
     if not found:
         raise ValueError(f"--layer SPEC {spec!r} is not {SPEC_GRAMMAR}")
@@ -268,6 +319,7 @@ class LayerRow:
     outliers: int
     tokens: int
     note: str | None = None  # e.g. an expert that got no calibration tokens, rounded instead
+    block_type: str | None = None  # a GGUF type's grid (only written when set)
 
     @property
     def layer(self) -> str:
@@ -275,7 +327,10 @@ class LayerRow:
         return self.name.split("[", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        if row["block_type"] is None:
+            del row["block_type"]
+        return row
 
 
 @dataclass
