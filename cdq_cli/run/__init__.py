@@ -104,6 +104,12 @@ def _quantize_loaded(
         raise UsageError(problem)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, layers)
+    if plan.settings.gguf_type is not None:
+        from . import gguf as gguf_run
+
+        gguf_run.preflight(loaded.model, loaded.tokenizer)
+        for text in plan.settings.gguf_notes:
+            note(text)
     calibration = kind.calibrate(loaded, data, plan, note)
     fp = None
     if request.eval_data is not None:  # the same data, before quantization: what the bits cost
@@ -149,6 +155,12 @@ def _quantize_loaded(
                 sink=sink,
                 ranks=ranks,
             )
+            if plan.settings.gguf_type is not None:  # embeddings and head: as llama.cpp quantizes them
+                records, rows, texts = gguf_run.quantize_embeddings(loaded.model, placement, plan.settings)
+                outcome.layers.update(records)
+                outcome.rows.extend(rows)
+                for text in texts:
+                    note(text)
         report = reports.build(
             model=request.target,
             family=loaded.adapter.name,
@@ -181,6 +193,11 @@ def _quantize_loaded(
             "sym": plan.settings.sym,
             "model": request.target,
             **kind.table_info(loaded, plan),
+            **(
+                {"gguf_type": plan.settings.gguf_type, "gguf_layers": plan.settings.gguf_layers}
+                if plan.settings.gguf_type is not None
+                else {}
+            ),
         }
         note(f"writing {plan.output}")
         with _guarded(journal, bad_input_discards=False):

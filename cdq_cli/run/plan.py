@@ -21,7 +21,7 @@ from ..store.shards import DEFAULT_SHARD_SIZE, parse_size
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SIGMA_DTYPES = ("float32", "float64")
-FORMATS = ("native", "gptq", "compressed-tensors")
+FORMATS = ("native", "gptq", "compressed-tensors", "gguf")
 
 
 class UsageError(ValueError):
@@ -59,6 +59,7 @@ class QuantizeRequest:
     eval_max_windows: int | None = None
     eval_seqlen: int | None = None
     export_format: str = "native"
+    gguf_type: str | None = None  # --type T with --format gguf
     max_shard_size: str = DEFAULT_SHARD_SIZE
     offload_activations: str = "auto"
     checkpoint: str | None = None
@@ -146,6 +147,7 @@ def settle(request: QuantizeRequest) -> Plan:
     choose("--dtype", request.dtype, DTYPES)
     choose("--sigma-dtype", request.sigma_dtype, SIGMA_DTYPES)
     choose("--format", request.export_format, FORMATS)
+    check_gguf(request)
     settings = Settings.make(
         method=request.method,
         bits=request.bits,
@@ -160,6 +162,7 @@ def settle(request: QuantizeRequest) -> Plan:
         device=resolve_device(request.device),
         sigma_dtype=getattr(torch, request.sigma_dtype),
         offload_activations=choose("--offload-activations", request.offload_activations, OFFLOAD_CHOICES),
+        gguf_type=request.gguf_type,
     )
     try:
         max_shard_bytes = parse_size(request.max_shard_size)
@@ -173,6 +176,34 @@ def settle(request: QuantizeRequest) -> Plan:
         export_dest = default_dest(output, request.export_format)
         check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
     return Plan(request, settings, output, export_dest, max_shard_bytes)
+
+
+def check_gguf(request: QuantizeRequest) -> None:
+    """``--format gguf`` takes its grid from ``--type`` alone, and ``--type`` means nothing without it."""
+    from .. import gguf_mix
+
+    if request.export_format != "gguf":
+        if request.gguf_type is not None:
+            raise UsageError("--type is a GGUF type: use it with --format gguf")
+        return
+    if request.gguf_type is None:
+        raise UsageError(f"--format gguf needs --type T: one of {', '.join(gguf_mix.FILE_TYPES)}")
+    try:
+        gguf_mix.check_type(request.gguf_type)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if request.bits != 4 or request.group_size is not None or request.sym or request.per_layer:
+        raise UsageError(
+            "--format gguf takes its grid from --type: drop --bits/--group-size/--sym/--per-layer"
+        )
+    if request.method == "quantease-outlier":
+        raise UsageError(
+            "--method quantease-outlier keeps full-precision outliers, which a GGUF file cannot hold"
+        )
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UsageError("--format gguf needs the gguf package: pip install 'cdq[gguf]'") from None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -199,6 +230,8 @@ def model_dtype(choice: str) -> torch.dtype | str:
 def default_output(request: QuantizeRequest) -> str:
     base = Path(request.target.rstrip("/")).name
     base = base.removesuffix(".gguf") or "model"
+    if request.gguf_type is not None:
+        return f"{base}-{request.method}-{request.gguf_type.upper()}"
     group = f"g{request.group_size}" if request.group_size else ""
     return f"{base}-{request.method}-w{request.bits}{group}"
 
