@@ -56,7 +56,15 @@ import torch
 
 from ..solvers import GridSpec
 from ..solvers.packing import pack
-from .exports import ExportError, copy_companions, default_dest, read_json, refuse_same_folder, write_json
+from .exports import (
+    ExportError,
+    copy_companions,
+    default_dest,
+    read_json,
+    refuse_gguf_grids,
+    refuse_same_folder,
+    write_json,
+)
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
@@ -103,6 +111,7 @@ def preflight(layers: Mapping[str, tuple[tuple[int, ...], GridSpec]], *, method:
         raise ExportError(
             f"--method {method} keeps full-precision outliers, which compressed-tensors cannot hold"
         )
+    refuse_gguf_grids({name: spec for name, (_, spec) in layers.items()}, "compressed-tensors")
     for name, (shape, _spec) in layers.items():
         check_shape(name, shape)
 

@@ -19,12 +19,21 @@ from ..solvers import GridSpec
 from .names import MARKER, WEIGHTS, WEIGHTS_INDEX
 
 # format -> the suffix of its default folder, next to the native one
-FORMATS = {"gptq": "-gptq", "compressed-tensors": "-ct"}
+FORMATS = {"gptq": "-gptq", "compressed-tensors": "-ct", "gguf": "-gguf"}
 _NOT_COPIED = {WEIGHTS, MARKER, "config.json"}
 
 
 class ExportError(ValueError):
     """What an export format cannot hold; one line for the CLI (exit 2)."""
+
+
+def refuse_gguf_grids(specs: Mapping[str, GridSpec], fmt: str) -> None:
+    """A layer on a GGUF type's grid (block scales, offsets) fits no other export format."""
+    for name, spec in specs.items():
+        if spec.block_type is not None:
+            raise ExportError(
+                f"{name} is on the GGUF grid {spec.block_type}: {fmt} cannot hold it (--format gguf)"
+            )
 
 
 def check_format(fmt: str) -> str:
@@ -56,6 +65,10 @@ def preflight(
         from .gptq import preflight as gptq_preflight
 
         gptq_preflight(layers, skipped=skipped, method=method)
+    elif fmt == "gguf":
+        from .gguf import preflight as gguf_preflight
+
+        gguf_preflight(layers, method=method)
     else:
         from .compressed import preflight as ct_preflight
 
@@ -70,9 +83,18 @@ def export(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     checkpoint_format: str = "gptq",
+    gguf_type: str | None = None,
 ) -> Any:
     """Write the ``fmt`` export of the cdq output folder ``source``; return its summary (an object
-    with ``to_dict()`` and ``engines``)."""
+    with ``to_dict()`` and ``engines``). ``gguf_type``: GGUF's ``--type`` (default: the run's)."""
+    if gguf_type is not None and check_format(fmt) != "gguf":
+        raise ExportError("--type is a GGUF type: use it with --format gguf")
+    if check_format(fmt) == "gguf":
+        if checkpoint_format != "gptq":
+            raise ExportError("--checkpoint-format is a GPTQ option; GGUF has one layout")
+        from .gguf import export_gguf
+
+        return export_gguf(source, dest, gguf_type=gguf_type, overwrite=overwrite)
     if check_format(fmt) == "gptq":
         from .gptq import export_gptq
 

@@ -49,7 +49,14 @@ import torch
 from .. import __version__
 from ..solvers import GridSpec
 from ..solvers.packing import pack
-from .exports import ExportError, copy_companions, read_json, refuse_same_folder, write_json
+from .exports import (
+    ExportError,
+    copy_companions,
+    read_json,
+    refuse_gguf_grids,
+    refuse_same_folder,
+    write_json,
+)
 from .exports import default_dest as _default_dest
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
@@ -125,6 +132,7 @@ def preflight(
     """:func:`check_settings` for ``cdq quantize --format gptq``: ``layers`` are the layers the run
     will quantize (name -> (shape, grid)), ``skipped`` the run's --skip patterns; one grid for all
     of them, none kept in full precision."""
+    refuse_gguf_grids({name: spec for name, (_, spec) in layers.items()}, "GPTQ")
     if skipped:
         raise ExportError(f"--skip {skipped[0]!r} keeps layers in full precision, which {MIXED}")
     specs = {spec for _, spec in layers.values()}
@@ -215,6 +223,7 @@ def export_gptq(
     if not stored.layer_meta:
         raise ExportError(f"{source} has no quantized layers (--bits 16?); nothing to export")
     specs = {name: spec_of(name, meta) for name, meta in stored.layer_meta.items()}
+    refuse_gguf_grids({name: spec for name, (spec, _, _) in specs.items()}, "GPTQ")
     if len({spec for spec, _, _ in specs.values()}) != 1:
         raise ExportError(f"layers use different grids (--layer), which {MIXED}")
     skipped = table.get("skipped") or []
