@@ -31,11 +31,13 @@ class ExportFormat(str, Enum):
     native = "native"
     gptq = "gptq"
     compressed_tensors = "compressed-tensors"
+    gguf = "gguf"
 
 
 class ExportTarget(str, Enum):
     gptq = "gptq"
     compressed_tensors = "compressed-tensors"
+    gguf = "gguf"
 
 
 class CheckpointFormat(str, Enum):

@@ -20,14 +20,19 @@ from .printing import print_json
 def export(
     output_dir: Path = typer.Argument(..., help="A cdq output folder (from cdq quantize)."),
     target: ExportTarget = typer.Option(
-        ExportTarget.gptq, "--format", help="Target layout: gptq or compressed-tensors (vLLM's native)."
+        ExportTarget.gptq,
+        "--format",
+        help="Target layout: gptq, compressed-tensors (vLLM's native) or gguf (llama.cpp, Ollama).",
+    ),
+    gguf_type: str | None = typer.Option(
+        None, "--type", metavar="T", help="GGUF: the run's --type (the default; another is refused)."
     ),
     dest: Path | None = typer.Option(
         None,
         "--output",
         "--dest",
         metavar="FOLDER",
-        help="Export folder (default: <OUTPUT_DIR>-gptq, <OUTPUT_DIR>-ct).",
+        help="Export folder (default: <OUTPUT_DIR>-gptq, <OUTPUT_DIR>-ct, <OUTPUT_DIR>-gguf).",
     ),
     checkpoint_format: CheckpointFormat | None = typer.Option(
         None,
@@ -42,13 +47,14 @@ def export(
     from ..store.exports import export as run_export
 
     if checkpoint_format is not None and target is not ExportTarget.gptq:
-        raise ValueError("--checkpoint-format is a GPTQ option; compressed-tensors has one layout")
+        raise ValueError(f"--checkpoint-format is a GPTQ option; {target.value} has one layout")
     summary = run_export(
         target.value,
         output_dir,
         dest,
         checkpoint_format=(checkpoint_format or CheckpointFormat.gptq).value,
         overwrite=overwrite,
+        gguf_type=gguf_type,
     )
     show_export(summary.to_dict(), as_json=as_json)
 
@@ -57,7 +63,14 @@ def show_export(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print_json(summary)
         return
-    if summary["format"] == "gptq":
+    if summary["format"] == "gguf":
+        types = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["tensor_types"].items()))
+        print(
+            f"wrote {summary['file']}: GGUF {summary['type']}, {summary['bytes']:,} bytes; tensors: {types}"
+        )
+        for line in summary["fallbacks"]:
+            print(f"fallback (as llama.cpp): {line}")
+    elif summary["format"] == "gptq":
         grid = f"group {summary['group_size']}" if summary["group_size"] > 0 else "per channel"
         print(
             f"wrote {summary['output']}: GPTQ ({summary['checkpoint_format']}), {summary['bits']}-bit, "

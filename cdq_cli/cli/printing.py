@@ -35,8 +35,13 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
     console.print(f"wrote {out}")
     if finished.export is not None:
         export = finished.export
-        layout = f"GPTQ {export['checkpoint_format']}" if export["format"] == "gptq" else "compressed-tensors"
-        console.print(f"wrote {export['output']} ({layout})")
+        layout = {
+            "gptq": f"GPTQ {export.get('checkpoint_format')}",
+            "gguf": f"GGUF {export.get('type')}",
+        }.get(export["format"], "compressed-tensors")
+        console.print(f"wrote {export.get('file', export['output'])} ({layout})")
+        for line in export.get("fallbacks", []):
+            console.print(f"fallback (as llama.cpp): {line}")
         console.print(f"runs in: {export['engines']}")
 
 

@@ -104,7 +104,15 @@ def quantize(
     out_format: ExportFormat = typer.Option(
         ExportFormat.native,
         "--format",
-        help="gptq / compressed-tensors: also export to <output>-gptq / <output>-ct (docs/results.md).",
+        help="gptq / compressed-tensors / gguf: also export to <output>-gptq / <output>-ct / <output>-gguf "
+        "(docs/results.md).",
+    ),
+    gguf_type: str | None = typer.Option(
+        None,
+        "--type",
+        metavar="T",
+        help="With --format gguf: Q4_K_M, Q5_K_M, Q3_K_M, Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K "
+        "(llama.cpp's per-tensor rules) or Q3_K, Q4_K, Q5_K (every tensor); --layer PATTERN=TYPE overrides.",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
     nproc: int = typer.Option(
@@ -134,6 +142,7 @@ def quantize(
         sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
         true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
+        gguf_type=gguf_type,
         max_shard_size=max_shard_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
         quantize_head=quantize_head, augment=augment,
