@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +42,21 @@ def preflight(model: nn.Module, tokenizer: Any) -> None:
             raise ExportError("a GGUF file needs the model's tokenizer, and this model has none")
         with tempfile.TemporaryDirectory(prefix="cdq-gguf-tokenizer-") as folder:
             tokenizer.save_pretrained(folder)
+            add_sentencepiece_model(Path(folder), tokenizer)
             check_tokenizer(Path(folder), config)
     except ExportError as exc:
         raise UsageError(str(exc)) from None
+
+
+def add_sentencepiece_model(folder: Path, tokenizer: Any) -> None:
+    """Put the sentencepiece model the tokenizer was read from (the model folder's
+    ``tokenizer.model``) beside the saved tokenizer: transformers does not save it, and llama.cpp's
+    converter reads the pieces' scores from it (without it a SentencePiece vocabulary gets no
+    scores, and llama.cpp would split text differently)."""
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and Path(source).name == "tokenizer.model" and Path(source).is_file():
+        if not (folder / "tokenizer.model").exists():
+            shutil.copyfile(source, folder / "tokenizer.model")
 
 
 def quantize_embeddings(

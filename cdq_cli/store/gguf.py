@@ -83,7 +83,8 @@ def check_family(config: Mapping[str, Any]) -> str:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     family = FAMILIES.get(str(model_type))
-    if family is None or not any(a in family[0] for a in architectures):
+    # a config without architectures (a model loaded from a GGUF file) is judged by its model_type
+    if family is None or (architectures and not any(a in family[0] for a in architectures)):
         written = ", ".join(f"{name} ({'/'.join(archs[:1])})" for name, (archs, _) in FAMILIES.items())
         raise ExportError(
             f"the GGUF export writes the {written} family; this model is {model_type!r} "
