@@ -91,7 +91,7 @@ def _quantize_loaded(
     from ..placement import Placement
     from ..store import report as reports
     from ..store.files import make_work_folder, write_json_atomic
-    from ..store.folder import OutputBuilder, tied_names, write_companions
+    from ..store.folder import OutputBuilder, tied_names
     from ..store.journal import open_journal
     from ..store.names import REPORT
 
@@ -207,7 +207,7 @@ def _quantize_loaded(
                 info=info,
                 kind=kind.name,
                 dtype=loaded.dtype,
-                extras=lambda folder: write_companions(folder, loaded.model, loaded.tokenizer, report),
+                extras=lambda folder: _companions(folder, loaded, report, plan),
                 overwrite=request.overwrite,
                 protect=plan_sources(request),
                 order=list(dict.fromkeys(row.layer for row in outcome.rows)),
@@ -232,6 +232,16 @@ def _quantize_loaded(
     exported = _export(plan, note)
     ranks.barrier()
     return Finished(plan.output, report, kind.name, exported)
+
+
+def _companions(folder: Path, loaded: Loaded, report: dict[str, Any], plan: Plan) -> None:
+    from ..store.folder import write_companions
+
+    write_companions(folder, loaded.model, loaded.tokenizer, report)
+    if plan.settings.gguf_type is not None:  # llama.cpp's converter reads the sentencepiece model
+        from .gguf import add_sentencepiece_model
+
+        add_sentencepiece_model(folder, loaded.tokenizer)
 
 
 def _follow(
