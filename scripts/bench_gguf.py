@@ -15,17 +15,21 @@ For every --type T:
 ``F32.gguf`` is the full-precision model written by llama.cpp's own convert_hf_to_gguf.py (from the
 llama-cpp-python source distribution, ``--llama-src``). Every file is then scored the same way:
 transformers loads it (gguf-py's dequantizer, float32) and the GPTQ-protocol perplexity runs on the
-first 40 x 512-token windows of WikiText-2 test and of PTB test. The table also lists each file's
-size and whether its tensor types equal the importance-matrix file's.
+first 40 x 512-token windows of WikiText-2 test and of PTB test, in llama.cpp itself
+(``--evaluate llama``, the default: llama-cpp-python built from source runs each window, the NLL
+is computed from its logits, tests/llama_cpp_probe.py) or in transformers (``--evaluate
+transformers``: gguf-py's dequantizer, float32). The table also lists each file's size and whether
+its tensor types equal the importance-matrix file's.
 
-    .venv/bin/python scripts/bench_gguf.py --llama-bin build/llama-cpp/bin \
-        --llama-src build/llama-cpp-src --types Q4_K_M Q3_K_M Q4_0 Q2_K
+    .venv/bin/python scripts/bench_gguf.py --llama-bin build/llama-cpp/build/bin \
+        --llama-src build/llama-cpp/src/vendor/llama.cpp --llama-python build/llama-cpp/venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -35,25 +39,35 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from _bench_common import CACHE, REPO, data_dir, load_smollm2, print_table
 from _llama_imatrix import imatrix_sums, write_imatrix
 
 from cdq_cli.calib import calibration_windows, load_texts
 from cdq_cli.calib.text import evaluation_ids
-from cdq_cli.evaluate.perplexity import perplexity
+from cdq_cli.evaluate.perplexity import perplexity, windows_of
 
 
 def source_folder(work: Path) -> Path:
-    """The cached SmolLM2 folder with ``architectures`` restored (a model loaded from GGUF saves
-    none, and llama.cpp's converter needs it); weights and tokenizer are links."""
+    """The cached SmolLM2 folder as a Hugging Face checkpoint of a tied Llama: ``architectures``
+    restored (a model loaded from GGUF saves none, and llama.cpp's converter needs it) and the
+    tied matrix stored under its embedding name (the cache holds it as ``lm_head.weight``, which
+    the converter would write as ``output.weight`` and leave llama.cpp without ``token_embd``)."""
+    from safetensors.torch import load_file, save_file
+
     load_smollm2()  # builds the cache on first use
     cached = CACHE / "smollm2-135m-instruct"
     folder = work / "smollm2-src"
     folder.mkdir(parents=True, exist_ok=True)
     for item in cached.iterdir():
-        if item.name != "config.json" and not (folder / item.name).exists():
+        if item.name not in ("config.json", "model.safetensors") and not (folder / item.name).exists():
             (folder / item.name).symlink_to(item)
+    if not (folder / "model.safetensors").is_file():
+        state = load_file(cached / "model.safetensors")
+        if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
+            state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((cached / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -93,15 +107,36 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-def score(path: Path, texts: dict[str, torch.Tensor], windows: int, seqlen: int) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
+def score(path: Path, texts: dict[str, torch.Tensor], windows: int, seqlen: int, args) -> dict[str, float]:
+    """Perplexity of the file on each text's first ``windows`` windows (GPTQ protocol)."""
+    if args.evaluate == "transformers":
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return {
-            name: perplexity(model, ids, seqlen=seqlen, max_windows=windows, batch_size=4).ppl
-            for name, ids in texts.items()
-        }
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            return {
+                name: perplexity(model.eval(), ids, seqlen=seqlen, max_windows=windows, batch_size=4).ppl
+                for name, ids in texts.items()
+            }
+    out = {}
+    for name, ids in texts.items():
+        chunks = windows_of(ids, seqlen, windows)
+        request = path.with_suffix(f".{name}.json")
+        request.write_text(
+            json.dumps({"windows": chunks.tolist(), "nll_only": True, "threads": args.threads})
+        )
+        result = path.with_suffix(f".{name}.npz")
+        run(
+            [
+                str(args.llama_python),
+                str(REPO / "tests" / "llama_cpp_probe.py"),
+                str(path),
+                str(request),
+                str(result),
+            ]
+        )
+        out[name] = math.exp(float(np.load(result)["nll"].mean()))
+    return out
 
 
 def main() -> None:
@@ -120,6 +155,10 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--imatrix-from", choices=("ours", "llama"), default="ours")
+    parser.add_argument("--evaluate", choices=("llama", "transformers"), default="llama")
+    parser.add_argument(
+        "--llama-python", type=Path, help="the llama-cpp-python venv's python (--evaluate llama)"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/cdq-bench-gguf"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -146,9 +185,7 @@ def main() -> None:
         "wikitext2": evaluation_ids(load_texts(str(data / "text" / "wikitext2-raw-test.txt")), tokenizer),
         "ptb": evaluation_ids(load_texts(str(data / "text" / "ptb-test.txt")), tokenizer),
     }
-    with torch.no_grad():
-        fp = {n: perplexity(model, ids, seqlen=args.seqlen, max_windows=args.eval_windows, batch_size=4).ppl
-              for n, ids in texts.items()}  # fmt: skip
+    fp = score(f32, texts, args.eval_windows, args.seqlen, args)
     print(
         f"# FP: WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f} ({args.eval_windows} x {args.seqlen})"
     )
@@ -172,7 +209,7 @@ def main() -> None:
         files[f"cdq ({args.method})"] = (Path(f"{out}-gguf") / f"model-{kind}.gguf", run(cmd, env))
         reference = tensor_types(imat)
         for label, (path, seconds) in files.items():
-            ppl = score(path, texts, args.eval_windows, args.seqlen)
+            ppl = score(path, texts, args.eval_windows, args.seqlen, args)
             same = "yes" if tensor_types(path) == reference else "no"
             size = path.stat().st_size
             rows.append(
@@ -194,8 +231,8 @@ def main() -> None:
         ["type", "file", "bytes", "types = imatrix file", "WikiText-2 ppl", "PTB ppl", "quantize s"], rows
     )
     machine = platform.processor() or platform.machine()
-    print(f"FP (F32): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}; {machine}, "
-          f"{args.threads} thread(s), imatrix: {args.imatrix_from}")  # fmt: skip
+    print(f"FP (F32): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}; {machine}, {args.threads} "
+          f"thread(s), imatrix: {args.imatrix_from}, evaluated in {args.evaluate}")  # fmt: skip
     if args.json_out:
         args.json_out.write_text(json.dumps({"fp": fp, "results": results}, indent=1))
 

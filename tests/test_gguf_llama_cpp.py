@@ -252,7 +252,9 @@ def test_llama_quantize_picks_the_same_types_and_metadata(
 
 def test_imatrix_reimplementation_equals_llama_imatrix(data_dir, wikitext, tmp_path) -> None:
     """The benchmark's importance matrix (the mean squared input of every matrix, computed by
-    hooks in transformers) equals llama-imatrix's on the same tokens (to 1e-3, float32 compute)."""
+    hooks in transformers) equals llama-imatrix's on the same tokens: to 1e-5 where nothing has
+    passed through attention yet (block 0's q/k/v inputs), to 5e-3 after it (llama.cpp keeps its
+    KV cache in float16, which moves the attention outputs by ~2^-11)."""
     spec = importlib.util.spec_from_file_location("_llama_imatrix", REPO / "scripts" / "_llama_imatrix.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -287,8 +289,10 @@ def test_imatrix_reimplementation_equals_llama_imatrix(data_dir, wikitext, tmp_p
         module.write_imatrix(tmp_path / "ours.gguf", sums, counts, chunks=6, chunk_size=128)
     )
     reference = module.read_imatrix(theirs)
-    assert set(ours) <= set(reference)
+    assert set(ours) <= set(reference) and len(ours) == 7 * 5
     for name, value in ours.items():
-        assert torch.allclose(value, reference[name], rtol=1e-3, atol=1e-6 * float(reference[name].max())), (
+        exact = name.startswith("blk.0.attn_") and name != "blk.0.attn_output.weight"
+        rtol = 1e-5 if exact else 5e-3
+        assert torch.allclose(value, reference[name], rtol=rtol, atol=1e-6 * float(reference[name].max())), (
             name
         )

@@ -72,12 +72,32 @@ def usable(name: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def fit(weight: torch.Tensor, spec: GridSpec, importance: torch.Tensor | None = None) -> Grid:
     """The start grid of ``weight`` (rows, columns) for a block-type ``spec``: llama.cpp's choice
-    (importance-weighted when ``importance`` is given), made usable for a solver."""
+    (importance-weighted when ``importance`` is given), made usable for a solver.
+
+    The last result is kept for the same (unmodified) tensors: a run solves a layer and then
+    rounds it to nearest on the same start grid for its report, and the fit is the costly part."""
     name = spec.block_type
     if name is None:
         raise ValueError("fit needs a GGUF block type")
     spec.n_groups(weight.shape[1])
-    return grid_of(spec, usable(name, fit_parts(weight, name, importance)))
+    last = _LAST_FIT[0] if _LAST_FIT else None
+    if (
+        last is not None
+        and last[0] == spec
+        and last[1] is weight  # held here, so its storage cannot have been reused
+        and last[2] == weight._version
+        and (
+            (last[3] is None and importance is None)
+            or (last[3] is not None and importance is not None and torch.equal(last[3], importance))
+        )
+    ):
+        return last[4]
+    grid = grid_of(spec, usable(name, fit_parts(weight, name, importance)))
+    _LAST_FIT[:] = [(spec, weight, weight._version, None if importance is None else importance.clone(), grid)]
+    return grid
+
+
+_LAST_FIT: list = []  # (spec, weight, its version, importance, grid) of the last fit
 
 
 def importance_of(sigma: torch.Tensor) -> torch.Tensor:
