@@ -154,12 +154,15 @@ def test_every_block_type_loads_in_transformers_equal_to_cdq(wide_llama, calib, 
 
 def test_mix_follows_llama_cpp_and_stories260k_falls_back(data_dir, calib, tmp_path, capsys) -> None:
     """stories260K (widths 64 and 172) as Q4_K_M: every k-quant falls back as llama.cpp's quantizer
-    does (Q4_K → Q5_0, Q6_K → Q8_0 on width 64; F16 on width 172), each fallback is named, the
-    file loads in transformers and equals cdq's folder except the F16 tensors (fp16 rounding)."""
+    does (Q4_K → Q5_0, Q6_K → Q8_0 on width 64; F16 on width 172), each fallback is named, a
+    --skip'ped layer is F16 too, the file loads in transformers and equals cdq's folder except the
+    F16 tensors (fp16 rounding), and it carries the SentencePiece scores (the folder keeps the
+    model's tokenizer.model for llama.cpp's converter)."""
     out = tmp_path / "s"
     code, stdout, err = cli(
         capsys, "quantize", data_dir / "models" / "stories260K", "--method", "gptq", "--nsamples", "4",
         "--seqlen", "32", "--calib", calib, "--format", "gguf", "--type", "Q4_K_M", "--output", out,
+        "--skip", r"layers\.1\.self_attn\.o_proj",
     )  # fmt: skip
     assert code == 0, err
     assert (
@@ -174,12 +177,15 @@ def test_mix_follows_llama_cpp_and_stories260k_falls_back(data_dir, calib, tmp_p
     assert types["token_embd.weight"] == "Q8_0"  # tied: output rule, 64 % 256 != 0
     assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "F16"
     assert types["blk.4.attn_v.weight"] == "Q8_0"  # use_more_bits(4, 5): Q6_K, width 64 → Q8_0
-    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.1.attn_output.weight"] == "F16"
+    assert (out / "tokenizer.model").is_file()
+    scores = gguf.GGUFReader(path).fields["tokenizer.ggml.scores"].contents()
+    assert len(set(scores)) > 100  # the pieces' own scores, not one placeholder
     native, _ = load_quantized(out)
     loaded = load_gguf(path.parent, path.name)
     theirs = loaded.state_dict()
     for name, tensor in native.state_dict().items():
-        if "down_proj" in name:
+        if "down_proj" in name or "layers.1.self_attn.o_proj" in name:
             assert torch.equal(theirs[name], tensor.half().float()), name
         else:
             assert torch.equal(theirs[name], tensor), name
