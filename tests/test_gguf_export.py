@@ -145,7 +145,11 @@ def test_every_block_type_loads_in_transformers_equal_to_cdq(wide_llama, calib, 
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["layers"]}
     assert rows["model.layers.0.mlp.up_proj"]["block_type"] == "Q2_K"
-    assert rows["model.embed_tokens"]["method"] == "llama.cpp"
+    assert (
+        rows["model.embed_tokens"]["method"] == "llama.cpp"
+        and rows["model.embed_tokens"]["rtn_error"] is None
+    )
+    assert report["run"]["gguf_type"] == "Q4_K"
     # `cdq export` of the same folder writes the same file, byte for byte.
     code, stdout, err = cli(capsys, "export", out, "--format", "gguf", "--dest", tmp_path / "again")
     assert code == 0 and "GGUF Q4_K" in stdout, err
@@ -168,6 +172,7 @@ def test_mix_follows_llama_cpp_and_stories260k_falls_back(data_dir, calib, tmp_p
     assert (
         "model.layers.0.mlp.down_proj: width 172 does not take Q4_K: F16, as llama.cpp does" in stdout + err
     )
+    assert "layers with gptq GGUF Q4_K_M in" in stdout
     assert (
         "model.layers.0.self_attn.q_proj: width 64 does not take Q4_K: Q5_0, as llama.cpp does"
         in stdout + err

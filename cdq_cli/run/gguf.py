@@ -104,7 +104,7 @@ def quantize_embeddings(
                 method="llama.cpp",
                 error=error,
                 relative_error=error / energy if energy > 0 else 0.0,
-                rtn_error=error,
+                rtn_error=None,  # it IS round-to-nearest: no ratio for the report's summary
                 objective_start=error,
                 sweeps=0,
                 seconds=time.perf_counter() - began,
