@@ -94,8 +94,9 @@ def _headline(finished: Finished) -> str:
     )
     if finished.kind == "causal-lm":
         group = f"g{run['group_size']}" if run["group_size"] else ""
+        grid = f"GGUF {run['gguf_type']}" if run.get("gguf_type") else f"w{run['bits']}{group}"
         return (
-            f"quantized {summary['layers']} layers with {run['method']} w{run['bits']}{group} in "
+            f"quantized {summary['layers']} layers with {run['method']} {grid} in "
             f"{summary['wall_seconds']:.1f}s: {errors}"
         )
     return (

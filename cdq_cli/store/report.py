@@ -108,6 +108,7 @@ def build(
             "sym": settings.sym,
             "per_layer": settings.per_layer,
             "overrides": [rule.describe() for rule in settings.overrides],  # --skip / --layer, in order
+            **({"gguf_type": settings.gguf_type} if settings.gguf_type is not None else {}),
             "seed": seed,
             "options": _json_options(settings.options),
             "true_sequential": settings.true_sequential,
