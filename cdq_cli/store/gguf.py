@@ -24,7 +24,7 @@ llama.cpp would read differently (:class:`~.gguf_vocab.VocabError`), outliers.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class GGUFSummary:
     fallbacks: list[str]
     size: int
     engines: str = ENGINES
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -230,12 +229,10 @@ def _plan(
         gguf_name = f"{mapped}.{suffix}"
         layer = stored.params.get(source)
         if layer is not None:
-            spec = specs_type(stored, layer)
+            qtype = _block_type_of(stored, layer)
             shape = shapes[layer]
-            qtype = spec
         else:
-            meta_shape = _stored_shape(stored, source)
-            shape = meta_shape
+            shape = _stored_shape(stored, source)
             if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
                 qtype = "F32"
             elif recorded.get(module) == gguf_mix.F16:  # --skip, or a width no type fits: as the run kept it
@@ -245,10 +242,10 @@ def _plan(
                 qtype = gguf_mix.with_fallback(wanted, shape[1])
                 if qtype != wanted:
                     fallbacks.append(f"{gguf_name}: {wanted} -> {qtype} (width {shape[1]})")
-        rows = None
-        if module.endswith("self_attn.q_proj") and suffix == "weight":
+        rows = None  # the converter permutes q/k weights and biases alike
+        if module.endswith("self_attn.q_proj"):
             rows = _rope_rows(shape[0], n_head)
-        elif module.endswith("self_attn.k_proj") and suffix == "weight":
+        elif module.endswith("self_attn.k_proj"):
             rows = _rope_rows(shape[0], n_kv)
         items.append(_Tensor(gguf_name, qtype, tuple(shape), source, layer, rows))
     order = {"token_embd": 0, "output_norm": 1, "output": 2}
@@ -262,7 +259,7 @@ def _plan(
     return sorted(items, key=key), fallbacks
 
 
-def specs_type(stored: OutputWeights, layer: str) -> str:
+def _block_type_of(stored: OutputWeights, layer: str) -> str:
     kind = stored.layer_meta[layer].get("block_type")
     if kind is None:
         raise ExportError(f"{layer} is on a uniform grid: GGUF needs --format gguf --type T")
@@ -270,7 +267,12 @@ def specs_type(stored: OutputWeights, layer: str) -> str:
 
 
 def _stored_shape(stored: OutputWeights, name: str) -> tuple[int, ...]:
-    return tuple(stored.tensor(name).shape)
+    """The shape of a plain tensor of the folder, from its shard's header (nothing read)."""
+    from safetensors import safe_open
+
+    name = stored.aliases.get(name, name)
+    with safe_open(str(stored.folder / stored.files[name]), framework="pt") as fh:
+        return tuple(fh.get_slice(name).get_shape())
 
 
 def _rope_rows(rows: int, heads: int) -> np.ndarray:
