@@ -156,6 +156,9 @@ def test_llama_cpp_runs_cdq_files_like_transformers(
         reference = model(windows).logits
         greedy = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :]
     ppl_llama, ppl_hf = np.exp(nll(torch.from_numpy(got["logits"]), windows)), np.exp(nll(reference, windows))
+    print(
+        f"\n{kind}: perplexity llama.cpp {ppl_llama:.4f}, transformers {ppl_hf:.4f}; greedy {greedy.tolist()}"
+    )
     assert abs(ppl_llama / ppl_hf - 1) < 0.02, (ppl_llama, ppl_hf)
     assert got["greedy"].tolist() == greedy.tolist()
     assert got["tokens"].tolist() == tokenizer(sentence).input_ids
