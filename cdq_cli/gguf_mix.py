@@ -17,7 +17,9 @@ Llama (no experts, not Falcon):
   Q6_K where ``use_more_bits``; Q4_0 / Q5_0 *with an importance matrix* → Q4_1 / Q5_1 in the first
   eighth (cdq always has calibration data, so its files take this rule: the same types, the same
   size as llama.cpp's importance-matrix file);
-* ``attn_output``: Q2_K → Q3_K; Q3_K_M → Q4_K.
+* ``attn_output``: Q2_K → Q3_K; Q3_K_M → Q4_K;
+* a model with exactly 8 experts: ``attn_v`` and ``attn_k`` Q8_0, ``attn_output`` Q5_K for Q2_K,
+  Q3_K_M and Q4_K_M (llama.cpp's Mixtral rules).
 
 A ``--layer`` rule (llama.cpp's ``--tensor-type``) replaces these for the layers it matches. Then,
 for every tensor, llama.cpp's fallback: a row width that is not a multiple of the type's block
@@ -88,6 +90,9 @@ _CATEGORIES = (
     (re.compile(r"\.mlp\.gate_proj$"), "ffn_gate"),
     (re.compile(r"\.mlp\.up_proj$"), "ffn_up"),
     (re.compile(r"\.mlp\.down_proj$"), "ffn_down"),
+    # fused experts: gate/up become ffn_gate_exps and ffn_up_exps (the same rules), down ffn_down_exps
+    (re.compile(r"\.mlp\.experts\.gate_up_proj$"), "ffn_gate"),
+    (re.compile(r"\.mlp\.experts\.down_proj$"), "ffn_down"),
 )
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -112,6 +117,7 @@ class ModelShape:
     n_layers: int
     n_gqa: int
     tied: bool
+    n_expert: int = 0
 
 
 def mix_type(mix: str, name: str, columns: int, shape: ModelShape) -> str:
@@ -138,6 +144,10 @@ def mix_type(mix: str, name: str, columns: int, shape: ModelShape) -> str:
             new = "Q6_K"
         if n == 80 and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"
+        if shape.n_expert == 8:
+            new = "Q8_0"
+    elif kind == "attn_k" and shape.n_expert == 8:
+        new = "Q8_0"
     elif kind == "ffn_down" and i is not None:
         if mix == "Q2_K":
             new = "Q3_K"
@@ -148,7 +158,10 @@ def mix_type(mix: str, name: str, columns: int, shape: ModelShape) -> str:
         elif mix in ("Q4_0", "Q5_0") and i < n // 8:
             new = "Q4_1" if mix == "Q4_0" else "Q5_1"
     elif kind == "attn_output":
-        if mix == "Q2_K":
+        if shape.n_expert == 8:
+            if mix in ("Q2_K", "Q3_K_M", "Q4_K_M"):
+                new = "Q5_K"
+        elif mix == "Q2_K":
             new = "Q3_K"
         elif mix == "Q3_K_M":
             new = "Q4_K"
@@ -161,12 +174,14 @@ def with_fallback(wanted: str, columns: int) -> str:
     return fitting_type(wanted, columns) or F16
 
 
-def model_shape(shapes: dict[str, tuple[int, int]], tied: bool) -> ModelShape:
-    """A :class:`ModelShape` from the quantized layers' (rows, columns) by full name: the layer
-    count from the names, n_head / n_head_kv from the q and k projections' rows."""
+def model_shape(shapes: dict[str, tuple[int, ...]], tied: bool) -> ModelShape:
+    """A :class:`ModelShape` from the quantized layers' weight shapes by full name (fused experts:
+    (experts, rows, columns)): the layer count from the names, n_head / n_head_kv from the q and k
+    projections' rows, the expert count from fused experts."""
     indices = [layer_index(name) for name in shapes]
     n_layers = max((i for i in indices if i is not None), default=-1) + 1
-    q = next((rows for name, (rows, _) in shapes.items() if category(name) == "attn_q"), None)
-    k = next((rows for name, (rows, _) in shapes.items() if category(name) == "attn_k"), None)
+    q = next((shape[-2] for name, shape in shapes.items() if category(name) == "attn_q"), None)
+    k = next((shape[-2] for name, shape in shapes.items() if category(name) == "attn_k"), None)
     n_gqa = q // k if q and k else 1
-    return ModelShape(n_layers, n_gqa, tied)
+    n_expert = max((shape[0] for shape in shapes.values() if len(shape) == 3), default=0)
+    return ModelShape(n_layers, n_gqa, tied, n_expert)

@@ -288,7 +288,10 @@ def test_a_family_without_a_gguf_mapping_is_refused_before_work(tokenizer, calib
         "--output", tmp_path / "never",
     )  # fmt: skip
     assert (
-        code == 2 and "the GGUF export writes the llama (LlamaForCausalLM) family; this model is 'opt'" in err
+        code == 2
+        and "the GGUF export writes LlamaForCausalLM, MistralForCausalLM, Qwen3MoeForCausalLM; "
+        "this model is 'opt'"
+        in err
     )
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
 
@@ -318,3 +321,82 @@ def test_exports_refuse_the_wrong_grid(data_dir, calib, tmp_path, capsys) -> Non
         code, _, err = cli(capsys, "export", *args, "--dest", tmp_path / "never")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (tmp_path / "never").exists()
+
+
+def test_qwen3_moe_experts_load_in_transformers_equal_to_cdq(
+    smollm2_tokenizer, calib, tmp_path, capsys
+) -> None:
+    """A tiny Qwen3-MoE (4 experts, fused gate/up and down, q/k norms, untied head) quantized with
+    the experts on k-quants: the file splits the fused experts as llama.cpp's converter does
+    (ffn_gate_exps / ffn_up_exps / ffn_down_exps, the router in F32), and transformers loads it to
+    cdq's folder's weights bit for bit."""
+    folder = save_tiny_qwen3_moe(tmp_path / "moe", smollm2_tokenizer)
+    out = tmp_path / "q"
+    code, stdout, err = cli(
+        capsys, "quantize", folder, "--method", "cdq", *FAST, "--calib", calib, "--format", "gguf",
+        "--type", "Q8_0", "--layer", r"experts\.gate_up_proj=Q4_K", "--layer", r"experts\.down_proj=Q6_K",
+        "--output", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    path = tmp_path / "q-gguf" / "model-Q8_0.gguf"
+    reader = gguf.GGUFReader(path)
+    types = {t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == ("Q4_K", [256, 768, 4])
+    assert types["blk.1.ffn_up_exps.weight"] == ("Q4_K", [256, 768, 4])
+    assert types["blk.0.ffn_down_exps.weight"] == ("Q6_K", [768, 256, 4])
+    assert types["blk.0.ffn_gate_inp.weight"][0] == "F32" and types["blk.0.attn_q_norm.weight"][0] == "F32"
+    assert types["output.weight"][0] == "Q8_0" and types["token_embd.weight"][0] == "Q8_0"
+    assert reader.fields["general.architecture"].contents() == "qwen3moe"
+    assert reader.fields["qwen3moe.expert_count"].contents() == 4
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    native, _ = load_quantized(out)
+    loaded = load_gguf(path.parent, path.name)
+    theirs = loaded.state_dict()
+    for name, tensor in native.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = logits(native, ids)
+    assert torch.allclose(logits(loaded, ids), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
+
+
+def save_tiny_qwen3_moe(folder: Path, tokenizer) -> Path:
+    """A tiny random Qwen3-MoE (2 layers, 4 experts, hidden 256, expert width 768, untied head)
+    with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=768,  # transformers' GGUF reader does not read it: its default
+        norm_topk_prob=True,  # what llama.cpp's qwen3moe computes
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # wider than the 0.02 init: the experts' paths then matter in the logits
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(5.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eight_experts_take_llama_cpps_mixtral_rules() -> None:
+    shape = gguf_mix.ModelShape(32, 4, False, n_expert=8)
+    assert gguf_mix.mix_type("Q4_K_M", "model.layers.3.self_attn.v_proj", 4096, shape) == "Q8_0"
+    assert gguf_mix.mix_type("Q2_K", "model.layers.3.self_attn.k_proj", 4096, shape) == "Q8_0"
+    assert gguf_mix.mix_type("Q3_K_M", "model.layers.3.self_attn.o_proj", 4096, shape) == "Q5_K"
+    assert gguf_mix.mix_type("Q4_0", "model.layers.3.self_attn.o_proj", 4096, shape) == "Q4_0"
+    assert gguf_mix.mix_type("Q4_K_M", "model.layers.0.mlp.experts.down_proj", 14336, shape) == "Q6_K"
+    assert gguf_mix.mix_type("Q4_K_M", "model.layers.3.mlp.experts.gate_up_proj", 4096, shape) == "Q4_K"
+    dense = gguf_mix.ModelShape(32, 4, False)
+    assert gguf_mix.mix_type("Q4_K_M", "model.layers.3.self_attn.k_proj", 4096, dense) == "Q4_K"

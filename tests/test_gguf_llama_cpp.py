@@ -33,6 +33,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from test_gguf_export import save_tiny_qwen3_moe
 from test_gguf_grids import awkward_weights
 from tiny_lm import single_thread
 
@@ -299,3 +300,38 @@ def test_imatrix_reimplementation_equals_llama_imatrix(data_dir, wikitext, tmp_p
         assert torch.allclose(value, reference[name], rtol=rtol, atol=1e-6 * float(reference[name].max())), (
             name
         )
+
+
+def test_llama_cpp_runs_a_qwen3_moe_file_like_transformers(
+    smollm2_tokenizer, calib, tmp_path, capsys
+) -> None:
+    """A tiny Qwen3-MoE quantized by cdq (experts on Q4_K/Q6_K): llama.cpp's qwen3moe loads it and
+    its NLL on random token windows is transformers' (on the same file) within 1% and its centred
+    logits point the same way (median cosine > 0.999, above 0.99 at 95% of the positions: where
+    a token's router scores nearly tie, llama.cpp's float noise can pick another expert)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_qwen3_moe(tmp_path / "moe", smollm2_tokenizer)
+    out = tmp_path / "q"
+    cli(
+        capsys, "quantize", folder, "--method", "gptq", *FAST, "--calib", calib, "--format", "gguf",
+        "--type", "Q8_0", "--layer", r"experts\.gate_up_proj=Q4_K", "--layer", r"experts\.down_proj=Q6_K",
+        "--output", out,
+    )  # fmt: skip
+    path = tmp_path / "q-gguf" / "model-Q8_0.gguf"
+    windows = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    got = llama_cpp(
+        path, {"windows": windows.tolist(), "prompt": [1, 2], "greedy": 2, "text": "Hello"}, tmp_path
+    )
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(windows).logits
+    theirs = torch.from_numpy(got["logits"])
+    assert abs(nll(theirs, windows) / nll(reference, windows) - 1) < 0.01
+    a, b = theirs - theirs.mean(-1, keepdim=True), reference - reference.mean(-1, keepdim=True)
+    cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).flatten()
+    close = float((cosines > 0.99).float().mean())
+    ours_nll, hf_nll = nll(theirs, windows), nll(reference, windows)
+    print(f"\nqwen3moe: NLL llama.cpp {ours_nll:.5f}, transformers {hf_nll:.5f}; median cosine of centred "
+          f"logits {float(cosines.median()):.5f}, {close:.3f} of the positions above 0.99")  # fmt: skip
+    assert float(cosines.median()) > 0.999 and close >= 0.95

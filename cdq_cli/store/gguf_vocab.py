@@ -1,6 +1,7 @@
 """The tokenizer a GGUF file carries, as llama.cpp's own converter (convert_hf_to_gguf.py,
 ``LlamaModel.set_vocab``; llama.cpp vendored by llama-cpp-python 0.3.36) writes it for the Llama
-family, read from a model folder's tokenizer files:
+family, read from a model folder's tokenizer files (for Qwen3-MoE, ``TextModel.set_vocab``: step 3
+only):
 
 1. ``tokenizer.model`` (SentencePiece): model ``llama``, pre-tokenizer ``default``, every piece with
    its score and type, added tokens from ``added_tokens.json`` and ``tokenizer_config.json``;
@@ -11,8 +12,8 @@ family, read from a model folder's tokenizer files:
    as the converter refuses it (llama.cpp would split text differently).
 
 Then ``gguf.SpecialVocab`` (BOS/EOS/UNK/PAD ids, add-BOS/EOS flags, chat template), the
-``add_prefix_space`` of tokenizer_config.json, and the converter's ``add_bos_token = false`` for a
-49,152-token vocabulary. Nothing here runs code that came with the model (no
+``add_prefix_space`` of tokenizer_config.json, and (LlamaModel) the converter's
+``add_bos_token = false`` for a 49,152-token vocabulary. Nothing here runs code that came with the model (no
 ``trust_remote_code``).
 """
 
@@ -36,11 +37,13 @@ CHKTXT = (
     " на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's"
     " there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
-# The converter's get_vocab_base_pre entries for tokenizers of Llama-family models.
+# The converter's get_vocab_base_pre entries for the tokenizers of the families written.
 PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
 }
 
 
@@ -89,19 +92,24 @@ def _quiet_gguf():
         logger.setLevel(level)
 
 
-def read_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
-    """The vocabulary of the tokenizer files in ``folder`` (see the module docstring)."""
+def read_vocab(folder: Path, config: dict[str, Any], *, llama: bool = True) -> Vocab:
+    """The vocabulary of the tokenizer files in ``folder`` (see the module docstring); ``llama``:
+    LlamaModel's rules, else TextModel's (byte-level BPE only)."""
     with _quiet_gguf():
-        return _read_vocab(Path(folder), config)
+        return _read_vocab(Path(folder), config, llama)
 
 
-def _read_vocab(folder: Path, config: dict[str, Any]) -> Vocab:
+def _read_vocab(folder: Path, config: dict[str, Any], llama: bool) -> Vocab:
     import gguf
 
     folder = Path(folder)
     tok_config = _json(folder / "tokenizer_config.json")
     add_space_prefix = tok_config.get("add_prefix_space")
     vocab_size = config.get("vocab_size")
+    if not llama:
+        vocab = _byte_bpe(folder, vocab_size)
+        vocab.add_space_prefix = add_space_prefix if isinstance(add_space_prefix, bool) else None
+        return vocab
     if (folder / "tokenizer.model").is_file():
         tokens, scores, types = _sentencepiece(folder, vocab_size, tok_config)
         vocab = Vocab(
@@ -207,7 +215,7 @@ def _byte_bpe(folder: Path, vocab_size: int | None) -> Vocab:
     pre = PRE_TOKENIZERS.get(chkhsh)
     if pre is None:
         raise VocabError(
-            "the tokenizer's BPE pre-tokenizer is not one llama.cpp's converter knows for the Llama family "
+            "the tokenizer's BPE pre-tokenizer is not one llama.cpp's converter knows for these families "
             f"({', '.join(sorted(set(PRE_TOKENIZERS.values())))}); llama.cpp would split text differently"
         )
     size = vocab_size or len(tokenizer.vocab)
