@@ -116,7 +116,7 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
         return layers
     settings.check_overrides(layers)
     if settings.gguf_type is not None:  # each layer's GGUF type: llama.cpp's rules, --layer, fallbacks
-        settings.resolve_gguf({name: tuple(_weight_of(layer).shape[-2:]) for name, layer in layers.items()})
+        settings.resolve_gguf({name: tuple(_weight_of(layer).shape) for name, layer in layers.items()})
     layers = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
     for name, layer in layers.items():
         spec = settings.grid_for(name)

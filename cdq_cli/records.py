@@ -116,8 +116,8 @@ class Settings:
                 example = f" (its layers are named like {names[0]})" if names else ""
                 raise ValueError(f"{rule.flag} {rule.text!r} matches no layer of the model{example}")
 
-    def resolve_gguf(self, shapes: dict[str, tuple[int, int]]) -> None:
-        """Every layer's GGUF type, from the layers' (rows, columns) by full name: a ``--layer``
+    def resolve_gguf(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every layer's GGUF type, from the layers' weight shapes by full name: a ``--layer``
         rule's type, else llama.cpp's rules for ``--type`` (:mod:`cdq_cli.gguf_mix`), then
         llama.cpp's width fallback; ``--skip`` and a width no type fits: F16 (kept in full
         precision here). Fallbacks are listed in ``gguf_notes``. Called once the model's layers are
@@ -126,7 +126,8 @@ class Settings:
         model = gguf_mix.model_shape(shapes, tied=False)
         resolved: dict[str, str] = {}
         notes: list[str] = []
-        for name, (_, columns) in shapes.items():
+        for name, shape in shapes.items():
+            columns = shape[-1]
             layer = name.split("[", 1)[0]
             if any(rule.spec is None and rule.matches(layer) for rule in self.overrides):
                 resolved[layer] = gguf_mix.F16
