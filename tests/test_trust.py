@@ -531,8 +531,9 @@ def test_every_solver_keyword_is_a_declared_option() -> None:
     import inspect
 
     from cdq_cli.solvers import OPTIONS, SOLVERS
+    from cdq_cli.solvers.registry import GRID_ARGUMENT
 
-    internal = {"gptq": {"fixed_grid"}}
+    internal = {method: {keyword} for method, keyword in GRID_ARGUMENT.items()}  # a fixed (GGUF) grid
     for method, solver in SOLVERS.items():
         keywords = {
             name for name, p in inspect.signature(solver).parameters.items() if p.kind is p.KEYWORD_ONLY
