@@ -8,6 +8,7 @@ milliseconds with one line, never after hours of work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,22 +96,6 @@ def plan_sources(request: QuantizeRequest) -> list[Path]:
     return [Path(p).expanduser() for p in paths if p is not None and Path(p).expanduser().exists()]
 
 
-def check_writable(output: Path) -> None:
-    """Fail now, not after hours, when the output's location cannot be written (read-only, no
-    permission): try a temporary folder in the nearest existing ancestor."""
-    import tempfile
-
-    ancestor = output.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    try:
-        Path(tempfile.mkdtemp(prefix=".cdq-write-check-", dir=ancestor)).rmdir()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the output {output}: {ancestor} is not writable ({exc.strerror})"
-        ) from None
-
-
 @dataclass
 class Plan:
     """A checked request: the settings carried to every layer, and where things go."""
@@ -130,6 +115,7 @@ def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, and build the run's settings."""
     from ..store.exports import default_dest
     from ..store.files import check_output_dir
+    from ..store.names import EXPORT, QUANTIZED
 
     if request.method not in SOLVERS:
         raise UsageError(f"unknown method {request.method!r}: choose one of {', '.join(SOLVERS)}")
@@ -166,12 +152,13 @@ def settle(request: QuantizeRequest) -> Plan:
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
     output = (request.output or Path(default_output(request))).absolute()
-    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
-    check_writable(output)
+    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request), kind=QUANTIZED)
     export_dest = None
     if request.export_format != "native":
         export_dest = default_dest(output, request.export_format)
-        check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
+        check_output_dir(
+            export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output], kind=EXPORT
+        )
     return Plan(request, settings, output, export_dest, max_shard_bytes)
 
 
@@ -207,3 +194,32 @@ def choose(flag: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_processes(
+    request: QuantizeRequest, count: int, device: torch.device, *, hardware: bool = True
+) -> None:
+    """Refuse, before any process starts or any model loads, ``count`` processes that cannot all
+    work: each needs a calibration batch of its own and (``hardware``: processes of this machine)
+    a CPU core of its own on the CPU, a GPU of its own on CUDA."""
+    if count <= 1:
+        return
+    batches = -(-request.nsamples // request.batch_size)
+    if count > batches:
+        raise UsageError(
+            f"{count} processes need at least {count} calibration batches, and --nsamples "
+            f"{request.nsamples} with --batch-size {request.batch_size} makes {batches}: lower "
+            "--batch-size (or --nproc)"
+        )
+    if not hardware:
+        return
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if count > gpus:
+            raise UsageError(f"{count} processes need {count} GPUs, and {gpus} are visible: lower --nproc")
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count > cpus:
+        raise UsageError(
+            f"{count} processes on the CPU need {count} cores, and this machine gives {cpus}: lower --nproc"
+        )

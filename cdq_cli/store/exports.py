@@ -72,28 +72,47 @@ def export(
     checkpoint_format: str = "gptq",
 ) -> Any:
     """Write the ``fmt`` export of the cdq output folder ``source``; return its summary (an object
-    with ``to_dict()`` and ``engines``)."""
-    if check_format(fmt) == "gptq":
-        from .gptq import export_gptq
+    with ``to_dict()`` and ``engines``). The export's folder is locked while it is written: a second
+    export (or run) to the same folder fails at once."""
+    from .files import check_location, output_lock
 
-        return export_gptq(
-            source,
-            dest,
-            checkpoint_format=checkpoint_format,
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-        )
-    if checkpoint_format != "gptq":
+    dest = Path(dest).absolute() if dest is not None else default_dest(Path(source), fmt)
+    if checkpoint_format != "gptq" and check_format(fmt) != "gptq":
         raise ExportError("--checkpoint-format is a GPTQ option; compressed-tensors has one layout")
-    from .compressed import export_compressed
+    check_location(dest)  # before the lock, whose file goes beside it
+    with output_lock(dest):
+        if check_format(fmt) == "gptq":
+            from .gptq import export_gptq
 
-    return export_compressed(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+            return export_gptq(
+                source,
+                dest,
+                checkpoint_format=checkpoint_format,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes,
+            )
+        from .compressed import export_compressed
+
+        return export_compressed(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
 def refuse_same_folder(source: Path, dest: Path, fmt: str) -> None:
+    """Where an export may not go, whatever ``--overwrite`` says: its own source folder or a folder
+    inside it, or a folder cdq wrote that is not an export (a ``cdq quantize`` output)."""
+    from .files import manifest_kind
+    from .names import EXPORT
+
+    source, dest = Path(source).absolute(), Path(dest).absolute()
     if dest == source:
         raise ExportError(
             f"the {fmt} export needs its own folder (--output must differ from the folder it exports)"
+        )
+    if source.resolve() in dest.resolve().parents:
+        raise ExportError(f"refusing to write the {fmt} export to {dest}: it is inside {source}, its source")
+    if dest.is_dir() and manifest_kind(dest) not in (None, EXPORT):
+        raise ExportError(
+            f"refusing to replace {dest}: it is a cdq quantize output folder, not an export; "
+            "choose another --output"
         )
 
 
