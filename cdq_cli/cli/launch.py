@@ -32,11 +32,15 @@ SHUTDOWN_SECONDS = int(os.environ.get("CDQ_SHUTDOWN_S", "30"))
 
 
 def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    from ..parallel import env_world
+
+    return env_world() > 1
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0) if under_torchrun() else 0
+    from ..parallel import env_rank
+
+    return env_rank()
 
 
 def without_nproc(argv: list[str]) -> list[str]:
