@@ -19,10 +19,11 @@ from cdq_cli.cli import main
 from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for, load_causal_lm
 from cdq_cli.placement import Placement
-from cdq_cli.records import Settings
-from cdq_cli.run.language import load_quantized, open_model, perplexity_of
+from cdq_cli.run.language import open_model, perplexity_of
+from cdq_cli.run.plan import make_settings
 from cdq_cli.store.journal import KILL_ENV
 from cdq_cli.store.names import journal_folder
+from cdq_cli.store.reopen import load_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
@@ -183,7 +184,7 @@ def test_shared_sigma_equals_separate_sigma(tokenizer) -> None:
 
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    settings = Settings.make(method="rtn", bits=4, sigma_dtype=torch.float64)
+    settings = make_settings(method="rtn", bits=4, sigma_dtype=torch.float64)
     placement = Placement(model, torch.device("cpu"))
     batches = [torch.randint(0, 100, (2, 16)) for _ in range(3)]
     acts = capture(model, adapter, placement, batches)

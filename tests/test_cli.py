@@ -15,8 +15,8 @@ from tiny_lm import FAMILIES, expected_layers, save_tiny, single_thread
 from cdq_cli import pipeline
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
-from cdq_cli.run.language import load_quantized
 from cdq_cli.store.folder import OutputBuilder
+from cdq_cli.store.reopen import load_quantized
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
@@ -181,7 +181,7 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "finish")), interrupt
+        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "publish")), interrupt
     )
     out = tmp_path / "q"
     code, _, stderr = cli(

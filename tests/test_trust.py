@@ -517,12 +517,12 @@ def test_sigterm_handler_does_not_leak_out_of_main(capsys) -> None:
 
 
 def test_methods_lists_every_option_as_strict_json(capsys) -> None:
-    from cdq_cli.solvers import OPTIONS
+    from cdq_cli.solvers import METHODS
 
     code, out, _ = cli(capsys, "methods", "--json")
     listing = strict_json(out)
     assert code == 0 and {m: set(v["options"]) for m, v in listing.items()} == {
-        m: set(o) for m, o in OPTIONS.items()
+        m: set(method.options) for m, method in METHODS.items()
     }
 
 
@@ -530,11 +530,13 @@ def test_every_solver_keyword_is_a_declared_option() -> None:
     """No keyword option of a solver escapes the registry's typing (internal ones are listed here)."""
     import inspect
 
-    from cdq_cli.solvers import OPTIONS, SOLVERS
+    from cdq_cli.solvers import METHODS
 
     internal = {"gptq": {"fixed_grid"}}
-    for method, solver in SOLVERS.items():
+    for name, method in METHODS.items():
         keywords = {
-            name for name, p in inspect.signature(solver).parameters.items() if p.kind is p.KEYWORD_ONLY
+            option
+            for option, p in inspect.signature(method.solve).parameters.items()
+            if p.kind is p.KEYWORD_ONLY
         }
-        assert keywords - internal.get(method, set()) == set(OPTIONS[method]), method
+        assert keywords - internal.get(name, set()) == set(method.options), name

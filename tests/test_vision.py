@@ -22,9 +22,9 @@ from cdq_cli.evaluate.classification import scores, top1
 from cdq_cli.models.timm_models import KIND, TimmSpec, data_config
 from cdq_cli.models.vision import generic_family, vision_adapter_for
 from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
+from cdq_cli.run.plan import make_settings
 from cdq_cli.run.vision import load_vision_quantized
-from cdq_cli.solvers import SOLVERS, GridSpec, solve
+from cdq_cli.solvers import METHODS, GridSpec, solve
 from cdq_cli.solvers.grouped import solve_grouped
 from cdq_cli.store.folder import read_table, save_quantized
 
@@ -41,7 +41,7 @@ def _one_thread():
 def run(model: nn.Module, method: str = "rtn", bits: int = 4, *, embed=False, head=False, **options):
     adapter = vision_adapter_for(model, quantize_embed=embed, quantize_head=head)
     x = images()
-    settings = Settings.make(method=method, bits=bits, device="cpu", options=options)
+    settings = make_settings(method=method, bits=bits, device="cpu", options=options)
     outcome = quantize_model(model, adapter, [x[:4], x[4:]], settings)
     chain = torch.cat([adapter.head(model, h) for h in outcome.outputs])
     return adapter, outcome, chain
@@ -127,7 +127,7 @@ def test_methods_run_on_every_family(name: str, method: str) -> None:
         assert sum(r.error for r in outcome.rows) <= sum(r.rtn_error for r in outcome.rows) * 1.0001
 
 
-@pytest.mark.parametrize("method", [m for m in SOLVERS if m not in ("gptq", "comq", "cdq")])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("gptq", "comq", "cdq")])
 def test_every_method_on_depthwise_model(method: str) -> None:
     """With the test above, every method runs on the depthwise (EfficientNet-Lite) model."""
     model = tiny_model("lite0-small")
@@ -145,7 +145,7 @@ def test_lite0_random_init_rtn_and_per_layer() -> None:
     assert len(outcome.rows) == 48
     model = tiny_model("lite0-small")
     adapter = vision_adapter_for(model)
-    settings = Settings.make(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
+    settings = make_settings(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
     outcome = quantize_model(model, adapter, [images()], settings)
     for name, stored in outcome.layers.items():
         groups = model.get_submodule(name).groups

@@ -16,7 +16,7 @@ from tiny_lm import single_thread
 
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
-from cdq_cli.run.language import load_quantized
+from cdq_cli.store.reopen import load_quantized
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the zeroshot extra) is not installed")
 
