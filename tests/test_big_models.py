@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
 from synthetic_lm import write_synthetic_llama
-from tiny_lm import save_tiny, single_thread, tiny_model
+from tiny_lm import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-from cdq_cli.cli import main
 from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for, load_causal_lm
 from cdq_cli.placement import Placement
@@ -29,20 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 @pytest.fixture(scope="module")
 def tokenizer(data_dir: Path):
     return load_causal_lm(str(data_dir / "models" / "stories260K"))[1]
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def peak_rss(command: list[str]) -> tuple[int, float, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, single_thread, tiny_model
+from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, tiny_model
 
 from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for
@@ -25,11 +25,6 @@ from cdq_cli.store.folder import read_layers, save_quantized
 from cdq_cli.store.reopen import load_quantized
 
 LLAMA_LAYERS = BLOCK_LAYERS["llama"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def calibration() -> list[torch.Tensor]:

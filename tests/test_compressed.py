@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
 from test_export import quantized_folder, reference_unpack
-from tiny_lm import single_thread
 
-from cdq_cli.cli import main
 from cdq_cli.store.compressed import export_compressed
 from cdq_cli.store.exports import ExportError
 from cdq_cli.store.folder import read_layers
@@ -31,17 +30,6 @@ from cdq_cli.store.reopen import load_quantized
 from cdq_cli.store.shards import shard_files
 
 FAST = ["--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_lm import save_tiny, single_thread, tiny_model
+from tiny_lm import save_tiny, tiny_model
 
 from cdq_cli.cli import main
 from cdq_cli.models import adapter_for, load_causal_lm
@@ -33,11 +33,6 @@ from cdq_cli.store.gptq import ExportError, check_shape, export_gptq, gptq_tenso
 from cdq_cli.store.layer import QuantizedLayer
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def reference_unpack(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
-from tiny_lm import expected_layers, save_tiny, single_thread
+from tiny_lm import expected_layers, save_tiny
 from tiny_vision import images, tiny_model
 
-from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
 from cdq_cli.models.vision import vision_adapter_for
 from cdq_cli.pipeline import quantize_model
@@ -27,21 +27,10 @@ from cdq_cli.store.folder import read_layers, read_table
 FAST = ["--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 @pytest.fixture(scope="module")
 def llama(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     _model, tokenizer = load_causal_lm(str(data_dir / "models" / "stories260K"))
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-overrides") / "llama", tokenizer)
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(err: str) -> str:

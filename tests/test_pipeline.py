@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_lm import FAMILIES, expected_layers, single_thread, tiny_model
+from tiny_lm import FAMILIES, expected_layers, tiny_model
 from torch import nn
 
 from cdq_cli import pipeline
@@ -24,11 +24,6 @@ FAST = {
     "quantease-outlier": {"iterations": 2, "final_sweeps": 1, "outlier_fraction": 0.02},
     "comq": {"iterations": 1},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def batches(vocab: int = 100, seed: int = 1) -> list[torch.Tensor]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 
-from cdq_cli.cli import main
 from cdq_cli.records import LayerRow, RunRecord
 from cdq_cli.run.plan import make_settings
 from cdq_cli.store import report as reports
@@ -53,12 +53,6 @@ def run_b(tmp_path: Path) -> Path:
     return write_run(
         tmp_path / "b", rows[1:], "cdq", {"data": "wiki", "ppl": 19.0, "fp_ppl": 18.0, "windows": 2}
     )
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_report_plain_table_worst_first_and_png(run_a: Path, capsys) -> None:

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from safetensors.torch import load_file, save_file
-from tiny_lm import save_tiny, single_thread
+from tiny_lm import save_tiny
 
 from cdq_cli import pipeline
 from cdq_cli.cli import main
@@ -30,11 +31,6 @@ from cdq_cli.store.names import journal_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +54,6 @@ def quantized(tokenizer, calib: str, tmp_path_factory: pytest.TempPathFactory) -
         main(["quantize", str(model), "--method", "rtn", "--calib", calib, *FAST, "--output", str(out)]) == 0
     )
     return out
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(stderr: str) -> str:

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors.torch import save_file
-from tiny_lm import single_thread
 from tiny_vision import EMBED, FAMILY, HEAD, TINY, images, quantizable, tiny_model, write_folder
 from torch import nn
 
 from cdq_cli.calib.images import DataSourceError, calibration_images, labelled_batches, open_images
 from cdq_cli.capture import conv_columns, layer_sigma
-from cdq_cli.cli import main
 from cdq_cli.evaluate.classification import scores, top1
 from cdq_cli.models.timm_models import KIND, TimmSpec, data_config
 from cdq_cli.models.vision import generic_family, vision_adapter_for
@@ -33,11 +32,6 @@ FAMILIES = ["vit", "deit", "swin", "resnet", "lite0"]
 FAST = {"quantease": {"sweeps": 3}, "quantease-outlier": {"iterations": 2, "final_sweeps": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 def run(model: nn.Module, method: str = "rtn", bits: int = 4, *, embed=False, head=False, **options):
     adapter = vision_adapter_for(model, quantize_embed=embed, quantize_head=head)
     x = images()
@@ -45,12 +39,6 @@ def run(model: nn.Module, method: str = "rtn", bits: int = 4, *, embed=False, he
     outcome = quantize_model(model, adapter, [x[:4], x[4:]], settings)
     chain = torch.cat([adapter.head(model, h) for h in outcome.outputs])
     return adapter, outcome, chain
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def model_args(kwargs: dict) -> list[str]:

@@ -268,6 +268,6 @@ def refuse_orphaned_output(target: str) -> None:
 
 def evaluation_texts(data: str) -> list[str]:
     """Texts of an evaluation source (named sources read their evaluation split)."""
-    from ..calib import EVAL_SPLITS, load_texts
+    from ..calib import eval_split, load_texts
 
-    return load_texts(data, split=EVAL_SPLITS.get(data.lower()))
+    return load_texts(data, split=eval_split(data))
