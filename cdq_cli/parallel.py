@@ -11,10 +11,11 @@ result to the byte:
   broadcasts the total. Every ``addmm`` is the one the single-process run makes, in the same
   order, so Σ is bitwise that run's (an all-reduce would sum in an order the backend chooses and
   could not promise that). Only the Σ products are serialised; the forward passes are not.
-* **Layers** of a group are solved in parallel, assigned by estimated cost (rows × columns² per
-  sweep, times the method's sweeps), largest first onto the least-loaded rank
-  (:func:`assign`); each solved layer is broadcast from its rank, and every rank writes the same
-  Ŵ into its copy of the block, so all run the same quantized forward.
+* **Layers** of a group are solved in parallel, assigned by estimated cost (the method's
+  :meth:`~cdq_cli.solvers.Method.cost`: rows × columns² per sweep, times its sweeps), largest
+  first onto the least-loaded rank (:func:`assign`); each solved layer is broadcast from its
+  rank, and every rank writes the same Ŵ into its copy of the block, so all run the same
+  quantized forward.
 * One rank (0) keeps the resume journal and writes the output folder; the others compute.
 
 A rank that dies takes the run down: torchrun ends the other workers (SIGTERM, handled like
@@ -39,7 +40,6 @@ import torch.distributed as dist
 TIMEOUT_ENV = "CDQ_DIST_TIMEOUT_S"  # how long a collective may wait for a slow rank (default 2 h)
 RENDEZVOUS_ENV = "CDQ_RENDEZVOUS_S"  # how long the processes may take to find each other (default 120 s)
 KILL_RANK_ENV = "CDQ_TEST_KILL_RANK"  # test hook "R:B": rank R SIGKILLs itself after block B
-SWEEPS = {"rtn": 0.0, "gptq": 1.0, "quantease": 30.0, "quantease-outlier": 14.0, "comq": 3.0, "cdq": 8.0}
 
 
 class PeerLost(OSError):
@@ -239,13 +239,6 @@ def test_hook(ranks: Ranks, block: int) -> None:
 def close(ranks: Ranks) -> None:
     if ranks.active and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def cost(rows: int, columns: int, method: str, options: dict[str, Any]) -> float:
-    """Estimated solve cost of one layer: rows × columns² per sweep, times the method's sweeps
-    (plus one for the RTN comparison and the objective)."""
-    sweeps = float(options.get("sweeps") or SWEEPS.get(method, 1.0))
-    return rows * columns**2 * (1.0 + sweeps)
 
 
 def assign(costs: dict[str, float], world: int) -> dict[str, int]:

@@ -1,37 +1,36 @@
-"""The records the driver and the storage share: what to do (Settings), what was done (LayerRow),
-progress events, and a saved partial run (ResumeState).
+"""The records the run, the driver and the storage share, as plain data: what to do (Settings, made
+once from the flags by :func:`cdq_cli.run.plan.settle` and frozen), what was done (LayerRow, one
+per solved matrix; RunRecord, the whole run), progress events, and where a lazily loaded model's
+tensors come from (Weights).
 
-This module is the contract between ``pipeline`` (which fills these in) and ``store`` (which
-writes and reads them); neither imports the other's internals.
+This module is the contract between ``run``/``pipeline`` (which fill these in) and ``store`` (which
+writes them out); it parses nothing and imports nothing of cdq but the grid's type.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import regex
 import torch
 
-from .solvers import SUPPORTED_BITS, GridSpec, check_options
+from .solvers import GridSpec
 
-if TYPE_CHECKING:
-    from .store.layer import QuantizedLayer
-
-NO_QUANTIZATION = 16
+NO_QUANTIZATION = 16  # --bits 16: run the block plumbing without quantizing
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """What to do to every layer: one object from the command line to the solver.
 
     ``grid`` is the validated grid spec (None: ``--bits 16``, run the block plumbing without
-    quantizing); ``overrides`` the ``--skip``/``--layer`` rules, parsed and compiled once, so that
+    quantizing); ``overrides`` the ``--skip``/``--layer`` rules, parsed and checked once, so that
     :meth:`grid_for` resolves any layer's grid (None: kept in full precision); ``options`` the
     method's solver options, already typed and range-checked (:func:`cdq_cli.solvers.check_options`);
-    ``device`` where blocks are solved.
+    ``device`` where blocks are solved (this process's device under torchrun). Made by
+    :func:`cdq_cli.run.plan.make_settings` from flag-like values; everything downstream trusts it.
     """
 
     method: str = "cdq"
@@ -44,34 +43,6 @@ class Settings:
     compare_rtn: bool = True
     offload_activations: str = "auto"
     overrides: tuple[LayerRule, ...] = ()
-
-    @classmethod
-    def make(
-        cls,
-        method: str = "cdq",
-        bits: int = 4,
-        group_size: int | None = None,
-        sym: bool = False,
-        per_layer: bool = False,
-        options: dict[str, Any] | None = None,
-        device: torch.device | str = "cpu",
-        skip: Sequence[str] = (),
-        layer: Sequence[str] = (),
-        **rest: Any,
-    ) -> Settings:
-        """Settings from flag-like values: the grid built by :func:`grid_spec`, the ``--skip`` /
-        ``--layer`` rules by :func:`layer_rules`, the options typed and checked by
-        :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input)."""
-        grid = grid_spec(bits, group_size, sym, per_layer)
-        checked = check_options(method, options or {}) if grid is not None else dict(options or {})
-        if grid is None and (skip or layer):
-            raise ValueError(
-                "--skip and --layer choose layers to quantize differently; --bits 16 quantizes none"
-            )
-        rules = layer_rules(grid, skip, layer) if grid is not None else ()
-        return cls(
-            method=method, grid=grid, options=checked, device=torch.device(device), overrides=rules, **rest
-        )
 
     def grid_for(self, name: str) -> GridSpec | None:
         """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is
@@ -157,26 +128,6 @@ class Settings:
         }
 
 
-def grid_spec(bits: int, group_size: int | None, sym: bool, per_layer: bool) -> GridSpec | None:
-    """The one grid spec of a run, from its flags (None for ``--bits 16``: no quantization)."""
-    if bits == NO_QUANTIZATION:
-        return None
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"--bits {bits} is not supported: choose one of 2, 3, 4, 8 (16 = no quantization)")
-    if group_size is not None and group_size <= 0:
-        raise ValueError(f"--group-size must be positive, got {group_size}")
-    if per_layer and group_size is not None:
-        raise ValueError("--per-layer means one scale for the whole layer; it cannot have a --group-size")
-    return GridSpec(bits, group_size, sym, per_layer)
-
-
-LAYER_SPEC = re.compile(r"^(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<channel>ch))?(?P<sym>sym|asym)?$")
-SPEC_GRAMMAR = (
-    "BITS[gGROUP|ch][sym|asym], e.g. 8, 4g128, 3g64sym, 8ch (bits 2, 3, 4 or 8; gGROUP: one scale per "
-    "GROUP columns, ch: one per output row; what is left out comes from --group-size/--sym)"
-)
-
-
 @dataclass(frozen=True)
 class LayerRule:
     """One ``--skip PATTERN`` (``spec`` None: full precision) or ``--layer PATTERN=SPEC`` rule.
@@ -227,55 +178,6 @@ class LayerRule:
                 "per_layer": grid.per_layer,
             },
         }
-
-
-def layer_rules(default: GridSpec, skip: Sequence[str], layer: Sequence[str]) -> tuple[LayerRule, ...]:
-    """The ``--skip`` and ``--layer`` rules of a run, checked: every pattern compiles, every SPEC
-    follows :data:`SPEC_GRAMMAR` and makes a valid grid (one-line ``ValueError`` otherwise)."""
-    rules = []
-    for pattern in skip:
-        rules.append(LayerRule(_pattern("--skip", pattern, pattern), None, None))
-    for item in layer:
-        pattern, sep, spec = str(item).rpartition("=")
-        if not sep or not pattern.strip():
-            raise ValueError(f"--layer expects PATTERN=SPEC, got {item!r}")
-        spec = spec.strip()
-        rules.append(LayerRule(_pattern("--layer", pattern, item), spec, parse_layer_spec(spec, default)))
-    return tuple(rules)
-
-
-def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
-    """The grid a ``--layer`` SPEC gives (see :data:`SPEC_GRAMMAR`); what the SPEC leaves out comes
-    from ``default`` (the run's --group-size, --sym, --per-layer)."""
-    found = LAYER_SPEC.match(spec.lower())
-    if not found:
-        raise ValueError(f"--layer SPEC {spec!r} is not {SPEC_GRAMMAR}")
-    bits = int(found["bits"])
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"--layer SPEC {spec!r}: {bits} bits is not one of 2, 3, 4, 8 "
-            "(--skip keeps a layer in full precision)"
-        )
-    group, per_layer = default.group_size, default.per_layer
-    if found["group"] is not None:
-        group, per_layer = int(found["group"]), False
-        if group < 1:
-            raise ValueError(f"--layer SPEC {spec!r}: the group size must be positive")
-    elif found["channel"]:
-        group, per_layer = None, False
-    sym = default.sym if found["sym"] is None else found["sym"] == "sym"
-    return GridSpec(bits, group, sym, per_layer)
-
-
-def _pattern(flag: str, pattern: str, shown: str) -> str:
-    """``pattern`` checked: Python's ``re`` syntax (what the docs promise), matched by the ``regex``
-    package, which takes the same syntax and can stop a search that runs too long."""
-    try:
-        re.compile(pattern)
-        _compiled(pattern)
-    except (re.error, regex.error) as exc:
-        raise ValueError(f"{flag} {shown!r}: not a valid regular expression ({exc})") from None
-    return pattern
 
 
 PATTERN_SECONDS = 1.0  # the longest one --skip/--layer pattern may take on one layer name
@@ -342,15 +244,6 @@ def silent(event: Event) -> None:
     """A progress sink that drops every event."""
 
 
-@dataclass
-class ResumeState:
-    """A saved partial run: the first ``blocks_done`` blocks' report rows and stored layers."""
-
-    blocks_done: int
-    rows: list[LayerRow]
-    layers: dict[str, QuantizedLayer]
-
-
 class Weights(Protocol):
     """Where a lazily loaded model's tensors come from, by state-dict name (a checkpoint's shards,
     a cdq output folder); implemented in :mod:`cdq_cli.models.lazy` and :mod:`cdq_cli.store.folder`."""
@@ -364,9 +257,34 @@ class Weights(Protocol):
         ...
 
 
-class Journal(Protocol):
-    """Persists finished blocks so a killed run can resume (implemented by :mod:`cdq_cli.store.journal`)."""
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished quantization run, everything its report says: rendered once into report.json
+    by :func:`cdq_cli.store.report.render`.
 
-    def resume_state(self) -> ResumeState | None: ...
+    ``sections`` are the model kind's own top-level entries (``skipped``, ``vision``);
+    ``unquantized`` the matrices in blocks that no quantizable layer type covers (routers...);
+    ``parallel`` how the processes shared the work; ``peak_memory`` the device's (or the
+    process's) peak while quantizing; ``resumed_blocks`` how many blocks came from the journal
+    (None: the run cannot resume); ``evaluation`` the before/after scores (``--eval``), None without.
+    """
 
-    def on_block_done(self, index: int, rows: list[LayerRow], layers: dict[str, QuantizedLayer]) -> None: ...
+    model: str
+    family: str
+    dtype: str
+    settings: Settings
+    seed: int
+    batch_size: int
+    command: str
+    config: dict[str, Any] | None
+    calibration: dict[str, Any]
+    rows: list[LayerRow]
+    unquantized: list[str]
+    parallel: dict[str, Any]
+    sections: dict[str, Any]
+    started: str
+    ended: str
+    wall_seconds: float
+    peak_memory: dict[str, Any]
+    resumed_blocks: int | None = None
+    evaluation: dict[str, Any] | None = None

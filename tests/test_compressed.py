@@ -18,30 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
 from test_export import quantized_folder, reference_unpack
-from tiny_lm import single_thread
 
-from cdq_cli.cli import main
-from cdq_cli.run.language import load_quantized
 from cdq_cli.store.compressed import export_compressed
 from cdq_cli.store.exports import ExportError
 from cdq_cli.store.folder import read_layers
 from cdq_cli.store.layer import QuantizedLayer
+from cdq_cli.store.reopen import load_quantized
 from cdq_cli.store.shards import shard_files
 
 FAST = ["--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -239,7 +227,8 @@ def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
     )
     assert (
         code == 2
-        and err.strip() == "error: --checkpoint-format is a GPTQ option; compressed-tensors has one layout"
+        and err.strip()
+        == "error: --checkpoint-format is an option of the gptq export, not of compressed-tensors"
     )
     calib = data_dir / "text" / "c4-sample.jsonl"
     model = data_dir / "models" / "stories260K"

@@ -21,23 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_lm import save_tiny, single_thread, tiny_model
+from tiny_lm import save_tiny, tiny_model
 
 from cdq_cli.cli import main
 from cdq_cli.models import adapter_for, load_causal_lm
 from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
+from cdq_cli.run.plan import make_settings
 from cdq_cli.solvers import GridSpec
 from cdq_cli.store.folder import read_layers, save_quantized
 from cdq_cli.store.gptq import ExportError, check_shape, export_gptq, gptq_tensors
 from cdq_cli.store.layer import QuantizedLayer
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def reference_unpack(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
@@ -83,7 +78,7 @@ def quantized_folder(tmp_path: Path, family: str, **settings) -> tuple[Path, tor
     model = tiny_model(family)
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(3))
     base = {"method": "gptq", "bits": 4, "device": "cpu"} | settings
-    outcome = quantize_model(model, adapter_for(model), list(ids.split(2)), Settings.make(**base))
+    outcome = quantize_model(model, adapter_for(model), list(ids.split(2)), make_settings(**base))
     info = {"method": base["method"], "bits": base["bits"], "group_size": base.get("group_size")}
     return save_quantized(tmp_path / "q", model, outcome.layers, info=info), model
 

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from safetensors.torch import load_file, save_file
-from tiny_lm import save_tiny, single_thread
+from tiny_lm import save_tiny
 
 from cdq_cli import pipeline
 from cdq_cli.cli import main
@@ -30,11 +31,6 @@ from cdq_cli.store.names import journal_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +54,6 @@ def quantized(tokenizer, calib: str, tmp_path_factory: pytest.TempPathFactory) -
         main(["quantize", str(model), "--method", "rtn", "--calib", calib, *FAST, "--output", str(out)]) == 0
     )
     return out
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(stderr: str) -> str:
@@ -519,12 +509,12 @@ def test_sigterm_handler_does_not_leak_out_of_main(capsys) -> None:
 
 
 def test_methods_lists_every_option_as_strict_json(capsys) -> None:
-    from cdq_cli.solvers import OPTIONS
+    from cdq_cli.solvers import METHODS
 
     code, out, _ = cli(capsys, "methods", "--json")
     listing = strict_json(out)
     assert code == 0 and {m: set(v["options"]) for m, v in listing.items()} == {
-        m: set(o) for m, o in OPTIONS.items()
+        m: set(method.options) for m, method in METHODS.items()
     }
 
 
@@ -532,11 +522,13 @@ def test_every_solver_keyword_is_a_declared_option() -> None:
     """No keyword option of a solver escapes the registry's typing (internal ones are listed here)."""
     import inspect
 
-    from cdq_cli.solvers import OPTIONS, SOLVERS
+    from cdq_cli.solvers import METHODS
 
     internal = {"gptq": {"fixed_grid"}}
-    for method, solver in SOLVERS.items():
+    for name, method in METHODS.items():
         keywords = {
-            name for name, p in inspect.signature(solver).parameters.items() if p.kind is p.KEYWORD_ONLY
+            option
+            for option, p in inspect.signature(method.solve).parameters.items()
+            if p.kind is p.KEYWORD_ONLY
         }
-        assert keywords - internal.get(method, set()) == set(OPTIONS[method]), method
+        assert keywords - internal.get(name, set()) == set(method.options), name

@@ -12,21 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import single_thread
+from cli_runner import cli
 
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
-from cdq_cli.run.language import load_quantized
+from cdq_cli.store.reopen import load_quantized
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the zeroshot extra) is not installed")
 
 TASK = Path(__file__).resolve().parent / "tasks" / "stories_mc.yaml"
 DOCS = [json.loads(line) for line in TASK.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +43,6 @@ def quantized(stories: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFa
     )  # fmt: skip
     assert code == 0
     return out
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:

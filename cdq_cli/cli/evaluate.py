@@ -8,7 +8,7 @@ import typer
 
 from ..run import EvalRequest
 from ..run import evaluate as run_evaluate
-from .choices import DType, Offload
+from ..run.plan import DType, Offload
 from .printing import show_evaluation
 from .progress import quiet_libraries
 

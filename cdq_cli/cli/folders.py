@@ -1,6 +1,6 @@
 """Commands that work on finished output folders: ``cdq export``, ``cdq report``, ``cdq compare``.
 
-Registered on the main Typer app by :func:`register`; errors are ``ValueError``s, which the app's
+Registered on the main Typer app by :mod:`cdq_cli.cli`; errors are ``ValueError``s, which the app's
 ``main`` turns into one ``error: ...`` line and exit 2.
 """
 
@@ -13,15 +13,20 @@ from typing import Any
 
 import typer
 
+from ..run.plan import CheckpointFormat, ExportTarget
+from ..store.exports import FORMATS
 from ..store.names import REPORT_PLOT
-from .choices import CheckpointFormat, ExportTarget
 from .printing import print_json
 
 
 def export(
     output_dir: Path = typer.Argument(..., help="A cdq output folder (from cdq quantize)."),
     target: ExportTarget = typer.Option(
-        ExportTarget.gptq, "--format", help="Target layout: gptq or compressed-tensors (vLLM's native)."
+        ExportTarget("gptq"),
+        "--format",
+        help="Target layout: "
+        + "; ".join(f"{name}: {fmt.description}" for name, fmt in FORMATS.items())
+        + ".",
     ),
     dest: Path | None = typer.Option(
         None,
@@ -42,14 +47,12 @@ def export(
     compressed-tensors pack-quantized (what llm-compressor writes and vLLM serves)."""
     from ..store.exports import export as run_export
 
-    if checkpoint_format is not None and target is not ExportTarget.gptq:
-        raise ValueError("--checkpoint-format is a GPTQ option; compressed-tensors has one layout")
     summary = run_export(
         target.value,
         output_dir,
         dest,
-        checkpoint_format=(checkpoint_format or CheckpointFormat.gptq).value,
         overwrite=overwrite,
+        options={"checkpoint_format": checkpoint_format.value if checkpoint_format is not None else None},
     )
     show_export(summary.to_dict(), as_json=as_json)
 
@@ -58,24 +61,7 @@ def show_export(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print_json(summary)
         return
-    if summary["format"] == "gptq":
-        grid = f"group {summary['group_size']}" if summary["group_size"] > 0 else "per channel"
-        print(
-            f"wrote {summary['output']}: GPTQ ({summary['checkpoint_format']}), {summary['bits']}-bit, "
-            f"{grid}, {'sym' if summary['sym'] else 'asym'}, {summary['layers']} layers; scales in float16 "
-            f"(max relative rounding {summary['max_scale_rounding']:.2g})"
-        )
-    else:
-        grids = ", ".join(
-            f"{g['bits']}-bit {'group ' + str(g['group_size']) if g['group_size'] else 'per channel'} "
-            f"{'sym' if g['sym'] else 'asym'} ({g['layers']} layers)"
-            for g in summary["grids"]
-        )
-        kept = f"; {len(summary['ignore'])} matrices kept as they are" if summary["ignore"] else ""
-        print(
-            f"wrote {summary['output']}: compressed-tensors pack-quantized, {grids}{kept}; scales in "
-            f"{summary['scale_dtype']} (max relative rounding {summary['max_scale_rounding']:.2g})"
-        )
+    print(f"wrote {summary['output']}: {summary['headline']}")
     print(f"runs in: {summary['engines']}")
 
 
@@ -171,9 +157,3 @@ def compare(
         return
     header, body = compare_table(payload)
     render(compare_lines(payload), header, body, sys.stdout)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("export")(export)
-    app.command("report")(report)
-    app.command("compare")(compare)

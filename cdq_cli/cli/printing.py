@@ -37,8 +37,7 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
     console.print(f"wrote {out}")
     if finished.export is not None:
         export = finished.export
-        layout = f"GPTQ {export['checkpoint_format']}" if export["format"] == "gptq" else "compressed-tensors"
-        console.print(f"wrote {export['output']} ({layout})")
+        console.print(f"wrote {export['output']}: {export['headline']}")
         console.print(f"runs in: {export['engines']}")
 
 
@@ -89,23 +88,20 @@ def _headline(finished: Finished) -> str:
         f"mean relative error {summary['mean_relative_error']:.4g}, "
         f"error vs RTN (geometric mean) {summary['geomean_error_vs_rtn']:.3f}x"
     )
-    if finished.kind == "causal-lm":
-        group = f"g{run['group_size']}" if run["group_size"] else ""
-        return (
-            f"quantized {summary['layers']} layers with {run['method']} w{run['bits']}{group} in "
-            f"{summary['wall_seconds']:.1f}s: {errors}"
-        )
+    group = f"g{run['group_size']}" if run["group_size"] else ""
     return (
         f"quantized {summary['layers']} layers of {run['model']} ({run['family']}) with {run['method']} "
-        f"w{run['bits']} in {summary['wall_seconds']:.1f}s: {errors}"
+        f"w{run['bits']}{group} in {summary['wall_seconds']:.1f}s: {errors}"
     )
 
 
 def _evaluated(finished: Finished) -> str:
+    """The before/after line of ``--eval``: by the metric the evaluation holds (perplexity for a
+    language model, top-1 with agreement for a classifier)."""
     ev = finished.report["evaluation"]
-    if finished.kind == "causal-lm":
+    if "ppl" in ev:
         return (
-            f"perplexity on {ev['data']}: full precision {ev['fp_ppl']:.4f}, "
+            f"perplexity on {ev['data']}: full precision {ev['fp']['ppl']:.4f}, "
             f"quantized [bold]{ev['ppl']:.4f}[/bold] ({ev['windows']} windows x {ev['seqlen']} tokens)"
         )
     return (

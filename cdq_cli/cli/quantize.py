@@ -10,7 +10,9 @@ import typer
 
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
-from .choices import DType, ExportFormat, Method, Offload, SigmaDType
+from ..run.plan import DType, Method, Offload, OutputFormat, SigmaDType
+from ..solvers import DEFAULT_METHOD
+from ..store.exports import FORMATS
 from .launch import launch_run, rank, under_torchrun
 from .presets import apply_config, provenance, solver_options
 from .printing import show_quantized
@@ -26,7 +28,8 @@ def quantize(
         "(timm/NAME, NAME, or any MODEL with --checkpoint).",
     ),
     method: Method = typer.Option(
-        Method("cdq"), help="Layer solver (cdq: best of GPTQ starts, then CD with grid refits)."
+        Method(DEFAULT_METHOD),
+        help="Layer solver; `cdq methods` lists each with its summary and -o options.",
     ),
     bits: int = typer.Option(4, help="Weight bits: 2, 3, 4, 8; 16 = no quantization (plumbing check)."),
     group_size: int | None = typer.Option(None, help="Columns per scale group (default: one per row)."),
@@ -101,10 +104,11 @@ def quantize(
     config: Path | None = typer.Option(
         None, "--config", is_eager=True, callback=apply_config, help="YAML preset; flags given here win."
     ),
-    out_format: ExportFormat = typer.Option(
-        ExportFormat.native,
+    out_format: OutputFormat = typer.Option(
+        OutputFormat("native"),
         "--format",
-        help="gptq / compressed-tensors: also export to <output>-gptq / <output>-ct (docs/results.md).",
+        help=f"{' / '.join(FORMATS)}: also export to "
+        f"{' / '.join('<output>' + fmt.suffix for fmt in FORMATS.values())} (docs/results.md).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
     nproc: int = typer.Option(

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 from ..offline import hub_calls, hub_offline
+from ..trust import refuse_remote_code
+
+__all__ = ["ModelLoadError", "load_causal_lm", "refuse_remote_code", "smollm2_gguf"]
 
 _PROBE = "Once upon a time"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -57,27 +60,6 @@ def load_causal_lm(
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def refuse_remote_code(folder: Path) -> None:
-    """A folder whose config.json or tokenizer_config.json maps classes to its own Python files
-    (``auto_map``) is refused, naming the files: cdq never runs code that comes with a model."""
-    for name in ("config.json", "tokenizer_config.json"):
-        config = folder / name
-        if not config.is_file():
-            continue
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read {config}: {_first_line(exc)}") from None
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
-        if auto_map:
-            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-            files = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for ref in _flatten(refs)})
-            raise ModelLoadError(
-                f"{folder} ships its own Python code ({', '.join(files)}, named by auto_map in {name}); "
-                "cdq never runs code that comes with a model"
-            )
 
 
 def check_index(folder: Path) -> None:
@@ -168,13 +150,6 @@ def _from_folder(folder: Path, gguf: str | None, dtype: torch.dtype, *, shown: P
             "(they would be random); is it a complete model folder?"
         )
     return model, tokenizer
-
-
-def _flatten(items: Any) -> list[Any]:
-    out: list[Any] = []
-    for item in items:
-        out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
-    return out
 
 
 def smollm2_gguf() -> Path | None:

@@ -190,6 +190,7 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     from ..models import load_causal_lm
     from ..offline import hub_offline
     from ..store.folder import is_quantized_folder
+    from ..store.reopen import load_quantized
 
     if request.seqlen is not None or request.max_windows is not None:
         raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
@@ -230,61 +231,13 @@ def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
         raise
 
 
-def open_output(folder: Path) -> Loaded:
-    """A cdq output folder opened lazily: the model's skeleton from its config on the meta device,
-    each block dequantized from the shards when its turn comes (the tables checked first)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def open_output(folder: Path | str) -> Loaded:
+    """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its adapter."""
     from ..models import adapter_for
-    from ..models.causal_lm import refuse_remote_code
-    from ..store.folder import CheckpointError, OutputWeights
+    from ..store.reopen import open_output as reopen
 
-    folder = Path(folder)
-    weights = OutputWeights(folder)
-    if weights.table.get("kind") != KIND:
-        raise CheckpointError(
-            f"{folder} holds a {weights.table.get('kind')!r} model; only causal LMs load here"
-        )
-    refuse_remote_code(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers real
-            model = AutoModelForCausalLM.from_config(config, dtype=weights.dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
-    expected = set(model.state_dict())
-    stored = set(weights.names())
-    if expected - stored or stored - expected:
-        from ..store.names import WEIGHTS
-
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        raise CheckpointError(
-            f"{folder / WEIGHTS} does not match config.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for name, buffer in list(model.named_buffers()):  # persistent buffers come from the folder
-        if buffer.device.type != "meta" and name in stored:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, weights.tensor(name))
-    tokenizer = None
-    if any(
-        (folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the tokenizer saved in {folder}: {exc}") from None
-    return Loaded(model.eval(), adapter_for(model), tokenizer, weights)
-
-
-def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
-    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
-    loaded = open_output(Path(folder))
-    state = {name: loaded.weights.tensor(name) for name in loaded.model.state_dict()}  # type: ignore[union-attr]
-    loaded.model.load_state_dict(state, assign=True)
-    loaded.model.tie_weights()
-    return loaded.model.eval(), loaded.tokenizer
+    opened = reopen(folder)
+    return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights)
 
 
 def perplexity_of(
@@ -299,35 +252,27 @@ def perplexity_of(
     source: str | None = None,
     ranks: Any = None,
 ) -> dict[str, Any]:
-    """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
-    memory: one block plus the activations), as a JSON-ready dict. ``source`` is where the texts
-    came from: the named source ``c4`` is scored on GPTQ's 256 random validation windows, every
-    other text on the non-overlapping windows of its joined token stream. With several ``ranks``
-    each scores its range of the windows and the losses are summed."""
-    from ..calib import C4_EVAL_WINDOWS, c4_validation_windows, evaluation_ids
-    from ..evaluate.perplexity import C4_PROTOCOL, PPL_PROTOCOL, result_of, window_nll, windows_of
+    """Perplexity (:func:`cdq_cli.evaluate.perplexity.perplexity_on`) of an opened model, its
+    logits computed block by block (peak memory: one block plus the activations)."""
+    from ..evaluate.perplexity import perplexity_on
     from ..pipeline import forward_blocks
     from ..placement import Placement
 
-    if source is not None and source.lower() == "c4":
-        count = min(C4_EVAL_WINDOWS, max_windows or C4_EVAL_WINDOWS)
-        chunks = c4_validation_windows(texts, loaded.tokenizer, seqlen=seqlen, count=count)
-        stream, protocol = chunks.numel(), C4_PROTOCOL
-    else:
-        ids = evaluation_ids(texts, loaded.tokenizer)
-        chunks, stream, protocol = windows_of(ids, seqlen, max_windows), ids.shape[1], PPL_PROTOCOL
-    batches = list(chunks.split(batch_size))
-    if ranks is not None and ranks.active:
-        batches = [batches[b] for b in ranks.batches(len(batches))]
     placement = Placement(loaded.model, device, loaded.weights)
-    nll_sum = 0.0
-    for batch, logits in zip(
-        batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
-    ):
-        nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
-    if ranks is not None and ranks.active:
-        nll_sum = ranks.sum_value(nll_sum)
-    return result_of(nll_sum, chunks, stream, protocol).to_dict()
+
+    def forward(batches: list[torch.Tensor]) -> Any:
+        return forward_blocks(loaded.model, loaded.adapter, placement, batches, policy)
+
+    return perplexity_on(
+        texts,
+        loaded.tokenizer,
+        forward,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        source=source,
+        ranks=ranks,
+    )
 
 
 def refuse_orphaned_output(target: str) -> None:
@@ -356,6 +301,6 @@ def refuse_image_data(target: str, flag: str, source: str) -> None:
 
 def evaluation_texts(data: str) -> list[str]:
     """Texts of an evaluation source (named sources read their evaluation split)."""
-    from ..calib import EVAL_SPLITS, load_texts
+    from ..calib import eval_split, load_texts
 
-    return load_texts(data, split=EVAL_SPLITS.get(data.lower()))
+    return load_texts(data, split=eval_split(data))

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,14 +56,14 @@ import torch
 
 from ..solvers import GridSpec
 from ..solvers.packing import pack
-from .exports import ExportError, copy_companions, default_dest, read_json, refuse_same_folder, write_json
+from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
 from .names import REPORT
 from .shards import ShardWriter
 
-FORMAT = "pack-quantized"
+FORMAT_LAYOUT = "pack-quantized"
 # The compressed-tensors release whose layout this is (3-bit: dense packing since 0.18).
 LAYOUT_VERSION = "0.18.0"
 OUTLIER_METHODS = ("quantease-outlier",)
@@ -84,10 +84,20 @@ class CompressedSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        grids = ", ".join(
+            f"{g['bits']}-bit {'group ' + str(g['group_size']) if g['group_size'] else 'per channel'} "
+            f"{'sym' if g['sym'] else 'asym'} ({g['layers']} layers)"
+            for g in self.grids
+        )
+        kept = f"; {len(self.ignored)} matrices kept as they are" if self.ignored else ""
         return {
             "output": str(self.dest),
             "format": "compressed-tensors",
-            "layout": FORMAT,
+            "headline": (
+                f"compressed-tensors {FORMAT_LAYOUT}, {grids}{kept}; scales in {self.scale_dtype} "
+                f"(max relative rounding {self.max_scale_rounding:.2g})"
+            ),
+            "layout": FORMAT_LAYOUT,
             "layers": self.layers,
             "grids": self.grids,
             "ignore": self.ignored,
@@ -97,7 +107,9 @@ class CompressedSummary:
         }
 
 
-def preflight(layers: Mapping[str, tuple[tuple[int, ...], GridSpec]], *, method: str) -> None:
+def preflight(
+    layers: Mapping[str, tuple[tuple[int, ...], GridSpec]], *, method: str, skipped: Sequence[str] = ()
+) -> None:
     """Refuse, before any work, what the format cannot hold (the values are checked on export)."""
     if method in OUTLIER_METHODS:
         raise ExportError(
@@ -160,7 +172,7 @@ def export_compressed(
     """Write the compressed-tensors checkpoint of the cdq output folder ``source`` to ``dest``
     (atomically), one tensor at a time into shards of at most ``max_shard_bytes`` (None: one file)."""
     source = Path(source).absolute()
-    dest = Path(dest).absolute() if dest is not None else default_dest(source, "compressed-tensors")
+    dest = Path(dest).absolute() if dest is not None else FORMAT.default_dest(source)
     refuse_same_folder(source, dest, "compressed-tensors")
     stored = OutputWeights(source)
     table = stored.table
@@ -240,11 +252,11 @@ def quantization_config(
             "weights": _weights_args(key, actorder),
             "input_activations": None,
             "output_activations": None,
-            "format": FORMAT,
+            "format": FORMAT_LAYOUT,
         }
     return {
         "quant_method": "compressed-tensors",
-        "format": FORMAT,
+        "format": FORMAT_LAYOUT,
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": sorted(set(matrices) - set(specs)),
@@ -351,3 +363,12 @@ def _targets(members: list[str], modules: list[str]) -> list[str]:
 
 def _words(count: int, bits: int) -> int:
     return math.ceil(count * bits / 32)
+
+
+FORMAT = ExportFormat(
+    name="compressed-tensors",
+    suffix="-ct",
+    description="compressed-tensors pack-quantized (what llm-compressor writes and vLLM serves)",
+    preflight=preflight,
+    export=export_compressed,
+)

@@ -49,15 +49,14 @@ import torch
 from .. import __version__
 from ..solvers import GridSpec
 from ..solvers.packing import pack
-from .exports import ExportError, copy_companions, read_json, refuse_same_folder, write_json
-from .exports import default_dest as _default_dest
+from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
 from .names import GPTQ_CONFIG, REPORT
 from .shards import ShardWriter
 
-__all__ = ["ExportError", "ExportSummary", "default_dest", "export_gptq", "gptq_tensors", "preflight"]
+__all__ = ["FORMAT", "ExportError", "ExportSummary", "export_gptq", "gptq_tensors", "preflight"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 OUTLIER_METHODS = ("quantease-outlier",)
@@ -81,9 +80,15 @@ class ExportSummary:
     engines: str
 
     def to_dict(self) -> dict[str, Any]:
+        grid = f"group {self.group_size}" if self.group_size > 0 else "per channel"
         return {
             "output": str(self.dest),
             "format": "gptq",
+            "headline": (
+                f"GPTQ ({self.checkpoint_format}), {self.bits}-bit, {grid}, "
+                f"{'sym' if self.sym else 'asym'}, {self.layers} layers; scales in float16 "
+                f"(max relative rounding {self.max_scale_rounding:.2g})"
+            ),
             "checkpoint_format": self.checkpoint_format,
             "layers": self.layers,
             "bits": self.bits,
@@ -92,11 +97,6 @@ class ExportSummary:
             "max_scale_rounding": self.max_scale_rounding,
             "engines": self.engines,
         }
-
-
-def default_dest(source: Path) -> Path:
-    """``<OUTPUT_DIR>-gptq``, a sibling of the native folder (which stays: report, resume, cdq eval)."""
-    return _default_dest(source, "gptq")
 
 
 def check_settings(
@@ -204,7 +204,7 @@ def export_gptq(
     """Write the GPTQ checkpoint of the cdq output folder ``source`` to ``dest`` (atomically), one
     tensor at a time into shards of at most ``max_shard_bytes`` (None: one file)."""
     source = Path(source).absolute()
-    dest = Path(dest).absolute() if dest is not None else default_dest(source)
+    dest = Path(dest).absolute() if dest is not None else FORMAT.default_dest(source)
     refuse_same_folder(source, dest, "GPTQ")
     stored = OutputWeights(source)
     table = stored.table
@@ -313,3 +313,13 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
+
+
+FORMAT = ExportFormat(
+    name="gptq",
+    suffix="-gptq",
+    description="GPTQ (qweight/qzeros/scales/g_idx): transformers, vLLM, TGI, exllama",
+    preflight=preflight,
+    export=export_gptq,
+    options={"checkpoint_format": CHECKPOINT_FORMATS},
+)

@@ -33,6 +33,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..cleanup import set_resume_hint
-from ..records import LayerRow, ResumeState, Settings
+from ..records import LayerRow, Settings
 from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
 from .names import JOURNAL_OUTPUT as OUTPUT
 from .names import JOURNAL_STATE as STATE
@@ -53,6 +54,15 @@ TERM_ENV = "CDQ_TEST_TERM_AFTER_BLOCK"
 _BLOCK_FILE = re.compile(r"block-\d{5,}\.safetensors")
 _SHARD_FILE = re.compile(r"\.shard-\d{5,}\.(data|safetensors)")
 SCHEMA = "cdq-resume/1"
+
+
+@dataclass
+class ResumeState:
+    """A saved partial run: the first ``blocks_done`` blocks' report rows and stored layers."""
+
+    blocks_done: int
+    rows: list[LayerRow]
+    layers: dict[str, QuantizedLayer]
 
 
 class ResumeError(ValueError):

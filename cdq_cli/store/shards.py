@@ -189,13 +189,6 @@ def shard_files(folder: Path) -> dict[str, str]:
         return {key: WEIGHTS for key in fh.keys()}
 
 
-def iter_shards(folder: Path) -> Iterator[tuple[str, Any]]:
-    """(file name, open safetensors handle) of every shard, in name order."""
-    for name in sorted(set(shard_files(folder).values())):
-        with safe_open(str(Path(folder) / name), framework="pt") as fh:
-            yield name, fh
-
-
 CHUNK_BYTES = 64 * 2**20  # how much of one tensor is read at a time
 
 
