@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from safetensors.torch import load_file, save_file
-from tiny_lm import save_tiny, single_thread
+from tiny_lm import save_tiny
 
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
@@ -29,11 +30,6 @@ from cdq_cli.store.names import journal_folder, lock_file
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CDQ_SHUTDOWN_S": "5"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +58,6 @@ def quantized(tokenizer, calib: str, tmp_path_factory: pytest.TempPathFactory) -
         main(["quantize", str(model), "--method", "rtn", "--calib", calib, *FAST, "--output", str(out)]) == 0
     )
     return out
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def cdq(
