@@ -25,8 +25,8 @@ FORBIDDEN = {
     "__main__": set(),
     "run": {"cli"},
     "pipeline": {"cli", "run"},
-    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline"},
-    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline"},
+    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline", "cleanup"},
+    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline", "cleanup"},
     "models": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers"},
     "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
     "records": _DRIVER | _MIDDLE,
@@ -37,6 +37,8 @@ FORBIDDEN = {
     "placement": _DRIVER | _MIDDLE - {"placement"} | {"solvers"},
     "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
     "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
+    # what a process removes or says on any exit: used by models and store, imports nothing of cdq
+    "cleanup": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }
 
 

@@ -24,10 +24,12 @@ caller hands over a model held whole in memory.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +143,7 @@ def evaluate_tasks(
 
     model = model.to(device).eval()
     wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with torch.no_grad():
+    with torch.no_grad(), _no_git_probe():
         out = simple_evaluate(
             model=wrapper,
             tasks=list(built.values()),
@@ -206,6 +208,10 @@ def _absolute(files: Any, base: Path, yaml_path: Path) -> Any:
         resolved = resolved if resolved.is_absolute() else base / resolved
         if not resolved.exists() and not any(ch in files for ch in "*?["):
             raise ZeroShotError(f"task file {yaml_path}: data file {files} not found (looked at {resolved})")
+        if not resolved.exists() and not glob.glob(str(resolved), recursive=True):
+            raise ZeroShotError(
+                f"task file {yaml_path}: data files {files} match no file (looked for {resolved})"
+            )
         return str(resolved)
     return files
 
@@ -215,6 +221,23 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """lm-eval records the git commit of the current folder by running ``git describe``, which
+    prints ``fatal: not a git repository`` on stderr outside a checkout; cdq reports no git hash,
+    so the probe is skipped while lm-eval runs."""
+    import lm_eval.evaluator as evaluator
+
+    probe = getattr(evaluator, "get_git_commit_hash", None)
+    if probe is not None:
+        evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        if probe is not None:
+            evaluator.get_git_commit_hash = probe
 
 
 def _quiet() -> None:

@@ -52,6 +52,7 @@ class Calibration:
     batches: list[torch.Tensor]
     describe: dict[str, Any]
     identity: torch.Tensor
+    warnings: list[str] = field(default_factory=list)  # said once, kept in the report
 
 
 @dataclass

@@ -41,6 +41,9 @@ class LanguageModels:
         from ..calib import load_texts
 
         request = plan.request
+        refuse_image_data(request.target, "--calib", request.calib)
+        if request.eval_data is not None:
+            refuse_image_data(request.target, "--eval", request.eval_data)
         held_out = evaluation_texts(request.eval_data) if request.eval_data is not None else None
         return Texts(load_texts(request.calib), held_out)
 
@@ -73,8 +76,14 @@ class LanguageModels:
         if length > context:
             raise UsageError(f"--seqlen {length} exceeds the model's context of {context} tokens")
         note(f"calibration: {request.nsamples} x {length} tokens from {request.calib} (seed {request.seed})")
+        stats: dict[str, Any] = {}
         windows = calibration_windows(
-            data.calibration, loaded.tokenizer, nsamples=request.nsamples, seqlen=length, seed=request.seed
+            data.calibration,
+            loaded.tokenizer,
+            nsamples=request.nsamples,
+            seqlen=length,
+            seed=request.seed,
+            stats=stats,
         )
         describe = {
             "source": request.calib,
@@ -85,7 +94,15 @@ class LanguageModels:
             "seed": request.seed,
             "tokens": windows.numel(),
         }
-        return Calibration(list(windows.split(request.batch_size)), describe, windows)
+        warnings = []
+        needed, held = request.nsamples * length, stats.get("source_tokens")
+        if held is not None and 2 * held <= needed:  # each token in about needed / held windows
+            warnings.append(
+                f"the calibration text {request.calib} holds {held} tokens, far fewer than --nsamples "
+                f"{request.nsamples} x --seqlen {length} = {needed}: its windows repeat each token about "
+                f"{needed / held:.0f} times; give more text or fewer samples"
+            )
+        return Calibration(list(windows.split(request.batch_size)), describe, windows, warnings)
 
     def score(
         self,
@@ -140,6 +157,7 @@ class LanguageModels:
         if request.tasks is not None:
             return zero_shot(request, device)
         assert request.data is not None
+        refuse_image_data(request.target, "--data", request.data)
         texts = evaluation_texts(request.data)
         if is_quantized_folder(request.target):
             loaded = open_output(Path(request.target))
@@ -264,6 +282,21 @@ def refuse_orphaned_output(target: str) -> None:
 
     if orphaned_output(target):
         raise CheckpointError(f"{target} is a cdq output folder without its {MARKER}: it cannot be loaded")
+
+
+def refuse_image_data(target: str, flag: str, source: str) -> None:
+    """An image source given for a model that is not an image classifier cdq knows: the model is
+    what is unknown (a misspelt timm name, say), so say that rather than blame the data."""
+    from ..calib.images import HF_PREFIX, SAMPLE_SET
+    from ..models.causal_lm import _looks_like_hub_id
+
+    if source.lower() == SAMPLE_SET or source.startswith(HF_PREFIX):
+        if not Path(target).expanduser().exists() and not _looks_like_hub_id(target):
+            raise UsageError(f"no such file or folder: {target}")
+        raise UsageError(
+            f"{flag} {source} is image data, but {target} is not an image classifier cdq knows "
+            "(timm/NAME, a timm architecture name, or any model with --checkpoint FILE)"
+        )
 
 
 def evaluation_texts(data: str) -> list[str]:

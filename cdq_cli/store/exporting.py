@@ -76,9 +76,22 @@ class ExportFormat:
 
 
 def refuse_same_folder(source: Path, dest: Path, fmt: str) -> None:
+    """Where an export may not go, whatever ``--overwrite`` says: its own source folder or a folder
+    inside it, or a folder cdq wrote that is not an export (a ``cdq quantize`` output)."""
+    from .files import manifest_kind
+    from .names import EXPORT
+
+    source, dest = Path(source).absolute(), Path(dest).absolute()
     if dest == source:
         raise ExportError(
             f"the {fmt} export needs its own folder (--output must differ from the folder it exports)"
+        )
+    if source.resolve() in dest.resolve().parents:
+        raise ExportError(f"refusing to write the {fmt} export to {dest}: it is inside {source}, its source")
+    if dest.is_dir() and manifest_kind(dest) not in (None, EXPORT):
+        raise ExportError(
+            f"refusing to replace {dest}: it is a cdq quantize output folder, not an export; "
+            "choose another --output"
         )
 
 

@@ -52,7 +52,10 @@ def export(
     options: Mapping[str, str | None] | None = None,
 ) -> ExportSummary:
     """Write the ``fmt`` export of the cdq output folder ``source`` (to its default folder when
-    ``dest`` is None); return its summary. ``options`` are the format's own (None: not given)."""
+    ``dest`` is None); return its summary. ``options`` are the format's own (None: not given). The
+    export's folder is locked while it is written: a second export (or run) to it fails at once."""
+    from .files import check_location, output_lock
+
     chosen = find_format(fmt)
     for key, value in (options or {}).items():
         if value is not None and key not in chosen.options:
@@ -61,4 +64,6 @@ def export(
     checked = chosen.check_options(options or {})
     source = Path(source).absolute()
     dest = Path(dest).absolute() if dest is not None else chosen.default_dest(source)
-    return chosen.export(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes, **checked)
+    check_location(dest)  # before the lock, whose file goes beside it
+    with output_lock(dest):
+        return chosen.export(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes, **checked)
