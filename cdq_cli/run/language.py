@@ -175,8 +175,9 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
 
     if request.seqlen is not None or request.max_windows is not None:
         raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
-    tasks = parse_tasks(request.tasks or "", offline=hub_offline)
-    built = build_tasks(tasks)
+    trust = request.trust_task_code
+    tasks = parse_tasks(request.tasks or "", offline=hub_offline, trust_code=trust)
+    built = build_tasks(tasks, trust_code=trust)
     if is_quantized_folder(request.target):
         model, tokenizer = load_quantized(request.target)
         held = "the quantized layers dequantized from the output folder, held whole in memory"
@@ -188,7 +189,13 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if tokenizer is None:
         raise UsageError(f"{request.target} holds no tokenizer")
     result = evaluate_tasks(
-        model, tokenizer, built, device=device, batch_size=request.batch_size, limit=request.limit
+        model,
+        tokenizer,
+        built,
+        device=device,
+        batch_size=request.batch_size,
+        limit=request.limit,
+        trust_code=trust,
     )
     return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
