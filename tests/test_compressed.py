@@ -199,10 +199,10 @@ def test_transformers_loads_a_mixed_symmetric_export(
 def test_transformers_loads_an_asymmetric_3bit_export(
     compressed_tensors_installed, data_dir, tmp_path, capsys
 ):
-    """3-bit asymmetric per channel, act-order GPTQ (packed zero-points, widths 32/64/172): logits
-    equal cdq's. compressed-tensors 0.20's compressed-load path allocates unpacked zero-points, so
-    asymmetric checkpoints (llm-compressor's own included) load through ``dequantize=True``."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    """3-bit asymmetric per channel, act-order GPTQ (packed zero-points, widths 32/64/172), loaded
+    the default way: logits equal cdq's. compressed-tensors 0.20's compressed-load path allocates
+    unpacked zero-points, so the export's config asks transformers to dequantize on load."""
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
     code, _, err = cli(
@@ -215,12 +215,101 @@ def test_transformers_loads_an_asymmetric_3bit_export(
     block = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert block["config_groups"]["group_0"]["weights"]["actorder"] == "weight"  # static groups: no g_idx
     native, _ = load_quantized(out)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ct", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-    ).eval()
+    assert block["dequantize"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     reference, got = logits_of(native, ids), logits_of(loaded, ids)
     assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+
+
+# Every configuration the export accepts, on stories260K (widths 32, 64 and 172: down_proj's 172
+# inputs cannot take a group of 32, so a grouped run gives it another grid with --layer or keeps it
+# with --skip). Several grids with an asymmetric one are refused (test_what_the_format_cannot_hold).
+MATRIX = {  # quantize options, and what the engines line says about vLLM for that folder
+    "sym-channel": (["--bits", "4", "--sym"], "vLLM (compressed-tensors WNA16)"),
+    "asym-channel": (["--bits", "4"], "vLLM (compressed-tensors WNA16)"),
+    "asym-group-skipping-the-layer": (
+        ["--group-size", "32", "--skip", "down_proj"], "vLLM (compressed-tensors WNA16)",
+    ),
+    "sym-group-and-the-layer-per-channel": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=4ch"], "vLLM (compressed-tensors WNA16)",
+    ),
+    "sym-group-and-the-layer-in-groups-of-4": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=4g4"],
+        "its Marlin kernels take group 32/64/128 or per channel, not [4]",
+    ),
+    "sym-mixed-bits-and-skip": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=8ch",
+         "--layer", r"layers\.0\.self_attn\.[qkv]_proj=2g16", "--skip", r"layers\.4\.mlp\.up_proj"],
+        "vLLM: no (2-bit",
+    ),
+    "asym-per-layer-8bit": (["--bits", "8", "--per-layer"], "vLLM: no (8-bit asymmetric"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_every_configuration_loads_in_transformers_and_scores_as_the_folder(
+    case, compressed_tensors_installed, data_dir, tmp_path, capsys
+) -> None:
+    """sym/asym x per-channel/grouped/per-layer x mixed --layer rules x a layer that cannot take the
+    group: (1) the config has one group per distinct grid, and compressed-tensors' own matching of
+    each group's targets (minus ignore) selects exactly the layers stored with that grid; (2)
+    transformers + compressed-tensors load the export the default way (asymmetric ones through the
+    config's dequantize flag) with every layer's weight equal to cdq's and the logits of cdq's
+    folder; (3) `cdq eval` of the export prints the folder's perplexity, bit for bit (float32
+    scales: the export holds cdq's codes, zero-points and scales exactly); (4) the engines line
+    says how transformers loads this folder, and what vLLM's compressed-tensors scheme takes of it
+    (4/8-bit, zero-points at 4 bits only, Marlin's group sizes: vLLM is not installed here)."""
+    from compressed_tensors.utils.match import match_named_modules
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args, vllm = MATRIX[case]
+    out = tmp_path / "q"
+    code, stdout, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--calib",
+        data_dir / "text" / "c4-sample.jsonl", *args, "--output", out,
+        "--format", "compressed-tensors", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    export = json.loads(stdout)["export"]
+    ct = Path(export["output"])
+    stored = read_layers(out)
+    stored_grids: dict[tuple, set[str]] = {}
+    for name, layer in stored.items():
+        stored_grids.setdefault((layer.spec.bits, layer.spec.group_size, layer.spec.sym), set()).add(name)
+    block = json.loads((ct / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(ct)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    claimed: dict[tuple, set[str]] = {}
+    for group in block["config_groups"].values():
+        weights = group["weights"]
+        grid = (weights["num_bits"], weights["group_size"], weights["symmetric"])
+        assert grid not in claimed
+        claimed[grid] = {name for name, _ in match_named_modules(plain, group["targets"], block["ignore"])}
+    assert claimed == stored_grids
+    asymmetric = any(not sym for _, _, sym in stored_grids)
+    assert block.get("dequantize", False) is asymmetric
+    assert ("dequantized while loading" in export["engines"]) is asymmetric
+    assert vllm in export["engines"] and "cdq eval" in export["engines"]
+
+    native, _ = load_quantized(out)
+    loaded = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    reference, got = logits_of(native, ids), logits_of(loaded, ids)
+    assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+    for name in stored:
+        assert torch.equal(loaded.get_submodule(name).weight, native.get_submodule(name).weight), name
+
+    ptb = data_dir / "text" / "ptb-valid.txt"
+    scores = []
+    for target in (out, ct):
+        code, stdout, err = cli(
+            capsys, "eval", target, "--data", ptb, "--max-windows", "2", "--seqlen", "128", "--json"
+        )
+        assert code == 0, err
+        scores.append(json.loads(stdout)["ppl"])
+    assert scores[0] == scores[1]
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -249,6 +338,7 @@ def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
             "keeps full-precision outliers, which compressed-tensors cannot hold",
         ),
         (["--bits", "16"], "--format compressed-tensors needs quantized layers"),
+        (["--group-size", "32", "--layer", "down_proj=4ch"], MIXED_ASYMMETRIC),
     ):
         code, _, err = cli(
             capsys, "quantize", model, *FAST, *args, "--calib", calib, "--output", tmp_path / "new",
@@ -256,4 +346,25 @@ def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
         )  # fmt: skip
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-        assert not (tmp_path / "new").exists()
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new-ct").exists()
+
+
+MIXED_ASYMMETRIC = "one of them asymmetric, do not load in transformers"
+
+
+def test_several_grids_with_an_asymmetric_one_are_refused_before_writing(data_dir, calib, tmp_path, capsys):
+    """transformers loads asymmetric compressed-tensors checkpoints only dequantized, and then
+    decodes every layer with the first config group's grid: such an export of a finished folder
+    is refused in one line, nothing written (a --layer grid that is symmetric does not help: the
+    rest is still asymmetric)."""
+    model = data_dir / "models" / "stories260K"
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", model, *FAST, "--calib", calib, "--group-size", "32",
+        "--layer", "down_proj=4chsym", "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out_text, err = cli(capsys, "export", out, "--format", "compressed-tensors")
+    assert code == 2 and out_text == "" and err.count("\n") == 1 and MIXED_ASYMMETRIC in err, err
+    assert "4-bit g32 asym" in err and "4-bit per channel sym" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

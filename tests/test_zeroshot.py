@@ -120,6 +120,17 @@ def test_accuracy_matches_an_independent_computation_fp_and_quantized(stories, q
         assert "lm-evaluation-harness" in payload["protocol"] and "zero-shot" in payload["protocol"]
 
 
+def test_zero_shot_of_an_export_equals_the_folder(quantized, tmp_path, capsys) -> None:
+    """`cdq eval EXPORT --tasks`: the compressed-tensors export of the 2-bit folder, its layers
+    decoded by cdq, scores exactly what the folder scores (float32 scales: the same weights)."""
+    from cdq_cli.store.compressed import export_compressed
+
+    export_compressed(quantized, tmp_path / "ct")
+    native, exported = run_json(capsys, quantized), run_json(capsys, tmp_path / "ct")
+    assert exported["tasks"] == native["tasks"]
+    assert exported["model"] == "the quantized layers decoded from the checkpoint, held whole in memory"
+
+
 def test_limit_scores_the_first_items_and_the_human_output(stories, capsys) -> None:
     model, tokenizer = load_causal_lm(str(stories))
     acc, _norm, _lls = expected(model, tokenizer, DOCS[:4])

@@ -141,8 +141,9 @@ class LanguageModels:
             return zero_shot(request, device)
         assert request.data is not None
         texts = evaluation_texts(request.data)
-        if is_quantized_folder(request.target):
-            loaded = open_output(Path(request.target))
+        if is_quantized_folder(request.target) or is_exported_folder(request.target):
+            opener = open_output if is_quantized_folder(request.target) else open_exported
+            loaded = opener(Path(request.target))
             if loaded.tokenizer is None:
                 loaded.close()
                 raise UsageError(f"{request.target} holds no tokenizer")
@@ -181,6 +182,9 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if is_quantized_folder(request.target):
         model, tokenizer = load_quantized(request.target)
         held = "the quantized layers dequantized from the output folder, held whole in memory"
+    elif is_exported_folder(request.target):
+        model, tokenizer = load_whole(open_exported(Path(request.target)))
+        held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
         refuse_orphaned_output(request.target)
         dtype = model_dtype(request.dtype)
@@ -222,10 +226,6 @@ def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
 def open_output(folder: Path) -> Loaded:
     """A cdq output folder opened lazily: the model's skeleton from its config on the meta device,
     each block dequantized from the shards when its turn comes (the tables checked first)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import adapter_for
     from ..models.causal_lm import refuse_remote_code
     from ..store.folder import CheckpointError, OutputWeights
 
@@ -236,18 +236,86 @@ def open_output(folder: Path) -> Loaded:
             f"{folder} holds a {weights.table.get('kind')!r} model; only causal LMs load here"
         )
     refuse_remote_code(folder)
+    model = _skeleton(folder, weights.dtype)
+    return _lazy(folder, model, weights, ties={})
+
+
+def open_exported(folder: Path) -> Loaded:
+    """A GPTQ or compressed-tensors folder (cdq's exports, or another tool's) opened like a cdq
+    output folder: the plain model's skeleton from config.json (its quantization_config set
+    aside) on the meta device, each block's layers decoded by cdq when its turn comes
+    (:mod:`cdq_cli.store.exported`), so scoring it needs memory for about one block. A folder whose
+    quantization is not weight-only GPTQ or pack-quantized (activation quantization, sparsity,
+    other methods) cannot be decoded that way: it is loaded whole through transformers, which runs
+    it as its quantizer defines."""
+    from ..models import adapter_for, load_causal_lm
+    from ..models.causal_lm import refuse_remote_code
+    from ..store.exported import ExportedWeights, quantization_block, undecodable
+    from ..store.folder import tied_names
+
+    folder = Path(folder)
+    block = quantization_block(folder)
+    assert block is not None
+    refuse_remote_code(folder)
+    if undecodable(block) is not None:
+        model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
+        return Loaded(model, adapter_for(model), tokenizer)
+    model = _skeleton(folder, None)
+    model.tie_weights()  # a tied head is not stored (transformers re-ties it from the config)
+    classes = {name: [c.__name__ for c in type(m).__mro__] for name, m in model.named_modules()}
+    dtype = next(model.parameters()).dtype
+    weights = ExportedWeights(folder, block, dtype, classes)
+    return _lazy(folder, model, weights, ties=tied_names(model))
+
+
+def is_exported_folder(target: str | Path) -> bool:
+    """A model folder whose config.json carries a GPTQ or compressed-tensors quantization_config."""
+    from ..store.exported import METHODS, quantization_block
+
+    block = quantization_block(Path(target))
+    return block is not None and block.get("quant_method") in METHODS
+
+
+def _skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
+    """The model of ``folder``'s config.json on the meta device (computed buffers real), without
+    any quantization the config describes (the weights source decodes it); ``dtype`` None: the
+    config's own."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..store.folder import CheckpointError
+
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        if dtype is None:
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"dtype {stored!r} is not a floating-point dtype")
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers real
-            model = AutoModelForCausalLM.from_config(config, dtype=weights.dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
+
+
+def _lazy(folder: Path, model: nn.Module, weights: Any, *, ties: dict[str, str]) -> Loaded:
+    """``model`` (a meta skeleton) with ``weights`` as its source, after checking that the source
+    holds exactly the model's tensors (a name ``ties`` maps to a stored one may be missing:
+    transformers ties it), its persistent buffers read, and the folder's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ..models import adapter_for
+    from ..store.folder import CheckpointError
+
     expected = set(model.state_dict())
     stored = set(weights.names())
-    if expected - stored or stored - expected:
+    missing = sorted(name for name in expected - stored if ties.get(name) not in stored)
+    unexpected = sorted(stored - expected)
+    if missing or unexpected:
         from ..store.names import WEIGHTS
 
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         raise CheckpointError(
             f"{folder / WEIGHTS} does not match config.json: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -269,10 +337,27 @@ def open_output(folder: Path) -> Loaded:
 
 def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
     """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
-    loaded = open_output(Path(folder))
-    state = {name: loaded.weights.tensor(name) for name in loaded.model.state_dict()}  # type: ignore[union-attr]
-    loaded.model.load_state_dict(state, assign=True)
+    return load_whole(open_output(Path(folder)))
+
+
+def load_whole(loaded: Loaded) -> tuple[nn.Module, Any]:
+    """A lazily opened model with every tensor read from its source (ties re-made), on the CPU:
+    (model, tokenizer or None); a resident one as it is."""
+    from ..store.folder import tied_names
+
+    if loaded.weights is None:
+        return loaded.model.eval(), loaded.tokenizer
+    stored = set(loaded.weights.names())
+    state = {name: loaded.weights.tensor(name) for name in loaded.model.state_dict() if name in stored}
+    ties = {name: target for name, target in tied_names(loaded.model).items() if name not in stored}
+    loaded.model.load_state_dict(state, assign=True, strict=False)
     loaded.model.tie_weights()
+    for name, target in ties.items():  # what the source leaves to the tie: check that it holds
+        if loaded.model.get_parameter(name) is not loaded.model.get_parameter(target):
+            from ..store.folder import CheckpointError
+
+            raise CheckpointError(f"{name} is not stored and transformers did not tie it to {target}")
+    loaded.close()
     return loaded.model.eval(), loaded.tokenizer
 
 
