@@ -24,6 +24,7 @@ from tiny_lm import single_thread
 
 from cdq_cli.cli import main
 from cdq_cli.run.language import load_quantized
+from cdq_cli.solvers import GridSpec
 from cdq_cli.store.compressed import export_compressed
 from cdq_cli.store.exports import ExportError
 from cdq_cli.store.folder import read_layers
@@ -368,3 +369,68 @@ def test_several_grids_with_an_asymmetric_one_are_refused_before_writing(data_di
     assert code == 2 and out_text == "" and err.count("\n") == 1 and MIXED_ASYMMETRIC in err, err
     assert "4-bit g32 asym" in err and "4-bit per channel sym" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+# -- cdq's reader of pack-quantized checkpoints (what cdq eval decodes) -------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [None, 16])
+def test_cdq_reads_what_compressed_tensors_writes(bits, sym, group, compressed_tensors_installed) -> None:
+    """A layer packed by compressed-tensors' own compressor (llm-compressor's writer, not cdq's;
+    48 columns and 40 rows, so weight and zero-point words end part-filled) decodes in cdq to
+    exactly what compressed-tensors' own decompressor returns."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from cdq_cli.store.compressed import unpack_compressed
+    from cdq_cli.store.exported import dequantize_columns
+
+    gen = torch.Generator().manual_seed(bits * 10 + sym)
+    rows, columns = 40, 48
+    groups = 1 if group is None else columns // group
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=sym, strategy="group" if group else "channel", group_size=group
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {
+        "weight": torch.randn(rows, columns, generator=gen),
+        "weight_scale": torch.rand(rows, groups, generator=gen) * 0.1 + 0.01,
+    }
+    if not sym:
+        half = 2 ** (bits - 1)
+        state["weight_zero_point"] = torch.randint(-half, half, (rows, groups), generator=gen).to(torch.int8)
+    packed = PackedQuantizationCompressor.compress(state, scheme)
+    theirs = PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+    mine = dequantize_columns(*unpack_compressed(packed, "layer", bits=bits, symmetric=sym))
+    assert torch.equal(mine, theirs)
+
+
+def test_what_cdq_decodes_itself_and_what_it_leaves_to_transformers() -> None:
+    """Weight-only pack-quantized and GPTQ v1/v2 are decoded by cdq; activation quantization,
+    sparsity, KV-cache schemes, other formats and methods are not (transformers loads those)."""
+    from cdq_cli.store.compressed import quantization_config
+    from cdq_cli.store.exported import undecodable
+
+    ours = quantization_config({"a.q": (GridSpec(4, 32, False), (8, 64), 0)}, [], ["a.q.weight"], {})
+    assert undecodable(ours) is None
+    assert undecodable({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}) is None
+    group = ours["config_groups"]["group_0"]
+    cases = {
+        "activation quantization": {
+            **ours,
+            "config_groups": {"g": {**group, "input_activations": {"num_bits": 8}}},
+        },
+        "format 'float-quantized'": {
+            **ours,
+            "format": "float-quantized",
+            "config_groups": {"g": {**group, "format": None}},
+        },
+        "sparsity_config": {**ours, "sparsity_config": {"format": "sparse-24-bitmask"}},
+        "kv_cache_scheme": {**ours, "kv_cache_scheme": {"num_bits": 8}},
+        "quant_method 'awq'": {"quant_method": "awq", "bits": 4},
+        "checkpoint format 'marlin'": {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+    }
+    for reason, block in cases.items():
+        assert reason in (undecodable(block) or ""), reason

@@ -407,3 +407,32 @@ def test_transformers_loads_the_export(tmp_path: Path) -> None:
             reference = model(ids).logits
         loaded = torch.tensor(result["logits"])
         assert torch.allclose(loaded, reference, rtol=0, atol=5e-3 * float(reference.abs().max())), case
+
+
+@pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cdq_reads_act_order_gptq_layers(layout, bits) -> None:
+    """What cdq eval decodes from a GPTQ layer (store/exported.py) equals the independent reader
+    above, for act-order checkpoints too (desc_act: g_idx maps input rows to groups in any order),
+    v1 (zeros stored minus one) and v2."""
+    from cdq_cli.solvers.packing import pack
+    from cdq_cli.store.exported import dequantize_columns
+    from cdq_cli.store.gptq import unpack_gptq
+
+    gen = torch.Generator().manual_seed(bits)
+    rows, columns, groups = 64, 96, 3
+    maxq = 2**bits - 1
+    codes = torch.randint(0, maxq + 1, (rows, columns), generator=gen)
+    low = 1 if layout == "gptq" else 0
+    zeros = torch.randint(low, maxq + 1, (groups, rows), generator=gen)
+    stored = zeros - 1 if layout == "gptq" else zeros
+    tensors = {
+        "qweight": pack(codes, bits).T.contiguous(),
+        "qzeros": pack(stored, bits)[:, : rows * bits // 32].contiguous(),
+        "scales": (torch.rand(groups, rows, generator=gen) + 0.01).to(torch.float16),
+        "g_idx": torch.randperm(columns, generator=gen).remainder(groups).to(torch.int32),
+    }
+    mine = dequantize_columns(
+        *unpack_gptq(tensors, "layer", bits=bits, group_size=32, checkpoint_format=layout)
+    )
+    assert torch.equal(mine.to(torch.float64), reference_dequantize(tensors, bits, v2=layout == "gptq_v2"))
