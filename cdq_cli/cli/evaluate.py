@@ -17,7 +17,8 @@ def evaluate(
     target: str = typer.Argument(
         ...,
         metavar="TARGET",
-        help="A model (folder, .gguf, hub id, timm/NAME) or a cdq output folder.",
+        help="A model (folder, .gguf, hub id, timm/NAME), a cdq output folder, or a GPTQ or "
+        "compressed-tensors folder (cdq's exports included).",
     ),
     data: str | None = typer.Option(
         None,
