@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -434,3 +435,16 @@ def test_what_cdq_decodes_itself_and_what_it_leaves_to_transformers() -> None:
     }
     for reason, block in cases.items():
         assert reason in (undecodable(block) or ""), reason
+
+
+def test_a_quantized_folder_cdq_does_not_decode_goes_to_transformers(data_dir, tmp_path, capsys) -> None:
+    """A quantization_config cdq does not decode (here bitsandbytes) is loaded through transformers
+    as it would load it, never half-read through the lazy loader: its one-line error, exit 2."""
+    folder = tmp_path / "bnb"
+    shutil.copytree(data_dir / "models" / "stories260K", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, err = cli(capsys, "eval", folder, "--data", data_dir / "text" / "ptb-valid.txt")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: cannot load {folder}: ") and "bitsandbytes" in err

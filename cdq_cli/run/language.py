@@ -141,7 +141,7 @@ class LanguageModels:
             return zero_shot(request, device)
         assert request.data is not None
         texts = evaluation_texts(request.data)
-        if is_quantized_folder(request.target) or is_exported_folder(request.target):
+        if is_quantized_folder(request.target) or is_quantized_checkpoint(request.target):
             opener = open_output if is_quantized_folder(request.target) else open_exported
             loaded = opener(Path(request.target))
             if loaded.tokenizer is None:
@@ -182,7 +182,7 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if is_quantized_folder(request.target):
         model, tokenizer = load_quantized(request.target)
         held = "the quantized layers dequantized from the output folder, held whole in memory"
-    elif is_exported_folder(request.target):
+    elif is_quantized_checkpoint(request.target):
         model, tokenizer = load_whole(open_exported(Path(request.target)))
         held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
@@ -241,21 +241,22 @@ def open_output(folder: Path) -> Loaded:
 
 
 def open_exported(folder: Path) -> Loaded:
-    """A GPTQ or compressed-tensors folder (cdq's exports, or another tool's) opened like a cdq
-    output folder: the plain model's skeleton from config.json (its quantization_config set
-    aside) on the meta device, each block's layers decoded by cdq when its turn comes
-    (:mod:`cdq_cli.store.exported`), so scoring it needs memory for about one block. A folder whose
-    quantization is not weight-only GPTQ or pack-quantized (activation quantization, sparsity,
+    """A quantized checkpoint folder (config.json has a quantization_config). A GPTQ or
+    compressed-tensors one (cdq's exports, or another tool's) opens like a cdq output folder: the
+    plain model's skeleton from config.json (its quantization_config set aside) on the meta device,
+    each block's layers decoded by cdq when its turn comes (:mod:`cdq_cli.store.exported`), so
+    scoring it needs memory for about one block. Any other (activation quantization, sparsity,
     other methods) cannot be decoded that way: it is loaded whole through transformers, which runs
     it as its quantizer defines."""
     from ..models import adapter_for, load_causal_lm
     from ..models.causal_lm import refuse_remote_code
     from ..store.exported import ExportedWeights, quantization_block, undecodable
-    from ..store.folder import tied_names
+    from ..store.folder import CheckpointError, tied_names
 
     folder = Path(folder)
     block = quantization_block(folder)
-    assert block is not None
+    if block is None:
+        raise CheckpointError(f"{folder / 'config.json'} has no quantization_config")
     refuse_remote_code(folder)
     if undecodable(block) is not None:
         model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
@@ -268,12 +269,13 @@ def open_exported(folder: Path) -> Loaded:
     return _lazy(folder, model, weights, ties=tied_names(model))
 
 
-def is_exported_folder(target: str | Path) -> bool:
-    """A model folder whose config.json carries a GPTQ or compressed-tensors quantization_config."""
-    from ..store.exported import METHODS, quantization_block
+def is_quantized_checkpoint(target: str | Path) -> bool:
+    """A model folder whose config.json carries a quantization_config (a GPTQ or compressed-tensors
+    export, or another quantized checkpoint): opened by :func:`open_exported`, never lazily through
+    transformers' disk offload, which leaves quantized weights on the meta device."""
+    from ..store.exported import quantization_block
 
-    block = quantization_block(Path(target))
-    return block is not None and block.get("quant_method") in METHODS
+    return quantization_block(Path(target)) is not None
 
 
 def _skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:

@@ -46,8 +46,6 @@ from .gptq import READ_LEAVES as GPTQ_LEAVES
 from .gptq import unpack_gptq
 from .shards import read_tensor, shard_files
 
-METHODS = ("gptq", "compressed-tensors")
-
 
 def quantization_block(folder: Path | str) -> dict[str, Any] | None:
     """``quantization_config`` of a model folder's config.json, or None (no config, not quantized)."""
