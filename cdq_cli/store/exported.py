@@ -96,6 +96,7 @@ def undecodable(block: Mapping[str, Any]) -> str | None:
                 or not _bits_ok(weights.get("num_bits", 8))
                 or weights.get("dynamic")
                 or weights.get("strategy") not in ("channel", "group", "tensor")
+                or (weights.get("strategy") == "tensor" and not weights.get("symmetric", True))
             ):
                 return f"compressed-tensors weights {weights.get('type')} {weights.get('strategy')} ({name})"
         return None
@@ -111,12 +112,19 @@ def dequantize_columns(
 ) -> torch.Tensor:
     """``scale[o, g(i)]·(code[o, i] − zero[o, g(i)])`` for (out, in) codes and (out, G) scales and
     zero-points; ``groups`` maps columns to groups (None: consecutive columns of equal groups).
-    Computed in float32 (float64 for float64 scales), the arithmetic of cdq's own grids."""
-    columns = codes.shape[1]
-    if groups is None:
-        groups = torch.arange(columns) // (columns // scales.shape[1])
+    Computed in float32 (float64 for float64 scales), the arithmetic of cdq's own grids
+    (:meth:`~cdq_cli.solvers.Grid.dequantize`), broadcast per group when the groups are
+    consecutive, gathered per column otherwise (act-order)."""
+    rows, columns = codes.shape
+    count = scales.shape[1]
     work = torch.float64 if scales.dtype == torch.float64 else torch.float32
     scales, zeros = scales.to(work), zeros.to(work)
+    consecutive = torch.arange(columns) // max(columns // count, 1)
+    if columns % count == 0 and (groups is None or torch.equal(groups, consecutive)):
+        grouped = codes.reshape(rows, count, columns // count).to(work)
+        return (scales.unsqueeze(-1) * (grouped - zeros.unsqueeze(-1))).reshape(rows, columns)
+    if groups is None:
+        raise ValueError(f"{count} groups do not divide {columns} columns: a column-to-group map is needed")
     return scales[:, groups] * (codes.to(work) - zeros[:, groups])
 
 
