@@ -285,17 +285,18 @@ def _skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..store.folder import CheckpointError
+    from ..store.folder import DTYPES, CheckpointError
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        if dtype is None:
-            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"dtype {stored!r} is not a floating-point dtype")
+        if dtype is None:  # the config's dtype, from the allow-list (never getattr(torch, <file text>))
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+            name = str(stored).removeprefix("torch.")
+            if name not in DTYPES:
+                raise ValueError(f"dtype {stored!r} is not one of {', '.join(DTYPES)}")
+            dtype = DTYPES[name]
         with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers real
             return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError, AttributeError) as exc:

@@ -420,7 +420,7 @@ def unpack_compressed(
         )
     scales = scales.reshape(1, 1).expand(out, 1) if scales.numel() == 1 else scales.reshape(out, -1)
     groups = scales.shape[1]
-    codes = unpack(_padded(packed, columns, bits), bits, columns)
+    codes = unpack(_padded(packed, columns, bits), bits, columns).to(torch.uint8)  # bits <= 8
     if symmetric:
         zeros = torch.full((out, groups), 2 ** (bits - 1), dtype=torch.int64)
     else:

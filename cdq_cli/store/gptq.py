@@ -359,7 +359,7 @@ def unpack_gptq(
         raise ExportError(f"{name}: qweight {tuple(qweight.shape)} is not {bits}-bit codes of {out} outputs")
     if tuple(qzeros.shape) != (groups, -(-out * bits // 32)):
         raise ExportError(f"{name}: qzeros {tuple(qzeros.shape)} does not hold {groups}x{out} zero-points")
-    codes = unpack(_padded(qweight.T, columns, bits), bits, columns)  # cdq's stream, transposed
+    codes = unpack(_padded(qweight.T, columns, bits), bits, columns).to(torch.uint8)  # cdq stream, transposed
     stored = unpack(_padded(qzeros, out, bits), bits, out)
     zeros = (stored + 1 if checkpoint_format == "gptq" else stored).T
     g_idx = tensors.get("g_idx")
