@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_export import quantized_folder, reference_unpack
+from test_export import quantized_folder, reference_unpack, round_scales
 from tiny_lm import single_thread
 
 from cdq_cli.cli import main
@@ -309,6 +309,35 @@ def test_every_configuration_loads_in_transformers_and_scores_as_the_folder(
         code, stdout, err = cli(
             capsys, "eval", target, "--data", ptb, "--max-windows", "2", "--seqlen", "128", "--json"
         )
+        assert code == 0, err
+        scores.append(json.loads(stdout)["ppl"])
+    assert scores[0] == scores[1]
+
+
+def test_eval_of_a_bfloat16_export_equals_the_folder(data_dir, calib, tmp_path, capsys) -> None:
+    """A bf16 model's export stores its scales in bf16 (the model's dtype, as llm-compressor does;
+    cdq keeps them in float32), so "equal" means: with the folder's scales rounded to bf16 in place
+    (its export stays byte-for-byte the same), `cdq eval` of the export prints exactly the folder's
+    perplexity, because the two then hold the same codes, zero-points and scales."""
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--calib", calib, "--bits", "4",
+        "--group-size", "32", "--skip", "down_proj", "--dtype", "bfloat16", "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    before = export_compressed(out, tmp_path / "before")
+    assert before.scale_dtype == "bfloat16" and before.max_scale_rounding > 0
+    round_scales(out, torch.bfloat16)
+    export_compressed(out, tmp_path / "ct")
+    assert (tmp_path / "ct" / "model.safetensors").read_bytes() == (
+        tmp_path / "before" / "model.safetensors"
+    ).read_bytes()
+    scores = []
+    for target in (out, tmp_path / "ct"):
+        code, stdout, err = cli(
+            capsys, "eval", target, "--data", data_dir / "text" / "ptb-valid.txt", "--max-windows", "2",
+            "--seqlen", "128", "--json",
+        )  # fmt: skip
         assert code == 0, err
         scores.append(json.loads(stdout)["ppl"])
     assert scores[0] == scores[1]

@@ -258,9 +258,10 @@ def test_a_group_size_transformers_cannot_load_is_refused_on_export(tiny, calib,
     assert "--format compressed-tensors" in captured.err and not (tmp_path / "gptq").exists()
 
 
-def round_scales_to_float16(folder: Path) -> None:
-    """Replace every stored ``*.scales`` of a cdq output folder by its float16 rounding (dtype and
-    shard metadata kept): the folder then holds exactly what a GPTQ export of it can hold."""
+def round_scales(folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    """Replace every stored ``*.scales`` of a cdq output folder by its rounding to ``dtype`` (dtype
+    and shard metadata kept): the folder then holds exactly what an export storing scales in
+    ``dtype`` (GPTQ: float16; compressed-tensors: the model's dtype) can hold."""
     from safetensors.torch import save_file
 
     from cdq_cli.store.shards import shard_files
@@ -271,7 +272,7 @@ def round_scales_to_float16(folder: Path) -> None:
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
         for name, tensor in tensors.items():
             if name.endswith(".scales"):
-                tensors[name] = tensor.to(torch.float16).to(tensor.dtype)
+                tensors[name] = tensor.to(dtype).to(tensor.dtype)
         save_file(tensors, str(folder / shard), metadata=metadata)
 
 
@@ -313,7 +314,7 @@ def test_eval_of_the_export_equals_the_folder(case, tiny, calib, wikitext, tmp_p
 
     run("export", out, "--dest", tmp_path / "before", *layout)
     unrounded = ppl(out)
-    round_scales_to_float16(out)
+    round_scales(out, torch.float16)
     run("export", out, "--dest", tmp_path / "gptq", *layout)
     assert (tmp_path / "gptq" / "model.safetensors").read_bytes() == (
         tmp_path / "before" / "model.safetensors"
