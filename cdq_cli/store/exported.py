@@ -214,9 +214,17 @@ class ExportedWeights:
             return (
                 int(self.block["bits"]),
                 bool(self.block.get("sym", True)),
-                int(self.block.get("group_size", -1)),
+                int(self.block.get("group_size") or -1),
             )
         ignored = self.block.get("ignore") or []
+        try:
+            return self._scheme(owner, classes, ignored)
+        except re.error as exc:
+            raise CheckpointError(
+                f"{self.folder}: a config target is not a valid 're:' pattern ({exc})"
+            ) from None
+
+    def _scheme(self, owner: str, classes: Sequence[str], ignored: Sequence[str]) -> tuple[int, bool, int]:
         if _matches(owner, classes, ignored):
             raise CheckpointError(f"{self.folder}: {owner} is stored packed but its config ignores it")
         found = {
