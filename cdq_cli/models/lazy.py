@@ -72,7 +72,7 @@ def open_causal_lm(
         model, tokenizer = load_causal_lm(
             str(folder / gguf) if gguf else str(folder), dtype=_resident_dtype(dtype)
         )
-        return model, tokenizer, None
+        return model, tokenizer
     refuse_remote_code(folder)
     check_index(folder)
     offload = scratch_folder("cdq-offload", scratch)

@@ -329,6 +329,8 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         )
     if request.limit is not None and request.limit < 1:
         raise UsageError("--limit is a positive number of items per --tasks task")
+    if request.trust_task_code and request.tasks is None:
+        raise UsageError("--trust-task-code is for --tasks (it lets local task files run their own code)")
     device = resolve_device(request.device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)

@@ -153,14 +153,16 @@ class LanguageModels:
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
         from ..evaluate.perplexity import default_seqlen
         from ..store.folder import is_quantized_folder
+        from ..store.reopen import is_quantized_checkpoint
 
         if request.tasks is not None:
             return zero_shot(request, device)
         assert request.data is not None
         refuse_image_data(request.target, "--data", request.data)
         texts = evaluation_texts(request.data)
-        if is_quantized_folder(request.target):
-            loaded = open_output(Path(request.target))
+        if is_quantized_folder(request.target) or is_quantized_checkpoint(request.target):
+            opener = open_output if is_quantized_folder(request.target) else open_exported
+            loaded = opener(Path(request.target))
             if loaded.tokenizer is None:
                 loaded.close()
                 raise UsageError(f"{request.target} holds no tokenizer")
@@ -190,15 +192,19 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     from ..models import load_causal_lm
     from ..offline import hub_offline
     from ..store.folder import is_quantized_folder
-    from ..store.reopen import load_quantized
+    from ..store.reopen import is_quantized_checkpoint, load_quantized, load_whole
 
     if request.seqlen is not None or request.max_windows is not None:
         raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
-    tasks = parse_tasks(request.tasks or "", offline=hub_offline)
-    built = build_tasks(tasks)
+    trust = request.trust_task_code
+    tasks = parse_tasks(request.tasks or "", offline=hub_offline, trust_code=trust)
+    built = build_tasks(tasks, trust_code=trust)
     if is_quantized_folder(request.target):
         model, tokenizer = load_quantized(request.target)
         held = "the quantized layers dequantized from the output folder, held whole in memory"
+    elif is_quantized_checkpoint(request.target):
+        model, tokenizer = load_whole(open_exported(Path(request.target)))
+        held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
         refuse_orphaned_output(request.target)
         dtype = model_dtype(request.dtype)
@@ -207,7 +213,13 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if tokenizer is None:
         raise UsageError(f"{request.target} holds no tokenizer")
     result = evaluate_tasks(
-        model, tokenizer, built, device=device, batch_size=request.batch_size, limit=request.limit
+        model,
+        tokenizer,
+        built,
+        device=device,
+        batch_size=request.batch_size,
+        limit=request.limit,
+        trust_code=trust,
     )
     return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
@@ -233,10 +245,28 @@ def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
 
 def open_output(folder: Path | str) -> Loaded:
     """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its adapter."""
-    from ..models import adapter_for
     from ..store.reopen import open_output as reopen
 
+    return _with_adapter(reopen(folder))
+
+
+def open_exported(folder: Path | str) -> Loaded:
+    """A GPTQ or compressed-tensors checkpoint opened lazily, decoded by cdq block by block
+    (:func:`cdq_cli.store.reopen.open_exported`); any other quantized checkpoint, which cdq cannot
+    decode, loaded whole through transformers."""
+    from ..models import adapter_for, load_causal_lm
+    from ..store.reopen import open_exported as reopen
+
     opened = reopen(folder)
+    if opened is None:
+        model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
+        return Loaded(model, adapter_for(model), tokenizer)
+    return _with_adapter(opened)
+
+
+def _with_adapter(opened: Any) -> Loaded:
+    from ..models import adapter_for
+
     return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights)
 
 

@@ -126,7 +126,8 @@ class QuantizeRequest:
 @dataclass
 class EvalRequest:
     """One ``cdq eval``: a model or a cdq output folder, scored on ``data`` (perplexity, top-1) or
-    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task)."""
+    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task;
+    ``trust_task_code``: let local task files run code of their own)."""
 
     target: str
     data: str | None = None
@@ -140,6 +141,7 @@ class EvalRequest:
     model_args: list[str] = field(default_factory=list)
     tasks: str | None = None
     limit: int | None = None
+    trust_task_code: bool = False
 
 
 @dataclass(frozen=True)

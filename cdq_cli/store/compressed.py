@@ -38,9 +38,25 @@ Conventions (read from compressed-tensors' own compressor and ``QuantizationArgs
   generalise without catching another layer), so the groups never overlap.
 * **Scales** are stored in the model's dtype, as llm-compressor does; for a float32 model that is
   exact, otherwise ``max_scale_rounding`` reports the largest relative change.
+* **Asymmetric grids load dequantized, and only as one grid.** compressed-tensors (0.20) builds a
+  compressed model's zero-point slots unpacked, (out, G), while checkpoints store them packed,
+  (ceil(out·b/32), G), as its own compressor writes them and vLLM reads them; so transformers'
+  default (compressed) load of any asymmetric pack-quantized checkpoint, llm-compressor's own
+  included, fails on a size mismatch. An export with an asymmetric grid therefore sets
+  ``"dequantize": true`` in its quantization_config: the ``CompressedTensorsConfig`` field with
+  which transformers (5.x) dequantizes the weights while loading, through compressed-tensors'
+  decompressor (which unpacks the packed zero-points); vLLM and compressed-tensors' own config
+  ignore the key. That path decodes every dense layer with ONE config group (transformers'
+  ``get_dense_scheme``), so an asymmetric export with several grids would load wrong or not at all
+  (``tensor column shape must be divisible by the given group_size``): it is refused before any
+  work. Symmetric exports, mixed grids included, load compressed, as they are.
+* **Which engine runs it** (:func:`engines_note`, printed after every export) is worked out from
+  the grids actually written, and each claim about transformers is what tests/test_compressed.py
+  loads: every grid, group layout and mix of them the export accepts.
 
 Refused (one line): outliers, Conv2d or fused-expert layers (3-D/4-D weights), vision models,
-symmetric grids whose zero-point is not ``2^(b−1)``, scales the model's dtype cannot hold.
+several grids of which one is asymmetric (above), symmetric grids whose zero-point is not
+``2^(b−1)``, scales the model's dtype cannot hold.
 """
 
 from __future__ import annotations
@@ -55,7 +71,7 @@ from typing import Any
 import torch
 
 from ..solvers import GridSpec
-from ..solvers.packing import pack
+from ..solvers.packing import pack, packed_length, unpack
 from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
@@ -117,6 +133,20 @@ def preflight(
         )
     for name, (shape, _spec) in layers.items():
         check_shape(name, shape)
+    grids = {_grid_key(spec) for _shape, spec in layers.values()}
+    if len(grids) > 1 and any(not sym for _bits, _group, sym in grids):
+        shown = ", ".join(_shown(key) for key in sorted(grids, key=str))
+        raise ExportError(
+            f"compressed-tensors: layers with different grids ({shown}), one of them asymmetric, do not "
+            "load in transformers (it loads asymmetric checkpoints only dequantized, and dequantizes "
+            "every layer with one grid); make every grid symmetric (--sym, or SPEC ...sym) or give "
+            "every layer the same grid"
+        )
+
+
+def _shown(key: tuple[int, int | None, bool]) -> str:
+    bits, group, sym = key
+    return f"{bits}-bit {f'g{group}' if group else 'per channel'} {'sym' if sym else 'asym'}"
 
 
 def check_shape(name: str, shape: tuple[int, ...]) -> None:
@@ -254,7 +284,7 @@ def quantization_config(
             "output_activations": None,
             "format": FORMAT_LAYOUT,
         }
-    return {
+    block = {
         "quant_method": "compressed-tensors",
         "format": FORMAT_LAYOUT,
         "quantization_status": "compressed",
@@ -266,32 +296,44 @@ def quantization_config(
         "transform_config": {},
         "version": LAYOUT_VERSION,
     }
+    if any(not sym for _bits, _group, sym in by_grid):
+        block["dequantize"] = True  # transformers' compressed load cannot hold packed zero-points
+    return block
 
 
 def engines_note(specs: Mapping[str, tuple[GridSpec, tuple[int, ...], int]], ignored: list[str]) -> str:
-    """Which runtimes can run the export (printed after every export)."""
-    bits = sorted({spec.bits for spec, _, _ in specs.values()})
-    low = [b for b in bits if b not in (4, 8)]
-    parts = []
-    if not low:
-        parts.append(
-            "vLLM (compressed-tensors WNA16: 4/8-bit, grouped or per channel; its Marlin kernels want --sym)"
+    """Which runtimes run the export just written, worked out from its grids (printed after every
+    export): transformers (how it loads), cdq eval, and vLLM (whether its compressed-tensors WNA16
+    scheme takes these grids: 4/8-bit, zero-points only at 4 bits, one grid across the layers it
+    fuses; Marlin kernels want group sizes 32/64/128 or per channel)."""
+    keys = {_grid_key(spec) for spec, _, _ in specs.values()}
+    bits = sorted({b for b, _, _ in keys})
+    asymmetric = sorted({b for b, _, sym in keys if not sym})
+    if asymmetric:
+        transformers = (
+            "transformers + compressed-tensors (dequantized while loading: the config says dequantize: "
+            "true, as compressed-tensors' compressed model has no room for packed zero-points)"
         )
     else:
-        parts.append(
-            f"vLLM: no ({'/'.join(map(str, low))}-bit: its compressed-tensors kernels take 4/8-bit only)"
-        )
-    parts.append(
-        "transformers with the compressed-tensors package (dequantized on load"
-        + (
-            "; 3-bit needs compressed-tensors >= 0.18: older releases pack 3-bit differently)"
-            if 3 in bits
-            else ")"
-        )
-    )
+        transformers = "transformers + compressed-tensors (loads compressed, decompressed on use)"
+    if 3 in bits:
+        transformers += "; 3-bit needs compressed-tensors >= 0.18 (older releases pack 3-bit differently)"
+    parts = [transformers, "cdq eval"]
+    low = [b for b in bits if b not in (4, 8)]
+    wide = [b for b in asymmetric if b != 4]
     split = _split_fused(specs, ignored)
-    if split:
-        parts.append(f"vLLM fuses {split} and needs one grid for all of them")
+    if low:
+        parts.append(f"vLLM: no ({'/'.join(map(str, low))}-bit: its compressed-tensors kernels take 4/8-bit)")
+    elif wide:
+        parts.append(
+            f"vLLM: no ({'/'.join(map(str, wide))}-bit asymmetric: its zero-point kernels take 4-bit)"
+        )
+    elif split:
+        parts.append(f"vLLM: no (it fuses {split} and needs one grid for all of them)")
+    else:
+        odd = sorted({g for _, g, _ in keys if g is not None and g not in (32, 64, 128)})
+        marlin = f"; its Marlin kernels take group 32/64/128 or per channel, not {odd}" if odd else ""
+        parts.append(f"vLLM (compressed-tensors WNA16{marlin})")
     return "; ".join(parts)
 
 
@@ -363,6 +405,55 @@ def _targets(members: list[str], modules: list[str]) -> list[str]:
 
 def _words(count: int, bits: int) -> int:
     return math.ceil(count * bits / 32)
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+READ_LEAVES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def unpack_compressed(
+    tensors: Mapping[str, torch.Tensor], name: str, *, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (out, in), scales (out, G), zero-points (out, G), column groups (in,) or None) of
+    one pack-quantized layer (``tensors`` by leaf name: weight_packed, weight_scale, weight_shape,
+    weight_zero_point when asymmetric, weight_g_idx when act-ordered), read with cdq's own
+    unpacking; ``W[o, i] = scale[o, g(i)]·(code[o, i] − zero[o, g(i)])`` (see the module doc).
+    None groups: column i is in group ``i // (in / G)``."""
+    try:
+        out, columns = (int(v) for v in tensors["weight_shape"].tolist())
+        packed, scales = tensors["weight_packed"], tensors["weight_scale"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{name}: pack-quantized tensors missing or malformed ({exc})") from None
+    if packed.dtype != torch.int32 or tuple(packed.shape) != (out, _words(columns, bits)):
+        raise ExportError(
+            f"{name}: weight_packed is {packed.dtype} {tuple(packed.shape)}, but {bits}-bit codes of an "
+            f"[{out}, {columns}] weight need int32 {(out, _words(columns, bits))}"
+        )
+    scales = scales.reshape(1, 1).expand(out, 1) if scales.numel() == 1 else scales.reshape(out, -1)
+    groups = scales.shape[1]
+    codes = unpack(_padded(packed, columns, bits), bits, columns).to(torch.uint8)  # bits <= 8
+    if symmetric:
+        zeros = torch.full((out, groups), 2 ** (bits - 1), dtype=torch.int64)
+    else:
+        stored = tensors.get("weight_zero_point")
+        expected = (_words(out, bits), groups)
+        if stored is None or stored.dtype != torch.int32 or tuple(stored.shape) != expected:
+            raise ExportError(f"{name}: an asymmetric grid needs weight_zero_point int32 {expected}")
+        zeros = unpack(_padded(stored.T, out, bits), bits, out).T  # packed down the output dim
+    g_idx = tensors.get("weight_g_idx")
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64).reshape(-1)
+        if g_idx.numel() != columns or (columns and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups)):
+            raise ExportError(f"{name}: weight_g_idx does not map {columns} columns to {groups} groups")
+    elif columns % groups:
+        raise ExportError(f"{name}: {groups} scale groups do not divide the layer's {columns} columns")
+    return codes, scales, zeros, g_idx
+
+
+def _padded(words: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Packed words truncated to ceil(count·bits/32), padded back to cdq's whole 32-value blocks."""
+    return torch.nn.functional.pad(words.contiguous(), (0, packed_length(count, bits) - words.shape[-1]))
 
 
 FORMAT = ExportFormat(
