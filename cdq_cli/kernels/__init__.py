@@ -23,13 +23,18 @@ same expression as :meth:`Grid.quantize`, in every backend: ties round the same 
 
 Layout: per-entry operands are indexed ``[j, i]`` (column j of the block, row i), so "column j for
 every row" is contiguous. Grids are passed as tables ``scale, zero`` (groups, rows) plus the group
-``gidx[j]`` of each block column.
+``gidx[j]`` of each block column. One call takes one record, :class:`Block`, holding all of this.
+
+Rows never interact, in CD or in GPTQ: on the CPU the solvers give each thread a contiguous range
+of rows (:func:`row_spans`) and run the whole column loop of those rows there, GEMMs included
+(:func:`run_spans`, :mod:`cdq_cli.kernels.threads`); with the torch and Triton backends there is
+one range and the parallelism is inside torch or on the GPU.
 
 Backends (``backend=`` argument, else ``$CDQ_KERNEL``, else automatic):
 
 * ``triton`` — CUDA tensors (automatic there); on CPU tensors only under ``TRITON_INTERPRET=1``.
 * ``numba`` — CPU tensors (automatic when numba imports); also sweeps per-row orders (COMQ's
-  greedy order) row by row in natural coordinates, with no gathered Σ.
+  greedy order) row by row in natural coordinates, with no gathered Σ (``row_sweep``).
 * ``torch`` — anywhere; the reference the others are tested against.
 """
 
@@ -42,13 +47,25 @@ from types import ModuleType
 
 import torch
 
-from . import reference
-from .reference import CD, GPTQ, round_to_grid
+from . import reference, threads
+from .reference import CD, GPTQ, Block, round_to_grid
 
 BACKENDS = ("torch", "numba", "triton")
 ENV = "CDQ_KERNEL"
 
-__all__ = ["BACKENDS", "CD", "ENV", "GPTQ", "available", "backend_module", "resolve", "round_to_grid"]
+__all__ = [
+    "BACKENDS",
+    "CD",
+    "ENV",
+    "GPTQ",
+    "Block",
+    "available",
+    "backend_module",
+    "resolve",
+    "round_to_grid",
+    "row_spans",
+    "run_spans",
+]
 
 
 @cache
@@ -110,6 +127,17 @@ def resolve(tensor: torch.Tensor, backend: str | None = None) -> str:
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (``block`` for every backend; ``block_rows`` for
-    torch and triton; ``row_sweep`` for numba)."""
+    """The module implementing backend ``name``: ``block(Block)`` for every backend (per-row
+    blocks for torch and triton only), ``row_sweep`` for numba."""
     return _module(name)
+
+
+def row_spans(name: str, rows: int, columns: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges ``(lo, hi)`` a solver works on independently for backend ``name``:
+    one per thread for numba (fewer on small layers, see :func:`threads.spans`), one otherwise."""
+    return threads.spans(rows, columns) if name == "numba" else [(0, rows)]
+
+
+def run_spans(jobs):
+    """Run one job per row span, at once (:func:`threads.run`); return their results in order."""
+    return threads.run(jobs)

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 
 import torch
 
-from ..kernels import backend_module, resolve, round_to_grid
+from ..kernels import CD, Block, backend_module, resolve, round_to_grid, row_spans, run_spans
 from .grid import Grid
 from .result import objective
 
@@ -163,8 +164,7 @@ def _inverse_diag(diag: torch.Tensor) -> torch.Tensor:
 def _shared(
     weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance, f0, name
 ):
-    kernel = backend_module(name)
-    columns = weight.shape[1]
+    rows, columns = weight.shape
     device = weight.device
     maxq = grid.spec.maxq
     group_size = columns // grid.scale.shape[1]
@@ -179,48 +179,28 @@ def _shared(
     sigma = sigma.contiguous()
     diag = sigma.diagonal().contiguous()
     dead = diag <= 0
-    inv_d = _inverse_diag(diag)
-    # Transposed working copies: row j is input column j for every output row. Dead columns
-    # (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps skip them.
-    hat_t = start.T.clone(memory_format=torch.contiguous_format)
+    # Dead columns (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps
+    # skip them.
     if sweeps and bool(dead.any()):
         cols = dead.nonzero().squeeze(1)
-        s_dead, z_dead = grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]]
-        hat_t[cols] = round_to_grid(weight[:, cols], s_dead, z_dead, maxq).T
-    err_t = weight.T.clone(memory_format=torch.contiguous_format).sub_(hat_t)  # E = W − Ŵ, transposed
-    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
+        start = start.clone()
+        start[:, cols] = round_to_grid(
+            weight[:, cols], grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]], maxq
+        )
+    run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
+    spans = row_spans(name, rows, columns)
+    parts = run_spans([partial(_SharedRows, weight, start, grid, lo, hi) for lo, hi in spans])
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
     previous = f0
     for sweep in range(sweeps):
         relax = relaxed[sweep]
-        gain = torch.zeros((), dtype=torch.float64, device=device)
-        changed = torch.zeros((), dtype=torch.int64, device=device)
-        for b0 in range(0, columns, block_size):
-            b1 = min(b0 + block_size, columns)
-            g_blk = sigma[b0:b1] @ err_t  # (E Σ)ᵀ for this block, from the whole current E
-            delta = torch.empty_like(g_blk)
-            block_gain, block_changed = kernel.block(
-                g_blk,
-                hat_t,
-                b0,
-                s_tab,
-                z_tab,
-                gidx[b0:b1],
-                sigma[b0:b1, b0:b1].T.contiguous(),  # mat[j, k] = Σ[k, j]
-                inv_d[b0:b1],
-                dead[b0:b1],
-                delta,
-                maxq=maxq,
-                relax=relax,
-                err=err_t,
-                sdiag=diag[b0:b1],
-            )
-            gain += block_gain
-            changed += block_changed
-        log.gains.append(float(gain))
-        log.changed.append(0 if relax else int(changed))
+        results = run_spans([partial(run.sweep, part, relax) for part in parts])
+        gain = sum(float(g) for g, _ in results)
+        changed = sum(int(c) for _, c in results)
+        log.gains.append(gain)
+        log.changed.append(0 if relax else changed)
         log.relaxed.append(relax)
         if stop_at_fixed_point and not relax and log.changed[-1] == 0:
             break
@@ -229,10 +209,69 @@ def _shared(
             break
         if previous is not None:
             previous += log.gains[-1]
-    approx = hat_t.T
-    if order is not None:
-        approx = approx[:, torch.argsort(order)]
-    return approx.contiguous(), log
+    approx = torch.empty_like(weight)
+    inverse = None if order is None else torch.argsort(order)
+    run_spans([partial(part.write, approx, inverse) for part in parts])
+    return approx, log
+
+
+class _SharedRows:
+    """Rows lo..hi of a shared-order run, in transposed working copies (row j is input column j
+    for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ and the grid's tables."""
+
+    def __init__(self, weight, start, grid, lo, hi):
+        self.lo, self.hi = lo, hi
+        self.hat = start[lo:hi].T.clone(memory_format=torch.contiguous_format)
+        self.err = weight[lo:hi].T.clone(memory_format=torch.contiguous_format).sub_(self.hat)
+        self.scale = grid.scale[lo:hi].T.contiguous()  # (groups, rows)
+        self.zero = grid.zero[lo:hi].T.contiguous()
+
+    def write(self, approx, inverse):
+        """Ŵ of these rows into ``approx`` (natural column order when ``inverse`` is given)."""
+        hat = self.hat if inverse is None else self.hat[inverse]
+        approx[self.lo : self.hi] = hat.T
+
+
+class _SharedSweep:
+    """One sweep of a span's rows, block by block: a GEMM brings the block's G up to date from
+    the span's whole current E, then the in-block kernel runs the block's column loop."""
+
+    def __init__(self, kernel, sigma, block_size, gidx, diag, maxq):
+        self.kernel, self.sigma, self.gidx, self.diag, self.maxq = kernel, sigma, gidx, diag, maxq
+        self.dead = diag <= 0
+        self.inv_d = _inverse_diag(diag)
+        columns = sigma.shape[0]
+        self.blocks = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
+        self.mats = [sigma[b0:b1, b0:b1].T.contiguous() for b0, b1 in self.blocks]  # mat[j, k] = Σ[k, j]
+
+    def sweep(self, rows: _SharedRows, relax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = rows.hat.device
+        gain = torch.zeros((), dtype=torch.float64, device=device)
+        changed = torch.zeros((), dtype=torch.int64, device=device)
+        for (b0, b1), mat in zip(self.blocks, self.mats, strict=True):
+            g_blk = self.sigma[b0:b1] @ rows.err  # (E Σ)ᵀ for this block, from the whole current E
+            block_gain, block_changed = self.kernel.block(
+                Block(
+                    CD,
+                    g_blk,
+                    torch.empty_like(g_blk),
+                    rows.hat,
+                    b0,
+                    rows.scale,
+                    rows.zero,
+                    self.gidx[b0:b1],
+                    mat,
+                    self.inv_d[b0:b1],
+                    self.maxq,
+                    relax=relax,
+                    dead=self.dead[b0:b1],
+                    err=rows.err,
+                    sdiag=self.diag[b0:b1],
+                )
+            )
+            gain += block_gain
+            changed += block_changed
+        return gain, changed
 
 
 def _per_row(
@@ -344,21 +383,24 @@ class _gathered_rows:
             sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
             g_blk = g.gather(1, cols)
             delta = torch.empty_like(g_blk)
-            block_gain, block_changed = self.kernel.block_rows(
-                g_blk.T,
-                self.hat_p.T,
-                self.w_p.T,
-                b0,
-                self.scale.T,
-                self.zero.T,
-                self.gidx_p[:, b0:b1].T,
-                sig_bb,
-                self.inv_d_p[:, b0:b1].T,
-                self.dead_p[:, b0:b1].T,
-                delta.T,
-                maxq=maxq,
-                relax=relax,
-                sdiag=self.diag_p[:, b0:b1].T,
+            block_gain, block_changed = self.kernel.block(
+                Block(
+                    CD,
+                    g_blk.T,
+                    delta.T,
+                    self.hat_p.T,
+                    b0,
+                    self.scale.T,
+                    self.zero.T,
+                    self.gidx_p[:, b0:b1].T,
+                    sig_bb,
+                    self.inv_d_p[:, b0:b1].T,
+                    maxq,
+                    relax=relax,
+                    dead=self.dead_p[:, b0:b1].T,
+                    sdiag=self.diag_p[:, b0:b1].T,
+                    w=self.w_p.T,
+                )
             )
             g += torch.bmm(delta.unsqueeze(1), sig_rows).squeeze(1)
             gain += block_gain

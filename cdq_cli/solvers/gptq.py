@@ -1,20 +1,37 @@
 """GPTQ (Frantar et al., arXiv 2210.17323): one pass of optimal-brain-quantization updates.
 
 Columns are quantized in order; each one's rounding error is spread over the columns not yet
-quantized through the upper Cholesky factor of H⁻¹ (H = Σ + damping), with lazy block updates.
+quantized through the upper factor ``U`` of H⁻¹ = Uᵀ U (H = Σ + damping), with lazy block updates.
 With ``act_order`` columns go by decreasing diag Σ; the group grids are then fitted up front from
 W ("static groups") so that every group keeps its natural columns, which is what a packed
 checkpoint with ``g_idx`` in natural order can hold. Without it, a group's grid is fitted when its
 first column is reached, on the error-updated weights (the reference behaviour).
+
+How it is computed (same results as the textbook loop, to floating-point rounding). Only H's own
+Cholesky factor is formed: ``H = Ũ Ũᵀ`` with ``Ũ`` upper, so ``U = Ũ⁻¹``. The scaled errors
+``e_j = (x_j − q_j) / U_jj`` of the textbook loop satisfy ``W − Q = e U``, hence
+``e = (W − Q) Ũ``. For a block b with the columns P before it, the textbook's lazily updated
+weights ``W_b − e_P U_Pb`` are therefore ``W_b + (E_P Ũ_Pb) U_bb`` with ``E = W − Q`` the final
+errors: one GEMM against the finished columns (left-looking) and only the diagonal blocks
+``U_bb = Ũ_bb⁻¹`` inverted, where the textbook form needs all of H⁻¹'s factor (a triangular
+inverse of H, about as costly as the GEMMs of the whole pass at p ≤ 2048). Inside the block the
+in-block kernel runs the textbook loop with ``U_bb``. The objective is free:
+``tr(E H Eᵀ) = e U H Uᵀ eᵀ = ‖e‖²`` (U H Uᵀ = I), so ``tr(E Σ Eᵀ)`` is ``‖e‖²`` less the damping
+term, with no product against Σ.
+
+Rows never interact, so on the CPU each thread runs the whole pass on its own rows
+(:func:`cdq_cli.kernels.row_spans`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from ..kernels import GPTQ, backend_module, resolve
+from ..kernels import GPTQ, Block, backend_module, resolve, row_spans, run_spans
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp
 
@@ -25,13 +42,20 @@ def gptq_hinv(sigma: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def _factor(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U`` with ``H⁻¹ = Uᵀ U`` (upper) for the damped ``H``, and ``H − Σ`` (its diagonal).
+    """``U`` with ``H⁻¹ = Uᵀ U`` (upper) for the damped ``H``, and ``H − Σ`` (its diagonal): one
+    Cholesky (:func:`_cholesky`) and one triangular inverse (mostly GEMMs), where inverting H and
+    factoring the inverse took two Cholesky factorisations and an inversion. Same U in exact
+    arithmetic; in float32 it was closer to the float64 factor than the old route on a real
+    SmolLM2 layer (3e-7 vs 7e-7). :func:`solve_gptq` needs only the diagonal blocks of U."""
+    upper, extra = _cholesky(sigma, damping)
+    return _upper_inverse(upper), extra
 
-    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``H = Ũ Ũᵀ``
-    with ``Ũ = J L J`` upper triangular, so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹``: one Cholesky and
-    one triangular inverse (mostly GEMMs), where inverting H and factoring the inverse took two
-    Cholesky factorisations and an inversion. Same U in exact arithmetic; in float32 it was closer
-    to the float64 factor than the old route on a real SmolLM2 layer (3e-7 vs 7e-7).
+
+def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` (so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ``.
+
+    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``.
+    Dead columns (a zero diagonal) get a unit diagonal, which makes them harmless.
     """
     h = damp(sigma, damping).clone()
     dead = h.diagonal() == 0
@@ -42,7 +66,7 @@ def _factor(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Te
         raise ValueError(
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
         ) from exc
-    return _upper_inverse(upper), h.diagonal() - sigma.diagonal()
+    return upper, h.diagonal() - sigma.diagonal()
 
 
 def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
@@ -60,14 +84,38 @@ def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     return out
 
 
-def _objective_from_factor(err: torch.Tensor, hinv: torch.Tensor, extra: torch.Tensor) -> float:
-    """``tr(E Σ Eᵀ)`` from GPTQ's own factor: with ``H = Σ + diag(extra)`` and ``H⁻¹ = Uᵀ U``,
-    ``tr(E H Eᵀ) = ‖E U⁻¹‖²`` — one triangular solve (half a GEMM's flops) instead of ``E Σ``.
-    The damping term is small next to the objective (2–4% on SmolLM2 layers), so nothing is lost
-    to cancellation; measured within 1e-7 (relative) of the float64 objective in float32."""
-    scaled = torch.linalg.solve_triangular(hinv, err, upper=True, left=False)
-    damped = scaled.pow(2).sum(dtype=torch.float64)
-    return float(damped - (err.pow(2).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum())
+@dataclass
+class _Blocks:
+    """What every row needs from the factor, block by block: columns ``b0:b1``, ``U_bb = Ũ_bb⁻¹``
+    (the in-block kernel's matrix) and ``M_b = Ũ_Pb U_bb`` (the finished columns' GEMM)."""
+
+    bounds: list[tuple[int, int]]
+    inverse: list[torch.Tensor]
+    diag: list[torch.Tensor]
+    cross: list[torch.Tensor]
+    upper: torch.Tensor
+
+    @classmethod
+    def of(cls, upper: torch.Tensor, block_size: int) -> _Blocks:
+        columns = upper.shape[0]
+        bounds = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
+        inverse, diag, cross = [], [], []
+        for b0, b1 in bounds:
+            eye = torch.eye(b1 - b0, dtype=upper.dtype, device=upper.device)
+            u_bb = torch.linalg.solve_triangular(upper[b0:b1, b0:b1], eye, upper=True).contiguous()
+            inverse.append(u_bb)
+            diag.append(u_bb.diagonal().contiguous())
+            cross.append(upper[:b0, b0:b1] @ u_bb)
+        return cls(bounds, inverse, diag, cross, upper)
+
+    def lazy(self, err_t: torch.Tensor, w_t: torch.Tensor, b0: int, c0: int, c1: int) -> torch.Tensor:
+        """Columns ``c0:c1`` (≥ b0) of the textbook's weights as updated by the columns before
+        ``b0`` only, transposed: ``(W + (E_P Ũ_P,S) Ũ_SS⁻¹)ᵀ`` over ``S = b0:c1``, ``E_Pᵀ = err_t``."""
+        if b0 == 0:
+            return w_t[c0:c1].clone()
+        tail = self.upper[:b0, b0:c1].T @ err_t
+        tail = torch.linalg.solve_triangular(self.upper[b0:c1, b0:c1].T, tail, upper=False)
+        return tail[c0 - b0 :].add_(w_t[c0:c1])
 
 
 def solve_gptq(
@@ -90,54 +138,81 @@ def solve_gptq(
     w, h = weight, sigma
     if perm is not None:
         w, h = w[:, perm], sigma[perm][:, perm]
-    hinv, extra = _factor(h, damping)
+    upper, extra = _cholesky(h, damping)
     name = resolve(w)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
-    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
-    w_t = w.T.clone(memory_format=torch.contiguous_format)  # updated as errors are spread
-    approx_t = torch.zeros_like(w_t)
-    s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows); dynamic
-    z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # groups filled in as reached
+    blocks = _Blocks.of(upper, block_size)
     visited = perm if perm is not None else torch.arange(columns, device=w.device)
     gidx = torch.div(visited, columns // n_groups, rounding_mode="floor")
-    hdiag = hinv.diagonal().contiguous()
-    for b0 in range(0, columns, block_size):
-        b1 = min(b0 + block_size, columns)
-        w_blk = w_t[b0:b1]  # updated in place by the kernel
-        err_blk = torch.empty_like(w_blk)
-        hinv_blk = hinv[b0:b1, b0:b1].contiguous()
-        # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
-        # on the error-updated weights of the group's columns before it resumes.
-        cuts = [j for j in range(b0, b1) if not static and j % spec.group_size == 0]
-        bounds = sorted({b0, *cuts, b1})
-        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
-            if c0 in cuts:
-                span = torch.cat([w_blk[c0 - b0 :], w_t[b1:]], dim=0)[: spec.group_size]
-                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
-                s_tab[c0 // spec.group_size], z_tab[c0 // spec.group_size] = s, z
-            kernel.block(
-                w_blk,
-                approx_t,
-                b0,
-                s_tab,
-                z_tab,
-                gidx[b0:b1],
-                hinv_blk,
-                hdiag[b0:b1],
-                None,
-                err_blk,
-                maxq=spec.maxq,
-                rule=GPTQ,
-                start=c0 - b0,
-                stop=c1 - b0,
-            )
-        w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
-    approx = (approx_t if perm is None else approx_t[torch.argsort(perm)]).T  # rows of approx_t
-    grid = Grid(spec, s_tab.T.contiguous(), z_tab.T.contiguous()) if not static else grid
+    approx = torch.empty_like(w)  # visited column order
+    scale, zero = grid.scale.clone(), grid.zero.clone()  # dynamic groups are filled in as reached
+    job = partial(_gptq_rows, kernel, w, blocks, gidx, spec, None if static else spec.group_size)
+    parts = run_spans(
+        [partial(job, approx, scale, zero, lo, hi) for lo, hi in row_spans(name, rows, columns)]
+    )
+    scaled = sum(parts)
+    if perm is not None:
+        approx = approx[:, torch.argsort(perm)]
+    grid = Grid(spec, scale, zero) if not static else grid
     assert grid.scale.shape == (rows, n_groups)
     codes = grid.quantize(approx)
     approx = grid.dequantize(codes)
     err = weight - approx
-    value = _objective_from_factor(err if perm is None else err[:, perm], hinv, extra)
+    err = err if perm is None else err[:, perm]
+    damped = (err.pow(2).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum()
+    value = float(scaled - damped)  # tr(E H Eᵀ) = ‖e‖², less the damping term: tr(E Σ Eᵀ)
     return QuantResult("gptq", approx, codes, grid, value, value, seconds=time.perf_counter() - began)
+
+
+def _gptq_rows(kernel, w, blocks, gidx, spec, group_size, approx, scale, zero, lo, hi) -> torch.Tensor:
+    """The whole pass for rows lo..hi: ``approx``'s rows get Q (visited order), and with dynamic
+    groups (``group_size``) ``scale, zero`` their grids; returns ``‖e‖²`` (float64)."""
+    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
+    # w_t holds W, and E = W − Q in the columns already finished.
+    w_t = w[lo:hi].T.clone(memory_format=torch.contiguous_format)
+    hat_t = torch.zeros_like(w_t)
+    s_tab = scale[lo:hi].T.clone(memory_format=torch.contiguous_format)  # (groups, rows)
+    z_tab = zero[lo:hi].T.clone(memory_format=torch.contiguous_format)
+    scaled = torch.zeros((), dtype=torch.float64, device=w.device)
+    for (b0, b1), u_bb, u_diag, m_b in zip(
+        blocks.bounds, blocks.inverse, blocks.diag, blocks.cross, strict=True
+    ):
+        x = w_t[b0:b1].clone() if b0 == 0 else torch.addmm(w_t[b0:b1], m_b.T, w_t[:b0])
+        err_blk = torch.empty_like(x)
+        # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
+        # on the error-updated weights of the group's columns before it resumes (columns past the
+        # block as updated by the blocks before this one, as the textbook's lazy updates have them).
+        cuts = [j for j in range(b0, b1) if group_size and j % group_size == 0]
+        bounds = sorted({b0, *cuts, b1})
+        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+            if c0 in cuts:
+                end = min(c0 + group_size, w_t.shape[0])
+                span = x[c0 - b0 : end - b0]
+                if end > b1:
+                    span = torch.cat([span, blocks.lazy(w_t[:b0], w_t, b0, b1, end)])
+                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
+                s_tab[c0 // group_size], z_tab[c0 // group_size] = s, z
+            kernel.block(
+                Block(
+                    GPTQ,
+                    x,
+                    err_blk,
+                    hat_t,
+                    b0,
+                    s_tab,
+                    z_tab,
+                    gidx[b0:b1],
+                    u_bb,
+                    u_diag,
+                    spec.maxq,
+                    start=c0 - b0,
+                    stop=c1 - b0,
+                )
+            )
+        scaled += err_blk.square().sum(dtype=torch.float64)
+        w_t[b0:b1] -= hat_t[b0:b1]  # these columns are finished: E = W − Q
+    approx[lo:hi] = hat_t.T
+    if group_size:
+        scale[lo:hi], zero[lo:hi] = s_tab.T, z_tab.T
+    return scaled
