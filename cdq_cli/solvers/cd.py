@@ -189,7 +189,7 @@ def _shared(
         )
     run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
     spans = row_spans(name, rows, columns)
-    parts = run_spans([partial(_SharedRows, weight, start, grid, lo, hi) for lo, hi in spans])
+    parts = run_spans([partial(_SharedRows, weight, start, grid, block_size, lo, hi) for lo, hi in spans])
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
@@ -217,14 +217,16 @@ def _shared(
 
 class _SharedRows:
     """Rows lo..hi of a shared-order run, in transposed working copies (row j is input column j
-    for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ and the grid's tables."""
+    for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ, the grid's tables, and a block's G and Δ."""
 
-    def __init__(self, weight, start, grid, lo, hi):
+    def __init__(self, weight, start, grid, block_size, lo, hi):
         self.lo, self.hi = lo, hi
         self.hat = start[lo:hi].T.clone(memory_format=torch.contiguous_format)
-        self.err = weight[lo:hi].T.clone(memory_format=torch.contiguous_format).sub_(self.hat)
+        self.err = torch.sub(weight[lo:hi].T, self.hat, out=torch.empty_like(self.hat))
         self.scale = grid.scale[lo:hi].T.contiguous()  # (groups, rows)
         self.zero = grid.zero[lo:hi].T.contiguous()
+        self.g = self.hat.new_empty(min(block_size, self.hat.shape[0]), hi - lo)
+        self.delta = torch.empty_like(self.g)
 
     def write(self, approx, inverse):
         """Ŵ of these rows into ``approx`` (natural column order when ``inverse`` is given)."""
@@ -237,36 +239,40 @@ class _SharedSweep:
     the span's whole current E, then the in-block kernel runs the block's column loop."""
 
     def __init__(self, kernel, sigma, block_size, gidx, diag, maxq):
-        self.kernel, self.sigma, self.gidx, self.diag, self.maxq = kernel, sigma, gidx, diag, maxq
-        self.dead = diag <= 0
-        self.inv_d = _inverse_diag(diag)
+        self.kernel, self.sigma, self.maxq = kernel, sigma, maxq
+        dead = diag <= 0
+        inv_d = _inverse_diag(diag)
         columns = sigma.shape[0]
-        self.blocks = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
-        self.mats = [sigma[b0:b1, b0:b1].T.contiguous() for b0, b1 in self.blocks]  # mat[j, k] = Σ[k, j]
+        self.blocks = [
+            # (b0, b1, mat with mat[j, k] = Σ[k, j], the block's groups, 1/Σ_jj, dead columns, Σ_jj)
+            (b0, b1, sigma[b0:b1, b0:b1].T.contiguous(), gidx[b0:b1], inv_d[b0:b1], dead[b0:b1], diag[b0:b1])
+            for b0, b1 in ((b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size))
+        ]
 
     def sweep(self, rows: _SharedRows, relax: bool) -> tuple[torch.Tensor, torch.Tensor]:
         device = rows.hat.device
         gain = torch.zeros((), dtype=torch.float64, device=device)
         changed = torch.zeros((), dtype=torch.int64, device=device)
-        for (b0, b1), mat in zip(self.blocks, self.mats, strict=True):
-            g_blk = self.sigma[b0:b1] @ rows.err  # (E Σ)ᵀ for this block, from the whole current E
+        for b0, b1, mat, gidx, inv_d, dead, diag in self.blocks:
+            # (E Σ)ᵀ for this block, from the span's whole current E
+            g_blk = torch.matmul(self.sigma[b0:b1], rows.err, out=rows.g[: b1 - b0])
             block_gain, block_changed = self.kernel.block(
                 Block(
                     CD,
                     g_blk,
-                    torch.empty_like(g_blk),
+                    rows.delta[: b1 - b0],
                     rows.hat,
                     b0,
                     rows.scale,
                     rows.zero,
-                    self.gidx[b0:b1],
+                    gidx,
                     mat,
-                    self.inv_d[b0:b1],
+                    inv_d,
                     self.maxq,
                     relax=relax,
-                    dead=self.dead[b0:b1],
+                    dead=dead,
                     err=rows.err,
-                    sdiag=self.diag[b0:b1],
+                    sdiag=diag,
                 )
             )
             gain += block_gain

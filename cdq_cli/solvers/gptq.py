@@ -151,23 +151,21 @@ def solve_gptq(
     parts = run_spans(
         [partial(job, approx, scale, zero, lo, hi) for lo, hi in row_spans(name, rows, columns)]
     )
-    scaled = sum(parts)
+    # tr(E H Eᵀ) = ‖e‖², less the damping term Σ_j (H − Σ)_jj ‖E_j‖²: tr(E Σ Eᵀ).
+    value = float(sum(scaled - column_sq @ extra.to(torch.float64) for scaled, column_sq in parts))
     if perm is not None:
         approx = approx[:, torch.argsort(perm)]
     grid = Grid(spec, scale, zero) if not static else grid
     assert grid.scale.shape == (rows, n_groups)
     codes = grid.quantize(approx)
-    approx = grid.dequantize(codes)
-    err = weight - approx
-    err = err if perm is None else err[:, perm]
-    damped = (err.pow(2).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum()
-    value = float(scaled - damped)  # tr(E H Eᵀ) = ‖e‖², less the damping term: tr(E Σ Eᵀ)
+    approx = grid.dequantize(codes)  # the same values: Q is on the grid already
     return QuantResult("gptq", approx, codes, grid, value, value, seconds=time.perf_counter() - began)
 
 
-def _gptq_rows(kernel, w, blocks, gidx, spec, group_size, approx, scale, zero, lo, hi) -> torch.Tensor:
+def _gptq_rows(kernel, w, blocks, gidx, spec, group_size, approx, scale, zero, lo, hi):
     """The whole pass for rows lo..hi: ``approx``'s rows get Q (visited order), and with dynamic
-    groups (``group_size``) ``scale, zero`` their grids; returns ``‖e‖²`` (float64)."""
+    groups (``group_size``) ``scale, zero`` their grids; returns ``‖e‖²`` and ``‖E_j‖²`` for
+    every column j of these rows (float64)."""
     # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
     # w_t holds W, and E = W − Q in the columns already finished.
     w_t = w[lo:hi].T.clone(memory_format=torch.contiguous_format)
@@ -215,4 +213,4 @@ def _gptq_rows(kernel, w, blocks, gidx, spec, group_size, approx, scale, zero, l
     approx[lo:hi] = hat_t.T
     if group_size:
         scale[lo:hi], zero[lo:hi] = s_tab.T, z_tab.T
-    return scaled
+    return scaled, w_t.square().sum(dim=1, dtype=torch.float64)
