@@ -174,22 +174,16 @@ def _shared(
         f0 = objective(weight, start, sigma)  # the tolerance compares gains with the objective
     caller = (weight, start, sigma)
     if order is not None:
-        weight, start = weight[:, order], start[:, order]
         sigma = sigma[order][:, order]
     sigma = sigma.contiguous()
     diag = sigma.diagonal().contiguous()
-    dead = diag <= 0
     # Dead columns (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps
     # skip them.
-    if sweeps and bool(dead.any()):
-        cols = dead.nonzero().squeeze(1)
-        start = start.clone()
-        start[:, cols] = round_to_grid(
-            weight[:, cols], grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]], maxq
-        )
+    dead = diag <= 0
+    dead = dead.nonzero().squeeze(1) if sweeps and bool(dead.any()) else None
     run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
-    spans = row_spans(name, rows, columns)
-    parts = run_spans([partial(_SharedRows, weight, start, grid, block_size, lo, hi) for lo, hi in spans])
+    rows_of = partial(_SharedRows, weight, start, grid, order, gidx, dead, block_size)
+    parts = run_spans([partial(rows_of, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
@@ -219,12 +213,21 @@ class _SharedRows:
     """Rows lo..hi of a shared-order run, in transposed working copies (row j is input column j
     for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ, the grid's tables, and a block's G and Δ."""
 
-    def __init__(self, weight, start, grid, block_size, lo, hi):
+    def __init__(self, weight, start, grid, order, gidx, dead, block_size, lo, hi):
+        """Copies of rows lo..hi in the visited column ``order``; ``dead`` columns (visited
+        positions) start at the rounding of W."""
         self.lo, self.hi = lo, hi
-        self.hat = start[lo:hi].T.clone(memory_format=torch.contiguous_format)
-        self.err = torch.sub(weight[lo:hi].T, self.hat, out=torch.empty_like(self.hat))
+        w_t, hat = weight[lo:hi].T, start[lo:hi].T
+        if order is None:
+            self.hat = hat.clone(memory_format=torch.contiguous_format)
+        else:
+            w_t, self.hat = w_t[order], hat[order].contiguous()
         self.scale = grid.scale[lo:hi].T.contiguous()  # (groups, rows)
         self.zero = grid.zero[lo:hi].T.contiguous()
+        if dead is not None:
+            groups = gidx[dead]
+            self.hat[dead] = round_to_grid(w_t[dead], self.scale[groups], self.zero[groups], grid.spec.maxq)
+        self.err = torch.sub(w_t, self.hat, out=torch.empty_like(self.hat))
         self.g = self.hat.new_empty(min(block_size, self.hat.shape[0]), hi - lo)
         self.delta = torch.empty_like(self.g)
 

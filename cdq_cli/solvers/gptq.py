@@ -133,84 +133,104 @@ def solve_gptq(
     rows, columns = weight.shape
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None
-    grid = fixed_grid if fixed_grid is not None else fit_minmax(weight, spec)
     perm = torch.argsort(sigma.diagonal(), descending=True, stable=True) if act_order else None
-    w, h = weight, sigma
-    if perm is not None:
-        w, h = w[:, perm], sigma[perm][:, perm]
-    upper, extra = _cholesky(h, damping)
-    name = resolve(w)
+    upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
+    name = resolve(weight)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
-    blocks = _Blocks.of(upper, block_size)
-    visited = perm if perm is not None else torch.arange(columns, device=w.device)
-    gidx = torch.div(visited, columns // n_groups, rounding_mode="floor")
-    approx = torch.empty_like(w)  # visited column order
-    scale, zero = grid.scale.clone(), grid.zero.clone()  # dynamic groups are filled in as reached
-    job = partial(_gptq_rows, kernel, w, blocks, gidx, spec, None if static else spec.group_size)
-    parts = run_spans(
-        [partial(job, approx, scale, zero, lo, hi) for lo, hi in row_spans(name, rows, columns)]
+    visited = perm if perm is not None else torch.arange(columns, device=weight.device)
+    run = _Pass(
+        kernel,
+        weight,
+        spec,
+        _Blocks.of(upper, block_size),
+        perm,
+        torch.div(visited, columns // n_groups, rounding_mode="floor"),  # the group of each column
+        None if static else spec.group_size,
+        fixed_grid if fixed_grid is not None or not spec.per_layer else fit_minmax(weight, spec),
     )
+    parts = run_spans([partial(run.rows, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     # tr(E H Eᵀ) = ‖e‖², less the damping term Σ_j (H − Σ)_jj ‖E_j‖²: tr(E Σ Eᵀ).
     value = float(sum(scaled - column_sq @ extra.to(torch.float64) for scaled, column_sq in parts))
-    if perm is not None:
-        approx = approx[:, torch.argsort(perm)]
-    grid = Grid(spec, scale, zero) if not static else grid
-    assert grid.scale.shape == (rows, n_groups)
-    codes = grid.quantize(approx)
-    approx = grid.dequantize(codes)  # the same values: Q is on the grid already
-    return QuantResult("gptq", approx, codes, grid, value, value, seconds=time.perf_counter() - began)
+    grid = fixed_grid if fixed_grid is not None else Grid(spec, run.scale, run.zero)
+    return QuantResult("gptq", run.approx, run.codes, grid, value, value, seconds=time.perf_counter() - began)
 
 
-def _gptq_rows(kernel, w, blocks, gidx, spec, group_size, approx, scale, zero, lo, hi):
-    """The whole pass for rows lo..hi: ``approx``'s rows get Q (visited order), and with dynamic
-    groups (``group_size``) ``scale, zero`` their grids; returns ``‖e‖²`` and ``‖E_j‖²`` for
-    every column j of these rows (float64)."""
-    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
-    # w_t holds W, and E = W − Q in the columns already finished.
-    w_t = w[lo:hi].T.clone(memory_format=torch.contiguous_format)
-    hat_t = torch.zeros_like(w_t)
-    s_tab = scale[lo:hi].T.clone(memory_format=torch.contiguous_format)  # (groups, rows)
-    z_tab = zero[lo:hi].T.clone(memory_format=torch.contiguous_format)
-    scaled = torch.zeros((), dtype=torch.float64, device=w.device)
-    for (b0, b1), u_bb, u_diag, m_b in zip(
-        blocks.bounds, blocks.inverse, blocks.diag, blocks.cross, strict=True
-    ):
-        x = w_t[b0:b1].clone() if b0 == 0 else torch.addmm(w_t[b0:b1], m_b.T, w_t[:b0])
-        err_blk = torch.empty_like(x)
-        # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
-        # on the error-updated weights of the group's columns before it resumes (columns past the
-        # block as updated by the blocks before this one, as the textbook's lazy updates have them).
-        cuts = [j for j in range(b0, b1) if group_size and j % group_size == 0]
-        bounds = sorted({b0, *cuts, b1})
-        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
-            if c0 in cuts:
-                end = min(c0 + group_size, w_t.shape[0])
-                span = x[c0 - b0 : end - b0]
-                if end > b1:
-                    span = torch.cat([span, blocks.lazy(w_t[:b0], w_t, b0, b1, end)])
-                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
-                s_tab[c0 // group_size], z_tab[c0 // group_size] = s, z
-            kernel.block(
-                Block(
-                    GPTQ,
-                    x,
-                    err_blk,
-                    hat_t,
-                    b0,
-                    s_tab,
-                    z_tab,
-                    gidx[b0:b1],
-                    u_bb,
-                    u_diag,
-                    spec.maxq,
-                    start=c0 - b0,
-                    stop=c1 - b0,
+class _Pass:
+    """One GPTQ pass, run rows by rows (:meth:`rows`, one call per thread) into shared outputs:
+    ``approx``, ``codes`` and the grid's ``scale, zero``."""
+
+    def __init__(self, kernel, weight, spec, blocks, perm, gidx, group_size, layer_grid):
+        self.kernel, self.weight, self.spec, self.blocks, self.perm = kernel, weight, spec, blocks, perm
+        self.gidx, self.group_size, self.layer_grid = gidx, group_size, layer_grid
+        self.inverse = None if perm is None else torch.argsort(perm)
+        rows, columns = weight.shape
+        groups = spec.n_groups(columns)
+        self.approx = torch.empty_like(weight)
+        self.codes = torch.empty(rows, columns, dtype=torch.uint8, device=weight.device)
+        self.scale = weight.new_empty(rows, groups)
+        self.zero = weight.new_empty(rows, groups)
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole pass for rows lo..hi (grid fit, column loop, codes); returns ``‖e‖²`` and
+        ``‖E_j‖²`` for every column j, in the visited order (float64)."""
+        spec, blocks, group_size = self.spec, self.blocks, self.group_size
+        w = self.weight[lo:hi]
+        fixed = self.layer_grid
+        grid = fit_minmax(w, spec) if fixed is None else Grid(spec, fixed.scale[lo:hi], fixed.zero[lo:hi])
+        # Transposed working copies, (columns, rows): "column j for every row" is a contiguous
+        # vector. w_t holds W, and E = W − Q in the columns already finished.
+        w_t = (
+            w.T.clone(memory_format=torch.contiguous_format)
+            if self.perm is None
+            else w.T[self.perm].contiguous()
+        )
+        hat_t = torch.zeros_like(w_t)
+        s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows)
+        z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # dynamic groups: filled in
+        scaled = torch.zeros((), dtype=torch.float64, device=w.device)
+        for (b0, b1), u_bb, u_diag, m_b in zip(
+            blocks.bounds, blocks.inverse, blocks.diag, blocks.cross, strict=True
+        ):
+            x = w_t[b0:b1].clone() if b0 == 0 else torch.addmm(w_t[b0:b1], m_b.T, w_t[:b0])
+            err_blk = torch.empty_like(x)
+            # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
+            # on the error-updated weights of the group's columns before it resumes (columns past
+            # the block as updated by the blocks before this one, as the textbook's lazy updates
+            # have them).
+            cuts = [j for j in range(b0, b1) if group_size and j % group_size == 0]
+            bounds = sorted({b0, *cuts, b1})
+            for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+                if c0 in cuts:
+                    end = min(c0 + group_size, w_t.shape[0])
+                    span = x[c0 - b0 : end - b0]
+                    if end > b1:
+                        span = torch.cat([span, blocks.lazy(w_t[:b0], w_t, b0, b1, end)])
+                    s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
+                    s_tab[c0 // group_size], z_tab[c0 // group_size] = s, z
+                self.kernel.block(
+                    Block(
+                        GPTQ,
+                        x,
+                        err_blk,
+                        hat_t,
+                        b0,
+                        s_tab,
+                        z_tab,
+                        self.gidx[b0:b1],
+                        u_bb,
+                        u_diag,
+                        spec.maxq,
+                        start=c0 - b0,
+                        stop=c1 - b0,
+                    )
                 )
-            )
-        scaled += err_blk.square().sum(dtype=torch.float64)
-        w_t[b0:b1] -= hat_t[b0:b1]  # these columns are finished: E = W − Q
-    approx[lo:hi] = hat_t.T
-    if group_size:
-        scale[lo:hi], zero[lo:hi] = s_tab.T, z_tab.T
-    return scaled, w_t.square().sum(dim=1, dtype=torch.float64)
+            scaled += err_blk.square().sum(dtype=torch.float64)
+            w_t[b0:b1] -= hat_t[b0:b1]  # these columns are finished: E = W − Q
+        if group_size:
+            grid = Grid(spec, s_tab.T, z_tab.T)
+        approx = (hat_t if self.inverse is None else hat_t[self.inverse]).T
+        self.codes[lo:hi] = codes = grid.quantize(approx)
+        self.approx[lo:hi] = grid.dequantize(codes)  # the same values: Q is on the grid already
+        self.scale[lo:hi], self.zero[lo:hi] = grid.scale, grid.zero
+        return scaled, w_t.square().sum(dim=1, dtype=torch.float64)
