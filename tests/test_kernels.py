@@ -367,6 +367,9 @@ def test_run_waits_for_every_job_and_restores_torch_threads(several_threads):
 
     seen = threads.run([torch.get_num_threads for _ in range(3)])
     assert seen == [1, 1, 1] and torch.get_num_threads() == 3
+    # Jobs started from inside a job run in line (no deadlock on the busy pool).
+    nested = threads.run([lambda: threads.run([torch.get_num_threads] * 3) for _ in range(3)])
+    assert nested == [[1, 1, 1]] * 3
     finished = []
 
     def fails():

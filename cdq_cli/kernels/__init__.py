@@ -14,9 +14,10 @@ Columns are processed in blocks of B. Inside a block, for every row at once::
 
 and one GEMM outside the kernel brings the block's G up to date from the whole current E before
 the block (``G[:, blk] = E Σ[:, blk]``). GPTQ's loop has the same shape: ``q = grid_round(W[:, j])``,
-``err = (W[:, j] − q) / Hinv_jj``, ``W[:, j+1:B] −= err ⊗ Hinv[j, j+1:B]``, then a GEMM carries
-the block's errors to the later columns. One kernel with two update rules (``CD``, ``GPTQ``) runs
-the whole sequential column loop of a block in one call.
+``err = (W[:, j] − q) / U_jj``, ``W[:, j+1:B] −= err ⊗ U[j, j+1:B]`` with U_bb the block's part of
+H⁻¹'s upper factor, and one GEMM before the block against the finished columns (see
+:mod:`cdq_cli.solvers.gptq`). One kernel with two update rules (``CD``, ``GPTQ``) runs the whole
+sequential column loop of a block in one call.
 
 ``grid_round(v) = s·(clamp(rint(v/s) + z, 0, maxq) − z)``, ``rint`` rounding half to even, the
 same expression as :meth:`Grid.quantize`, in every backend: ties round the same way everywhere.

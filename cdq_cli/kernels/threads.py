@@ -27,6 +27,7 @@ MIN_ENTRIES = 1 << 16
 
 _lock = threading.Lock()
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+_local = threading.local()  # .busy: this thread is running a job (jobs it starts run in line)
 
 
 def spans(rows: int, columns: int, threads: int | None = None) -> list[tuple[int, int]]:
@@ -49,14 +50,19 @@ def _workers(count: int) -> ThreadPoolExecutor:
 
 def _single_threaded(job: Callable[[], T]) -> T:
     torch.set_num_threads(1)  # this thread's BLAS too (torch sets MKL's count per thread)
-    return job()
+    _local.busy = True
+    try:
+        return job()
+    finally:
+        _local.busy = False
 
 
 def run(jobs: Sequence[Callable[[], T]]) -> list[T]:
     """Run ``jobs`` at once, one per thread (the first on the calling thread), with torch
-    single-threaded meanwhile; return their results in order. One job runs as a plain call.
-    Every job finishes before this returns or raises (the first error is raised)."""
-    if len(jobs) <= 1:
+    single-threaded meanwhile; return their results in order. One job, or jobs started from
+    inside a job, run as plain calls. Every job finishes before this returns or raises (the first
+    error is raised)."""
+    if len(jobs) <= 1 or getattr(_local, "busy", False):
         return [job() for job in jobs]
     saved = torch.get_num_threads()
     pool = _workers(len(jobs) - 1)

@@ -14,7 +14,8 @@ rounding; a sweep costs one ``2·q·p²`` GEMM (in p/B slices) plus the in-block
 before the first sweep.
 
 Internally matrices are kept transposed, (columns, rows), so "column j for every row" is a
-contiguous vector.
+contiguous vector. Rows never interact: on the CPU each thread sweeps its own range of rows,
+block GEMMs included (:func:`cdq_cli.kernels.row_spans`), and only the sweep's totals are shared.
 
 Two visiting modes:
 * a shared order (cyclic, or any permutation such as decreasing diag Σ): columns are permuted
@@ -209,6 +210,14 @@ def _shared(
     return approx, log
 
 
+def _transposed(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``rows.T`` as a contiguous copy, its rows (the input columns) in ``order`` when given.
+    (Reading strided and writing contiguously is the fast way round for torch's copies.)"""
+    if order is None:
+        return rows.T.clone(memory_format=torch.contiguous_format)
+    return rows.T[order].contiguous()
+
+
 class _SharedRows:
     """Rows lo..hi of a shared-order run, in transposed working copies (row j is input column j
     for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ, the grid's tables, and a block's G and Δ."""
@@ -217,17 +226,13 @@ class _SharedRows:
         """Copies of rows lo..hi in the visited column ``order``; ``dead`` columns (visited
         positions) start at the rounding of W."""
         self.lo, self.hi = lo, hi
-        w_t, hat = weight[lo:hi].T, start[lo:hi].T
-        if order is None:
-            self.hat = hat.clone(memory_format=torch.contiguous_format)
-        else:
-            w_t, self.hat = w_t[order], hat[order].contiguous()
+        w_t, self.hat = _transposed(weight[lo:hi], order), _transposed(start[lo:hi], order)
         self.scale = grid.scale[lo:hi].T.contiguous()  # (groups, rows)
         self.zero = grid.zero[lo:hi].T.contiguous()
         if dead is not None:
             groups = gidx[dead]
             self.hat[dead] = round_to_grid(w_t[dead], self.scale[groups], self.zero[groups], grid.spec.maxq)
-        self.err = torch.sub(w_t, self.hat, out=torch.empty_like(self.hat))
+        self.err = w_t.sub_(self.hat)  # E = W − Ŵ
         self.g = self.hat.new_empty(min(block_size, self.hat.shape[0]), hi - lo)
         self.delta = torch.empty_like(self.g)
 
