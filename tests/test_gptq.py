@@ -130,3 +130,18 @@ def test_objective_is_the_sum_of_squared_scaled_errors(problem, dtype, dead, act
     result = solve_gptq(p.weight, p.sigma, GridSpec(3, group_size=16), act_order=act_order, block_size=16)
     exact = objective(p.weight, result.weight, p.sigma)
     assert result.objective == pytest.approx(exact, rel=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_blocks_rebuild_any_part_of_the_factor(problem):
+    """The pass keeps Ũ's diagonal blocks and M_b = Ũ_Pb Ũ_bb⁻¹ only (half the factor); any part
+    of Ũ is rebuilt from them (what a group reaching past its block needs)."""
+    from cdq_cli.solvers import gptq as gptq_module
+
+    p = problem(8, 4, 50)
+    upper, _ = gptq_module._cholesky(p.sigma, 0.01)
+    blocks = gptq_module._Blocks.of(upper, 16)
+    assert sum(c.numel() for c in blocks.cross) < upper.numel() / 2
+    for rows, c0, c1 in [(16, 16, 50), (40, 20, 45), (50, 0, 50), (3, 33, 34)]:
+        torch.testing.assert_close(blocks.factor(rows, c0, c1), upper[:rows, c0:c1], rtol=1e-12, atol=1e-12)
+    for (b0, b1), u_bb in zip(blocks.bounds, blocks.inverse, strict=True):
+        torch.testing.assert_close(u_bb @ upper[b0:b1, b0:b1], torch.eye(b1 - b0, dtype=u_bb.dtype))

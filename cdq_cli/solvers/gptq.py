@@ -87,34 +87,52 @@ def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
 @dataclass
 class _Blocks:
     """What every row needs from the factor, block by block: columns ``b0:b1``, ``U_bb = Ũ_bb⁻¹``
-    (the in-block kernel's matrix) and ``M_b = Ũ_Pb U_bb`` (the finished columns' GEMM)."""
+    (the in-block kernel's matrix) and ``M_b = Ũ_Pb U_bb`` (the finished columns' GEMM), and
+    ``Ũ_bb`` itself. That is half of Ũ's storage: the factor is not kept."""
 
     bounds: list[tuple[int, int]]
     inverse: list[torch.Tensor]
     diag: list[torch.Tensor]
     cross: list[torch.Tensor]
-    upper: torch.Tensor
+    upper: list[torch.Tensor]
 
     @classmethod
     def of(cls, upper: torch.Tensor, block_size: int) -> _Blocks:
         columns = upper.shape[0]
         bounds = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
-        inverse, diag, cross = [], [], []
+        blocks = cls(bounds, [], [], [], [])
         for b0, b1 in bounds:
+            ut_bb = upper[b0:b1, b0:b1].clone()
             eye = torch.eye(b1 - b0, dtype=upper.dtype, device=upper.device)
-            u_bb = torch.linalg.solve_triangular(upper[b0:b1, b0:b1], eye, upper=True).contiguous()
-            inverse.append(u_bb)
-            diag.append(u_bb.diagonal().contiguous())
-            cross.append(upper[:b0, b0:b1] @ u_bb)
-        return cls(bounds, inverse, diag, cross, upper)
+            u_bb = torch.linalg.solve_triangular(ut_bb, eye, upper=True).contiguous()
+            blocks.inverse.append(u_bb)
+            blocks.diag.append(u_bb.diagonal().contiguous())
+            blocks.cross.append(upper[:b0, b0:b1] @ u_bb)
+            blocks.upper.append(ut_bb)
+        return blocks
+
+    def factor(self, rows: int, c0: int, c1: int) -> torch.Tensor:
+        """``Ũ[:rows, c0:c1]`` rebuilt from the blocks (above a diagonal block, ``Ũ_Pb = M_b Ũ_bb``)."""
+        ut = self.upper[0]
+        out = ut.new_zeros(rows, c1 - c0)
+        for (b0, b1), cross, ut_bb in zip(self.bounds, self.cross, self.upper, strict=True):
+            lo, hi = max(b0, c0), min(b1, c1)
+            if lo >= hi:
+                continue
+            above = min(rows, b0)
+            out[:above, lo - c0 : hi - c0] = cross[:above] @ ut_bb[:, lo - b0 : hi - b0]
+            if rows > b0:
+                out[b0 : min(rows, b1), lo - c0 : hi - c0] = ut_bb[: min(rows, b1) - b0, lo - b0 : hi - b0]
+        return out
 
     def lazy(self, err_t: torch.Tensor, w_t: torch.Tensor, b0: int, c0: int, c1: int) -> torch.Tensor:
         """Columns ``c0:c1`` (≥ b0) of the textbook's weights as updated by the columns before
         ``b0`` only, transposed: ``(W + (E_P Ũ_P,S) Ũ_SS⁻¹)ᵀ`` over ``S = b0:c1``, ``E_Pᵀ = err_t``."""
         if b0 == 0:
             return w_t[c0:c1].clone()
-        tail = self.upper[:b0, b0:c1].T @ err_t
-        tail = torch.linalg.solve_triangular(self.upper[b0:c1, b0:c1].T, tail, upper=False)
+        tail = self.factor(b0, b0, c1).T @ err_t
+        diagonal = self.factor(c1, b0, c1)[b0:]
+        tail = torch.linalg.solve_triangular(diagonal.T, tail, upper=False)
         return tail[c0 - b0 :].add_(w_t[c0:c1])
 
 
@@ -134,16 +152,18 @@ def solve_gptq(
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None
     perm = torch.argsort(sigma.diagonal(), descending=True, stable=True) if act_order else None
-    upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
     name = resolve(weight)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
+    upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
+    blocks = _Blocks.of(upper, block_size)
+    del upper  # the blocks hold what the pass needs, half of the factor's storage
     visited = perm if perm is not None else torch.arange(columns, device=weight.device)
     run = _Pass(
         kernel,
         weight,
         spec,
-        _Blocks.of(upper, block_size),
+        blocks,
         perm,
         torch.div(visited, columns // n_groups, rounding_mode="floor"),  # the group of each column
         None if static else spec.group_size,
