@@ -379,9 +379,11 @@ def test_run_waits_for_every_job_and_restores_torch_threads(several_threads):
         torch.randn(200, 200) @ torch.randn(200, 200)
         finished.append(True)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        threads.run([fails, slow, slow])
-    assert finished == [True, True] and torch.get_num_threads() == 3
+    with pytest.raises(RuntimeError, match="boom"):  # the job already running ends first
+        threads.run([slow, fails])
+    assert finished == [True] and torch.get_num_threads() == 3
+    # More jobs than threads: each thread takes the next one; results stay in order.
+    assert threads.run([lambda i=i: i for i in range(10)], threads=2) == list(range(10))
 
 
 @pytest.mark.parametrize(

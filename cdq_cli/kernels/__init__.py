@@ -28,7 +28,7 @@ every row" is contiguous. Grids are passed as tables ``scale, zero`` (groups, ro
 
 Rows never interact, in CD or in GPTQ: on the CPU the solvers give each thread a contiguous range
 of rows (:func:`row_spans`) and run the whole column loop of those rows there, GEMMs included
-(:func:`run_spans`, :mod:`cdq_cli.kernels.threads`); with the torch and Triton backends there is
+(:func:`parallel`, :mod:`cdq_cli.kernels.threads`); with the torch and Triton backends there is
 one range and the parallelism is inside torch or on the GPU.
 
 Backends (``backend=`` argument, else ``$CDQ_KERNEL``, else automatic):
@@ -62,10 +62,10 @@ __all__ = [
     "Block",
     "available",
     "backend_module",
+    "parallel",
     "resolve",
     "round_to_grid",
     "row_spans",
-    "run_spans",
 ]
 
 
@@ -139,6 +139,7 @@ def row_spans(name: str, rows: int, columns: int) -> list[tuple[int, int]]:
     return threads.spans(rows, columns) if name == "numba" else [(0, rows)]
 
 
-def run_spans(jobs):
-    """Run one job per row span, at once (:func:`threads.run`); return their results in order."""
-    return threads.run(jobs)
+def parallel(name: str, jobs):
+    """Run independent ``jobs`` (one per row span, or any list) for backend ``name``: on the CPU
+    threads with numba (:func:`threads.run`), one after another otherwise; results in order."""
+    return threads.run(jobs) if name == "numba" else [job() for job in jobs]

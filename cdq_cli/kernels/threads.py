@@ -12,17 +12,18 @@ a sweep). torch's own thread count is set to 1 while they run and restored after
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-# Entries (rows × columns) a thread gets at least: smaller problems run on one thread.
+# Entries (rows × columns) a span gets at least: smaller problems run on one thread.
 MIN_ENTRIES = 1 << 16
 
 _lock = threading.Lock()
@@ -31,8 +32,9 @@ _local = threading.local()  # .busy: this thread is running a job (jobs it start
 
 
 def spans(rows: int, columns: int, threads: int | None = None) -> list[tuple[int, int]]:
-    """``range(rows)`` cut into one contiguous span per thread: ``threads`` (default torch's
-    thread count), fewer when a thread would get under ``MIN_ENTRIES`` entries."""
+    """``range(rows)`` cut into one contiguous span per thread (``threads``, default torch's
+    thread count), fewer when a span would get under ``MIN_ENTRIES`` entries. (More, smaller
+    spans did not help on a loaded machine: BENCHMARKS.md.)"""
     threads = torch.get_num_threads() if threads is None else threads
     count = max(1, min(threads, rows, rows * columns // MIN_ENTRIES))
     bounds = [rows * k // count for k in range(count + 1)]
@@ -48,40 +50,48 @@ def _workers(count: int) -> ThreadPoolExecutor:
         return _pool[2]
 
 
-def _single_threaded(job: Callable[[], T]) -> T:
-    torch.set_num_threads(1)  # this thread's BLAS too (torch sets MKL's count per thread)
-    _local.busy = True
-    try:
-        return job()
-    finally:
-        _local.busy = False
-
-
-def run(jobs: Sequence[Callable[[], T]]) -> list[T]:
-    """Run ``jobs`` at once, one per thread (the first on the calling thread), with torch
-    single-threaded meanwhile; return their results in order. One job, or jobs started from
-    inside a job, run as plain calls. Every job finishes before this returns or raises (the first
-    error is raised)."""
-    if len(jobs) <= 1 or getattr(_local, "busy", False):
-        return [job() for job in jobs]
+def run(jobs: Sequence[Callable[[], T]], threads: int | None = None) -> list[T]:
+    """Run ``jobs`` on ``threads`` threads (default torch's thread count; the calling thread is
+    one of them), each taking the next job as it finishes one, with torch single-threaded
+    meanwhile; return their results in order. One thread, or jobs started from inside a job, run
+    them as plain calls. Every job started finishes before this returns or raises; after an error
+    no new job starts, and the first error is raised."""
     saved = torch.get_num_threads()
-    pool = _workers(len(jobs) - 1)
-    try:
-        futures = [pool.submit(_single_threaded, job) for job in jobs[1:]]
-        first: list[T] = []
-        error: BaseException | None = None
+    count = min(len(jobs), saved if threads is None else threads)
+    if count <= 1 or getattr(_local, "busy", False):
+        return [job() for job in jobs]
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    order = itertools.count()  # hands out job indices (one at a time under the GIL)
+
+    def work() -> None:
+        torch.set_num_threads(1)  # this thread's BLAS too (torch sets MKL's count per thread)
+        _local.busy = True
         try:
-            first.append(_single_threaded(jobs[0]))
-        except BaseException as exc:  # wait for the others before raising: they share buffers
-            error = exc
-        results = []
-        for future in futures:
+            for index in order:
+                if index >= len(jobs) or errors:
+                    return
+                try:
+                    results[index] = jobs[index]()
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+        finally:
+            _local.busy = False
+
+    futures = [_workers(count - 1).submit(work) for _ in range(count - 1)]
+    try:
+        work()
+        wait(futures)
+    except BaseException as exc:  # (an interrupt while waiting) the workers stop after their job
+        errors.append(exc)
+        while not all(future.done() for future in futures):
             try:
-                results.append(future.result())
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-        return first + results
+                wait(futures)
+            except BaseException:
+                continue
     finally:
         torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
+    return results

@@ -35,7 +35,7 @@ from itertools import accumulate
 
 import torch
 
-from ..kernels import CD, Block, backend_module, resolve, round_to_grid, row_spans, run_spans
+from ..kernels import CD, Block, backend_module, parallel, resolve, round_to_grid, row_spans
 from .grid import Grid
 from .result import objective
 
@@ -184,14 +184,14 @@ def _shared(
     dead = dead.nonzero().squeeze(1) if sweeps and bool(dead.any()) else None
     run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
     rows_of = partial(_SharedRows, weight, start, grid, order, gidx, dead, block_size)
-    parts = run_spans([partial(rows_of, lo, hi) for lo, hi in row_spans(name, rows, columns)])
+    parts = parallel(name, [partial(rows_of, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
     previous = f0
     for sweep in range(sweeps):
         relax = relaxed[sweep]
-        results = run_spans([partial(run.sweep, part, relax) for part in parts])
+        results = parallel(name, [partial(run.sweep, part, relax) for part in parts])
         gain = sum(float(g) for g, _ in results)
         changed = sum(int(c) for _, c in results)
         log.gains.append(gain)
@@ -206,7 +206,7 @@ def _shared(
             previous += log.gains[-1]
     approx = torch.empty_like(weight)
     inverse = None if order is None else torch.argsort(order)
-    run_spans([partial(part.write, approx, inverse) for part in parts])
+    parallel(name, [partial(part.write, approx, inverse) for part in parts])
     return approx, log
 
 

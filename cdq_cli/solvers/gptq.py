@@ -10,12 +10,13 @@ first column is reached, on the error-updated weights (the reference behaviour).
 How it is computed (same results as the textbook loop, to floating-point rounding). Only H's own
 Cholesky factor is formed: ``H = Ũ Ũᵀ`` with ``Ũ`` upper, so ``U = Ũ⁻¹``. The scaled errors
 ``e_j = (x_j − q_j) / U_jj`` of the textbook loop satisfy ``W − Q = e U``, hence
-``e = (W − Q) Ũ``. For a block b with the columns P before it, the textbook's lazily updated
-weights ``W_b − e_P U_Pb`` are therefore ``W_b + (E_P Ũ_Pb) U_bb`` with ``E = W − Q`` the final
-errors: one GEMM against the finished columns (left-looking) and only the diagonal blocks
-``U_bb = Ũ_bb⁻¹`` inverted, where the textbook form needs all of H⁻¹'s factor (a triangular
-inverse of H, about as costly as the GEMMs of the whole pass at p ≤ 2048). Inside the block the
-in-block kernel runs the textbook loop with ``U_bb``. The objective is free:
+``e = (W − Q) Ũ``. For a block b with the columns P before it, ``U_Pb = −U_PP Ũ_Pb U_bb`` and
+``e_P U_PP = E_P``, so the textbook's lazily updated weights ``W_b − e_P U_Pb`` are
+``W_b + (E_P Ũ_Pb) U_bb`` with ``E = W − Q`` the finished columns' errors: one GEMM against the
+finished columns (left-looking) and only the diagonal blocks ``U_bb = Ũ_bb⁻¹`` inverted, where
+the textbook form needs all of H⁻¹'s factor (a triangular inverse of H, about as costly as the
+GEMMs of the whole pass at p ≤ 2048). Inside the block the in-block kernel runs the textbook loop
+with ``U_bb``. The objective is free:
 ``tr(E H Eᵀ) = e U H Uᵀ eᵀ = ‖e‖²`` (U H Uᵀ = I), so ``tr(E Σ Eᵀ)`` is ``‖e‖²`` less the damping
 term, with no product against Σ.
 
@@ -31,7 +32,7 @@ from functools import partial
 
 import torch
 
-from ..kernels import GPTQ, Block, backend_module, resolve, row_spans, run_spans
+from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp
 
@@ -57,16 +58,16 @@ def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.
     With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``.
     Dead columns (a zero diagonal) get a unit diagonal, which makes them harmless.
     """
-    h = damp(sigma, damping).clone()
+    h = damp(sigma, damping).flip(0, 1)  # J H J (a copy)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     try:
-        upper = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+        upper = torch.linalg.cholesky(h).flip(0, 1)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
         ) from exc
-    return upper, h.diagonal() - sigma.diagonal()
+    return upper, h.diagonal().flip(0) - sigma.diagonal()
 
 
 def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
@@ -97,19 +98,19 @@ class _Blocks:
     upper: list[torch.Tensor]
 
     @classmethod
-    def of(cls, upper: torch.Tensor, block_size: int) -> _Blocks:
+    def of(cls, upper: torch.Tensor, block_size: int, name: str) -> _Blocks:
+        """The blocks of ``upper`` (independent: in parallel for backend ``name``)."""
         columns = upper.shape[0]
         bounds = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
-        blocks = cls(bounds, [], [], [], [])
-        for b0, b1 in bounds:
+
+        def one(b0, b1):
             ut_bb = upper[b0:b1, b0:b1].clone()
             eye = torch.eye(b1 - b0, dtype=upper.dtype, device=upper.device)
             u_bb = torch.linalg.solve_triangular(ut_bb, eye, upper=True).contiguous()
-            blocks.inverse.append(u_bb)
-            blocks.diag.append(u_bb.diagonal().contiguous())
-            blocks.cross.append(upper[:b0, b0:b1] @ u_bb)
-            blocks.upper.append(ut_bb)
-        return blocks
+            return u_bb, u_bb.diagonal().contiguous(), upper[:b0, b0:b1] @ u_bb, ut_bb
+
+        parts = parallel(name, [partial(one, b0, b1) for b0, b1 in bounds])
+        return cls(bounds, *(list(column) for column in zip(*parts, strict=True)))
 
     def factor(self, rows: int, c0: int, c1: int) -> torch.Tensor:
         """``Ũ[:rows, c0:c1]`` rebuilt from the blocks (above a diagonal block, ``Ũ_Pb = M_b Ũ_bb``)."""
@@ -156,7 +157,7 @@ def solve_gptq(
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
     upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
-    blocks = _Blocks.of(upper, block_size)
+    blocks = _Blocks.of(upper, block_size, name)
     del upper  # the blocks hold what the pass needs, half of the factor's storage
     visited = perm if perm is not None else torch.arange(columns, device=weight.device)
     run = _Pass(
@@ -169,7 +170,7 @@ def solve_gptq(
         None if static else spec.group_size,
         fixed_grid if fixed_grid is not None or not spec.per_layer else fit_minmax(weight, spec),
     )
-    parts = run_spans([partial(run.rows, lo, hi) for lo, hi in row_spans(name, rows, columns)])
+    parts = parallel(name, [partial(run.rows, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     # tr(E H Eᵀ) = ‖e‖², less the damping term Σ_j (H − Σ)_jj ‖E_j‖²: tr(E Σ Eᵀ).
     value = float(sum(scaled - column_sq @ extra.to(torch.float64) for scaled, column_sq in parts))
     grid = fixed_grid if fixed_grid is not None else Grid(spec, run.scale, run.zero)
