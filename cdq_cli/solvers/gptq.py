@@ -37,21 +37,6 @@ from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp
 
 
-def gptq_hinv(sigma: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (Σ + λ·mean(diag Σ)·I)⁻¹, dead columns made harmless."""
-    return _factor(sigma, damping)[0]
-
-
-def _factor(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U`` with ``H⁻¹ = Uᵀ U`` (upper) for the damped ``H``, and ``H − Σ`` (its diagonal): one
-    Cholesky (:func:`_cholesky`) and one triangular inverse (mostly GEMMs), where inverting H and
-    factoring the inverse took two Cholesky factorisations and an inversion. Same U in exact
-    arithmetic; in float32 it was closer to the float64 factor than the old route on a real
-    SmolLM2 layer (3e-7 vs 7e-7). :func:`solve_gptq` needs only the diagonal blocks of U."""
-    upper, extra = _cholesky(sigma, damping)
-    return _upper_inverse(upper), extra
-
-
 def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` (so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ``.
 
@@ -68,21 +53,6 @@ def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
         ) from exc
     return upper, h.diagonal().flip(0) - sigma.diagonal()
-
-
-def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Inverse of an upper triangular matrix by halves:
-    ``[[A, B], [0, D]]⁻¹ = [[A⁻¹, −A⁻¹ B D⁻¹], [0, D⁻¹]]`` (about ⅔ n³ flops, all in GEMMs)."""
-    n = upper.shape[0]
-    if n <= leaf:
-        eye = torch.eye(n, dtype=upper.dtype, device=upper.device)
-        return torch.linalg.solve_triangular(upper, eye, upper=True)
-    m = n // 2
-    first, second = _upper_inverse(upper[:m, :m], leaf), _upper_inverse(upper[m:, m:], leaf)
-    out = torch.zeros_like(upper)
-    out[:m, :m], out[m:, m:] = first, second
-    out[:m, m:] = -(first @ upper[:m, m:]) @ second
-    return out
 
 
 @dataclass
