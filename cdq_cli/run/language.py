@@ -55,6 +55,7 @@ class LanguageModels:
         """What the export (--format) cannot hold is refused now, before any work."""
         if plan.export_dest is None:
             return
+        from ..models import quantizable_layers
         from ..store.exports import preflight
 
         settings = plan.settings
@@ -64,7 +65,7 @@ class LanguageModels:
             if (spec := settings.grid_for(name)) is not None
         }
         skipped = [rule.pattern for rule in settings.overrides if rule.spec is None]
-        kept = [name for name in layers if name not in planned]
+        kept = [name for name in quantizable_layers(loaded.adapter, loaded.model) if name not in planned]
         preflight(
             plan.request.export_format,
             planned,

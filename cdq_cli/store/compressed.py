@@ -50,13 +50,29 @@ Conventions (read from compressed-tensors' own compressor and ``QuantizationArgs
   ``get_dense_scheme``), so an asymmetric export with several grids would load wrong or not at all
   (``tensor column shape must be divisible by the given group_size``): it is refused before any
   work. Symmetric exports, mixed grids included, load compressed, as they are.
+* **Mixture of experts.** transformers 5's fused experts (3-D ``experts.gate_up_proj`` and
+  ``experts.down_proj``, one layer each in cdq's folder) are written one matrix per expert and
+  projection, each as a Linear above, under the names the family's checkpoints use (and so does
+  every other tensor of the model): ``block_sparse_moe.experts.E.w1/w3/w2`` for Mixtral,
+  ``mlp.experts.E.gate_proj/up_proj/down_proj`` for Qwen2/3-MoE and OLMoE (:mod:`.experts`, with
+  the gate/up split in transformers' own fusing order). The routers are 2-D weights left in full
+  precision, so ``ignore`` names them (vLLM's Qwen3-MoE router takes the quantization config
+  unless ``ignore`` says otherwise). transformers loads such a checkpoint by decoding every
+  expert while it fuses them (``CompressedTensorsDequantize``, even on the default compressed
+  load): with ONE config group for all experts (``get_experts_scheme``: the first group whose
+  ``re:`` targets mention "experts", else the first that targets a class), without their
+  zero-points, and only packed. So the experts must share one symmetric grid, none may be kept
+  in full precision, and with several config groups the one transformers picks must be theirs:
+  anything else is refused before any work (tests/test_moe_export.py loads Mixtral and
+  Qwen3-MoE exports, mixed grids included).
 * **Which engine runs it** (:func:`engines_note`, printed after every export) is worked out from
   the grids actually written, and each claim about transformers is what tests/test_compressed.py
-  loads: every grid, group layout and mix of them the export accepts.
+  and tests/test_moe_export.py load: every grid, group layout and mix of them the export accepts.
 
-Refused (one line): outliers, Conv2d or fused-expert layers (3-D/4-D weights), vision models,
-several grids of which one is asymmetric (above), symmetric grids whose zero-point is not
-``2^(b−1)``, scales the model's dtype cannot hold.
+Refused (one line): outliers, Conv2d layers (4-D weights), fused experts of a family whose
+checkpoint names cdq does not know, or with several grids, an asymmetric grid or kept in full
+precision (above), vision models, several grids of which one is asymmetric (above), symmetric grids
+whose zero-point is not ``2^(b−1)``, scales the model's dtype cannot hold.
 """
 
 from __future__ import annotations
@@ -331,14 +347,16 @@ def export_compressed(
                     packed[part.name] = (part.spec, part.shape, 0)
                 continue
             tensor = stored.tensor(name)
-            if tied and name == "lm_head.weight" and name in stored.aliases:
-                continue  # a tied head is re-tied by transformers from the config
             key = layout.checkpoint_name(name) if layout is not None else name
             if tensor.dim() == 2 and key.endswith(".weight"):
                 matrices.append(key.removesuffix(".weight"))
+            if tied and name == "lm_head.weight" and name in stored.aliases:
+                continue  # a tied head is re-tied by transformers from the config
             write({key: tensor})
         shards.close()
-        block = quantization_config(packed, matrices, written, report.get("run", {}))
+        block = quantization_config(
+            packed, matrices, written + [f"{m}.weight" for m in matrices], report.get("run", {})
+        )
         config["quantization_config"] = block
         write_json(tmp / "config.json", config)
         copy_companions(source, tmp)
@@ -442,7 +460,9 @@ def engines_note(specs: Mapping[str, tuple[GridSpec, tuple[int, ...], int]], ign
     """Which runtimes run the export just written, worked out from its grids (printed after every
     export): transformers (how it loads), cdq eval, and vLLM (whether its compressed-tensors WNA16
     scheme takes these grids: 4/8-bit, zero-points only at 4 bits, one grid across the layers it
-    fuses; Marlin kernels want group sizes 32/64/128 or per channel)."""
+    fuses; Marlin kernels want group sizes 32/64/128 or per channel; its fused-MoE schemes take
+    symmetric experts, and some releases read the experts' grid from a "Linear" config group,
+    which only a one-grid export has)."""
     keys = {_grid_key(spec) for spec, _, _ in specs.values()}
     bits = sorted({b for b, _, _ in keys})
     asymmetric = sorted({b for b, _, sym in keys if not sym})
@@ -470,7 +490,13 @@ def engines_note(specs: Mapping[str, tuple[GridSpec, tuple[int, ...], int]], ign
     else:
         odd = sorted({g for _, g, _ in keys if g is not None and g not in (32, 64, 128)})
         marlin = f"; its Marlin kernels take group 32/64/128 or per channel, not {odd}" if odd else ""
-        parts.append(f"vLLM (compressed-tensors WNA16{marlin})")
+        experts = any(_EXPERT_MODULE.search(name) for name in specs)
+        if experts and len(keys) > 1:
+            marlin += (
+                "; releases whose fused-MoE scheme reads the experts' grid from a 'Linear' config group "
+                "need one grid for the whole model"
+            )
+        parts.append(f"vLLM (compressed-tensors WNA16{', experts as fused MoE' if experts else ''}{marlin})")
     return "; ".join(parts)
 
 
