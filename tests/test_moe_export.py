@@ -360,3 +360,65 @@ def test_the_reader_refuses_incomplete_experts(moe, calib, tmp_path, capsys) -> 
         "experts of model.layers.1.mlp.experts.gate_up_proj are incomplete (no up projection of expert 2)"
         in err
     )
+
+
+def test_the_reader_fuses_a_per_expert_gptq_checkpoint(moe, calib, tmp_path, capsys) -> None:
+    """A GPTQ checkpoint of a MoE model in the checkpoint layout (per-expert ``qweight``/``qzeros``/
+    ``scales``/``g_idx``, as GPTQ tools write MoE models for vLLM; written here from cdq's own layers
+    with the GPTQ export's per-layer tensors): cdq's reader fuses it back, and the model it
+    reopens holds exactly the weights of cdq's folder once that folder's scales are rounded to
+    float16, as GPTQ stores them; `cdq eval` then prints the folder's perplexity."""
+    from safetensors.torch import save_file
+    from test_export import round_scales
+
+    from cdq_cli.store.experts import LAYOUTS, expert_layer
+    from cdq_cli.store.folder import OutputWeights
+    from cdq_cli.store.gptq import gptq_tensors, quantization_config
+    from cdq_cli.store.reopen import load_whole, open_exported
+
+    kind, source = moe
+    out = tmp_path / "q"
+    args = ["--bits", "4", "--group-size", "16", "--output", out]
+    assert cli(capsys, "quantize", source, *FAST, "--calib", calib, *args)[0] == 0
+    round_scales(out, torch.float16)
+    stored = OutputWeights(out)
+    config = json.loads((out / "config.json").read_text())
+    layout = LAYOUTS[config["model_type"]]
+    tensors = {}
+    for name in stored.names():
+        if name not in stored.params:
+            tensors[layout.checkpoint_name(name)] = stored.tensor(name)
+            continue
+        layer = stored.layer(stored.params[name])
+        pieces = (
+            [expert_layer(layer, p) for p in layout.split(name, layer.shape)]
+            if len(layer.shape) == 3
+            else [layer]
+        )
+        for piece in pieces:
+            for leaf, tensor in gptq_tensors(piece, "gptq_v2").items():  # zero-points as they are
+                tensors[f"{layout.checkpoint_name(piece.name)}.{leaf}"] = tensor
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    spec = next(iter(stored.layers().values())).spec
+    (folder / "config.json").write_text(
+        json.dumps({**config, "quantization_config": quantization_config(spec, "rtn", {}, "gptq_v2")})
+    )
+    for companion in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / companion, folder / companion)
+
+    native, _ = load_quantized(out)
+    reopened, _ = load_whole(open_exported(folder))
+    state = reopened.state_dict()
+    assert set(state) == set(native.state_dict())
+    for name, tensor in native.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    scores = []
+    for target in (out, folder):
+        code, stdout, err = cli(
+            capsys, "eval", target, "--data", calib, "--max-windows", "2", "--seqlen", "32", "--json"
+        )
+        assert code == 0, err
+        scores.append(json.loads(stdout)["ppl"])
+    assert scores[0] == scores[1]

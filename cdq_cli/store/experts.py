@@ -51,8 +51,6 @@ class ExpertSlice:
     ``start:stop`` in the (E·out, in) matrix cdq stores (experts stacked, expert-major)."""
 
     module: str
-    expert: int
-    projection: str  # "gate", "up" or "down"
     start: int
     stop: int
 
@@ -90,10 +88,10 @@ class ExpertLayout:
             base = e * rows
             if leaf == "gate_up_proj":
                 half = rows // 2
-                slices.append(ExpertSlice(f"{prefix}{e}.{self.gate}", e, "gate", base, base + half))
-                slices.append(ExpertSlice(f"{prefix}{e}.{self.up}", e, "up", base + half, base + rows))
+                slices.append(ExpertSlice(f"{prefix}{e}.{self.gate}", base, base + half))
+                slices.append(ExpertSlice(f"{prefix}{e}.{self.up}", base + half, base + rows))
             else:
-                slices.append(ExpertSlice(f"{prefix}{e}.{self.down}", e, "down", base, base + rows))
+                slices.append(ExpertSlice(f"{prefix}{e}.{self.down}", base, base + rows))
         return slices
 
     def expert_pattern(self) -> re.Pattern[str]:

@@ -191,6 +191,11 @@ class ExportedWeights:
             found = pattern.match(key)
             if found is None:
                 continue
+            if found["leaf"] not in (*self.leaves, "weight"):
+                raise CheckpointError(
+                    f"{self.folder}: {key} is not a tensor of a fused expert's weight (cdq fuses "
+                    "weights only)"
+                )
             param = layout.fused_param(found["owner"], found["projection"])
             owner = key.rpartition(".")[0]
             self._expert_keys[key] = param
@@ -200,9 +205,11 @@ class ExportedWeights:
 
     def names(self) -> list[str]:
         names = []
+        fused: set[str] = set()
         for key in self.files:
             if key in self._expert_keys:
-                if self._expert_keys[key] not in names:
+                if self._expert_keys[key] not in fused:
+                    fused.add(self._expert_keys[key])
                     names.append(self._expert_keys[key])
                 continue
             owner, _, leaf = key.rpartition(".")
