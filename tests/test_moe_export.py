@@ -422,3 +422,31 @@ def test_the_reader_fuses_a_per_expert_gptq_checkpoint(moe, calib, tmp_path, cap
         assert code == 0, err
         scores.append(json.loads(stdout)["ppl"])
     assert scores[0] == scores[1]
+
+
+def test_qwen2_moe_shared_expert_and_what_vllm_takes(
+    tokenizer, compressed_tensors_installed, calib, tmp_path, capsys
+) -> None:
+    """Qwen2-MoE (a shared expert beside the routed ones, a dense block before the sparse one):
+    the export loads in transformers with cdq's weights and logits. vLLM's Qwen2-MoE builds
+    shared_expert_gate as a plain torch Linear, so the engines line says vLLM does not take an
+    export that quantized it, and does once --skip keeps it."""
+    source = tiny_moe("qwen2_moe", tmp_path / "model", tokenizer)
+    engines = []
+    for extra in ([], ["--skip", "shared_expert_gate"]):
+        out = tmp_path / f"q{len(extra)}"
+        code, stdout, err = cli(
+            capsys, "quantize", source, *FAST, "--calib", calib, "--bits", "4", "--group-size", "16",
+            "--sym", *extra, "--output", out, "--format", "compressed-tensors", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        engines.append(json.loads(stdout)["export"]["engines"])
+    assert "vLLM: no (its model keeps shared_expert_gate a plain torch Linear" in engines[0]
+    assert "vLLM (compressed-tensors WNA16, experts as fused MoE" in engines[1]
+    native, _ = load_quantized(tmp_path / "q0")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q0-ct", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(5))
+    reference, got = logits_of(native, ids), logits_of(loaded, ids)
+    assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+    for name, param in native.named_parameters():
+        assert torch.equal(loaded.get_parameter(name), param), name

@@ -118,6 +118,7 @@ FORMAT_LAYOUT = "pack-quantized"
 LAYOUT_VERSION = "0.18.0"
 OUTLIER_METHODS = ("quantease-outlier",)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM runs as one matrix
+VLLM_PLAIN = ".shared_expert_gate"  # vLLM's Qwen2-MoE builds it as torch.nn.Linear: never quantized
 
 
 @dataclass
@@ -487,6 +488,11 @@ def engines_note(specs: Mapping[str, tuple[GridSpec, tuple[int, ...], int]], ign
         )
     elif split:
         parts.append(f"vLLM: no (it fuses {split} and needs one grid for all of them)")
+    elif plain := next((name for name in specs if name.endswith(VLLM_PLAIN)), None):
+        parts.append(
+            f"vLLM: no (its model keeps {plain.rpartition('.')[2]} a plain torch Linear, which loads no "
+            f"packed weight: --skip {plain.rpartition('.')[2]})"
+        )
     else:
         odd = sorted({g for _, g, _ in keys if g is not None and g not in (32, 64, 128)})
         marlin = f"; its Marlin kernels take group 32/64/128 or per channel, not {odd}" if odd else ""
