@@ -190,6 +190,10 @@ NOT_CHOICES = {
     frozenset({"offline.py:_TRUE", "solvers/registry.py:_TRUE"}): (
         "HF_HUB_OFFLINE's true words (huggingface_hub's convention) and -o's boolean words (cdq's)"
     ),
+    frozenset({"models/base.py:FUSED_PROJECTIONS", "store/experts.py:FUSED"}): (
+        "transformers 5's names of fused-experts parameters, not a choice: models finds them in the "
+        "model, store names them in checkpoints, and neither may import the other"
+    ),
 }
 
 

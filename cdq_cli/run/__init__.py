@@ -166,7 +166,7 @@ def _quantize_loaded(
     if problem is not None:
         raise UsageError(problem)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
-    kind.preflight(plan, layers)
+    kind.preflight(plan, loaded, layers)
     calibration = kind.calibrate(loaded, data, plan, note)
     warnings = [
         *plan.settings.shadowed(quantizable_layers(loaded.adapter, loaded.model)),

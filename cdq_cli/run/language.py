@@ -51,10 +51,11 @@ class LanguageModels:
         note(f"loading {plan.request.target}")
         return open_model(plan.request.target, plan.request.dtype)
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module | torch.Tensor]) -> None:
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module | torch.Tensor]) -> None:
         """What the export (--format) cannot hold is refused now, before any work."""
         if plan.export_dest is None:
             return
+        from ..models import quantizable_layers
         from ..store.exports import preflight
 
         settings = plan.settings
@@ -64,7 +65,15 @@ class LanguageModels:
             if (spec := settings.grid_for(name)) is not None
         }
         skipped = [rule.pattern for rule in settings.overrides if rule.spec is None]
-        preflight(plan.request.export_format, planned, skipped=skipped, method=settings.method)
+        kept = [name for name in quantizable_layers(loaded.adapter, loaded.model) if name not in planned]
+        preflight(
+            plan.request.export_format,
+            planned,
+            skipped=skipped,
+            method=settings.method,
+            model_type=getattr(getattr(loaded.model, "config", None), "model_type", None),
+            kept=kept,
+        )
 
     def calibrate(self, loaded: Loaded, data: Texts, plan: Plan, note: Any) -> Calibration:
         from ..calib import calibration_windows, text_fingerprint

@@ -40,6 +40,7 @@ import torch
 
 from .compressed import READ_LEAVES as COMPRESSED_LEAVES
 from .compressed import unpack_compressed
+from .experts import LAYOUTS, ExpertLayout
 from .exporting import ExportError
 from .folder import CheckpointError
 from .gptq import READ_LEAVES as GPTQ_LEAVES
@@ -132,7 +133,13 @@ class ExportedWeights:
     """A GPTQ or compressed-tensors folder's tensors by the plain model's state-dict names
     (``NAME.weight`` for every packed layer, dequantized when read; everything else as stored, float
     tensors in the model's ``dtype``). ``classes`` maps each module name of the model to the names
-    of its classes (the MRO), for config groups that target a class such as ``Linear``."""
+    of its classes (the MRO), for config groups that target a class such as ``Linear``.
+
+    For a mixture-of-experts ``model_type`` (:mod:`.experts`), the checkpoint's per-expert matrices
+    (packed or plain) are read back into transformers 5's fused parameters, ``gate_up_proj[e] =
+    cat(gate[e], up[e])`` and ``down_proj[e] = down[e]``, and every other name is mapped back to
+    the model's (Mixtral: ``block_sparse_moe`` -> ``mlp``); a per-expert matrix counts as a
+    ``Linear`` for the config groups, as it is one in the checkpoint's layout."""
 
     def __init__(
         self,
@@ -140,6 +147,7 @@ class ExportedWeights:
         block: Mapping[str, Any],
         dtype: torch.dtype,
         classes: Mapping[str, Sequence[str]],
+        model_type: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.block = dict(block)
@@ -154,26 +162,96 @@ class ExportedWeights:
             self.files = shard_files(self.folder)
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
+        self.layout: ExpertLayout | None = LAYOUTS.get(str(model_type))
+        # fused parameter -> {(expert, "gate"/"up"/"down"): the checkpoint module holding it}
+        self.experts: dict[str, dict[tuple[int, str], str]] = {}
+        self._expert_keys: dict[str, str] = {}  # per-expert checkpoint key -> its fused parameter
+        if self.layout is not None:
+            self._find_experts(self.layout)
         owners = [key.rpartition(".")[0] for key in self.files if key.rpartition(".")[2] == self.marker]
-        self.layers = {owner: self._grid(owner, classes.get(owner, ())) for owner in owners}
-        self.params = {f"{owner}.weight": owner for owner in self.layers}
+        expert_owners = {owner for parts in self.experts.values() for owner in parts.values()}
+        self.layers = {
+            owner: self._grid(
+                owner, ("Linear",) if owner in expert_owners else classes.get(self._model(owner), ())
+            )
+            for owner in owners
+        }
+        self.params = {
+            f"{self._model(owner)}.weight": owner for owner in self.layers if owner not in expert_owners
+        }
+
+    def _model(self, key: str) -> str:
+        """A checkpoint name as the model names it."""
+        return self.layout.model_name(key) if self.layout is not None else key
+
+    def _find_experts(self, layout: ExpertLayout) -> None:
+        pattern = layout.expert_pattern()
+        projections = {layout.gate: "gate", layout.up: "up", layout.down: "down"}
+        for key in self.files:
+            found = pattern.match(key)
+            if found is None:
+                continue
+            if found["leaf"] not in (*self.leaves, "weight"):
+                raise CheckpointError(
+                    f"{self.folder}: {key} is not a tensor of a fused expert's weight (cdq fuses "
+                    "weights only)"
+                )
+            param = layout.fused_param(found["owner"], found["projection"])
+            owner = key.rpartition(".")[0]
+            self._expert_keys[key] = param
+            self.experts.setdefault(param, {})[(int(found["expert"]), projections[found["projection"]])] = (
+                owner
+            )
 
     def names(self) -> list[str]:
         names = []
+        fused: set[str] = set()
         for key in self.files:
+            if key in self._expert_keys:
+                if self._expert_keys[key] not in fused:
+                    fused.add(self._expert_keys[key])
+                    names.append(self._expert_keys[key])
+                continue
             owner, _, leaf = key.rpartition(".")
             if owner in self.layers and leaf in self.leaves:
                 if leaf == self.marker:
-                    names.append(f"{owner}.weight")
+                    names.append(f"{self._model(owner)}.weight")
                 continue
-            names.append(key)
+            names.append(self._model(key))
         return names
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self.experts:
+            return self.fused(name).to(self.dtype)
         if name in self.params:
             return self.layer(self.params[name]).to(self.dtype)
-        tensor = self._read(name)
+        key = self.layout.checkpoint_name(name) if self.layout is not None else name
+        tensor = self._read(key)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def fused(self, param: str) -> torch.Tensor:
+        """Fused experts ``param`` (E, out, in) from the checkpoint's per-expert matrices: each
+        expert's gate rows above its up rows (``gate_up_proj``), or its down matrix."""
+        parts = self.experts[param]
+        count = 1 + max(expert for expert, _ in parts)
+        wanted = ("down",) if param.endswith(".down_proj") else ("gate", "up")
+        missing = [(e, p) for e in range(count) for p in wanted if (e, p) not in parts]
+        if missing:
+            expert, projection = missing[0]
+            raise CheckpointError(
+                f"{self.folder}: the experts of {param} are incomplete (no {projection} projection "
+                f"of expert {expert})"
+            )
+        matrices = [torch.cat([self._matrix(parts[(expert, p)]) for p in wanted]) for expert in range(count)]
+        if len({tuple(m.shape) for m in matrices}) != 1:
+            raise CheckpointError(f"{self.folder}: the experts of {param} differ in shape")
+        return torch.stack(matrices)
+
+    def _matrix(self, owner: str) -> torch.Tensor:
+        """One checkpoint matrix: decoded when packed, as stored otherwise."""
+        if owner in self.layers:
+            return self.layer(owner)
+        return self._read(f"{owner}.weight").to(torch.float32)
 
     def layer(self, owner: str) -> torch.Tensor:
         """Layer ``owner``'s weight, dequantized (float32, or float64 for float64 scales)."""

@@ -32,14 +32,23 @@ def default_dest(source: Path | str, fmt: str) -> Path:
     return find_format(fmt).default_dest(source)
 
 
-def preflight(fmt: str, layers: PlannedLayers, *, skipped: Sequence[str], method: str) -> None:
+def preflight(
+    fmt: str,
+    layers: PlannedLayers,
+    *,
+    skipped: Sequence[str],
+    method: str,
+    model_type: str | None = None,
+    kept: Sequence[str] = (),
+) -> None:
     """Refuse, before any work, what format ``fmt`` cannot hold: ``layers`` are the layers the run
-    will quantize (full name -> (weight shape, grid)), ``skipped`` those --skip keeps in full
-    precision."""
+    will quantize (full name -> (weight shape, grid)), ``skipped`` the --skip patterns, ``kept``
+    the quantizable layers they keep in full precision (full names), ``model_type`` the model's
+    (config.json), which names fused experts in checkpoints."""
     chosen = find_format(fmt)
     if not layers:
         raise ExportError(f"--format {fmt} needs quantized layers: this run quantizes none")
-    chosen.preflight(layers, skipped=skipped, method=method)
+    chosen.preflight(layers, skipped=skipped, method=method, model_type=model_type, kept=kept)
 
 
 def export(

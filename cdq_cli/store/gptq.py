@@ -36,6 +36,15 @@ group sizes transformers' loader (gptqmodel) does not take (it takes 16, 32, ...
 before anything is written. GPTQ stores scales in float16, so the exported model computes
 ``fp16(scale)·(q − z)``: the difference from cdq's own weights is the float16 rounding of the
 scales (reported as ``max_scale_rounding``), nothing else.
+
+Mixture-of-experts models (transformers 5's fused experts, 3-D ``gate_up_proj``/``down_proj``) are
+refused before any work: written per expert under the checkpoint's names (as the
+compressed-tensors export writes them), transformers' GPTQ loader (optimum 2.3 + gptqmodel 7.7)
+replaces only ``nn.Linear`` modules, has no conversion that fuses per-expert ``qweight``/``qzeros``/
+``scales`` into the experts, and so leaves the experts uninitialized (its load report lists them
+MISSING) while the per-expert tensors go unused: a model that loads wrong. (gptqmodel's own
+``GPTQModel.load`` defuses the experts, but under ``mlp.experts.E.gate_proj`` names of its own even
+for Mixtral, whose checkpoints and vLLM say ``block_sparse_moe.experts.E.w1``.)
 """
 
 from __future__ import annotations
@@ -131,10 +140,13 @@ def preflight(
     skipped: Sequence[str] = (),
     method: str,
     checkpoint_format: str = "gptq",
+    model_type: str | None = None,
+    kept: Sequence[str] = (),
 ) -> None:
     """:func:`check_settings` for ``cdq quantize --format gptq``: ``layers`` are the layers the run
     will quantize (name -> (shape, grid)), ``skipped`` the run's --skip patterns; one grid for all
-    of them, none kept in full precision."""
+    of them, none kept in full precision (``model_type`` and ``kept``, which the formats share,
+    change nothing here: fused experts are refused whatever the family)."""
     if skipped:
         raise ExportError(f"--skip {skipped[0]!r} keeps layers in full precision, which {MIXED}")
     specs = {spec for _, spec in layers.values()}
@@ -145,6 +157,12 @@ def preflight(
 
 
 def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
+    if len(shape) == 3:
+        raise ExportError(
+            f"{name}: fused experts {list(shape)} do not load from a GPTQ checkpoint: transformers' GPTQ "
+            "loader (optimum + gptqmodel) leaves its fused experts uninitialized rather than read "
+            "per-expert GPTQ weights; use --format compressed-tensors"
+        )
     if len(shape) != 2:
         raise ExportError(f"{name}: the GPTQ format holds Linear layers only (weight shape {list(shape)})")
     out, columns = shape

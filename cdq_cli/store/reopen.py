@@ -81,7 +81,7 @@ def open_exported(folder: Path | str) -> Reopened | None:
     model.tie_weights()  # a tied head is not stored (transformers re-ties it from the config)
     classes = {name: [c.__name__ for c in type(m).__mro__] for name, m in model.named_modules()}
     dtype = next(model.parameters()).dtype
-    weights = ExportedWeights(folder, block, dtype, classes)
+    weights = ExportedWeights(folder, block, dtype, classes, model_type=model.config.model_type)
     return _lazy(folder, model, weights, ties=tied_names(model))
 
 
