@@ -22,9 +22,16 @@ GPTQ_PKGS := gptqmodel==7.7.0 optimum==2.3.0 defuser==0.0.28 device-smi==0.5.7 l
 
 # llama.cpp itself, for `make test-gguf` and scripts/bench_gguf.py: llama-cpp-python built from its
 # source distribution (CPU, its own venv), with llama.cpp's tools (llama-quantize, llama-imatrix)
-# kept in the build folder. About 37 minutes on the shared 2-core machine (measured), once.
+# kept in the build folder. About 37 minutes on the shared 2-core machine (measured), once; not in
+# `make test` nor CI for that reason. An existing build is reused with LLAMA=/path (its venv/,
+# build/bin/ and src/), or with LLAMA_PY, LLAMA_BIN and LLAMA_SRC pointing at each part.
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA ?= build/llama-cpp
+LLAMA_PY ?= $(LLAMA)/venv/bin/python
+LLAMA_BIN ?= $(LLAMA)/build/bin
+LLAMA_SRC ?= $(LLAMA)/src/vendor/llama.cpp
+# built only when no llama-quantize is found where LLAMA_BIN points
+LLAMA_READY = $(if $(wildcard $(LLAMA_BIN)/llama-quantize),,$(LLAMA)/.built)
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_OPENMP=OFF
 
@@ -83,7 +90,7 @@ test: lint $(GPTQ_SITE)/.installed
 # Only the exports' load tests: GPTQ through transformers + gptqmodel, compressed-tensors through
 # transformers + compressed-tensors.
 test-export: $(GPTQ_SITE)/.installed
-	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py
+	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py tests/test_moe_export.py
 
 $(LLAMA)/.built: | $(STAMP)
 	rm -rf $(LLAMA)/src $(LLAMA)/sdist && mkdir -p $(LLAMA)/src $(LLAMA)/sdist
@@ -96,17 +103,16 @@ $(LLAMA)/.built: | $(STAMP)
 		-C build-dir=$(abspath $(LLAMA)/build) $(LLAMA)/src
 	touch $@
 
-LLAMA_ENV = CDQ_LLAMA_PYTHON=$(abspath $(LLAMA)/venv/bin/python) CDQ_LLAMA_BIN=$(abspath $(LLAMA)/build/bin) \
-	CDQ_LLAMA_SRC=$(abspath $(LLAMA)/src/vendor/llama.cpp)
+LLAMA_ENV = CDQ_LLAMA_PYTHON=$(abspath $(LLAMA_PY)) CDQ_LLAMA_BIN=$(abspath $(LLAMA_BIN)) \
+	CDQ_LLAMA_SRC=$(abspath $(LLAMA_SRC))
 
 # GGUF files checked by llama.cpp itself (not in `make test`: the build takes about 37 minutes here).
-test-gguf: setup $(LLAMA)/.built
+test-gguf: setup $(LLAMA_READY)
 	$(LLAMA_ENV) $(BIN)/python -m pytest -q tests/test_gguf_llama_cpp.py tests/test_gguf_export.py
 
 # cdq's GGUF files against llama.cpp's round-to-nearest and importance-matrix files (BENCHMARKS.md).
-bench-gguf: setup $(LLAMA)/.built
-	$(BIN)/python scripts/bench_gguf.py --llama-bin $(LLAMA)/build/bin --llama-src $(LLAMA)/src/vendor/llama.cpp \
-		--llama-python $(LLAMA)/venv/bin/python
+bench-gguf: setup $(LLAMA_READY)
+	$(BIN)/python scripts/bench_gguf.py --llama-bin $(LLAMA_BIN) --llama-src $(LLAMA_SRC) --llama-python $(LLAMA_PY)
 
 # The main job on a real model: quantize stories260K (a real trained Llama) to 4 bits with cdq's
 # default method, then WikiText-2 perplexity of the full-precision and the quantized model.

@@ -15,10 +15,11 @@ of :mod:`cdq_cli.records` are used, so any family with an adapter runs through t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,19 +35,34 @@ from .models.base import (
     quantizable_layers,
     unquantized_weights,
 )
-from .parallel import Deferred, Ranks, assign, cost, test_hook, timed
+from .parallel import Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
-from .records import Event, Journal, LayerRow, Progress, ResumeState, Settings, silent
-from .solvers import QuantResult, SigmaAccumulator, run_solver
+from .records import Event, LayerRow, Progress, Settings, silent
+from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
 from .solvers.grouped import energy, group_spec, solve_grouped
+from .store.journal import Journal, ResumeState
 from .store.layer import QuantizedLayer, matrix_shape
 
-OFFLOAD_CHOICES = ("auto", "always", "never")  # --offload-activations
-# "auto" keeps activations on the device while they take at most this share of its free memory.
+
+class Offload(str, Enum):
+    """``--offload-activations``: where calibration activations live between blocks."""
+
+    auto = "auto"  # on the device while they take at most _DEVICE_SHARE of its free memory
+    always = "always"  # on the CPU (pinned), streamed through the device batch by batch
+    never = "never"  # on the device
+
+
 _DEVICE_SHARE = 0.5
 
-# (block index, block, its stored layers) -> whether it wrote them (then they are not kept)
-BlockSink = Callable[[int, nn.Module, dict[str, QuantizedLayer]], bool]
+
+class BlockWriter(Protocol):
+    """Where finished blocks go as the run proceeds (the output folder being written,
+    :class:`cdq_cli.store.folder.OutputBuilder`): state-dict entries, a quantized layer's stored
+    record in place of the weight it replaces."""
+
+    def add_state(
+        self, tensors: Iterable[tuple[str, torch.Tensor]], layers: dict[str, QuantizedLayer]
+    ) -> None: ...
 
 
 class Activations:
@@ -59,10 +75,9 @@ class Activations:
     """
 
     def __init__(self, device: torch.device, policy: str = "auto", batches: int = 1) -> None:
-        if policy not in OFFLOAD_CHOICES:
-            raise ValueError(
-                f"--offload-activations must be one of {', '.join(OFFLOAD_CHOICES)}, got {policy!r}"
-            )
+        choices = [member.value for member in Offload]
+        if policy not in choices:
+            raise ValueError(f"--offload-activations must be one of {', '.join(choices)}, got {policy!r}")
         self.device = device
         self.policy = policy
         self.batches = batches
@@ -86,9 +101,9 @@ class Activations:
         return len(self.inputs)
 
     def _decide(self, first: torch.Tensor) -> torch.device:
-        if self.device.type != "cuda" or self.policy == "never":
+        if self.device.type != "cuda" or self.policy == Offload.never:
             return self.device
-        if self.policy == "always":
+        if self.policy == Offload.always:
             return torch.device("cpu")
         total = first.numel() * first.element_size() * self.batches
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -115,9 +130,14 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
     if settings.grid is None:
         return layers
     settings.check_overrides(layers)
-    if settings.gguf_type is not None:  # each layer's GGUF type: llama.cpp's rules, --layer, fallbacks
-        settings.resolve_gguf({name: tuple(_weight_of(layer).shape) for name, layer in layers.items()})
-    layers = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
+    kept = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
+    if layers and not kept:
+        skips = " ".join(repr(rule.pattern) for rule in settings.overrides if rule.spec is None)
+        raise ValueError(
+            f"--skip {skips} keeps every layer of the model in full precision: nothing would be quantized "
+            "(--bits 16 runs the model block by block without quantizing)"
+        )
+    layers = kept
     for name, layer in layers.items():
         spec = settings.grid_for(name)
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)
@@ -130,10 +150,6 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
     return layers
 
 
-def _weight_of(layer: nn.Module | torch.Tensor) -> torch.Tensor:
-    return layer if isinstance(layer, torch.Tensor) else layer.weight
-
-
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -143,21 +159,24 @@ def quantize_model(
     progress: Progress = silent,
     journal: Journal | None = None,
     placement: Placement | None = None,
-    sink: BlockSink | None = None,
+    writer: BlockWriter | None = None,
     ranks: Ranks | None = None,
 ) -> Outcome:
-    """Quantize ``model`` block by block on calibration ``batches`` (model inputs).
+    """Quantize ``model`` block by block on calibration ``batches`` (model inputs), with
+    ``settings`` made and checked by the run (:func:`cdq_cli.run.plan.settle` and :func:`validate`:
+    the driver trusts them).
 
     ``placement`` says where the model's tensors are (default: resident in memory, quantized in
-    place); a lazily loaded model's blocks are read one at a time and dropped after ``sink``
-    (the output folder being written) has taken each finished block. With a ``journal``, every
+    place); a lazily loaded model's blocks are read one at a time and dropped after ``writer``
+    (the output folder being written) has taken each finished block that the model stores under
+    the block's own name (a vision stem or head unit is a view: its tensors are written with the
+    rest of the model). With a ``journal``, every
     finished block is handed to it, and the blocks of a saved state are not solved again: their
     stored layers are put back and the block is re-run for its outputs. With ``ranks`` of several
     processes, each runs its own range of the batches and solves its share of the layers
     (:mod:`cdq_cli.parallel`); the result is every rank's, and the single-process one.
     """
     model.eval()
-    validate(model, adapter, settings)
     placement = placement or Placement(model, settings.device)
     ranks = ranks or Ranks()
     blocks = adapter.blocks(model)
@@ -211,7 +230,9 @@ def quantize_model(
                 )
                 if journal is not None and not restored:
                     journal.on_block_done(index, run.rows, new)
-            if sink is not None and sink(index, block, new):
+            prefix = _stored_name(model, adapter, index, block)
+            if writer is not None and prefix is not None:
+                writer.add_state(block.state_dict(prefix=f"{prefix}.", keep_vars=True).items(), new)
                 for name in new:  # written out: packed layers are not held for the whole model
                     run.stored.pop(name)
         test_hook(ranks, index)
@@ -324,9 +345,9 @@ class _Run:
         into every rank's block, in ``names`` order."""
         owners = {name: 0 for name in names}
         if self.ranks.active:
-            method, options = self.settings.method, self.settings.options
+            method, options = find_method(self.settings.method), self.settings.options
             shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
-            costs = {name: cost(*shape, method, options) for name, shape in shapes.items()}
+            costs = {name: method.cost(*shape, options) for name, shape in shapes.items()}
             owners = assign(costs, self.ranks.world)
         for name in names:
             full = join_name(self.adapter.block_name(index), name)
@@ -585,6 +606,18 @@ def _collect(
     for name, (capture, leaf) in experts.items():
         sigmas[name] = ExpertSigmas(capture.sigmas[leaf])  # type: ignore[assignment]
     return sigmas
+
+
+def _stored_name(model: nn.Module, adapter: Adapter, index: int, block: nn.Module) -> str | None:
+    """The name the model stores block ``index`` under, or None when the block is not the
+    model's own submodule of that name (a view over modules stored elsewhere)."""
+    prefix = adapter.block_name(index)
+    if not prefix:
+        return None
+    try:
+        return prefix if model.get_submodule(prefix) is block else None
+    except AttributeError:
+        return None
 
 
 def _forward_batch(adapter: Adapter, block: nn.Module, acts: Activations, i: int) -> torch.Tensor:

@@ -80,13 +80,11 @@ class Placement:
         self.home = torch.device("cpu") if weights is not None else home_of(model)
         # id(meta tensor) -> (the state-dict name it is read by, [(module, leaf, is_param)])
         self._slots: dict[int, tuple[str, list[tuple[nn.Module, str, bool]]]] = {}
-        self._names: dict[int, str] = {}
         if weights is None:
             return
         stored = set(weights.names())
         names: dict[int, list[str]] = {}
         for prefix, module in model.named_modules(remove_duplicate=False):
-            self._names.setdefault(id(module), prefix)
             for leaf, tensor in [*module._parameters.items(), *module._buffers.items()]:
                 if tensor is None or tensor.device != META:
                     continue
@@ -102,9 +100,6 @@ class Placement:
     @property
     def lazy(self) -> bool:
         return self.weights is not None
-
-    def name_of(self, module: nn.Module) -> str:
-        return self._names.get(id(module), "")
 
     @contextmanager
     def using(self, items: Sequence[Placeable], device: torch.device | None = None) -> Iterator[None]:

@@ -1,37 +1,41 @@
-"""The records the driver and the storage share: what to do (Settings), what was done (LayerRow),
-progress events, and a saved partial run (ResumeState).
+"""The records the run, the driver and the storage share, as plain data: what to do (Settings, made
+once from the flags by :func:`cdq_cli.run.plan.settle` and frozen), what was done (LayerRow, one
+per solved matrix; RunRecord, the whole run), progress events, and where a lazily loaded model's
+tensors come from (Weights).
 
-This module is the contract between ``pipeline`` (which fills these in) and ``store`` (which
-writes and reads them); neither imports the other's internals.
+This module is the contract between ``run``/``pipeline`` (which fill these in) and ``store`` (which
+writes them out); it parses nothing and imports nothing of cdq but the grid's type.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+import regex
 import torch
 
-from . import gguf_mix
-from .solvers import SUPPORTED_BITS, GridSpec, check_options
+from .solvers import GridSpec
 
-if TYPE_CHECKING:
-    from .store.layer import QuantizedLayer
-
-NO_QUANTIZATION = 16
+NO_QUANTIZATION = 16  # --bits 16: run the block plumbing without quantizing
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """What to do to every layer: one object from the command line to the solver.
 
     ``grid`` is the validated grid spec (None: ``--bits 16``, run the block plumbing without
-    quantizing); ``overrides`` the ``--skip``/``--layer`` rules, parsed and compiled once, so that
+    quantizing); ``overrides`` the ``--skip``/``--layer`` rules, parsed and checked once, so that
     :meth:`grid_for` resolves any layer's grid (None: kept in full precision); ``options`` the
     method's solver options, already typed and range-checked (:func:`cdq_cli.solvers.check_options`);
-    ``device`` where blocks are solved.
+    ``device`` where blocks are solved (this process's device under torchrun). Made by
+    :func:`cdq_cli.run.plan.make_settings` from flag-like values; everything downstream trusts it.
+
+    ``gguf_type``: a ``--format gguf --type T`` run's type (``grid`` is then its default block
+    type's); ``gguf_layers``: every layer's own GGUF block type (None: kept in full precision),
+    resolved once the model's layers are known (:func:`cdq_cli.run.gguf.resolve`: llama.cpp's
+    per-tensor rules, ``--layer``, width fallbacks), which :meth:`grid_for` then follows.
     """
 
     method: str = "cdq"
@@ -44,50 +48,8 @@ class Settings:
     compare_rtn: bool = True
     offload_activations: str = "auto"
     overrides: tuple[LayerRule, ...] = ()
-    # --format gguf --type T: the type (gguf_mix), then every layer's own, once the layers are known
     gguf_type: str | None = None
-    gguf_layers: dict[str, str] | None = None
-    gguf_notes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def make(
-        cls,
-        method: str = "cdq",
-        bits: int = 4,
-        group_size: int | None = None,
-        sym: bool = False,
-        per_layer: bool = False,
-        options: dict[str, Any] | None = None,
-        device: torch.device | str = "cpu",
-        skip: Sequence[str] = (),
-        layer: Sequence[str] = (),
-        gguf_type: str | None = None,
-        **rest: Any,
-    ) -> Settings:
-        """Settings from flag-like values: the grid built by :func:`grid_spec`, the ``--skip`` /
-        ``--layer`` rules by :func:`layer_rules`, the options typed and checked by
-        :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input).
-        ``gguf_type``: a GGUF ``--type`` (its default block type is the run's grid)."""
-        if gguf_type is not None:
-            gguf_type = gguf_mix.check_type(gguf_type)
-            grid: GridSpec | None = GridSpec.of_type(gguf_mix.default_type(gguf_type))
-        else:
-            grid = grid_spec(bits, group_size, sym, per_layer)
-        checked = check_options(method, options or {}) if grid is not None else dict(options or {})
-        if grid is None and (skip or layer):
-            raise ValueError(
-                "--skip and --layer choose layers to quantize differently; --bits 16 quantizes none"
-            )
-        rules = layer_rules(grid, skip, layer) if grid is not None else ()
-        return cls(
-            method=method,
-            grid=grid,
-            options=checked,
-            device=torch.device(device),
-            overrides=rules,
-            gguf_type=gguf_type,
-            **rest,
-        )
+    gguf_layers: dict[str, str | None] | None = None
 
     def grid_for(self, name: str) -> GridSpec | None:
         """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is
@@ -98,7 +60,7 @@ class Settings:
         layer = name.split("[", 1)[0]
         if self.gguf_layers is not None and layer in self.gguf_layers:
             kind = self.gguf_layers[layer]
-            return None if kind == gguf_mix.F16 else GridSpec.of_type(kind)
+            return None if kind is None else GridSpec.of_type(kind)
         chosen: GridSpec | None = self.grid
         for rule in self.overrides:
             if rule.spec is not None and rule.matches(layer):
@@ -116,31 +78,26 @@ class Settings:
                 example = f" (its layers are named like {names[0]})" if names else ""
                 raise ValueError(f"{rule.flag} {rule.text!r} matches no layer of the model{example}")
 
-    def resolve_gguf(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Every layer's GGUF type, from the layers' weight shapes by full name: a ``--layer``
-        rule's type, else llama.cpp's rules for ``--type`` (:mod:`cdq_cli.gguf_mix`), then
-        llama.cpp's width fallback; ``--skip`` and a width no type fits: F16 (kept in full
-        precision here). Fallbacks are listed in ``gguf_notes``. Called once the model's layers are
-        known, before any work."""
-        assert self.gguf_type is not None
-        model = gguf_mix.model_shape(shapes, tied=False)
-        resolved: dict[str, str] = {}
-        notes: list[str] = []
-        for name, shape in shapes.items():
-            columns = shape[-1]
-            layer = name.split("[", 1)[0]
-            if any(rule.spec is None and rule.matches(layer) for rule in self.overrides):
-                resolved[layer] = gguf_mix.F16
+    def shadowed(self, names: Iterable[str]) -> list[str]:
+        """One warning per ``--layer`` rule that changes no layer of the model (``names``): every
+        layer it matches is taken by a later ``--layer`` rule (the last match wins) or kept in full
+        precision by a ``--skip``."""
+        names = list(names)
+        warnings = []
+        for index, rule in enumerate(self.overrides):
+            if rule.spec is None:
                 continue
-            wanted = gguf_mix.mix_type(self.gguf_type, layer, columns, model)
-            for rule in self.overrides:
-                if rule.grid is not None and rule.matches(layer):
-                    wanted = str(rule.grid.block_type)
-            final = gguf_mix.with_fallback(wanted, columns)
-            if final != wanted:
-                notes.append(f"{layer}: width {columns} does not take {wanted}: {final}, as llama.cpp does")
-            resolved[layer] = final
-        self.gguf_layers, self.gguf_notes = resolved, notes
+            others = [r for r in self.overrides[index + 1 :] if r.spec is not None]
+            others += [r for r in self.overrides if r.spec is None]
+            matched = [name for name in names if rule.matches(name)]
+            takers = [next((r for r in others if r.matches(name)), None) for name in matched]
+            if matched and all(taker is not None for taker in takers):
+                by = ", ".join(dict.fromkeys(f"{r.flag} {r.text!r}" for r in takers if r is not None))
+                warnings.append(
+                    f"--layer {rule.text!r} changes no layer: every layer it matches is taken by {by} "
+                    "(the last matching --layer wins, --skip over --layer)"
+                )
+        return warnings
 
     @property
     def quantizing(self) -> bool:
@@ -182,26 +139,6 @@ class Settings:
         }
 
 
-def grid_spec(bits: int, group_size: int | None, sym: bool, per_layer: bool) -> GridSpec | None:
-    """The one grid spec of a run, from its flags (None for ``--bits 16``: no quantization)."""
-    if bits == NO_QUANTIZATION:
-        return None
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"--bits {bits} is not supported: choose one of 2, 3, 4, 8 (16 = no quantization)")
-    if group_size is not None and group_size <= 0:
-        raise ValueError(f"--group-size must be positive, got {group_size}")
-    if per_layer and group_size is not None:
-        raise ValueError("--per-layer means one scale for the whole layer; it cannot have a --group-size")
-    return GridSpec(bits, group_size, sym, per_layer)
-
-
-LAYER_SPEC = re.compile(r"^(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<channel>ch))?(?P<sym>sym|asym)?$")
-SPEC_GRAMMAR = (
-    "BITS[gGROUP|ch][sym|asym], e.g. 8, 4g128, 3g64sym, 8ch (bits 2, 3, 4 or 8; gGROUP: one scale per "
-    "GROUP columns, ch: one per output row; what is left out comes from --group-size/--sym)"
-)
-
-
 @dataclass(frozen=True)
 class LayerRule:
     """One ``--skip PATTERN`` (``spec`` None: full precision) or ``--layer PATTERN=SPEC`` rule.
@@ -221,7 +158,21 @@ class LayerRule:
         return self.pattern if self.spec is None else f"{self.pattern}={self.spec}"
 
     def matches(self, name: str) -> bool:
-        return _compiled(self.pattern).search(name) is not None
+        """Whether the pattern is found in ``name``; a pattern that takes longer than
+        :data:`PATTERN_SECONDS` on one name (nested repeats that backtrack without end) is a
+        one-line ``ValueError`` naming it."""
+        key = (self.pattern, name)
+        found = _MATCHES.get(key)
+        if found is None:
+            try:
+                found = _compiled(self.pattern).search(name, timeout=PATTERN_SECONDS) is not None
+            except TimeoutError:
+                raise ValueError(
+                    f"{self.flag} {self.text!r} takes over {PATTERN_SECONDS:g} s to match the layer name "
+                    f"{name} (nested repeats such as (a+)+ backtrack without end): simplify the pattern"
+                ) from None
+            _MATCHES[key] = found
+        return found
 
     def describe(self) -> dict[str, Any]:
         grid = self.grid
@@ -236,68 +187,20 @@ class LayerRule:
                 "group_size": grid.group_size,
                 "sym": grid.sym,
                 "per_layer": grid.per_layer,
+                **({"block_type": grid.block_type} if grid.block_type is not None else {}),
             },
         }
 
 
-def layer_rules(default: GridSpec, skip: Sequence[str], layer: Sequence[str]) -> tuple[LayerRule, ...]:
-    """The ``--skip`` and ``--layer`` rules of a run, checked: every pattern compiles, every SPEC
-    follows :data:`SPEC_GRAMMAR` and makes a valid grid (one-line ``ValueError`` otherwise)."""
-    rules = []
-    for pattern in skip:
-        rules.append(LayerRule(_pattern("--skip", pattern, pattern), None, None))
-    for item in layer:
-        pattern, sep, spec = str(item).rpartition("=")
-        if not sep or not pattern.strip():
-            raise ValueError(f"--layer expects PATTERN=SPEC, got {item!r}")
-        spec = spec.strip()
-        rules.append(LayerRule(_pattern("--layer", pattern, item), spec, parse_layer_spec(spec, default)))
-    return tuple(rules)
+PATTERN_SECONDS = 1.0  # the longest one --skip/--layer pattern may take on one layer name
+_PATTERNS: dict[str, regex.Pattern[str]] = {}
+_MATCHES: dict[tuple[str, str], bool] = {}
 
 
-def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
-    """The grid a ``--layer`` SPEC gives (see :data:`SPEC_GRAMMAR`); what the SPEC leaves out comes
-    from ``default`` (the run's --group-size, --sym, --per-layer)."""
-    if default.block_type is not None:  # a GGUF run: SPEC is a GGUF block type
-        try:
-            return GridSpec.of_type(spec)
-        except ValueError as exc:
-            raise ValueError(f"--layer SPEC {spec!r} in a --format gguf run: {exc}") from None
-    found = LAYER_SPEC.match(spec.lower())
-    if not found:
-        raise ValueError(f"--layer SPEC {spec!r} is not {SPEC_GRAMMAR}")
-    bits = int(found["bits"])
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"--layer SPEC {spec!r}: {bits} bits is not one of 2, 3, 4, 8 "
-            "(--skip keeps a layer in full precision)"
-        )
-    group, per_layer = default.group_size, default.per_layer
-    if found["group"] is not None:
-        group, per_layer = int(found["group"]), False
-        if group < 1:
-            raise ValueError(f"--layer SPEC {spec!r}: the group size must be positive")
-    elif found["channel"]:
-        group, per_layer = None, False
-    sym = default.sym if found["sym"] is None else found["sym"] == "sym"
-    return GridSpec(bits, group, sym, per_layer)
-
-
-def _pattern(flag: str, pattern: str, shown: str) -> str:
-    try:
-        _compiled(pattern)
-    except re.error as exc:
-        raise ValueError(f"{flag} {shown!r}: not a valid regular expression ({exc})") from None
-    return pattern
-
-
-_PATTERNS: dict[str, re.Pattern[str]] = {}
-
-
-def _compiled(pattern: str) -> re.Pattern[str]:
+def _compiled(pattern: str) -> regex.Pattern[str]:
     compiled = _PATTERNS.get(pattern)
     if compiled is None:
-        compiled = _PATTERNS[pattern] = re.compile(pattern)
+        compiled = _PATTERNS[pattern] = regex.compile(pattern)
     return compiled
 
 
@@ -336,8 +239,9 @@ class LayerRow:
 
 @dataclass
 class Event:
-    """A progress event. ``kind``: ``note`` (a status line in ``text``), ``start``, ``block``,
-    ``layer`` (after a layer is solved, with its ``row``), ``done``."""
+    """A progress event. ``kind``: ``note`` (a status line in ``text``), ``warning`` (a request
+    that does less than it says, in ``text``), ``start``, ``block``, ``layer`` (after a layer is
+    solved, with its ``row``), ``done``."""
 
     kind: str
     block: int = 0
@@ -356,15 +260,6 @@ def silent(event: Event) -> None:
     """A progress sink that drops every event."""
 
 
-@dataclass
-class ResumeState:
-    """A saved partial run: the first ``blocks_done`` blocks' report rows and stored layers."""
-
-    blocks_done: int
-    rows: list[LayerRow]
-    layers: dict[str, QuantizedLayer]
-
-
 class Weights(Protocol):
     """Where a lazily loaded model's tensors come from, by state-dict name (a checkpoint's shards,
     a cdq output folder); implemented in :mod:`cdq_cli.models.lazy` and :mod:`cdq_cli.store.folder`."""
@@ -378,9 +273,34 @@ class Weights(Protocol):
         ...
 
 
-class Journal(Protocol):
-    """Persists finished blocks so a killed run can resume (implemented by :mod:`cdq_cli.store.journal`)."""
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished quantization run, everything its report says: rendered once into report.json
+    by :func:`cdq_cli.store.report.render`.
 
-    def resume_state(self) -> ResumeState | None: ...
+    ``sections`` are the model kind's own top-level entries (``skipped``, ``vision``);
+    ``unquantized`` the matrices in blocks that no quantizable layer type covers (routers...);
+    ``parallel`` how the processes shared the work; ``peak_memory`` the device's (or the
+    process's) peak while quantizing; ``resumed_blocks`` how many blocks came from the journal
+    (None: the run cannot resume); ``evaluation`` the before/after scores (``--eval``), None without.
+    """
 
-    def on_block_done(self, index: int, rows: list[LayerRow], layers: dict[str, QuantizedLayer]) -> None: ...
+    model: str
+    family: str
+    dtype: str
+    settings: Settings
+    seed: int
+    batch_size: int
+    command: str
+    config: dict[str, Any] | None
+    calibration: dict[str, Any]
+    rows: list[LayerRow]
+    unquantized: list[str]
+    parallel: dict[str, Any]
+    sections: dict[str, Any]
+    started: str
+    ended: str
+    wall_seconds: float
+    peak_memory: dict[str, Any]
+    resumed_blocks: int | None = None
+    evaluation: dict[str, Any] | None = None

@@ -108,7 +108,7 @@ def child(key: str, bits: int, cache: Path, seed: int, layer: list[str], skip: l
     from cdq_cli.models.timm_models import TimmSpec, load_timm
     from cdq_cli.models.vision import vision_adapter_for
     from cdq_cli.pipeline import quantize_model
-    from cdq_cli.records import Settings
+    from cdq_cli.run.plan import make_settings
 
     data = torch.load(cache, weights_only=False)
     model = load_timm(TimmSpec(ARCH, {}, str(WEIGHTS)))
@@ -116,7 +116,7 @@ def child(key: str, bits: int, cache: Path, seed: int, layer: list[str], skip: l
     seconds, cpu, rows = 0.0, 0.0, []
     if method is not None:
         adapter = vision_adapter_for(model)
-        settings = Settings.make(
+        settings = make_settings(
             method=method,
             bits=bits,
             per_layer=per_layer,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from synthetic_lm import write_synthetic_llama  # noqa: E402
 
-from cdq_cli.solvers import SOLVERS, solve  # noqa: E402
+from cdq_cli.solvers import METHODS, solve  # noqa: E402
 
 SMOLLM2 = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
 BIG = dict(hidden=2048, intermediate=8192, layers=24, heads=16, kv_heads=8, vocab=32000)
@@ -59,7 +59,7 @@ def solver_agreement(data: Path, device: torch.device) -> list[dict]:
         for name, (layer, acc) in list(linear_sigmas(model, ids.split(4)).items())[:7]:
             problems.append((name, layer.weight.detach().float(), acc.sigma))
     for label, weight, sigma in problems:
-        for method in SOLVERS:
+        for method in METHODS:
             for config in ({"bits": 3}, {"bits": 4, "group_size": 64}):
                 if weight.shape[1] % config.get("group_size", 1):
                     continue

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 
 from cdq_cli.calib import evaluation_ids, load_texts
 from cdq_cli.evaluate.perplexity import perplexity
-from cdq_cli.run.language import load_quantized
 from cdq_cli.store.folder import read_table
+from cdq_cli.store.reopen import load_quantized
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ the two listings (the file bytes when the writer is unchanged, the tensors other
     diff /tmp/before.txt /tmp/after.txt
 
 Runs: stories260K (real Llama) with every method at 3 bits (per-channel, and grouped for gptq/cdq),
-``--fp-inputs`` and ``--no-true-sequential`` once each, EfficientNet-Lite0 (real weights, converted
+``--fp-inputs`` and ``--no-true-sequential`` once each, an export of each format (``cdq export``
+of two of those runs: GPTQ, compressed-tensors), EfficientNet-Lite0 (real weights, converted
 by scripts/convert_efficientnet_lite0.py when present) with gptq at 4 bits, and with ``--smollm2``
 real SmolLM2-135M (its GGUF saved once as safetensors in ~/.cache/cdq) with gptq at 4 bits. Each run
 is ``python -m cdq_cli`` of THIS checkout (so an older checkout can be measured with the same
@@ -49,11 +50,17 @@ LM_RUNS = {
     "gptq-w4-not-sequential": ["--method", "gptq", "--bits", "4", "--no-true-sequential"],
     "none-w16": ["--bits", "16"],
 }
+# export name -> (the LM run it exports, cdq export flags)
+EXPORTS = {
+    "gptq-w3-export-gptq": ("gptq-w3", ["--format", "gptq"]),
+    "cdq-w4g4-sym-export-ct": ("cdq-w4g4-sym", ["--format", "compressed-tensors"]),
+}
 
 
 def cdq(*args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "cdq_cli", *args, "--quiet"]
+    quiet = ["--quiet"] if args[0] == "quantize" else []  # cdq export prints one summary line
+    command = [sys.executable, "-m", "cdq_cli", *args, *quiet]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"cdq {' '.join(args)} failed: {done.stderr.strip()}")
@@ -98,6 +105,10 @@ def main() -> int:
             out = Path(tmp) / name
             cdq("quantize", str(STORIES), *flags, "--calib", str(CALIB), "--nsamples", "16",
                 "--seqlen", "64", "--output", str(out))  # fmt: skip
+            print(f"{name} {digest(out)}", flush=True)
+        for name, (run, flags) in EXPORTS.items():
+            out = Path(tmp) / name
+            cdq("export", str(Path(tmp) / run), *flags, "--output", str(out))
             print(f"{name} {digest(out)}", flush=True)
         if LITE0.is_file():
             out = Path(tmp) / "lite0-gptq-w4"

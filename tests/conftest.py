@@ -16,10 +16,19 @@ from cdq_cli.solvers.result import objective
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Tests use small matrices: one intra-op thread is several times faster than two on a shared, busy
+# CPU (CD loops issue many tiny ops, OpenMP spins). Override with CDQ_TEST_THREADS.
+SUITE_THREADS = int(os.environ.get("CDQ_TEST_THREADS", "1"))
+
+
 def pytest_configure(config):
-    """Tests use small matrices: one intra-op thread is several times faster than two on a
-    shared, busy CPU (CD loops issue many tiny ops). Override with CDQ_TEST_THREADS."""
-    torch.set_num_threads(int(os.environ.get("CDQ_TEST_THREADS", "1")))
+    torch.set_num_threads(SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_threads():
+    """Every test starts at the suite's thread count, whatever an earlier test or library set."""
+    torch.set_num_threads(SUITE_THREADS)
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdq_cli.solvers import SOLVERS, solve
+from cdq_cli.solvers import METHODS, solve
 
-METHODS = list(SOLVERS)
+METHODS = list(METHODS)
 
 
 @pytest.fixture

@@ -10,38 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
 from synthetic_lm import write_synthetic_llama
-from tiny_lm import save_tiny, single_thread, tiny_model
+from tiny_lm import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-from cdq_cli.cli import main
 from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for, load_causal_lm
 from cdq_cli.placement import Placement
-from cdq_cli.records import Settings
-from cdq_cli.run.language import load_quantized, open_model, perplexity_of
+from cdq_cli.run.language import open_model, perplexity_of
+from cdq_cli.run.plan import make_settings
 from cdq_cli.store.journal import KILL_ENV
 from cdq_cli.store.names import journal_folder
+from cdq_cli.store.reopen import load_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 @pytest.fixture(scope="module")
 def tokenizer(data_dir: Path):
     return load_causal_lm(str(data_dir / "models" / "stories260K"))[1]
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def peak_rss(command: list[str]) -> tuple[int, float, str]:
@@ -183,7 +173,7 @@ def test_shared_sigma_equals_separate_sigma(tokenizer) -> None:
 
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    settings = Settings.make(method="rtn", bits=4, sigma_dtype=torch.float64)
+    settings = make_settings(method="rtn", bits=4, sigma_dtype=torch.float64)
     placement = Placement(model, torch.device("cpu"))
     batches = [torch.randint(0, 100, (2, 16)) for _ in range(3)]
     acts = capture(model, adapter, placement, batches)

@@ -11,25 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, single_thread, tiny_model
+from tiny_lm import BLOCK_LAYERS, FAMILIES, expected_layers, tiny_model
 
 from cdq_cli.evaluate.perplexity import perplexity
 from cdq_cli.models import adapter_for
 from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
-from cdq_cli.run.language import load_quantized
-from cdq_cli.solvers import SOLVERS
+from cdq_cli.run.plan import make_settings
+from cdq_cli.solvers import METHODS
 from cdq_cli.solvers.packing import unpack
 from cdq_cli.store import folder as checkpoint
 from cdq_cli.store.files import OutputExistsError, WriteError, atomic_folder, write_json_atomic
 from cdq_cli.store.folder import read_layers, save_quantized
+from cdq_cli.store.reopen import load_quantized
 
 LLAMA_LAYERS = BLOCK_LAYERS["llama"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def calibration() -> list[torch.Tensor]:
@@ -40,7 +35,7 @@ def calibration() -> list[torch.Tensor]:
 def quantized(family: str, **settings):
     model = tiny_model(family)
     base = {"method": "rtn", "bits": 3, "device": "cpu"} | settings
-    outcome = quantize_model(model, adapter_for(model), calibration(), Settings.make(**base))
+    outcome = quantize_model(model, adapter_for(model), calibration(), make_settings(**base))
     return model, outcome
 
 
@@ -199,14 +194,14 @@ def stories(data_dir: Path):
     return model, windows, wiki, perplexity(model, wiki, seqlen=512, batch_size=8).ppl
 
 
-@pytest.mark.parametrize("method", sorted(SOLVERS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_stories260k_every_method_reloads_exactly(method: str, stories, tmp_path: Path) -> None:
     """Real weights, every method at 4 bits: finite perplexity near FP, and the saved folder
     reloads to exactly the in-memory quantized model."""
     original, windows, wiki, fp = stories
     model = copy.deepcopy(original)
     outcome = quantize_model(
-        model, adapter_for(model), windows.split(8), Settings.make(method=method, device="cpu")
+        model, adapter_for(model), windows.split(8), make_settings(method=method, device="cpu")
     )
     assert [r.name for r in outcome.rows] == [f"model.layers.{i}.{n}" for i in range(5) for n in LLAMA_LAYERS]
     q = perplexity(model, wiki, seqlen=512, batch_size=8).ppl

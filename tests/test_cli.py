@@ -10,20 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_lm import FAMILIES, expected_layers, save_tiny, single_thread
+from cli_runner import cli
+from tiny_lm import FAMILIES, expected_layers, save_tiny
 
 from cdq_cli import pipeline
-from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
-from cdq_cli.run.language import load_quantized
 from cdq_cli.store.folder import OutputBuilder
+from cdq_cli.store.reopen import load_quantized
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +35,6 @@ def tiny(stories: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     _model, tokenizer = load_causal_lm(str(stories))
     root = tmp_path_factory.mktemp("tiny")
     return {family: save_tiny(family, root / family, tokenizer) for family in FAMILIES}
-
-
-def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -181,7 +170,7 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setattr(
-        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "finish")), interrupt
+        *((pipeline, "quantize_model") if where == "quantizing" else (OutputBuilder, "publish")), interrupt
     )
     out = tmp_path / "q"
     code, _, stderr = cli(

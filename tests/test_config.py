@@ -6,30 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_lm import save_tiny, single_thread
+from cli_runner import cli as run
+from tiny_lm import save_tiny
 
-from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 @pytest.fixture(scope="module")
 def llama(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     _model, tokenizer = load_causal_lm(str(data_dir / "models" / "stories260K"))
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-config") / "llama", tokenizer)
-
-
-def run(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:

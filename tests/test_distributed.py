@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cdq_cli.parallel import KILL_RANK_ENV, Ranks, assign, cost
+from cdq_cli.parallel import KILL_RANK_ENV, Ranks, assign
+from cdq_cli.solvers import METHODS
 from cdq_cli.store.names import journal_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CDQ_SHUTDOWN_S": "5"}
@@ -129,8 +130,8 @@ def test_layers_go_largest_first_to_the_least_loaded_rank() -> None:
     costs = {"a": 9.0, "b": 7.0, "c": 5.0, "d": 4.0, "e": 1.0}
     assert assign(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 9, 7, 12, 13, 13
     assert assign(costs, 1) == dict.fromkeys(costs, 0)
-    assert cost(4096, 11008, "gptq", {}) > cost(4096, 4096, "gptq", {})
-    assert cost(4096, 4096, "quantease", {}) > cost(4096, 4096, "gptq", {})
+    assert METHODS["gptq"].cost(4096, 11008, {}) > METHODS["gptq"].cost(4096, 4096, {})
+    assert METHODS["quantease"].cost(4096, 4096, {}) > METHODS["gptq"].cost(4096, 4096, {})
 
 
 def test_batches_are_split_into_contiguous_ranges() -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from tiny_lm import save_tiny, single_thread
+from cli_runner import cli
+from tiny_lm import save_tiny
 
-from cdq_cli import gguf_mix
-from cdq_cli.cli import main
-from cdq_cli.run.language import load_quantized
+from cdq_cli.store import gguf_mix
 from cdq_cli.store.gguf_vocab import read_vocab
+from cdq_cli.store.reopen import load_quantized
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 # One tiny Llama block type per layer: all ten block types in one run.
@@ -44,17 +44,6 @@ EVERY_TYPE = {
     r"layers\.1\.self_attn\.k_proj": "Q6_K",
     r"layers\.1\.mlp\.down_proj": "Q4_0",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +161,7 @@ def test_mix_follows_llama_cpp_and_stories260k_falls_back(data_dir, calib, tmp_p
     assert (
         "model.layers.0.mlp.down_proj: width 172 does not take Q4_K: F16, as llama.cpp does" in stdout + err
     )
-    assert "layers with gptq GGUF Q4_K_M in" in stdout
+    assert "with gptq GGUF Q4_K_M in" in stdout
     assert (
         "model.layers.0.self_attn.q_proj: width 64 does not take Q4_K: Q5_0, as llama.cpp does"
         in stdout + err
@@ -265,7 +254,10 @@ def test_tokenizer_metadata_equals_llama_cpp_converters(tmp_path) -> None:
     [
         (["--format", "gguf"], "--format gguf needs --type T: one of Q4_0"),
         (["--type", "Q4_K_M"], "--type is a GGUF type: use it with --format gguf"),
-        (["--format", "gguf", "--type", "Q7_K"], "--type 'Q7_K' is not a GGUF type cdq writes"),
+        (
+            ["--format", "gguf", "--type", "Q7_K"],
+            "Invalid value for '--type': Value error, 'Q7_K' is not one of 'Q4_0'",
+        ),
         (["--format", "gguf", "--type", "Q4_0", "--bits", "3"], "--format gguf takes its grid from --type"),
         (["--format", "gguf", "--type", "Q4_0", "--method", "quantease-outlier"], "GGUF file cannot hold"),
         (
@@ -315,7 +307,10 @@ def test_exports_refuse_the_wrong_grid(data_dir, calib, tmp_path, capsys) -> Non
         ([gguf_folder, "--format", "gptq"], "is on the GGUF grid Q8_0: GPTQ cannot hold it"),
         ([gguf_folder, "--format", "compressed-tensors"], "is on the GGUF grid Q8_0"),
         ([gguf_folder, "--format", "gguf", "--type", "Q4_0"], "it exports as Q8_0, not Q4_0"),
-        ([uniform, "--format", "gptq", "--type", "Q4_0"], "--type is a GGUF type"),
+        (
+            [uniform, "--format", "gptq", "--type", "Q4_0"],
+            "--type is an option of the gguf export, not of gptq",
+        ),
     ]
     for args, message in cases:
         code, _, err = cli(capsys, "export", *args, "--dest", tmp_path / "never")

@@ -33,11 +33,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from cli_runner import cli as run_cli
 from test_gguf_export import save_tiny_qwen3_moe
 from test_gguf_grids import awkward_weights
-from tiny_lm import single_thread
 
-from cdq_cli.cli import main
 from cdq_cli.solvers import GridSpec
 from cdq_cli.solvers import gguf as G
 from cdq_cli.solvers.gguf_types import BLOCK_TYPES
@@ -52,15 +51,10 @@ pytestmark = pytest.mark.skipif(
 FAST = ["--nsamples", "8", "--seqlen", "64", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 def cli(capsys: pytest.CaptureFixture, *args: object) -> None:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
+    """``cdq ARGS...`` in-process (tests/cli_runner.py), which must succeed."""
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
 
 
 def ggml_quantize(name: str, weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""The package's architecture, checked: the arrows point one way and there are no import circles.
+"""The package's architecture, checked: the arrows point one way, there are no import circles, and
+every fixed choice of an option is declared once.
 
     cli → run → pipeline → solvers          store and models never import the driver or the CLI;
                   ↘ capture, models, store    solvers import nothing else of cdq.
 
-Every ``import`` statement of every module is read with ``ast`` (function-level imports
-included, since they are dependencies too); the circle check uses module-level imports, the ones
-that run when a module is imported.
+Every ``import`` statement of every module is read with ``ast``, function-level imports included
+(they are dependencies too, only deferred): both the arrows and the circle check count them.
 """
 
 from __future__ import annotations
@@ -18,17 +18,27 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cdq_cli"
 
 # part -> parts it must never import (a part is a subpackage or a top-level module of cdq_cli)
+_DRIVER = {"cli", "run", "pipeline"}
+_MIDDLE = {"capture", "models", "store", "calib", "evaluate", "parallel", "placement"}
 FORBIDDEN = {
-    "solvers": {"cli", "run", "pipeline", "capture", "models", "store", "records", "calib", "evaluate"},
-    "kernels": {"cli", "run", "pipeline", "capture", "models", "store", "records", "calib", "evaluate"},
-    "models": {"cli", "run", "pipeline", "capture", "store", "records", "solvers", "evaluate"},
-    "store": {"cli", "run", "pipeline", "capture", "models", "calib", "evaluate"},
-    "records": {"cli", "run", "pipeline", "store", "models"},
-    "pipeline": {"cli", "run"},
-    "capture": {"cli", "run", "pipeline", "store", "models"},
-    "calib": {"cli", "run", "pipeline", "store", "models", "solvers"},
-    "evaluate": {"cli", "run", "pipeline", "store", "models", "solvers"},
+    "cli": set(),
+    "__main__": set(),
     "run": {"cli"},
+    "pipeline": {"cli", "run"},
+    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline", "cleanup"},
+    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline", "cleanup"},
+    "models": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers"},
+    "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
+    "records": _DRIVER | _MIDDLE,
+    "capture": _DRIVER | {"store", "models", "calib", "evaluate", "parallel", "placement"},
+    "calib": _DRIVER | _MIDDLE - {"calib"} | {"solvers", "records"},
+    "evaluate": _DRIVER | _MIDDLE - {"calib", "evaluate"} | {"solvers", "records"},
+    "parallel": _DRIVER | _MIDDLE - {"parallel"} | {"records", "solvers"},
+    "placement": _DRIVER | _MIDDLE - {"placement"} | {"solvers"},
+    "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
+    "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
+    # what a process removes or says on any exit: used by models and store, imports nothing of cdq
+    "cleanup": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }
 
 
@@ -83,6 +93,12 @@ def _part(module: str) -> str:
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
+def test_every_part_has_rules() -> None:
+    """A new subpackage or top-level module must say what it may not import."""
+    parts = {_part(_module_name(p)) for p in SOURCES} - {""}
+    assert parts <= set(FORBIDDEN), f"parts without import rules: {sorted(parts - set(FORBIDDEN))}"
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_arrows_point_one_way(path: Path) -> None:
     part = _part(_module_name(path))
@@ -91,7 +107,9 @@ def test_arrows_point_one_way(path: Path) -> None:
 
 
 def test_no_import_circles() -> None:
-    graph = {_module_name(p): _imports(p, top_level_only=True) for p in SOURCES}
+    """No circle, counting function-level imports too (an import hidden in a function still makes
+    the two modules depend on each other)."""
+    graph = {_module_name(p): _imports(p, top_level_only=False) for p in SOURCES}
     # A package's __init__ importing its own submodules is not a circle through the package.
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -124,3 +142,82 @@ def test_model_families_are_data() -> None:
 
     for family in [*FAMILIES.values(), *VISION_FAMILIES.values()]:
         assert is_dataclass(family) and type(family).__dataclass_params__.frozen
+
+
+def _choice_lists(path: Path) -> list[tuple[frozenset[str], str]]:
+    """Every fixed list of choices a module declares at its top level: a tuple, list or set of
+    two or more string literals, the string keys of a dict literal, the values of an Enum class
+    (``(values, where)`` pairs)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    where = str(path.relative_to(PACKAGE))
+
+    def strings(node: ast.AST) -> list[str] | None:
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else None
+        if isinstance(node, ast.Dict):
+            items = node.keys
+        if (
+            items
+            and len(items) >= 2
+            and all(isinstance(i, ast.Constant) and isinstance(i.value, str) for i in items)
+        ):
+            return [i.value for i in items]  # type: ignore[union-attr]
+        return None
+
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        if value is not None and (values := strings(value)) is not None:
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            found.append((frozenset(values), f"{where}:{getattr(target, 'id', '?')}"))
+        if isinstance(node, ast.ClassDef) and any(
+            getattr(b, "attr", getattr(b, "id", "")) == "Enum" for b in node.bases
+        ):
+            members = [
+                item.value.value
+                for item in node.body
+                if isinstance(item, ast.Assign)
+                and isinstance(item.value, ast.Constant)
+                and isinstance(item.value.value, str)
+            ]
+            if len(members) >= 2:
+                found.append((frozenset(members), f"{where}:{node.name}"))
+    return found
+
+
+# Lists with equal strings that are not one choice declared twice, and why.
+NOT_CHOICES = {
+    frozenset({"store/shards.py:_UNITS", "store/shards.py:_BINARY"}): "decimal and binary unit multipliers",
+    frozenset({"offline.py:_TRUE", "solvers/registry.py:_TRUE"}): (
+        "HF_HUB_OFFLINE's true words (huggingface_hub's convention) and -o's boolean words (cdq's)"
+    ),
+    frozenset({"models/base.py:FUSED_PROJECTIONS", "store/experts.py:FUSED"}): (
+        "transformers 5's names of fused-experts parameters, not a choice: models finds them in the "
+        "model, store names them in checkpoints, and neither may import the other"
+    ),
+}
+
+
+def test_each_choice_list_is_declared_once() -> None:
+    """A fixed set of choices (methods, formats, dtypes, offload policies, named data sets...) lives
+    in one place; every other use derives from it (the CLI's enums re-export the plan's)."""
+    seen: dict[frozenset[str], str] = {}
+    twice = []
+    for path in SOURCES:
+        for values, where in _choice_lists(path):
+            if values in seen and frozenset({seen[values], where}) not in NOT_CHOICES:
+                twice.append(f"{sorted(values)} in {seen[values]} and {where}")
+            seen.setdefault(values, where)
+    assert not twice, "choice lists declared twice: " + "; ".join(twice)
+
+
+def test_cli_declares_no_choices() -> None:
+    """The command line's choices come from the plan (run/plan.py) and the registries below it."""
+    cli = [p for p in SOURCES if _part(_module_name(p)) == "cli"]
+    enums = [
+        f"{p.name}:{node.name}"
+        for p in cli
+        for node in ast.parse(p.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.ClassDef)
+        and any(getattr(b, "attr", getattr(b, "id", "")) == "Enum" for b in node.bases)
+    ]
+    assert not enums, f"enums declared in cli/ (declare them in run/plan.py): {enums}"

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors import safe_open
-from tiny_lm import expected_layers, save_tiny, single_thread
+from tiny_lm import expected_layers, save_tiny
 from tiny_vision import images, tiny_model
 
-from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
 from cdq_cli.models.vision import vision_adapter_for
 from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
+from cdq_cli.run.plan import make_settings
 from cdq_cli.solvers import GridSpec
 from cdq_cli.solvers.packing import packed_length
 from cdq_cli.store.folder import read_layers, read_table
@@ -27,21 +27,10 @@ from cdq_cli.store.folder import read_layers, read_table
 FAST = ["--method", "rtn", "--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 @pytest.fixture(scope="module")
 def llama(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     _model, tokenizer = load_causal_lm(str(data_dir / "models" / "stories260K"))
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-overrides") / "llama", tokenizer)
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(err: str) -> str:
@@ -54,7 +43,7 @@ def one_error_line(err: str) -> str:
 
 
 def test_specs_inherit_what_they_leave_out_and_the_last_rule_wins() -> None:
-    settings = Settings.make(
+    settings = make_settings(
         bits=4,
         group_size=32,
         sym=False,
@@ -70,13 +59,13 @@ def test_specs_inherit_what_they_leave_out_and_the_last_rule_wins() -> None:
     assert grid("model.layers.1.mlp.gate_proj") == GridSpec(4, None, False)
     assert grid("model.layers.0.self_attn.o_proj") is None  # --skip wins: full precision
     assert grid("model.layers.0.mlp.experts.down_proj[3]") == GridSpec(3, 16, True)  # an expert: its layer's
-    per_layer = Settings.make(bits=4, per_layer=True, layer=["a=8", "b=4g8"])
+    per_layer = make_settings(bits=4, per_layer=True, layer=["a=8", "b=4g8"])
     assert per_layer.grid_for("a") == GridSpec(8, None, False, per_layer=True)
     assert per_layer.grid_for("b") == GridSpec(4, 8, False)
     described = settings.describe()["overrides"]
     assert described[0] == {"flag": "--skip", "pattern": r"\.o_proj$", "spec": None, "grid": None}
     assert described[2]["grid"] == {"bits": 3, "group_size": 16, "sym": True, "per_layer": False}
-    assert "overrides" not in Settings.make(bits=4).describe()  # old resume fingerprints stay valid
+    assert "overrides" not in make_settings(bits=4).describe()  # old resume fingerprints stay valid
 
 
 @pytest.mark.parametrize(
@@ -93,12 +82,12 @@ def test_specs_inherit_what_they_leave_out_and_the_last_rule_wins() -> None:
 )
 def test_bad_rules_are_one_line_errors(skip, layer, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        Settings.make(bits=4, skip=skip, layer=layer)
+        make_settings(bits=4, skip=skip, layer=layer)
 
 
 def test_bits16_takes_no_rules() -> None:
     with pytest.raises(ValueError, match="--bits 16 quantizes none"):
-        Settings.make(bits=16, skip=["mlp"])
+        make_settings(bits=16, skip=["mlp"])
 
 
 # -- through the command line ---------------------------------------------------------------------
@@ -230,7 +219,7 @@ def test_gptq_export_refuses_mixed_grids_and_skipped_layers(llama, calib, tmp_pa
 def test_depthwise_convs_at_8_bits_on_a_vision_model() -> None:
     """EfficientNet-Lite's depthwise convs (conv_dw) at 8 bits, the rest at 4: stored grids follow."""
     model = tiny_model("lite0-small")
-    settings = Settings.make(method="rtn", bits=4, layer=["conv_dw=8"], device="cpu")
+    settings = make_settings(method="rtn", bits=4, layer=["conv_dw=8"], device="cpu")
     outcome = quantize_model(model, vision_adapter_for(model), [images()], settings)
     depthwise = {name for name in outcome.layers if name.endswith("conv_dw")}
     assert depthwise and all(model.get_submodule(name).groups > 1 for name in depthwise)

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
-from tiny_lm import FAMILIES, expected_layers, single_thread, tiny_model
+from tiny_lm import FAMILIES, expected_layers, tiny_model
 from torch import nn
 
 from cdq_cli import pipeline
 from cdq_cli.capture import linear_sigmas
 from cdq_cli.models import BlockAdapter, Family, adapter_for, generic_adapter
-from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
-from cdq_cli.solvers import SOLVERS
+from cdq_cli.pipeline import quantize_model, validate
+from cdq_cli.run.plan import make_settings
+from cdq_cli.solvers import METHODS
 
 # Quick settings per method: the tiny layers need only a few sweeps to show the behaviour.
 FAST = {
@@ -24,11 +24,6 @@ FAST = {
     "quantease-outlier": {"iterations": 2, "final_sweeps": 1, "outlier_fraction": 0.02},
     "comq": {"iterations": 1},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 def batches(vocab: int = 100, seed: int = 1) -> list[torch.Tensor]:
@@ -54,7 +49,7 @@ def test_bits16_block_plumbing_leaves_logits_unchanged(family: str) -> None:
     data = batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reference = logits(model, data)
-    outcome = quantize_model(model, adapter_for(model), data, Settings.make(bits=16, device="cpu"))
+    outcome = quantize_model(model, adapter_for(model), data, make_settings(bits=16, device="cpu"))
     assert outcome.rows == [] and outcome.layers == {}
     assert torch.equal(chain_logits(model, outcome), reference)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -69,7 +64,7 @@ def test_quantized_blocks_chain_equals_model_and_cover_every_linear(family: str)
     data = batches()
     reference = logits(model, data)
     outcome = quantize_model(
-        model, adapter_for(model), data, Settings.make(method="rtn", bits=3, device="cpu")
+        model, adapter_for(model), data, make_settings(method="rtn", bits=3, device="cpu")
     )
     names = [row.name for row in outcome.rows]
     assert names == expected_layers(family)
@@ -88,10 +83,10 @@ def test_quantized_blocks_chain_equals_model_and_cover_every_linear(family: str)
     assert not any("lm_head" in n or "embed" in n or "word_embeddings" in n for n in names)
 
 
-@pytest.mark.parametrize("method", sorted(SOLVERS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_and_reports(method: str) -> None:
     model = tiny_model("llama")
-    settings = Settings.make(method=method, bits=4, group_size=16, options=FAST.get(method, {}), device="cpu")
+    settings = make_settings(method=method, bits=4, group_size=16, options=FAST.get(method, {}), device="cpu")
     outcome = quantize_model(model, adapter_for(model), batches(), settings)
     assert len(outcome.rows) == 14
     for row in outcome.rows:
@@ -127,7 +122,7 @@ def test_fp_inputs_takes_every_sigma_from_the_full_precision_model(monkeypatch: 
         return original(name, layer, acc, settings)
 
     monkeypatch.setattr(pipeline, "solve_layer", spy)
-    settings = Settings.make(method="rtn", bits=4, fp_inputs=True, device="cpu", sigma_dtype=torch.float64)
+    settings = make_settings(method="rtn", bits=4, fp_inputs=True, device="cpu", sigma_dtype=torch.float64)
     outcome = quantize_model(model, adapter_for(model), data, settings)
     assert set(seen) == set(fp_sigmas)
     for name, sigma in seen.items():
@@ -141,7 +136,7 @@ def test_true_sequential_changes_only_later_groups() -> None:
     rows = {}
     for flag in (True, False):
         model = tiny_model("llama")
-        settings = Settings.make(method="rtn", bits=2, true_sequential=flag, device="cpu")
+        settings = make_settings(method="rtn", bits=2, true_sequential=flag, device="cpu")
         rows[flag] = {
             r.name: r.error for r in quantize_model(model, adapter_for(model), batches(), settings).rows
         }
@@ -166,7 +161,8 @@ def test_true_sequential_changes_only_later_groups() -> None:
     ],
 )
 def test_bad_settings_fail_before_any_work(flags: dict, message: str) -> None:
-    """Bad settings are refused when they are made, or by the model's layers before any data."""
+    """Bad settings are refused when they are made, or by the model's layers (``validate``, which
+    the run calls once before calibrating) before any data."""
     model = tiny_model("llama")
 
     def never():
@@ -174,7 +170,9 @@ def test_bad_settings_fail_before_any_work(flags: dict, message: str) -> None:
         yield
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        quantize_model(model, adapter_for(model), never(), Settings.make(**flags))
+        settings = make_settings(**flags)
+        validate(model, adapter_for(model), settings)
+        quantize_model(model, adapter_for(model), never(), settings)
 
 
 def test_non_finite_weight_fails_naming_the_layer() -> None:
@@ -183,7 +181,7 @@ def test_non_finite_weight_fails_naming_the_layer() -> None:
         model.transformer.h[1].mlp.dense_h_to_4h.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"transformer\.h\.1"):
         quantize_model(
-            model, adapter_for(model), batches(), Settings.make(method="rtn", bits=4, device="cpu")
+            model, adapter_for(model), batches(), make_settings(method="rtn", bits=4, device="cpu")
         )
 
 
@@ -197,7 +195,7 @@ def test_generic_adapter_for_unknown_family() -> None:
     assert len(groups) == 1 and len(groups[0]) == 7
     data = batches()
     reference = logits(model, data)
-    outcome = quantize_model(model, adapter, data, Settings.make(method="rtn", bits=8, device="cpu"))
+    outcome = quantize_model(model, adapter, data, make_settings(method="rtn", bits=8, device="cpu"))
     assert [r.name for r in outcome.rows] == expected_layers("llama")
     assert torch.allclose(logits(model, data), reference, atol=0.05)
 
@@ -237,7 +235,7 @@ def test_a_vision_family_plugs_in_as_data() -> None:
     adapter = BlockAdapter(family)
     images = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)]
     outcome = quantize_model(
-        model, adapter, images, Settings.make(method="quantease", bits=4, options={"sweeps": 2})
+        model, adapter, images, make_settings(method="quantease", bits=4, options={"sweeps": 2})
     )
     assert [r.name for r in outcome.rows] == [
         "stages.0.body.0",

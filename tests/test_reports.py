@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 
-from cdq_cli.cli import main
-from cdq_cli.records import LayerRow, Settings
+from cdq_cli.records import LayerRow, RunRecord
+from cdq_cli.run.plan import make_settings
 from cdq_cli.store import report as reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,17 +22,16 @@ def row(name: str, error: float, relative: float, rtn: float, outliers: int = 0)
 
 
 def write_run(folder: Path, rows: list[LayerRow], method: str, evaluation: dict | None = None) -> Path:
-    """A real report.json (built by cdq_cli.report) for ``rows``."""
-    report = reports.build(
-        model="models/tiny", family="llama", dtype="float32", settings=Settings.make(method=method, bits=3),
-        seed=0, calibration={"source": "c4-sample.jsonl", "nsamples": 4, "seqlen": 32, "seed": 0},
-        rows=rows, device=torch.device("cpu"), command="cdq quantize models/tiny", started="s", ended="e",
-        wall_seconds=1.5,
+    """A real report.json (rendered by cdq_cli.store.report from a run record) for ``rows``."""
+    record = RunRecord(
+        model="models/tiny", family="llama", dtype="float32", settings=make_settings(method=method, bits=3),
+        seed=0, batch_size=8, command="cdq quantize models/tiny", config=None,
+        calibration={"source": "c4-sample.jsonl", "nsamples": 4, "seqlen": 32, "seed": 0},
+        rows=rows, unquantized=[], parallel={}, sections={}, started="s", ended="e", wall_seconds=1.5,
+        peak_memory=reports.peak_memory(torch.device("cpu")), evaluation=evaluation,
     )  # fmt: skip
-    if evaluation is not None:
-        report["evaluation"] = evaluation
     folder.mkdir(parents=True)
-    (folder / "report.json").write_text(json.dumps(report))
+    reports.write(folder, reports.render(record))
     return folder
 
 
@@ -53,12 +53,6 @@ def run_b(tmp_path: Path) -> Path:
     return write_run(
         tmp_path / "b", rows[1:], "cdq", {"data": "wiki", "ppl": 19.0, "fp_ppl": 18.0, "windows": 2}
     )
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_report_plain_table_worst_first_and_png(run_a: Path, capsys) -> None:

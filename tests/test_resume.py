@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_lm import save_tiny, single_thread
+from tiny_lm import save_tiny
 
 from cdq_cli.cli import main
 from cdq_cli.models import load_causal_lm
@@ -32,11 +32,6 @@ TIMING = {
     "command",
     "resumed_blocks",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

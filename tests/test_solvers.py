@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from cdq_cli.solvers import SOLVERS, Grid, GridSpec, fit_minmax, method_options, solve
+from cdq_cli.solvers import METHODS as DECLARED
+from cdq_cli.solvers import Grid, GridSpec, fit_minmax, method_options, solve
 from cdq_cli.solvers.lsq import refit_scales
 from cdq_cli.solvers.outliers import project_sparse
 from cdq_cli.solvers.result import objective
@@ -252,7 +253,7 @@ def test_result_is_consistent(problem, case, layout):
 
 def test_float32_input_gives_float32_result(problem):
     p = problem(6, 8, 16, dtype=torch.float32)
-    for method in SOLVERS:
+    for method in DECLARED:
         result = solve(method, p.weight, p.sigma.double(), bits=4)
         assert result.weight.dtype == torch.float32
         assert torch.all(torch.isfinite(result.weight))

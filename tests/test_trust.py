@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from safetensors.torch import load_file, save_file
-from tiny_lm import save_tiny, single_thread
+from tiny_lm import save_tiny
 
 from cdq_cli import pipeline
 from cdq_cli.cli import main
@@ -30,11 +31,6 @@ from cdq_cli.store.names import journal_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +54,6 @@ def quantized(tokenizer, calib: str, tmp_path_factory: pytest.TempPathFactory) -
         main(["quantize", str(model), "--method", "rtn", "--calib", calib, *FAST, "--output", str(out)]) == 0
     )
     return out
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(stderr: str) -> str:
@@ -329,8 +319,8 @@ def test_remote_code_is_refused_and_never_runs(llama, calib, tmp_path) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "cdq_cli", *command], input="y\ny\n", capture_output=True, text=True
         )
-        assert done.returncode == 2 and done.stdout == "", done.stdout
         line = one_error_line(done.stderr)
+        assert done.returncode == 2 and strict_json(done.stdout) == {"error": line[7:], "exit_code": 2}
         assert "configuration_evil.py" in line and "never runs code" in line
         assert not sentinel.exists()
 
@@ -358,7 +348,8 @@ def test_deleted_table_is_refused(quantized, tmp_path, wikitext, capsys) -> None
     shutil.copytree(quantized, folder)
     (folder / "quantization.json").unlink()
     code, out, stderr = cli(capsys, "eval", folder, "--data", wikitext, "--max-windows", "1", "--json")
-    assert code == 2 and out == "" and "without its quantization.json" in one_error_line(stderr)
+    assert code == 2 and "without its quantization.json" in one_error_line(stderr)
+    assert strict_json(out) == {"error": one_error_line(stderr)[7:], "exit_code": 2}  # --json: the error
 
 
 def test_edited_bits_are_refused(quantized, tmp_path, wikitext, capsys) -> None:
@@ -389,7 +380,8 @@ def test_nan_metric_is_an_error_and_json_is_strict(llama, quantized, wikitext, c
     weights["model.embed_tokens.weight"][:] = float("inf")
     save_file(weights, str(llama / "model.safetensors"), metadata={"format": "pt"})
     code, out, stderr = cli(capsys, "eval", llama, "--data", wikitext, "--max-windows", "2", "--json")
-    assert code == 2 and out == "" and "non-finite" in one_error_line(stderr)
+    assert code == 2 and "non-finite" in one_error_line(stderr)
+    assert strict_json(out) == {"error": one_error_line(stderr)[7:], "exit_code": 2}  # never a NaN result
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
@@ -517,25 +509,27 @@ def test_sigterm_handler_does_not_leak_out_of_main(capsys) -> None:
 
 
 def test_methods_lists_every_option_as_strict_json(capsys) -> None:
-    from cdq_cli.solvers import OPTIONS
+    from cdq_cli.solvers import METHODS
 
     code, out, _ = cli(capsys, "methods", "--json")
     listing = strict_json(out)
     assert code == 0 and {m: set(v["options"]) for m, v in listing.items()} == {
-        m: set(o) for m, o in OPTIONS.items()
+        m: set(method.options) for m, method in METHODS.items()
     }
 
 
 def test_every_solver_keyword_is_a_declared_option() -> None:
-    """No keyword option of a solver escapes the registry's typing (internal ones are listed here)."""
+    """No keyword option of a solver escapes the registry's typing (the one internal keyword is the
+    fixed grid a GGUF type's solve goes through, Method.fixed_grid)."""
     import inspect
 
-    from cdq_cli.solvers import OPTIONS, SOLVERS
-    from cdq_cli.solvers.registry import GRID_ARGUMENT
+    from cdq_cli.solvers import METHODS
 
-    internal = {method: {keyword} for method, keyword in GRID_ARGUMENT.items()}  # a fixed (GGUF) grid
-    for method, solver in SOLVERS.items():
+    for name, method in METHODS.items():
+        internal = {method.fixed_grid} if method.fixed_grid is not None else set()
         keywords = {
-            name for name, p in inspect.signature(solver).parameters.items() if p.kind is p.KEYWORD_ONLY
+            option
+            for option, p in inspect.signature(method.solve).parameters.items()
+            if p.kind is p.KEYWORD_ONLY
         }
-        assert keywords - internal.get(method, set()) == set(OPTIONS[method]), method
+        assert keywords - internal == set(method.options), name

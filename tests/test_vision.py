@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import cli
 from safetensors.torch import save_file
-from tiny_lm import single_thread
 from tiny_vision import EMBED, FAMILY, HEAD, TINY, images, quantizable, tiny_model, write_folder
 from torch import nn
 
 from cdq_cli.calib.images import DataSourceError, calibration_images, labelled_batches, open_images
 from cdq_cli.capture import conv_columns, layer_sigma
-from cdq_cli.cli import main
 from cdq_cli.evaluate.classification import scores, top1
 from cdq_cli.models.timm_models import KIND, TimmSpec, data_config
 from cdq_cli.models.vision import generic_family, vision_adapter_for
 from cdq_cli.pipeline import quantize_model
-from cdq_cli.records import Settings
+from cdq_cli.run.plan import make_settings
 from cdq_cli.run.vision import load_vision_quantized
-from cdq_cli.solvers import SOLVERS, GridSpec, solve
+from cdq_cli.solvers import METHODS, GridSpec, solve
 from cdq_cli.solvers.grouped import solve_grouped
 from cdq_cli.store.folder import read_table, save_quantized
 
@@ -33,24 +32,13 @@ FAMILIES = ["vit", "deit", "swin", "resnet", "lite0"]
 FAST = {"quantease": {"sweeps": 3}, "quantease-outlier": {"iterations": 2, "final_sweeps": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from single_thread()
-
-
 def run(model: nn.Module, method: str = "rtn", bits: int = 4, *, embed=False, head=False, **options):
     adapter = vision_adapter_for(model, quantize_embed=embed, quantize_head=head)
     x = images()
-    settings = Settings.make(method=method, bits=bits, device="cpu", options=options)
+    settings = make_settings(method=method, bits=bits, device="cpu", options=options)
     outcome = quantize_model(model, adapter, [x[:4], x[4:]], settings)
     chain = torch.cat([adapter.head(model, h) for h in outcome.outputs])
     return adapter, outcome, chain
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def model_args(kwargs: dict) -> list[str]:
@@ -127,7 +115,7 @@ def test_methods_run_on_every_family(name: str, method: str) -> None:
         assert sum(r.error for r in outcome.rows) <= sum(r.rtn_error for r in outcome.rows) * 1.0001
 
 
-@pytest.mark.parametrize("method", [m for m in SOLVERS if m not in ("gptq", "comq", "cdq")])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("gptq", "comq", "cdq")])
 def test_every_method_on_depthwise_model(method: str) -> None:
     """With the test above, every method runs on the depthwise (EfficientNet-Lite) model."""
     model = tiny_model("lite0-small")
@@ -145,7 +133,7 @@ def test_lite0_random_init_rtn_and_per_layer() -> None:
     assert len(outcome.rows) == 48
     model = tiny_model("lite0-small")
     adapter = vision_adapter_for(model)
-    settings = Settings.make(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
+    settings = make_settings(method="comq", bits=4, per_layer=True, device="cpu", options={"iterations": 1})
     outcome = quantize_model(model, adapter, [images()], settings)
     for name, stored in outcome.layers.items():
         groups = model.get_submodule(name).groups

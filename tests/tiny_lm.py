@@ -6,7 +6,6 @@ rotary position embeddings, tied embeddings) in milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +75,6 @@ def tiny_model(family: str, vocab: int = 100, seed: int = 0) -> Any:
 
 def expected_layers(family: str, blocks: int = 2) -> list[str]:
     return [f"{BLOCK_PATH[family]}.{i}.{name}" for i in range(blocks) for name in BLOCK_LAYERS[family]]
-
-
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny ops ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def save_tiny(family: str, folder: Path, tokenizer: Any, seed: int = 0) -> Path:

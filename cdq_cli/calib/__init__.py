@@ -2,11 +2,12 @@
 
 from .text import (
     C4_EVAL_WINDOWS,
-    EVAL_SPLITS,
     NAMED_SOURCES,
     DataSourceError,
+    NamedSource,
     c4_validation_windows,
     calibration_windows,
+    eval_split,
     evaluation_ids,
     load_texts,
     text_fingerprint,
@@ -14,11 +15,12 @@ from .text import (
 
 __all__ = [
     "C4_EVAL_WINDOWS",
-    "EVAL_SPLITS",
     "NAMED_SOURCES",
     "DataSourceError",
+    "NamedSource",
     "c4_validation_windows",
     "calibration_windows",
+    "eval_split",
     "evaluation_ids",
     "load_texts",
     "text_fingerprint",

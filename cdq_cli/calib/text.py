@@ -14,7 +14,8 @@ import gzip
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,59 @@ class DataSourceError(ValueError):
     """A calibration or evaluation source that cannot be read; the message is one line for the CLI."""
 
 
-NAMED_SOURCES = ("c4", "wikitext2", "ptb")
-# The split `cdq eval` should use per named source (GPTQ: WikiText-2 test, PTB test, C4 validation).
-EVAL_SPLITS = {"c4": "validation", "wikitext2": "test", "ptb": "test"}
 # GPTQ's C4 protocol uses one fixed shard per split, not the whole 300 GB corpus.
 _C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
-_OFFLINE_COPIES = {"c4": "c4-sample.jsonl", "wikitext2": "wikitext2-raw-test.txt", "ptb": "ptb-test.txt"}
+
+
+@dataclass(frozen=True)
+class NamedSource:
+    """A data set cdq streams from the hub by name: ``eval_split`` is the split ``cdq eval`` and
+    ``--eval`` score (GPTQ's: WikiText-2 test, PTB test, C4 validation), ``offline_copy`` the file
+    of the shared offline data to suggest instead when the hub cannot be reached, and ``read(split)``
+    its texts (a corpus joined into one text, or one text per document)."""
+
+    name: str
+    eval_split: str
+    offline_copy: str
+    read: Callable[[str], list[str]]
+
+
+def _c4(split: str) -> list[str]:
+    if split not in _C4_FILES:
+        raise DataSourceError(f"c4 has splits {', '.join(_C4_FILES)}, not '{split}'")
+    rows = _stream_rows("allenai/c4", None, split, data_files={split: _C4_FILES[split]})
+    return [row["text"] for row in rows]  # one fixed shard per split (GPTQ's), read row by row
+
+
+def _wikitext2(split: str) -> list[str]:
+    return ["\n\n".join(row["text"] for row in _stream_rows("wikitext", "wikitext-2-raw-v1", split))]
+
+
+def _ptb(split: str) -> list[str]:
+    # datasets >= 4 runs no loading scripts: PTB is read from the hub's Parquet export
+    rows = _stream_rows("ptb_text_only", "penn_treebank", split, revision="refs/convert/parquet")
+    return ["\n\n".join(row["sentence"] for row in rows)]
+
+
+NAMED_SOURCES: dict[str, NamedSource] = {
+    source.name: source
+    for source in (
+        NamedSource("c4", "validation", "c4-sample.jsonl", _c4),
+        NamedSource("wikitext2", "test", "wikitext2-raw-test.txt", _wikitext2),
+        NamedSource("ptb", "test", "ptb-test.txt", _ptb),
+    )
+}
+
+
+def eval_split(source: str) -> str | None:
+    """The split a named source is scored on (None for a local path)."""
+    named = NAMED_SOURCES.get(source.lower())
+    return named.eval_split if named is not None else None
+
+
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _SUFFIXES = (".txt", *_JSON_SUFFIXES)
 
@@ -43,7 +88,7 @@ _SUFFIXES = (".txt", *_JSON_SUFFIXES)
 def load_texts(source: str, *, split: str | None = None) -> list[str]:
     """Documents of ``source``: a named data set (``c4``, ``wikitext2``, ``ptb``) or a local path.
 
-    Named sources read ``split`` (default ``"train"``, the calibration split; see ``EVAL_SPLITS``).
+    Named sources read ``split`` (default ``"train"``, the calibration split; see :func:`eval_split`).
     WikiText-2 and PTB are continuous corpora, so they come back as ONE text, their rows joined
     with ``"\\n\\n"`` as the GPTQ evaluation does; C4 comes back one document per row. Local paths
     (``split`` is ignored): ``.txt`` is one text; ``.jsonl``/``.json`` (optionally ``.gz``) hold one
@@ -69,6 +114,7 @@ def calibration_windows(
     seqlen: int,
     seed: int,
     max_draws: int = 10_000,
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """``(nsamples, seqlen)`` token ids: the GPTQ calibration protocol, reproducible from ``seed``.
 
@@ -76,7 +122,9 @@ def calibration_windows(
     ``seqlen``, then take a random window of ``seqlen`` tokens from it. The draws make the same
     ``randint`` calls as GPTQ's ``get_c4`` (and, for a single text, its ``get_wikitext2``: no
     document draw), so the same seed, text and tokenizer give the same windows.
-    Documents are tokenized only when drawn (and once).
+    Documents are tokenized only when drawn (and once). ``stats``, when given, receives
+    ``source_tokens``: how many tokens the source holds when the draws saw all of it (so a source
+    shorter than ``nsamples × seqlen`` shows: its windows overlap), else None (plenty).
 
     Fallback, for sources whose documents are too short (e.g. a small JSONL sample at
     seqlen 2048): when one sample needs more than ``max_draws`` draws, or every document has been
@@ -111,12 +159,18 @@ def calibration_windows(
             break  # max_draws exhausted: fall back
         if len(short) == len(docs):
             break
+    whole = len(short) + len(long) == len(docs)  # every document was read: its length is known
+    if stats is not None:
+        stats["source_tokens"] = sum(len(ids) for ids in long.values()) if whole and not short else None
     if len(windows) < nsamples:
-        stream = _concatenation(docs, tokenizer, budget=4 * (nsamples - len(windows)) * seqlen)
+        budget = 4 * (nsamples - len(windows)) * seqlen
+        stream = _concatenation(docs, tokenizer, budget=budget)
         if len(stream) < seqlen:
             raise DataSourceError(
                 f"calibration data has {len(stream)} tokens, fewer than one window of {seqlen}"
             )
+        if stats is not None:
+            stats["source_tokens"] = len(stream) if len(stream) < budget else None
         while len(windows) < nsamples:
             start = rng.randint(0, len(stream) - seqlen)
             windows.append(stream[start : start + seqlen])
@@ -211,24 +265,15 @@ def _concatenation(docs: list[str], tokenizer: Any, *, budget: int) -> torch.Ten
 
 
 def _load_named(name: str, split: str) -> list[str]:
+    source = NAMED_SOURCES[name]
     root = data_dir()
-    copy = root / "text" / _OFFLINE_COPIES[name] if root else None
-    hint = str(copy) if copy is not None and copy.exists() else f"../shared/data/text/{_OFFLINE_COPIES[name]}"
+    copy = root / "text" / source.offline_copy if root else None
+    hint = str(copy) if copy is not None and copy.exists() else f"../shared/data/text/{source.offline_copy}"
     fail = f"cannot load '{name}' ({split}) from the Hugging Face hub; pass a local file instead, e.g. {hint}"
     if hub_offline():
         raise DataSourceError(f"{fail} (offline)")
-    if name == "c4" and split not in _C4_FILES:
-        raise DataSourceError(f"c4 has splits {', '.join(_C4_FILES)}, not '{split}'")
     try:
-        if name == "c4":  # one fixed shard per split (GPTQ's), read row by row
-            rows = _stream_rows("allenai/c4", None, split, data_files={split: _C4_FILES[split]})
-            return [row["text"] for row in rows]
-        if name == "wikitext2":
-            rows = _stream_rows("wikitext", "wikitext-2-raw-v1", split)
-            return ["\n\n".join(row["text"] for row in rows)]
-        # datasets >= 4 runs no loading scripts: PTB is read from the hub's Parquet export
-        rows = _stream_rows("ptb_text_only", "penn_treebank", split, revision="refs/convert/parquet")
-        return ["\n\n".join(row["sentence"] for row in rows)]
+        return source.read(split)
     except DataSourceError:
         raise
     except Exception as exc:  # network, hub and format errors surface while iterating: one line

@@ -7,17 +7,8 @@ import inspect
 import typer
 from rich.console import Console
 
-from ..solvers import OPTIONS, SOLVERS
+from ..solvers import METHODS
 from .printing import print_json
-
-SUMMARY = {
-    "cdq": "cdq's own (default): best of GPTQ starts, then CD sweeps with grid refits",
-    "quantease": "QuantEase: cyclic coordinate descent on a fixed min-max grid",
-    "quantease-outlier": "QuantEase keeping a sparse full-precision outlier matrix",
-    "comq": "COMQ: CD over codes and scales in greedy order",
-    "gptq": "GPTQ baseline",
-    "rtn": "round-to-nearest baseline",
-}
 
 
 def methods(
@@ -25,27 +16,27 @@ def methods(
 ) -> None:
     """The layer solvers and the -o KEY=VALUE options of each (type, range, default)."""
     listing = {}
-    for method, solver in SOLVERS.items():
+    for name, method in METHODS.items():
         defaults = {
-            name: param.default
-            for name, param in inspect.signature(solver).parameters.items()
+            option: param.default
+            for option, param in inspect.signature(method.solve).parameters.items()
             if param.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        listing[method] = {
-            "summary": SUMMARY.get(method, ""),
+        listing[name] = {
+            "summary": method.summary,
             "options": {
-                name: {"label": option.label, "accepts": option.describe(), "default": _shown(defaults[name])}
-                for name, option in OPTIONS[method].items()
+                option: {"label": spec.label, "accepts": spec.describe(), "default": _shown(defaults[option])}
+                for option, spec in method.options.items()
             },
         }
     if as_json:
         print_json(listing)
         return
     console = Console(highlight=False, soft_wrap=True)
-    for method, entry in listing.items():
-        console.print(f"[bold]{method}[/bold]: {entry['summary']}")
-        for name, option in entry["options"].items():
-            console.print(f"  -o {name}={option['default']}   {option['label']}: {option['accepts']}")
+    for name, entry in listing.items():
+        console.print(f"[bold]{name}[/bold]: {entry['summary']}")
+        for option, spec in entry["options"].items():
+            console.print(f"  -o {option}={spec['default']}   {spec['label']}: {spec['accepts']}")
         if not entry["options"]:
             console.print("  (no options)")
 

@@ -22,6 +22,8 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
             payload["export"] = finished.export
         if "evaluation" in report:
             payload["evaluation"] = report["evaluation"]
+        if report.get("warnings"):
+            payload["warnings"] = report["warnings"]
         print_json(payload)
         return
     console = Console(highlight=False, soft_wrap=True)
@@ -35,13 +37,7 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
     console.print(f"wrote {out}")
     if finished.export is not None:
         export = finished.export
-        layout = {
-            "gptq": f"GPTQ {export.get('checkpoint_format')}",
-            "gguf": f"GGUF {export.get('type')}",
-        }.get(export["format"], "compressed-tensors")
-        console.print(f"wrote {export.get('file', export['output'])} ({layout})")
-        for line in export.get("fallbacks", []):
-            console.print(f"fallback (as llama.cpp): {line}")
+        console.print(f"wrote {export['output']}: {export['headline']}")
         console.print(f"runs in: {export['engines']}")
 
 
@@ -92,24 +88,21 @@ def _headline(finished: Finished) -> str:
         f"mean relative error {summary['mean_relative_error']:.4g}, "
         f"error vs RTN (geometric mean) {summary['geomean_error_vs_rtn']:.3f}x"
     )
-    if finished.kind == "causal-lm":
-        group = f"g{run['group_size']}" if run["group_size"] else ""
-        grid = f"GGUF {run['gguf_type']}" if run.get("gguf_type") else f"w{run['bits']}{group}"
-        return (
-            f"quantized {summary['layers']} layers with {run['method']} {grid} in "
-            f"{summary['wall_seconds']:.1f}s: {errors}"
-        )
+    group = f"g{run['group_size']}" if run["group_size"] else ""
+    grid = f"GGUF {run['gguf_type']}" if run.get("gguf_type") else f"w{run['bits']}{group}"
     return (
         f"quantized {summary['layers']} layers of {run['model']} ({run['family']}) with {run['method']} "
-        f"w{run['bits']} in {summary['wall_seconds']:.1f}s: {errors}"
+        f"{grid} in {summary['wall_seconds']:.1f}s: {errors}"
     )
 
 
 def _evaluated(finished: Finished) -> str:
+    """The before/after line of ``--eval``: by the metric the evaluation holds (perplexity for a
+    language model, top-1 with agreement for a classifier)."""
     ev = finished.report["evaluation"]
-    if finished.kind == "causal-lm":
+    if "ppl" in ev:
         return (
-            f"perplexity on {ev['data']}: full precision {ev['fp_ppl']:.4f}, "
+            f"perplexity on {ev['data']}: full precision {ev['fp']['ppl']:.4f}, "
             f"quantized [bold]{ev['ppl']:.4f}[/bold] ({ev['windows']} windows x {ev['seqlen']} tokens)"
         )
     return (

@@ -10,8 +10,10 @@ import typer
 
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
-from .choices import DType, ExportFormat, Method, Offload, SigmaDType
-from .launch import launch, rank, under_torchrun
+from ..run.plan import DType, GGUFType, Method, Offload, OutputFormat, SigmaDType
+from ..solvers import DEFAULT_METHOD
+from ..store.exports import FORMATS
+from .launch import launch_run, rank, under_torchrun
 from .presets import apply_config, provenance, solver_options
 from .printing import show_quantized
 from .progress import Reporter, quiet_libraries
@@ -26,7 +28,8 @@ def quantize(
         "(timm/NAME, NAME, or any MODEL with --checkpoint).",
     ),
     method: Method = typer.Option(
-        Method("cdq"), help="Layer solver (cdq: best of GPTQ starts, then CD with grid refits)."
+        Method(DEFAULT_METHOD),
+        help="Layer solver; `cdq methods` lists each with its summary and -o options.",
     ),
     bits: int = typer.Option(4, help="Weight bits: 2, 3, 4, 8; 16 = no quantization (plumbing check)."),
     group_size: int | None = typer.Option(None, help="Columns per scale group (default: one per row)."),
@@ -101,13 +104,13 @@ def quantize(
     config: Path | None = typer.Option(
         None, "--config", is_eager=True, callback=apply_config, help="YAML preset; flags given here win."
     ),
-    out_format: ExportFormat = typer.Option(
-        ExportFormat.native,
+    out_format: OutputFormat = typer.Option(
+        OutputFormat("native"),
         "--format",
-        help="gptq / compressed-tensors / gguf: also export to <output>-gptq / <output>-ct / <output>-gguf "
-        "(docs/results.md).",
+        help=f"{' / '.join(FORMATS)}: also export to "
+        f"{' / '.join('<output>' + fmt.suffix for fmt in FORMATS.values())} (docs/results.md).",
     ),
-    gguf_type: str | None = typer.Option(
+    gguf_type: GGUFType | None = typer.Option(  # type: ignore[valid-type]
         None,
         "--type",
         metavar="T",
@@ -133,8 +136,6 @@ def quantize(
     and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    if nproc > 1 and not under_torchrun():
-        raise typer.Exit(launch(nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
     request = QuantizeRequest(
         target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
         skip=skip, layer=layer, options={**solver_options(ctx), **parse_assignments(option)}, calib=calib,
@@ -142,12 +143,14 @@ def quantize(
         sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
         true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
-        gguf_type=gguf_type,
+        gguf_type=gguf_type.value if gguf_type is not None else None,
         max_shard_size=max_shard_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
         quantize_head=quantize_head, augment=augment,
         command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
     )  # fmt: skip
+    if nproc > 1 and not under_torchrun():
+        raise typer.Exit(launch_run(request, nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
     follower = rank() > 0  # under torchrun, the leader (rank 0) alone reports
     if quiet or as_json or follower or not sys.stderr.isatty():
         quiet_libraries()

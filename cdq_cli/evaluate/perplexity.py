@@ -7,6 +7,7 @@ the report so a reader knows exactly what was measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -124,3 +125,44 @@ def default_seqlen(model: nn.Module | Any, *, cap: int = 2048) -> int:
         if isinstance(value, int) and value > 0:
             return min(cap, value)
     return cap
+
+
+def perplexity_on(
+    texts: list[str],
+    tokenizer: Any,
+    forward: Callable[[list[torch.Tensor]], Iterable[torch.Tensor]],
+    *,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    source: str | None = None,
+    ranks: Any = None,
+) -> dict[str, Any]:
+    """Perplexity (GPTQ protocol) of a model on ``texts``, as a JSON-ready dict.
+
+    ``forward(batches)`` yields the model's logits for each batch of windows, in order (the run
+    computes them block by block, so peak memory is one block plus the activations). ``source``
+    is where the texts came from: the named source ``c4`` is scored on GPTQ's 256 random
+    validation windows, every other text on the non-overlapping windows of its joined token
+    stream. With several ``ranks`` (:class:`cdq_cli.parallel.Ranks`) each scores its range of the
+    batches and the losses are summed.
+    """
+    from ..calib import C4_EVAL_WINDOWS, c4_validation_windows, evaluation_ids
+
+    if source is not None and source.lower() == "c4":
+        count = min(C4_EVAL_WINDOWS, max_windows or C4_EVAL_WINDOWS)
+        chunks = c4_validation_windows(texts, tokenizer, seqlen=seqlen, count=count)
+        stream, protocol = chunks.numel(), C4_PROTOCOL
+    else:
+        ids = evaluation_ids(texts, tokenizer)
+        chunks, stream, protocol = windows_of(ids, seqlen, max_windows), ids.shape[1], PPL_PROTOCOL
+    batches = list(chunks.split(batch_size))
+    shared = ranks is not None and ranks.active
+    if shared:
+        batches = [batches[b] for b in ranks.batches(len(batches))]
+    nll_sum = 0.0
+    for batch, logits in zip(batches, forward(batches), strict=True):
+        nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
+    if shared:
+        nll_sum = ranks.sum_value(nll_sum)
+    return result_of(nll_sum, chunks, stream, protocol).to_dict()

@@ -216,15 +216,6 @@ def unquantized_weights(block: nn.Module, names: list[str]) -> list[str]:
     ]
 
 
-def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the checkpoint tensors (parameters and persistent buffers) holding NaN or Inf."""
-    return [
-        name
-        for name, tensor in model.state_dict().items()
-        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())
-    ]
-
-
 def join_name(prefix: str, name: str) -> str:
     """Full module name of ``name`` inside a block called ``prefix`` (an empty prefix is the root)."""
     return f"{prefix}.{name}" if prefix else name

@@ -1,5 +1,8 @@
 """The GGUF parts of a ``cdq quantize --format gguf --type T`` run outside the block pipeline.
 
+* :func:`resolve`: once the model's layers are known, every layer's GGUF type (llama.cpp's rules
+  for ``T``, a ``--layer`` rule's type, llama.cpp's width fallbacks, F16 for ``--skip``), recorded
+  in the run's settings, whose ``grid_for`` then gives each layer its type's grid.
 * :func:`preflight`: before any work, the model family and its tokenizer must be ones the GGUF
   export writes as llama.cpp reads them (the tokenizer is saved to a temporary folder, exactly as
   the output folder will hold it, and read back the way the export reads it).
@@ -15,19 +18,55 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import gguf_mix
 from ..records import LayerRow, Settings
 from ..solvers import GridSpec, QuantResult
 from ..solvers.gguf import codes_of, grid_of
 from ..solvers.llama_fit import fit_parts
+from ..store import gguf_mix
 from ..store.layer import QuantizedLayer
 from .plan import UsageError
+
+
+def resolve(settings: Settings, shapes: dict[str, tuple[int, ...]]) -> tuple[Settings, list[str]]:
+    """``settings`` with every layer's GGUF type (``shapes``: the quantizable layers' weight shapes
+    by full name; fused experts (E, out, in)): a ``--layer`` rule's type, else llama.cpp's rules
+    for ``--type`` (:mod:`cdq_cli.store.gguf_mix`), then llama.cpp's width fallback; ``--skip``
+    and a width no type fits: None (kept in full precision, F16 in the file). Also the fallbacks,
+    one line each, for the run to show. Called before any work."""
+    assert settings.gguf_type is not None
+    model = gguf_mix.model_shape(shapes, tied=False)
+    resolved: dict[str, str | None] = {}
+    notes: list[str] = []
+    for name, shape in shapes.items():
+        columns = shape[-1]
+        layer = name.split("[", 1)[0]
+        if any(rule.spec is None and rule.matches(layer) for rule in settings.overrides):
+            resolved[layer] = None
+            continue
+        wanted = gguf_mix.mix_type(settings.gguf_type, layer, columns, model)
+        for rule in settings.overrides:
+            if rule.grid is not None and rule.matches(layer):
+                wanted = str(rule.grid.block_type)
+        final = gguf_mix.with_fallback(wanted, columns)
+        if final != wanted:
+            notes.append(f"{layer}: width {columns} does not take {wanted}: {final}, as llama.cpp does")
+        resolved[layer] = None if final == gguf_mix.F16 else final
+    return replace(settings, gguf_layers=resolved), notes
+
+
+def table_info(settings: Settings) -> dict[str, Any]:
+    """The quantization table's record of every layer's GGUF type (F16: kept in full precision),
+    which the GGUF export follows."""
+    if settings.gguf_layers is None:
+        return {}
+    return {"gguf_layers": {name: kind or gguf_mix.F16 for name, kind in settings.gguf_layers.items()}}
 
 
 def preflight(model: nn.Module, tokenizer: Any) -> None:

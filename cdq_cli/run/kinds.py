@@ -3,7 +3,8 @@
 A :class:`ModelKind` knows how to read its data sources, load its model, build its adapter, make
 calibration batches, score a model, and what to add to the report and the output folder's table.
 The run itself (:func:`cdq_cli.run.quantize`) is written once, against this protocol;
-:mod:`cdq_cli.run.language` and :mod:`cdq_cli.run.vision` implement it.
+:mod:`cdq_cli.run.language` and :mod:`cdq_cli.run.vision` implement it, and
+:func:`cdq_cli.run.kind_of` picks one for a target.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Calibration:
     batches: list[torch.Tensor]
     describe: dict[str, Any]
     identity: torch.Tensor
+    warnings: list[str] = field(default_factory=list)  # said once, kept in the report
 
 
 @dataclass
@@ -75,8 +77,9 @@ class ModelKind(Protocol):
 
     def load(self, plan: Plan, note: Any) -> Loaded: ...
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
-        """Checks that need the layers but no calibration (e.g. the export can hold them)."""
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module]) -> None:
+        """Checks that need the model and its layers but no calibration (e.g. the export can hold
+        them)."""
         ...
 
     def calibrate(self, loaded: Loaded, data: Any, plan: Plan, note: Any) -> Calibration: ...
@@ -130,19 +133,3 @@ def override_sections(loaded: Loaded, plan: Plan) -> dict[str, Any]:
         return {}
     rules = [rule.pattern for rule in plan.settings.overrides if rule.spec is None]
     return {"skipped": {"why": f"--skip {' '.join(rules)}: kept in full precision", "layers": skipped}}
-
-
-def kind_of(target: str, checkpoint: str | None = None) -> ModelKind:
-    """The kind of ``target``: a timm classifier for ``timm/NAME``, any target with
-    ``--checkpoint``, an output folder holding one, or a plain name timm knows; else a causal LM."""
-    from ..models.timm_models import KIND, is_timm_architecture
-    from ..store.folder import read_kind
-    from .language import LanguageModels
-    from .vision import VisionModels
-
-    path = Path(target).expanduser()
-    if checkpoint is not None or target.startswith("timm/"):
-        return VisionModels()
-    if path.exists():
-        return VisionModels() if read_kind(path) == KIND else LanguageModels()
-    return VisionModels() if is_timm_architecture(target) else LanguageModels()

@@ -41,6 +41,9 @@ class LanguageModels:
         from ..calib import load_texts
 
         request = plan.request
+        refuse_image_data(request.target, "--calib", request.calib)
+        if request.eval_data is not None:
+            refuse_image_data(request.target, "--eval", request.eval_data)
         held_out = evaluation_texts(request.eval_data) if request.eval_data is not None else None
         return Texts(load_texts(request.calib), held_out)
 
@@ -48,10 +51,11 @@ class LanguageModels:
         note(f"loading {plan.request.target}")
         return open_model(plan.request.target, plan.request.dtype)
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module | torch.Tensor]) -> None:
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module | torch.Tensor]) -> None:
         """What the export (--format) cannot hold is refused now, before any work."""
         if plan.export_dest is None:
             return
+        from ..models import quantizable_layers
         from ..store.exports import preflight
 
         settings = plan.settings
@@ -61,7 +65,15 @@ class LanguageModels:
             if (spec := settings.grid_for(name)) is not None
         }
         skipped = [rule.pattern for rule in settings.overrides if rule.spec is None]
-        preflight(plan.request.export_format, planned, skipped=skipped, method=settings.method)
+        kept = [name for name in quantizable_layers(loaded.adapter, loaded.model) if name not in planned]
+        preflight(
+            plan.request.export_format,
+            planned,
+            skipped=skipped,
+            method=settings.method,
+            model_type=getattr(getattr(loaded.model, "config", None), "model_type", None),
+            kept=kept,
+        )
 
     def calibrate(self, loaded: Loaded, data: Texts, plan: Plan, note: Any) -> Calibration:
         from ..calib import calibration_windows, text_fingerprint
@@ -73,8 +85,14 @@ class LanguageModels:
         if length > context:
             raise UsageError(f"--seqlen {length} exceeds the model's context of {context} tokens")
         note(f"calibration: {request.nsamples} x {length} tokens from {request.calib} (seed {request.seed})")
+        stats: dict[str, Any] = {}
         windows = calibration_windows(
-            data.calibration, loaded.tokenizer, nsamples=request.nsamples, seqlen=length, seed=request.seed
+            data.calibration,
+            loaded.tokenizer,
+            nsamples=request.nsamples,
+            seqlen=length,
+            seed=request.seed,
+            stats=stats,
         )
         describe = {
             "source": request.calib,
@@ -85,7 +103,15 @@ class LanguageModels:
             "seed": request.seed,
             "tokens": windows.numel(),
         }
-        return Calibration(list(windows.split(request.batch_size)), describe, windows)
+        warnings = []
+        needed, held = request.nsamples * length, stats.get("source_tokens")
+        if held is not None and 2 * held <= needed:  # each token in about needed / held windows
+            warnings.append(
+                f"the calibration text {request.calib} holds {held} tokens, far fewer than --nsamples "
+                f"{request.nsamples} x --seqlen {length} = {needed}: its windows repeat each token about "
+                f"{needed / held:.0f} times; give more text or fewer samples"
+            )
+        return Calibration(list(windows.split(request.batch_size)), describe, windows, warnings)
 
     def score(
         self,
@@ -130,19 +156,24 @@ class LanguageModels:
         return override_sections(loaded, plan)
 
     def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        from .gguf import table_info
+
         skipped = skipped_layers(loaded, plan)
-        return {"skipped": skipped} if skipped else {}
+        return {**({"skipped": skipped} if skipped else {}), **table_info(plan.settings)}
 
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
         from ..evaluate.perplexity import default_seqlen
         from ..store.folder import is_quantized_folder
+        from ..store.reopen import is_quantized_checkpoint
 
         if request.tasks is not None:
             return zero_shot(request, device)
         assert request.data is not None
+        refuse_image_data(request.target, "--data", request.data)
         texts = evaluation_texts(request.data)
-        if is_quantized_folder(request.target):
-            loaded = open_output(Path(request.target))
+        if is_quantized_folder(request.target) or is_quantized_checkpoint(request.target):
+            opener = open_output if is_quantized_folder(request.target) else open_exported
+            loaded = opener(Path(request.target))
             if loaded.tokenizer is None:
                 loaded.close()
                 raise UsageError(f"{request.target} holds no tokenizer")
@@ -172,14 +203,19 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     from ..models import load_causal_lm
     from ..offline import hub_offline
     from ..store.folder import is_quantized_folder
+    from ..store.reopen import is_quantized_checkpoint, load_quantized, load_whole
 
     if request.seqlen is not None or request.max_windows is not None:
         raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
-    tasks = parse_tasks(request.tasks or "", offline=hub_offline)
-    built = build_tasks(tasks)
+    trust = request.trust_task_code
+    tasks = parse_tasks(request.tasks or "", offline=hub_offline, trust_code=trust)
+    built = build_tasks(tasks, trust_code=trust)
     if is_quantized_folder(request.target):
         model, tokenizer = load_quantized(request.target)
         held = "the quantized layers dequantized from the output folder, held whole in memory"
+    elif is_quantized_checkpoint(request.target):
+        model, tokenizer = load_whole(open_exported(Path(request.target)))
+        held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
         refuse_orphaned_output(request.target)
         dtype = model_dtype(request.dtype)
@@ -188,7 +224,13 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if tokenizer is None:
         raise UsageError(f"{request.target} holds no tokenizer")
     result = evaluate_tasks(
-        model, tokenizer, built, device=device, batch_size=request.batch_size, limit=request.limit
+        model,
+        tokenizer,
+        built,
+        device=device,
+        batch_size=request.batch_size,
+        limit=request.limit,
+        trust_code=trust,
     )
     return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
@@ -212,61 +254,31 @@ def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
         raise
 
 
-def open_output(folder: Path) -> Loaded:
-    """A cdq output folder opened lazily: the model's skeleton from its config on the meta device,
-    each block dequantized from the shards when its turn comes (the tables checked first)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def open_output(folder: Path | str) -> Loaded:
+    """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its adapter."""
+    from ..store.reopen import open_output as reopen
 
+    return _with_adapter(reopen(folder))
+
+
+def open_exported(folder: Path | str) -> Loaded:
+    """A GPTQ or compressed-tensors checkpoint opened lazily, decoded by cdq block by block
+    (:func:`cdq_cli.store.reopen.open_exported`); any other quantized checkpoint, which cdq cannot
+    decode, loaded whole through transformers."""
+    from ..models import adapter_for, load_causal_lm
+    from ..store.reopen import open_exported as reopen
+
+    opened = reopen(folder)
+    if opened is None:
+        model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
+        return Loaded(model, adapter_for(model), tokenizer)
+    return _with_adapter(opened)
+
+
+def _with_adapter(opened: Any) -> Loaded:
     from ..models import adapter_for
-    from ..models.causal_lm import refuse_remote_code
-    from ..store.folder import CheckpointError, OutputWeights
 
-    folder = Path(folder)
-    weights = OutputWeights(folder)
-    if weights.table.get("kind") != KIND:
-        raise CheckpointError(
-            f"{folder} holds a {weights.table.get('kind')!r} model; only causal LMs load here"
-        )
-    refuse_remote_code(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        with init_empty_weights(include_buffers=False):  # parameters on meta; computed buffers real
-            model = AutoModelForCausalLM.from_config(config, dtype=weights.dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot build the model from {folder / 'config.json'}: {exc}") from None
-    expected = set(model.state_dict())
-    stored = set(weights.names())
-    if expected - stored or stored - expected:
-        from ..store.names import WEIGHTS
-
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        raise CheckpointError(
-            f"{folder / WEIGHTS} does not match config.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for name, buffer in list(model.named_buffers()):  # persistent buffers come from the folder
-        if buffer.device.type != "meta" and name in stored:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, weights.tensor(name))
-    tokenizer = None
-    if any(
-        (folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the tokenizer saved in {folder}: {exc}") from None
-    return Loaded(model.eval(), adapter_for(model), tokenizer, weights)
-
-
-def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
-    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
-    loaded = open_output(Path(folder))
-    state = {name: loaded.weights.tensor(name) for name in loaded.model.state_dict()}  # type: ignore[union-attr]
-    loaded.model.load_state_dict(state, assign=True)
-    loaded.model.tie_weights()
-    return loaded.model.eval(), loaded.tokenizer
+    return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights)
 
 
 def perplexity_of(
@@ -281,35 +293,27 @@ def perplexity_of(
     source: str | None = None,
     ranks: Any = None,
 ) -> dict[str, Any]:
-    """Perplexity (GPTQ protocol) of an opened model on ``texts``, computed block by block (peak
-    memory: one block plus the activations), as a JSON-ready dict. ``source`` is where the texts
-    came from: the named source ``c4`` is scored on GPTQ's 256 random validation windows, every
-    other text on the non-overlapping windows of its joined token stream. With several ``ranks``
-    each scores its range of the windows and the losses are summed."""
-    from ..calib import C4_EVAL_WINDOWS, c4_validation_windows, evaluation_ids
-    from ..evaluate.perplexity import C4_PROTOCOL, PPL_PROTOCOL, result_of, window_nll, windows_of
+    """Perplexity (:func:`cdq_cli.evaluate.perplexity.perplexity_on`) of an opened model, its
+    logits computed block by block (peak memory: one block plus the activations)."""
+    from ..evaluate.perplexity import perplexity_on
     from ..pipeline import forward_blocks
     from ..placement import Placement
 
-    if source is not None and source.lower() == "c4":
-        count = min(C4_EVAL_WINDOWS, max_windows or C4_EVAL_WINDOWS)
-        chunks = c4_validation_windows(texts, loaded.tokenizer, seqlen=seqlen, count=count)
-        stream, protocol = chunks.numel(), C4_PROTOCOL
-    else:
-        ids = evaluation_ids(texts, loaded.tokenizer)
-        chunks, stream, protocol = windows_of(ids, seqlen, max_windows), ids.shape[1], PPL_PROTOCOL
-    batches = list(chunks.split(batch_size))
-    if ranks is not None and ranks.active:
-        batches = [batches[b] for b in ranks.batches(len(batches))]
     placement = Placement(loaded.model, device, loaded.weights)
-    nll_sum = 0.0
-    for batch, logits in zip(
-        batches, forward_blocks(loaded.model, loaded.adapter, placement, batches, policy), strict=True
-    ):
-        nll_sum += window_nll(logits, batch.to(logits.device)).sum().item()
-    if ranks is not None and ranks.active:
-        nll_sum = ranks.sum_value(nll_sum)
-    return result_of(nll_sum, chunks, stream, protocol).to_dict()
+
+    def forward(batches: list[torch.Tensor]) -> Any:
+        return forward_blocks(loaded.model, loaded.adapter, placement, batches, policy)
+
+    return perplexity_on(
+        texts,
+        loaded.tokenizer,
+        forward,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        source=source,
+        ranks=ranks,
+    )
 
 
 def refuse_orphaned_output(target: str) -> None:
@@ -321,8 +325,23 @@ def refuse_orphaned_output(target: str) -> None:
         raise CheckpointError(f"{target} is a cdq output folder without its {MARKER}: it cannot be loaded")
 
 
+def refuse_image_data(target: str, flag: str, source: str) -> None:
+    """An image source given for a model that is not an image classifier cdq knows: the model is
+    what is unknown (a misspelt timm name, say), so say that rather than blame the data."""
+    from ..calib.images import HF_PREFIX, SAMPLE_SET
+    from ..models.causal_lm import _looks_like_hub_id
+
+    if source.lower() == SAMPLE_SET or source.startswith(HF_PREFIX):
+        if not Path(target).expanduser().exists() and not _looks_like_hub_id(target):
+            raise UsageError(f"no such file or folder: {target}")
+        raise UsageError(
+            f"{flag} {source} is image data, but {target} is not an image classifier cdq knows "
+            "(timm/NAME, a timm architecture name, or any model with --checkpoint FILE)"
+        )
+
+
 def evaluation_texts(data: str) -> list[str]:
     """Texts of an evaluation source (named sources read their evaluation split)."""
-    from ..calib import EVAL_SPLITS, load_texts
+    from ..calib import eval_split, load_texts
 
-    return load_texts(data, split=EVAL_SPLITS.get(data.lower()))
+    return load_texts(data, split=eval_split(data))

@@ -24,7 +24,6 @@ VISION_NOTES = {
         "--per-layer means one scale per group there"
     ),
 }
-NAMED_TEXT_SOURCES = ("c4", "wikitext2", "ptb")
 EVAL_BATCH = 32
 
 
@@ -42,12 +41,13 @@ class VisionModels:
     exports = False
 
     def read_data(self, plan: Plan) -> Images:
+        from ..calib import NAMED_SOURCES
         from ..calib.images import open_images
         from ..models.timm_models import check_spec
 
         request = plan.request
         check_spec(timm_spec(request.target, request.checkpoint, request.model_args))
-        if request.calib.lower() in NAMED_TEXT_SOURCES:
+        if request.calib.lower() in NAMED_SOURCES:
             raise UsageError(
                 f"vision models calibrate on images, not {request.calib!r}: pass --calib IMAGE_FOLDER, "
                 "imagenet-sample or hf:NAME[:split]"
@@ -73,7 +73,7 @@ class VisionModels:
         )
         return Loaded(model, adapter, extra={"spec": spec, "data_config": data_config(model)})
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module]) -> None:
         return None
 
     def calibrate(self, loaded: Loaded, data: Images, plan: Plan, note: Any) -> Calibration:

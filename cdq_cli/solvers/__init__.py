@@ -11,19 +11,32 @@ Public API::
 from __future__ import annotations
 
 from .grid import SUPPORTED_BITS, Grid, GridSpec, fit_minmax
-from .registry import OPTIONS, SOLVERS, check_options, method_options, run_solver, solve
+from .registry import (
+    DEFAULT_METHOD,
+    METHODS,
+    Method,
+    Option,
+    check_options,
+    find_method,
+    method_options,
+    run_solver,
+    solve,
+)
 from .result import QuantResult, objective
 from .sigma import SigmaAccumulator
 
 __all__ = [
-    "OPTIONS",
-    "SOLVERS",
+    "DEFAULT_METHOD",
+    "METHODS",
     "SUPPORTED_BITS",
     "Grid",
     "GridSpec",
+    "Method",
+    "Option",
     "QuantResult",
     "SigmaAccumulator",
     "check_options",
+    "find_method",
     "fit_minmax",
     "method_options",
     "objective",

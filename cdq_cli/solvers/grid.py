@@ -151,11 +151,6 @@ def codes_of(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return torch.clamp(torch.round(values / scale) + zero, 0, maxq)
 
 
-def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Nearest grid point of ``values``, elementwise (the inner step of every solver)."""
-    return scale * (codes_of(values, scale, zero, maxq) - zero)
-
-
 def _minmax_params(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for ranges [lo, hi] (any shape), the GPTQ min–max convention.
 

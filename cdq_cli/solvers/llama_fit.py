@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .gguf_types import block_type
+from .gguf_types import BLOCK_TYPES, block_type
 
 F32 = torch.float32
 GROUP_MAX_EPS = 1e-15
@@ -447,15 +447,5 @@ def _fit_q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> dict[str, torch.Tenso
     return {"d": _half(d), "scales": levels.to(torch.int16)}
 
 
-_FITTERS = {
-    "Q8_0": _fit_q8_0,
-    "Q4_0": _fit_q4_0,
-    "Q5_0": _fit_q5_0,
-    "Q4_1": _fit_q4_1,
-    "Q5_1": _fit_q5_1,
-    "Q2_K": _fit_q2_k,
-    "Q3_K": _fit_q3_k,
-    "Q4_K": _fit_q4_k,
-    "Q5_K": _fit_q5_k,
-    "Q6_K": _fit_q6_k,
-}
+# every block type's fit: the function ``_fit_<type>`` of this module (one list of types: BLOCK_TYPES)
+_FITTERS = {name: globals()[f"_fit_{name.lower()}"] for name in BLOCK_TYPES}

@@ -1,17 +1,22 @@
-"""Method names → solver functions, and each method's options with their types and ranges.
+"""The layer solvers, one declared :class:`Method` each, and the typing of their options.
 
-Every solver is a pure function ``solver(weight, sigma, spec, **options) -> QuantResult``. Its
-user-facing options are declared here once (:data:`OPTIONS`): type, range or choices, and a
-label for messages. :func:`check_options` is the one place that turns option values (strings
-from ``-o KEY=VALUE``, typed values from a preset or from Python) into the solver's typed
-arguments, or refuses them with one line naming the option.
+Every solver is a pure function ``solver(weight, sigma, spec, **options) -> QuantResult``. A
+:class:`Method` record declares, once, everything the rest of cdq needs to know about it: its name,
+the function, its user-facing options (type, range or choices, a label for messages), a one-line
+summary (``cdq methods``, ``--help``) and the sweeps it typically runs (the rank assignment's cost
+estimate). :data:`METHODS` is the one list; the command line, the plan's checks, ``cdq methods`` and
+the rank assignment all read it. Adding a solver is its module plus one entry here.
+
+:func:`check_options` is the one place that turns option values (strings from ``-o KEY=VALUE``,
+typed values from a preset or from Python) into the solver's typed arguments, or refuses them with
+one line naming the option.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,19 +32,6 @@ from .quantease import PRESETS, solve_quantease
 from .result import QuantResult, check_problem
 from .rtn import solve_rtn
 from .starts import START_POINTS
-
-SOLVERS: dict[str, Callable[..., QuantResult]] = {
-    "rtn": solve_rtn,
-    "gptq": solve_gptq,
-    "quantease": solve_quantease,
-    "quantease-outlier": solve_quantease_outlier,
-    "comq": solve_comq,
-    "cdq": solve_cdq,
-}
-
-
-# The keyword through which each solver takes a fixed grid (a GGUF block type's: see run_solver).
-GRID_ARGUMENT = {"rtn": "grid", "gptq": "fixed_grid", "quantease": "grid", "comq": "grid", "cdq": "grid"}
 
 
 @dataclass(frozen=True)
@@ -75,74 +67,145 @@ class Option:
         return text + (" or none" if self.optional else "")
 
 
+@dataclass(frozen=True)
+class Method:
+    """One layer solver, declared once: ``name`` (``--method``), ``solve`` (the pure function),
+    ``options`` (every keyword option a user may set, and nothing internal), ``summary`` (one
+    line for ``cdq methods`` and ``--help``), ``sweeps``: how many passes over the layer it
+    typically makes, the factor of its cost estimate (:meth:`cost`), and ``fixed_grid``: the
+    keyword through which ``solve`` takes a fixed grid (a GGUF block type's, :func:`run_solver`;
+    None: the method cannot solve on one, e.g. it keeps full-precision outliers)."""
+
+    name: str
+    solve: Callable[..., QuantResult]
+    summary: str
+    sweeps: float
+    options: Mapping[str, Option] = field(default_factory=dict)
+    fixed_grid: str | None = None
+
+    def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
+        """Estimated solve time of one layer, in arbitrary units: rows × columns² per sweep,
+        times the sweeps (``-o sweeps`` when given), plus one for the RTN comparison."""
+        sweeps = float(options.get("sweeps") or self.sweeps)
+        return rows * columns**2 * (1.0 + sweeps)
+
+
 _ORDER = Option("visiting order", "choice", choices=ORDERS)
 _BLOCK = Option("block size", "int", low=1)
 _DAMPING = Option("damping", "float", low=0)
 
-# method -> option name -> Option. Every keyword option a user may set, and nothing internal.
-OPTIONS: dict[str, dict[str, Option]] = {
-    "rtn": {},
-    "gptq": {
-        "damping": _DAMPING,
-        "block_size": _BLOCK,
-        "act_order": Option("act order", "bool"),
-    },
-    "quantease": {
-        "preset": Option("QuantEase preset", "choice", choices=PRESETS),
-        "sweeps": Option("sweeps", "int", low=0, optional=True),
-        "order": _ORDER,
-        "start": Option("start point", "choice", choices=START_POINTS, optional=True),
-        "relaxed": Option("relaxed sweeps", "bool", optional=True),
-        "block_size": _BLOCK,
-        "damping": _DAMPING,
-    },
-    "quantease-outlier": {
-        "outlier_fraction": Option("outlier fraction", "float", low=0, high=1, open_high=True),
-        "structured": Option("structured outliers", "bool"),
-        "iterations": Option("iterations", "int", low=0),
-        "final_sweeps": Option("final sweeps", "int", low=0),
-        "order": _ORDER,
-        "start": Option("start point", "choice", choices=START_POINTS),
-        "block_size": _BLOCK,
-        "damping": _DAMPING,
-        "inner": Option("inner solver", "choice", choices=INNER_SOLVERS),
-    },
-    "comq": {
-        "scalar": Option("COMQ scalar λ", "float", low=0, open_low=True),
-        "iterations": Option("outer iterations", "int", low=1),
-        "sweeps": Option("sweeps", "int", low=0),
-        "order": _ORDER,
-        "update_scales": Option("scale updates", "bool"),
-        "start": Option("start point", "choice", choices=START_POINTS),
-        "block_size": _BLOCK,
-        "damping": _DAMPING,
-    },
-    "cdq": {
-        "starts": Option("start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")),
-        "order": _ORDER,
-        "sweeps": Option("sweeps", "int", low=0),
-        "refit": Option("grid refit", "choice", choices=REFITS),
-        "block_size": _BLOCK,
-        "damping": _DAMPING,
-        "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
-        "rounds": Option("rounds", "int", low=1),
-    },
+# The solvers, in the order ``cdq methods`` lists them.
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("rtn", solve_rtn, "round-to-nearest baseline", sweeps=0.0, fixed_grid="grid"),
+        Method(
+            "gptq",
+            solve_gptq,
+            "GPTQ baseline",
+            sweeps=1.0,
+            fixed_grid="fixed_grid",
+            options={
+                "damping": _DAMPING,
+                "block_size": _BLOCK,
+                "act_order": Option("act order", "bool"),
+            },
+        ),
+        Method(
+            "quantease",
+            solve_quantease,
+            "QuantEase: cyclic coordinate descent on a fixed min-max grid",
+            sweeps=30.0,
+            fixed_grid="grid",
+            options={
+                "preset": Option("QuantEase preset", "choice", choices=PRESETS),
+                "sweeps": Option("sweeps", "int", low=0, optional=True),
+                "order": _ORDER,
+                "start": Option("start point", "choice", choices=START_POINTS, optional=True),
+                "relaxed": Option("relaxed sweeps", "bool", optional=True),
+                "block_size": _BLOCK,
+                "damping": _DAMPING,
+            },
+        ),
+        Method(
+            "quantease-outlier",
+            solve_quantease_outlier,
+            "QuantEase keeping a sparse full-precision outlier matrix",
+            sweeps=14.0,
+            options={
+                "outlier_fraction": Option("outlier fraction", "float", low=0, high=1, open_high=True),
+                "structured": Option("structured outliers", "bool"),
+                "iterations": Option("iterations", "int", low=0),
+                "final_sweeps": Option("final sweeps", "int", low=0),
+                "order": _ORDER,
+                "start": Option("start point", "choice", choices=START_POINTS),
+                "block_size": _BLOCK,
+                "damping": _DAMPING,
+                "inner": Option("inner solver", "choice", choices=INNER_SOLVERS),
+            },
+        ),
+        Method(
+            "comq",
+            solve_comq,
+            "COMQ: CD over codes and scales in greedy order",
+            sweeps=3.0,
+            fixed_grid="grid",
+            options={
+                "scalar": Option("COMQ scalar λ", "float", low=0, open_low=True),
+                "iterations": Option("outer iterations", "int", low=1),
+                "sweeps": Option("sweeps", "int", low=0),
+                "order": _ORDER,
+                "update_scales": Option("scale updates", "bool"),
+                "start": Option("start point", "choice", choices=START_POINTS),
+                "block_size": _BLOCK,
+                "damping": _DAMPING,
+            },
+        ),
+        Method(
+            "cdq",
+            solve_cdq,
+            "cdq's own (default): best of GPTQ starts, then CD sweeps with grid refits",
+            sweeps=8.0,
+            fixed_grid="grid",
+            options={
+                "starts": Option(
+                    "start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")
+                ),
+                "order": _ORDER,
+                "sweeps": Option("sweeps", "int", low=0),
+                "refit": Option("grid refit", "choice", choices=REFITS),
+                "block_size": _BLOCK,
+                "damping": _DAMPING,
+                "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
+                "rounds": Option("rounds", "int", low=1),
+            },
+        ),
+    )
 }
+DEFAULT_METHOD = "cdq"
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def method_options(method: str) -> list[str]:
-    """Names of the options ``method`` accepts."""
-    return list(_options(method))
+def find_method(name: str) -> Method:
+    """The declared :class:`Method` called ``name``; one-line ``ValueError`` naming the choices."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}") from None
+
+
+def method_options(name: str) -> list[str]:
+    """Names of the options method ``name`` accepts."""
+    return list(find_method(name).options)
 
 
 def check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` as the solver's typed keyword arguments; ``ValueError`` (one line) naming the
     first unknown option or bad value. Strings are parsed (``"4"`` → 4, ``"true"`` → True,
     ``"none"`` → None, ``"gptq,rtn"`` → a list for comma-list options)."""
-    accepted = _options(method)
+    accepted = find_method(method).options
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(
@@ -184,7 +247,8 @@ def run_solver(
 ) -> QuantResult:
     """:func:`solve` for options already returned by :func:`check_options` (the driver's path:
     options are checked once, when the run's settings are made)."""
-    solver = _solver(method)
+    chosen = find_method(method)
+    solver = chosen.solve
     if not torch.is_floating_point(weight):
         raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
     check_problem(weight, sigma)
@@ -194,25 +258,14 @@ def run_solver(
         return solver(weight, sigma, spec, **options)
     # A GGUF block type: every solver works on the type's exact grid, starting from llama.cpp's own
     # choice of the stored scales weighted by diag Σ (solvers.gguf).
-    if method not in GRID_ARGUMENT:
+    if chosen.fixed_grid is None:
+        able = ", ".join(name for name, m in METHODS.items() if m.fixed_grid is not None)
         raise ValueError(
             f"method {method} keeps full-precision outliers, which a GGUF file cannot hold: "
-            f"choose one of {', '.join(GRID_ARGUMENT)}"
+            f"choose one of {able}"
         )
     grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
-    return solver(weight, sigma, spec, **options, **{GRID_ARGUMENT[method]: grid})
-
-
-def _solver(method: str) -> Callable[..., QuantResult]:
-    try:
-        return SOLVERS[method]
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(SOLVERS)}") from None
-
-
-def _options(method: str) -> dict[str, Option]:
-    _solver(method)
-    return OPTIONS[method]
+    return solver(weight, sigma, spec, **options, **{chosen.fixed_grid: grid})
 
 
 def _value(method: str, name: str, option: Option, value: Any) -> Any:

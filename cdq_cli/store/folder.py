@@ -12,7 +12,8 @@ Layout of a cdq output folder::
     config.json, tokenizer files, report.json, .cdq-manifest.json (the files cdq wrote)
 
 :class:`OutputBuilder` streams tensors into shards as blocks finish (:mod:`.shards`), in a work
-folder that is renamed into place when everything is written (:func:`~cdq_cli.store.files.publish`).
+folder that is completed (table, companions), then renamed into place when everything is written
+(:func:`~cdq_cli.store.files.publish`).
 :class:`OutputWeights` reads a folder back, by tensor name, one tensor at a time, after checking
 that the table and the shards agree and that every layer's packed tensors have exactly the sizes
 its bits and shape imply.
@@ -41,7 +42,7 @@ from .layer import (
     spec_of,
     write_layer_tensors,
 )
-from .names import MARKER, REPORT, WEIGHTS, WEIGHTS_INDEX
+from .names import MARKER, QUANTIZED, WEIGHTS, WEIGHTS_INDEX
 from .shards import ShardWriter, read_tensor, shard_files
 
 KINDS = ("causal-lm", "timm-classifier")
@@ -126,24 +127,22 @@ class OutputBuilder:
             else:
                 self.add_tensor(name, tensor)
 
-    def finish(
+    def complete(
         self,
-        dest: Path,
         *,
         info: dict[str, Any],
         kind: str,
         dtype: torch.dtype,
         extras: Callable[[Path], None] | None = None,
-        overwrite: bool = False,
-        protect: Sequence[Path | str] = (),
         order: Sequence[str] = (),
     ) -> Path:
         """Close the shards, write quantization.json (layers listed in ``order``, the solve order,
-        then any others) and ``extras`` (config, tokenizer, report); put the folder in place."""
+        then any others) and ``extras`` (config, tokenizer...): the work folder is then a complete
+        output folder that is not in place yet (it can be read back, e.g. to score it); returns it."""
         try:
             self.shards.close()
         except OSError as exc:
-            raise write_error(exc, Path(dest)) from exc
+            raise write_error(exc, self.dest) from exc
         ranked = {name: rank for rank, name in enumerate(order)}
         self.layers = dict(sorted(self.layers.items(), key=lambda item: ranked.get(item[0], len(ranked))))
         table = {
@@ -159,8 +158,12 @@ class OutputBuilder:
         (self.work / MARKER).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
         if extras is not None:
             extras(self.work)
+        return self.work
+
+    def publish(self, dest: Path, *, overwrite: bool = False, protect: Sequence[Path | str] = ()) -> Path:
+        """Put the completed work folder in place as ``dest`` (:func:`~cdq_cli.store.files.publish`)."""
         dest = Path(dest).absolute()
-        publish(self.work, dest, overwrite=overwrite, protect=protect)
+        publish(self.work, dest, overwrite=overwrite, protect=protect, kind=QUANTIZED)
         return dest
 
 
@@ -182,21 +185,19 @@ def save_quantized(
     from .files import check_output_dir
 
     dest = Path(dest).absolute()
-    check_output_dir(dest, overwrite=overwrite, protect=protect)
+    check_output_dir(dest, overwrite=overwrite, protect=protect, kind=QUANTIZED)
     work = make_work_folder(dest)
     try:
         builder = OutputBuilder(work, dest=dest, ties=tied_names(model), max_shard_bytes=max_shard_bytes)
         builder.add_state(model.state_dict(keep_vars=True).items(), layers)
-        return builder.finish(
-            dest,
+        builder.complete(
             info=info or {},
             kind=kind,
             dtype=next(model.parameters()).dtype,
             extras=lambda folder: write_companions(folder, model, tokenizer, report),
-            overwrite=overwrite,
-            protect=protect,
             order=list(layers),
         )
+        return builder.publish(dest, overwrite=overwrite, protect=protect)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -204,8 +205,11 @@ def save_quantized(
         raise
 
 
-def write_companions(folder: Path, model: nn.Module, tokenizer: Any, report: dict[str, Any] | None) -> None:
-    """What travels with the weights: config, generation config, tokenizer, report.json."""
+def write_companions(
+    folder: Path, model: nn.Module, tokenizer: Any, report: dict[str, Any] | None = None
+) -> None:
+    """What travels with the weights: config, generation config, tokenizer (and report.json when
+    given: the run writes its report itself, once it is complete)."""
     config = getattr(model, "config", None)
     if hasattr(config, "save_pretrained"):
         config.save_pretrained(folder)
@@ -215,7 +219,9 @@ def write_companions(folder: Path, model: nn.Module, tokenizer: Any, report: dic
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if report is not None:
-        (folder / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        from .report import write
+
+        write(folder, report)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -313,7 +319,10 @@ class OutputWeights:
         except CheckpointError:
             raise
         except Exception as exc:  # a truncated or corrupt file: safetensors, OS and JSON errors alike
-            raise CheckpointError(f"cannot read {self._where()}: {_first_line(exc)}") from None
+            why = _first_line(exc)
+            raise CheckpointError(
+                why if str(self.folder) in why else f"cannot read {self._where()}: {why}"
+            ) from None
         self.params = {param_key(name, meta): name for name, meta in self.layer_meta.items()}
 
     def names(self) -> list[str]:

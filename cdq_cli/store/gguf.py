@@ -14,7 +14,7 @@ re-rounded. Everything else is written as llama.cpp's converter and quantizer wr
   converter splits them (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``: the rows of each
   expert, so again the codes move with their rows), the router (``ffn_gate_inp``) in F32;
 * norms and other 1-D tensors as F32; a 2-D weight the folder holds in full precision gets the
-  type llama.cpp's quantizer gives it (:mod:`cdq_cli.gguf_mix`), quantized as llama.cpp quantizes
+  type llama.cpp's quantizer gives it (:mod:`.gguf_mix`), quantized as llama.cpp quantizes
   without an importance matrix (the embeddings and head of a ``--format gguf`` run are already
   quantized that way by the run itself, so the file and the folder hold the same numbers), or F16
   where llama.cpp falls back to F16 (a width not a multiple of 32).
@@ -26,7 +26,7 @@ tokenizer llama.cpp would read differently (:class:`~.gguf_vocab.VocabError`), o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import gguf_mix
 from ..solvers import GridSpec
 from ..solvers.gguf import codes_of, grid_of
 from ..solvers.gguf_types import BLOCK_TYPES
 from ..solvers.llama_fit import fit_parts
-from .exports import ExportError, default_dest, read_json, refuse_same_folder
+from . import gguf_mix
+from .exporting import ExportError, ExportFormat, read_json, refuse_same_folder
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .gguf_blocks import pack
 from .gguf_vocab import VocabError, read_vocab
 from .layer import spec_of
+
+AS_RUN = "as-run"  # cdq export --format gguf without --type: the type the run was quantized for
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,14 @@ class GGUFSummary:
     engines: str = ENGINES
 
     def to_dict(self) -> dict[str, Any]:
+        types = ", ".join(f"{count} {kind}" for kind, count in sorted(self.types.items()))
+        fallbacks = "".join(f"; fallback (as llama.cpp): {line}" for line in self.fallbacks)
         return {
             "output": str(self.dest),
             "format": "gguf",
+            "headline": (
+                f"{self.file.name}, GGUF {self.gguf_type}, {self.size:,} bytes; tensors: {types}{fallbacks}"
+            ),
             "file": str(self.file),
             "type": self.gguf_type,
             "tensor_types": self.types,
@@ -115,8 +122,17 @@ def check_family(config: Mapping[str, Any]) -> GGUFFamily:
     return family
 
 
-def preflight(layers: Mapping[str, tuple[tuple[int, ...], GridSpec]], *, method: str) -> None:
-    """Refuse, before any work, what a GGUF file cannot hold."""
+def preflight(
+    layers: Mapping[str, tuple[tuple[int, ...], GridSpec]],
+    *,
+    method: str,
+    skipped: Sequence[str] = (),
+    model_type: str | None = None,
+    kept: Sequence[str] = (),
+) -> None:
+    """Refuse, before any work, what a GGUF file cannot hold (``skipped``/``kept`` layers are
+    written in F16, as llama.cpp keeps them; the family is checked from the model's config by the
+    run, :func:`check_family`)."""
     if method == "quantease-outlier":
         raise ExportError(f"--method {method} keeps full-precision outliers, which a GGUF file cannot hold")
     for name, (shape, spec) in layers.items():
@@ -164,16 +180,20 @@ def export_gguf(
     source: Path | str,
     dest: Path | str | None = None,
     *,
-    gguf_type: str | None = None,
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+    type: str | None = AS_RUN,
 ) -> GGUFSummary:
-    """Write ``<dest>/model-<TYPE>.gguf`` for the cdq output folder ``source`` (atomically)."""
+    """Write ``<dest>/model-<TYPE>.gguf`` for the cdq output folder ``source`` (atomically): one
+    file, whatever ``max_shard_bytes`` says. ``type`` (``--type``): :data:`AS_RUN` (or None) is
+    the run's, and any other is refused (the layers were solved on the run's grids)."""
+    gguf_type = type
     try:
         import gguf
     except ImportError:
         raise ExportError("the GGUF export needs the gguf package: pip install 'cdq[gguf]'") from None
     source = Path(source).absolute()
-    dest = Path(dest).absolute() if dest is not None else default_dest(source, "gguf")
+    dest = Path(dest).absolute() if dest is not None else FORMAT.default_dest(source)
     refuse_same_folder(source, dest, "gguf")
     stored = OutputWeights(source)
     table = stored.table
@@ -182,7 +202,7 @@ def export_gguf(
     config = read_json(source / "config.json")
     family = check_family(config)
     recorded = table.get("gguf_type")
-    if gguf_type is None:
+    if gguf_type in (None, AS_RUN):
         gguf_type = recorded
     if gguf_type is None:
         raise ExportError(f"{source} was not quantized for GGUF: run cdq quantize --format gguf --type T")
@@ -400,3 +420,13 @@ def _metadata(
         writer.add_expert_feed_forward_length(int(moe_ff))
     if (shared_ff := config.get("shared_expert_intermediate_size")) is not None:
         writer.add_expert_shared_feed_forward_length(int(shared_ff))
+
+
+FORMAT = ExportFormat(
+    name="gguf",
+    suffix="-gguf",
+    description="one GGUF file on llama.cpp's block types (llama.cpp, Ollama, LM Studio); needs --type T",
+    preflight=preflight,
+    export=export_gguf,
+    options={"type": (AS_RUN, *gguf_mix.FILE_TYPES)},
+)

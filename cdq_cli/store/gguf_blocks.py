@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..solvers.gguf_types import block_type
+from ..solvers.gguf_types import BLOCK_TYPES, block_type
 
 
 def pack(name: str, codes: torch.Tensor, parts: dict[str, torch.Tensor]) -> np.ndarray:
@@ -175,18 +175,8 @@ def _q6_k(c, p, nb):
     )
 
 
-_PACKERS = {
-    "Q4_0": _q4_0,
-    "Q4_1": _q4_1,
-    "Q5_0": _q5_0,
-    "Q5_1": _q5_1,
-    "Q8_0": _q8_0,
-    "Q2_K": _q2_k,
-    "Q3_K": _q3_k,
-    "Q4_K": _q4_k,
-    "Q5_K": _q5_k,
-    "Q6_K": _q6_k,
-}
+# every block type's packing: the function ``_<type>`` of this module (the types: BLOCK_TYPES)
+_PACKERS = {name: globals()[f"_{name.lower()}"] for name in BLOCK_TYPES}
 
 
 def unpack(
@@ -308,15 +298,5 @@ def _u_q6_k(b):
     return codes, {"d": _f16(b[:, 208:210]), "scales": b[:, 192:208].view(np.int8).astype(np.int16)}
 
 
-_UNPACKERS = {
-    "Q4_0": _u_q4_0,
-    "Q4_1": _u_q4_1,
-    "Q5_0": _u_q5_0,
-    "Q5_1": _u_q5_1,
-    "Q8_0": _u_q8_0,
-    "Q2_K": _u_q2_k,
-    "Q3_K": _u_q3_k,
-    "Q4_K": _u_q4_k,
-    "Q5_K": _u_q5_k,
-    "Q6_K": _u_q6_k,
-}
+# every block type's unpacking: the function ``_u_<type>`` of this module
+_UNPACKERS = {name: globals()[f"_u_{name.lower()}"] for name in BLOCK_TYPES}

@@ -1,24 +1,29 @@
 """The report schema (report.json): run settings, one row per quantized layer, and a summary.
 
 Everything a reader needs to reproduce or compare a run is here: method and grid, solver options,
-the calibration source and its hash, library versions, device and command line. Rows are
-:class:`cdq_cli.records.LayerRow`; the summary is derived from them.
+the calibration source and its hash, library versions, device and command line. A run hands over
+one :class:`~cdq_cli.records.RunRecord`; :func:`render` makes the whole report from it, once. The
+settings are described by :meth:`~cdq_cli.records.Settings.describe`, the same description the
+output folder's quantization table (:func:`table_entries`) and the resume fingerprint use.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import resource
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
-from ..records import LayerRow, Settings
+from ..records import LayerRow, RunRecord, Settings
+from .names import REPORT
 
 SCHEMA = "cdq-report/1"
 
@@ -80,51 +85,65 @@ def summarize(rows: Sequence[LayerRow], wall_seconds: float, memory: dict[str, A
     }
 
 
-def build(
-    *,
-    model: str,
-    family: str,
-    dtype: str,
-    settings: Settings,
-    seed: int,
-    calibration: dict[str, Any],
-    rows: Sequence[LayerRow],
-    device: torch.device,
-    command: str,
-    started: str,
-    ended: str,
-    wall_seconds: float,
-) -> dict[str, Any]:
-    """The report as a JSON-ready dict."""
-    return {
-        "schema": SCHEMA,
-        "run": {
-            "model": model,
-            "family": family,
-            "dtype": dtype,
-            "method": settings.method if settings.quantizing else "none",
-            "bits": settings.bits,
-            "group_size": settings.group_size,
-            "sym": settings.sym,
-            "per_layer": settings.per_layer,
-            "overrides": [rule.describe() for rule in settings.overrides],  # --skip / --layer, in order
-            **({"gguf_type": settings.gguf_type} if settings.gguf_type is not None else {}),
-            "seed": seed,
-            "options": _json_options(settings.options),
-            "true_sequential": settings.true_sequential,
-            "fp_inputs": settings.fp_inputs,
-            "sigma_dtype": str(settings.sigma_dtype).removeprefix("torch."),
-            "calibration": calibration,
-            "versions": versions(),
-            "device": device_name(device),
-            "environment": environment(),
-            "command": command,
-            "started": started,
-            "ended": ended,
-        },
-        "layers": [row.to_dict() for row in rows],
-        "summary": summarize(rows, wall_seconds, peak_memory(device)),
+def render(record: RunRecord) -> dict[str, Any]:
+    """The whole report of a run, as a JSON-ready dict."""
+    described = record.settings.describe()
+    run: dict[str, Any] = {
+        "model": record.model,
+        "family": record.family,
+        "dtype": record.dtype,
+        **table_entries(record.settings),
+        "per_layer": described["per_layer"],
+        "overrides": described.get("overrides", []),  # --skip / --layer, in order
+        "seed": record.seed,
+        "options": _json_options(described["options"]),
+        "true_sequential": described["true_sequential"],
+        "fp_inputs": described["fp_inputs"],
+        "sigma_dtype": described["sigma_dtype"],
+        "calibration": record.calibration,
+        "versions": versions(),
+        "device": device_name(record.settings.device),
+        "environment": environment(),
+        "command": record.command,
+        "started": record.started,
+        "ended": record.ended,
+        "batch_size": record.batch_size,
+        "config": record.config,
+        "parallel": record.parallel,
     }
+    if record.resumed_blocks is not None:
+        run["resumed_blocks"] = record.resumed_blocks
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run": run,
+        "layers": [row.to_dict() for row in record.rows],
+        "summary": summarize(record.rows, record.wall_seconds, record.peak_memory),
+        **record.sections,
+    }
+    if record.unquantized:  # named, never skipped in silence
+        report["not_quantized"] = {
+            "why": "not a Linear, Conv2d or fused-experts layer (e.g. a router): kept in full precision",
+            "layers": record.unquantized,
+        }
+    if record.evaluation is not None:
+        report["evaluation"] = record.evaluation
+    return report
+
+
+def table_entries(settings: Settings) -> dict[str, Any]:
+    """What the report's run section and the output folder's quantization table both say of the
+    grid: method, bits, group size, symmetry (from :meth:`Settings.describe`), and a GGUF run's
+    ``--type``."""
+    described = settings.describe()
+    entries = {key: described[key] for key in ("method", "bits", "group_size", "sym")}
+    if settings.gguf_type is not None:
+        entries["gguf_type"] = settings.gguf_type
+    return entries
+
+
+def write(folder: Path, report: dict[str, Any]) -> None:
+    """report.json in ``folder`` (strict JSON: a NaN is an error, never written)."""
+    (Path(folder) / REPORT).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _json_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .solvers.gguf_types import BLOCK_TYPES, fitting_type
+from ..solvers.gguf_types import BLOCK_TYPES, fitting_type
 
 # --type T: (default block type, llama.cpp file type id (LlamaFileType), rules apply)
 FILE_TYPES: dict[str, tuple[str, int, bool]] = {
