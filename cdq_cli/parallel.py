@@ -127,10 +127,15 @@ class Ranks:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
 
 
+def world_size() -> int:
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
     """The run's ranks, joining the process group when torchrun started this process, and the
     device this rank computes on (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return Ranks(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

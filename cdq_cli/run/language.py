@@ -200,6 +200,7 @@ def apply_transform(loaded: Loaded, transform: str, seed: int, note: Any) -> Non
             "grid": N_GRID,
             "search_tokens": SEARCH_TOKENS,
             "criterion": "squared error of the inspected module's output, readers rounded to the run's grid",
+            "runtime_ops": "none: folded into the weights",
         }
     loaded.extra["transform"] = described
 

@@ -172,7 +172,7 @@ class Plan:
 def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, build the run's settings, and join
     the other processes of the run when torchrun started this one (last: a bad flag fails first)."""
-    from ..parallel import from_environment
+    from ..parallel import from_environment, world_size
     from ..store.exports import default_dest
     from ..store.files import check_output_dir
 
@@ -224,12 +224,12 @@ def settle(request: QuantizeRequest) -> Plan:
             "-o target=fp quantizes each layer against its full-precision inputs and outputs; "
             "--fp-inputs feeds every layer full-precision inputs instead: choose one"
         )
-    ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device
-    if ranks.active and settings.transform == Transform.awq:
+    if world_size() > 1 and settings.transform == Transform.awq:
         raise UsageError(
             "--transform awq runs in one process (its scale search would need the batches of every "
             "process, and its choices must not depend on how they are split): drop --nproc/torchrun"
         )
+    ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device
     return Plan(request, replace(settings, device=device), ranks, output, export_dest, max_shard_bytes)
 
 

@@ -28,8 +28,9 @@ Conventions (read from compressed-tensors' own compressor and ``QuantizationArgs
   older put 10 values in a word and leave 2 bits empty, and would misread it).
 * **Strategies.** Grouped grids are ``strategy: group``; per-channel and per-layer grids (one scale,
   written as equal per-channel scales, which is exact) are ``strategy: channel``.
-* **Act-order.** cdq's act-order GPTQ (``-o act_order=true``, and cdq's act-order start) keeps every
-  group on its natural columns ("static groups"), which is compressed-tensors' ``actorder: weight``:
+* **Act-order.** cdq's act-order GPTQ (``--method gptq`` unless ``-o act_order=false``, and cdq's
+  act-order starts) keeps every group on its natural columns ("static groups"), which is
+  compressed-tensors' ``actorder: weight``:
   the checkpoint needs no ``weight_g_idx`` (an identity permutation). The ``group`` ordering that
   stored one was removed in compressed-tensors 0.19; cdq never produces it.
 * **Which layers.** One grid for every quantized layer: ``targets: ["Linear"]`` and ``ignore``
@@ -56,7 +57,15 @@ import torch
 
 from ..solvers import GridSpec
 from ..solvers.packing import pack
-from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
+from .exporting import (
+    ExportError,
+    ExportFormat,
+    copy_companions,
+    merged_transform,
+    read_json,
+    refuse_same_folder,
+    write_json,
+)
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
@@ -193,6 +202,7 @@ def export_compressed(
         )
     tied = bool(config.get("tie_word_embeddings", False))
     run = read_json(source / REPORT).get("run", {})
+    transform = merged_transform(table, "compressed-tensors")
     dtype = stored.dtype
 
     rounding = 0.0
@@ -215,7 +225,7 @@ def export_compressed(
             if not (tied and name == "lm_head.weight" and name in stored.aliases):
                 shards.write({name: tensor})  # a tied head is re-tied by transformers from the config
         shards.close()
-        block = quantization_config(specs, matrices, stored.names(), run)
+        block = quantization_config(specs, matrices, stored.names(), run, transform)
         config["quantization_config"] = block
         write_json(tmp / "config.json", config)
         copy_companions(source, tmp)
@@ -236,13 +246,18 @@ def quantization_config(
     matrices: list[str],
     names: list[str],
     run: Mapping[str, Any],
+    transform: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """config.json's ``quantization_config`` block (the fields compressed-tensors itself writes)."""
+    """config.json's ``quantization_config`` block (the fields compressed-tensors itself writes,
+    plus ``cdq_transform``: the ``--transform`` merged into the weights, which compressed-tensors
+    ignores; its own ``transform_config`` is for transforms applied at inference, so it stays empty)."""
     by_grid: dict[tuple, list[str]] = {}
     for name, (spec, _, _) in specs.items():
         by_grid.setdefault(_grid_key(spec), []).append(name)
     options = run.get("options", {}) if isinstance(run, Mapping) else {}
-    actorder = "weight" if options.get("act_order") is True else None
+    # GPTQ runs act-order unless -o act_order=false (static groups: the stored order is natural)
+    gptq_order = run.get("method") == "gptq" and options.get("act_order", True) is True
+    actorder = "weight" if options.get("act_order") is True or gptq_order else None
     modules = sorted({name.rpartition(".")[0] for name in names} | set(specs))
     groups = {}
     for number, (key, members) in enumerate(sorted(by_grid.items(), key=lambda item: -len(item[1]))):
@@ -265,6 +280,7 @@ def quantization_config(
         "sparsity_config": {},
         "transform_config": {},
         "version": LAYOUT_VERSION,
+        "cdq_transform": dict(transform or {"name": "none"}),
     }
 
 
