@@ -28,7 +28,8 @@ FORBIDDEN = {
     "pipeline": {"cli", "run"},
     "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline"},
     "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline"},
-    "models": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers", "transforms"},
+    "models": _DRIVER
+    | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers", "transforms"},
     "transforms": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "placement"},
     "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
     "records": _DRIVER | _MIDDLE,
