@@ -372,3 +372,20 @@ def test_awq_with_several_processes_and_with_16_bits_is_refused(
 
 def test_a_transform_error_is_a_value_error() -> None:
     assert issubclass(TransformError, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["opt", "mixtral", "qwen2_moe"])
+def test_awq_runs_on_opt_and_mixture_of_experts_and_reports_its_choices(
+    kind, tokenizer, calib, tmp_path, capsys
+):
+    folder = saved(kind, tmp_path / kind, tokenizer)
+    capsys.readouterr()
+    out = tmp_path / "q"
+    args = ["--method", "rtn", "--bits", "4", "--transform", "awq", "--calib", calib, *FAST, "--output", out]
+    code, _, err = cli(capsys, "quantize", folder, *args)
+    assert code == 0, err
+    transform = json.loads((out / "report.json").read_text())["run"]["transform"]
+    assert transform["name"] == "awq" and len(transform["blocks"]) == 2
+    for block in transform["blocks"]:
+        assert block["tokens"] == 4 * 32
+        assert all(group["error"] <= group["error_unscaled"] for group in block["groups"])
