@@ -14,10 +14,9 @@ of :mod:`cdq_cli.records` are used, so any family with an adapter runs through t
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -346,8 +345,8 @@ class _Run:
         groups = _groups(self.adapter, block, index, self.settings)
         everything = [name for group in groups for name in group]
         fp = None
-        if self.fp_acts is not None:  # a full-precision copy of the block runs the other stream
-            fp = (copy.deepcopy(block), self.fp_acts)
+        if self.fp_acts is not None:  # the block's full-precision weights run the other stream
+            fp = (FullPrecision(block, everything), self.fp_acts)
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
             sigmas = _collect(
@@ -365,8 +364,8 @@ class _Run:
             self.solve(block, index, everything, sigmas)
         _forward(self.adapter, block, acts)
         if fp is not None:
-            _forward(self.adapter, *fp)
-            del fp
+            with fp[0].active():
+                _forward(self.adapter, block, fp[1])
 
     def awq(self, block: nn.Module, index: int, acts: Activations) -> None:
         """``--transform awq``: search and fold this block's scales on its first calibration
@@ -573,6 +572,28 @@ def _rows_of(block: nn.Module, name: str) -> int:
     return weight.shape[0] if weight.dim() == 3 else 1
 
 
+class FullPrecision:
+    """The full-precision weights of a block's layers ``names`` (copied before any is solved), put
+    in place for the passes of the full-precision stream (``-o target=fp``) and taken out again:
+    the same modules run both streams, whatever the block is (a decoder layer, a view over a
+    vision model's modules)."""
+
+    def __init__(self, block: nn.Module, names: list[str]) -> None:
+        self.weights = [layer_weight(block, name) for name in names]
+        self.saved = [weight.detach().clone() for weight in self.weights]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        current = [weight.data for weight in self.weights]
+        for weight, saved in zip(self.weights, self.saved, strict=True):
+            weight.data = saved
+        try:
+            yield
+        finally:
+            for weight, data in zip(self.weights, current, strict=True):
+                weight.data = data
+
+
 class ExpertSigmas:
     """The per-expert Σ's of one fused 3-D weight (None: no token reached that expert)."""
 
@@ -589,14 +610,15 @@ def _collect(
     *,
     advance: bool = False,
     ranks: Ranks | None = None,
-    fp: tuple[nn.Module, Activations] | None = None,
+    fp: tuple[FullPrecision, Activations] | None = None,
 ) -> dict[str, SigmaAccumulator]:
     """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
     replace ``acts`` (the inputs are not needed again).
 
-    With ``fp`` (``-o target=fp``: a full-precision copy of the block and the full-precision
-    model's stream), each batch first runs through the copy, which records the inputs of the
-    same layers, and the accumulators are the paired ones (Σ, the cross term X̃ Xᵀ and X̃ X̃ᵀ).
+    With ``fp`` (``-o target=fp``: the block's full-precision weights and the full-precision
+    model's stream), each batch first runs through the block with those weights in place on the
+    full-precision stream, recording the layers' inputs, and the accumulators are the paired ones
+    (Σ, the cross term X̃ Xᵀ and X̃ X̃ᵀ).
 
     Layers fed the very same input tensor in a forward pass (q/k/v, gate/up) share one Σ: the
     first of them accumulates it, the others point at it (found on the first batch, checked on
@@ -633,7 +655,8 @@ def _collect(
             )
             capture.want(leaf)
             experts[name] = (capture, leaf)
-    fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP block
+    fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP pass
+    fp_pass = [False]
     for name in names:
         if name in experts:
             continue
@@ -644,15 +667,14 @@ def _collect(
             def add(module: nn.Module, args: tuple, name: str = name, add_pair=add_pair) -> None:
                 add_pair(module, args, fp_inputs[name])
 
-            def record(_module: nn.Module, args: tuple, name: str = name) -> None:
-                fp_inputs[name] = args[0]
-
-            handles.append(fp[0].get_submodule(name).register_forward_pre_hook(record))
         else:
             acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
+            if fp_pass[0]:
+                fp_inputs[name] = args[0]
+                return
             owner = name
             if isinstance(module, nn.Linear):
                 owner = next((first_name for x, first_name in seen if x is args[0]), name)
@@ -674,7 +696,12 @@ def _collect(
                 seen.clear()
                 if fp is not None:
                     fp_inputs.clear()
-                    _forward_batch(adapter, fp[0], fp[1], i)
+                    fp_pass[0] = True
+                    try:
+                        with fp[0].active():
+                            _forward_batch(adapter, block, fp[1], i)
+                    finally:
+                        fp_pass[0] = False
                 out = _forward_batch(adapter, block, acts, i)
                 first[0] = False
                 if advance:

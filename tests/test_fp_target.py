@@ -193,3 +193,31 @@ def test_target_is_an_option_of_the_three_methods_only(llama, tmp_path, capsys) 
         "gptq",
         "quantease",
     }
+
+
+def test_convolutions_take_the_target_too() -> None:
+    """Dense and depthwise convs (EfficientNet-Lite layout): where both streams are still equal
+    (the first group of the first block) the cross term is Σ itself, W* = W and the result is the
+    usual one bit for bit; later layers (depthwise ones included) are solved for the other target."""
+    from tiny_vision import images, tiny_model
+
+    from cdq_cli.models.vision import vision_adapter_for
+    from cdq_cli.pipeline import quantize_model
+    from cdq_cli.run.plan import make_settings
+
+    outcomes = {}
+    for target in ("quantized", "fp"):
+        model = tiny_model("lite0-small")
+        adapter = vision_adapter_for(model)
+        x = images()
+        settings = make_settings(method="gptq", bits=4, device="cpu", options={"target": target})
+        outcomes[target] = quantize_model(model, adapter, [x[:3], x[3:]], settings)
+    plain, fp = ({row.name: row for row in o.rows} for o in outcomes.values())
+    first = outcomes["fp"].rows[0].name
+    assert torch.equal(outcomes["fp"].layers[first].qweight, outcomes["quantized"].layers[first].qweight)
+    assert fp[first].error == pytest.approx(plain[first].error, rel=1e-6)
+    grouped = [name for name in fp if "conv_dw" in name]
+    assert grouped and all(fp[name].solver_error is not None for name in grouped)
+    fp_layers, plain_layers = outcomes["fp"].layers, outcomes["quantized"].layers
+    changed = [name for name in fp if not torch.equal(fp_layers[name].qweight, plain_layers[name].qweight)]
+    assert changed  # later layers are solved for another target
