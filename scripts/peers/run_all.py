@@ -22,6 +22,7 @@ runs/peers/<row>/. Rows run one after another; start nothing else heavy beside t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import fnmatch
 import json
@@ -116,15 +117,19 @@ def run_logged(argv: list[str], log: Path) -> tuple[int, float, str]:
     with log.open("w", encoding="utf-8") as handle:
         handle.write(f"$ {shlex.join(argv)}\n")
         handle.flush()
-        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+        # its own process group: an interrupt ends the wrapper (_peak_rss.py) and the tool under it
+        proc = subprocess.Popen(
+            argv, stdout=handle, stderr=subprocess.STDOUT, env=env(), cwd=REPO, start_new_session=True
+        )
         try:
             code = proc.wait()
         except BaseException:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
             raise
     return code, time.perf_counter() - began, log.read_text(encoding="utf-8", errors="replace")[-4000:]
 
