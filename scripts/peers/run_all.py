@@ -238,6 +238,47 @@ def table(records: list[dict]) -> None:
         )
 
 
+def targets(records: list[dict]) -> list[str]:
+    """Issue 19's targets, judged from the saved rows (only rows that finished count)."""
+    done = [r for r in records if "failed" not in r and "scores" in r]
+    fp = next((r for r in done if r["bits"] is None), None)
+    lines = []
+    for bits, factor in ((3, 2.0), (4, 1.15)):
+        ours = [r for r in done if r["tool"] == "cdq" and r["bits"] == bits]
+        peers = [r for r in done if r["tool"] not in ("cdq", "full precision") and r["bits"] == bits]
+        if not ours:
+            lines.append(f"- W{bits}: no cdq row yet")
+            continue
+        for text, label in (("wikitext2", "WikiText-2"), ("ptb", "PTB")):
+            best = min(ours, key=lambda r: r["scores"][text]["ppl"])
+            value = best["scores"][text]["ppl"]
+            above = [
+                f"{p['tool']} {p['recipe']} {p['scores'][text]['ppl']:.2f}"
+                for p in peers
+                if p["scores"][text]["ppl"] <= value
+            ]
+            verdict = "met" if peers and not above else ("missed" if above else "no peer row yet")
+            lines.append(
+                f"- W{bits} {label}: cdq's best is {best['recipe']} at {value:.2f}; below every peer"
+                f" ({len(peers)} rows): **{verdict}**"
+                + (f" (at or below it: {'; '.join(above)})" if above else "")
+            )
+        if fp is not None:
+            bound = factor * fp["scores"]["wikitext2"]["ppl"]
+            best = min(r["scores"]["wikitext2"]["ppl"] for r in ours)
+            verdict = "met" if best <= bound else "missed"
+            lines.append(f"- W{bits} WikiText-2 <= {factor}x FP = {bound:.2f}: {best:.2f}, **{verdict}**")
+        rounds = [r for r in peers if r["tool"] == "AutoRound" and r.get("cpu_seconds")]
+        r = min(ours, key=lambda r: r["scores"]["wikitext2"]["ppl"])  # cdq's best recipe
+        for ar in rounds:
+            verdict = "met" if r["cpu_seconds"] <= ar["cpu_seconds"] else "missed"
+            lines.append(
+                f"- W{bits} CPU time of cdq's best ({r['recipe']}) {r['cpu_seconds']:.0f} s vs AutoRound"
+                f" {ar['recipe']} {ar['cpu_seconds']:.0f} s: **{verdict}**"
+            )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=[], help="row names or shell patterns (--list)")
@@ -258,6 +299,7 @@ def main() -> int:
     if args.table:
         records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(saved.glob("*.json"))]
         table(records)
+        print("\n".join(targets(records)))
         return 0
     chosen = [n for n in available if any(fnmatch.fnmatchcase(n, p) for p in args.rows)]
     unknown = [p for p in args.rows if not any(fnmatch.fnmatchcase(n, p) for n in available)]
