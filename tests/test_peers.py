@@ -111,3 +111,32 @@ def test_driver_rows_share_the_protocol(protocol) -> None:
     for row in peers:
         assert row.argv[row.argv.index("--calib") + 1] == str(protocol.CALIB_FILE)
         assert row.argv[row.argv.index("--bits") + 1] == str(row.bits)
+
+
+def test_targets_are_judged_from_the_rows() -> None:
+    run_all = _load("run_all")
+
+    def row(tool: str, recipe: str, bits: int | None, wiki: float, ptb: float, cpu: float | None) -> dict:
+        scores = {"wikitext2": {"ppl": wiki}, "ptb": {"ppl": ptb}}
+        return {"tool": tool, "recipe": recipe, "bits": bits, "scores": scores, "cpu_seconds": cpu}
+
+    records = [
+        row("full precision", "-", None, 30.0, 60.0, None),
+        row("cdq", "cdq", 3, 55.0, 120.0, 300.0),
+        row("cdq", "gptq", 3, 90.0, 100.0, 200.0),
+        row("AutoRound", "light", 3, 70.0, 110.0, 1000.0),
+        row("llm-compressor", "awq", 3, 80.0, 115.0, 150.0),
+        {**row("llm-compressor", "gptq", 3, 1.0, 1.0, 1.0), "failed": {"error": "x"}},  # never counts
+        row("cdq", "cdq", 4, 35.0, 70.0, 300.0),
+    ]
+    lines = "\n".join(run_all.targets(records))
+    assert "W3 WikiText-2: cdq's best is cdq at 55.00; below every peer (2 rows): **met**" in lines
+    assert "W3 PTB: cdq's best is gptq at 100.00; below every peer (2 rows): **met**" in lines
+    assert "W3 WikiText-2 <= 2.0x FP = 60.00: 55.00, **met**" in lines
+    assert "W3 CPU time of cdq's best (cdq) 300 s vs AutoRound light 1000 s: **met**" in lines
+    assert "W4 WikiText-2 <= 1.15x FP = 34.50: 35.00, **missed**" in lines
+    assert (
+        "W4 WikiText-2: cdq's best is cdq at 35.00; below every peer (0 rows): **no peer row yet**" in lines
+    )
+    records[3]["scores"]["ptb"]["ppl"] = 100.0  # a peer level with cdq's best is not beaten
+    assert "**missed** (at or below it: AutoRound light 100.00)" in "\n".join(run_all.targets(records))
