@@ -16,6 +16,12 @@ Recipes (every modifier at its defaults except the grid; ``lm_head`` and embeddi
 - ``awq``: ``AWQModifier()`` (duo scaling, 20-point grid) then ``QuantizationModifier`` (min-max
   round to nearest) on the same grid.
 
+On a machine without a GPU, ``AWQModifier`` (0.14.0.1) fails in ``_apply_smoothing``: it pins its
+cached activations with ``Tensor.pin_memory()`` unconditionally, which needs a CUDA driver
+("RuntimeError: Found no NVIDIA driver on your system"). Pinning only speeds host-to-device copies,
+so where no accelerator is available ``IntermediatesCache.pin_memory`` is made a no-op here (the
+arithmetic is unchanged); ``--no-cpu-fix`` runs the tool unpatched.
+
 The grid is compressed-tensors' ``int``, ``symmetric: true``, ``strategy: channel`` at ``--bits``.
 After ``oneshot`` every quantized Linear's weight is fake-quantized with its own scale (what the
 in-memory model computes in its forward) and written as plain float32 weights; the written
@@ -85,6 +91,7 @@ def main() -> int:
     parser.add_argument("--recipe", choices=RECIPES, required=True)
     parser.add_argument("--transform-type", default="random-hadamard", help="SpinQuant's transform_type")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-cpu-fix", action="store_true", help="keep AWQ's unconditional pin_memory")
     args = parser.parse_args()
 
     torch_version = common.check_torch()
@@ -93,6 +100,11 @@ def main() -> int:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    patched = not args.no_cpu_fix and not torch.cuda.is_available()
+    if patched:
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     torch.manual_seed(0)
     ids = common.read_calib(args.calib)
     model, tokenizer = common.load_fp(args.model)
@@ -145,6 +157,7 @@ def main() -> int:
         "nsamples": nsamples,
         "seqlen": seqlen,
         "logits_max_abs_diff_vs_in_memory": diff,
+        "pin_memory_disabled": patched,
         "calib": str(args.calib),
     }
     common.write_folder(keep, config.to_dict(), tokenizer, args.out, record)
