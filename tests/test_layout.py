@@ -26,11 +26,11 @@ FORBIDDEN = {
     "__main__": set(),
     "run": {"cli"},
     "pipeline": {"cli", "run"},
-    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline"},
-    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline"},
+    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline", "cleanup"},
+    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline", "cleanup"},
     "models": _DRIVER
     | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers", "transforms"},
-    "transforms": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "placement"},
+    "transforms": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "placement", "cleanup"},
     "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
     "records": _DRIVER | _MIDDLE,
     "capture": _DRIVER | {"store", "models", "calib", "evaluate", "parallel", "placement"},
@@ -40,6 +40,8 @@ FORBIDDEN = {
     "placement": _DRIVER | _MIDDLE - {"placement"} | {"solvers"},
     "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
     "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
+    # what a process removes or says on any exit: used by models and store, imports nothing of cdq
+    "cleanup": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }
 
 
@@ -190,6 +192,10 @@ NOT_CHOICES = {
     frozenset({"store/shards.py:_UNITS", "store/shards.py:_BINARY"}): "decimal and binary unit multipliers",
     frozenset({"offline.py:_TRUE", "solvers/registry.py:_TRUE"}): (
         "HF_HUB_OFFLINE's true words (huggingface_hub's convention) and -o's boolean words (cdq's)"
+    ),
+    frozenset({"models/base.py:FUSED_PROJECTIONS", "store/experts.py:FUSED"}): (
+        "transformers 5's names of fused-experts parameters, not a choice: models finds them in the "
+        "model, store names them in checkpoints, and neither may import the other"
     ),
 }
 

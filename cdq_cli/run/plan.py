@@ -14,6 +14,7 @@ The plan and its :class:`~cdq_cli.records.Settings` are frozen: everything downs
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -136,7 +137,8 @@ class QuantizeRequest:
 @dataclass
 class EvalRequest:
     """One ``cdq eval``: a model or a cdq output folder, scored on ``data`` (perplexity, top-1) or
-    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task)."""
+    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task;
+    ``trust_task_code``: let local task files run code of their own)."""
 
     target: str
     data: str | None = None
@@ -150,6 +152,7 @@ class EvalRequest:
     model_args: list[str] = field(default_factory=list)
     tasks: str | None = None
     limit: int | None = None
+    trust_task_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,10 @@ class Plan:
 def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, build the run's settings, and join
     the other processes of the run when torchrun started this one (last: a bad flag fails first)."""
-    from ..parallel import from_environment, world_size
+    from ..parallel import env_world, from_environment
     from ..store.exports import default_dest
     from ..store.files import check_output_dir
+    from ..store.names import EXPORT, QUANTIZED
 
     choose("--method", request.method, Method)
     for flag, value, least in (
@@ -211,12 +215,13 @@ def settle(request: QuantizeRequest) -> Plan:
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
     output = (request.output or Path(default_output(request))).absolute()
-    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
-    check_writable(output)
+    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request), kind=QUANTIZED)
     export_dest = None
     if request.export_format != NATIVE:
         export_dest = default_dest(output, request.export_format)
-        check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
+        check_output_dir(
+            export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output], kind=EXPORT
+        )
     if settings.transform == Transform.awq and not settings.quantizing:
         raise UsageError("--transform awq searches scales for the run's grid; --bits 16 quantizes nothing")
     if settings.target == "fp" and settings.fp_inputs:
@@ -224,11 +229,12 @@ def settle(request: QuantizeRequest) -> Plan:
             "-o target=fp quantizes each layer against its full-precision inputs and outputs; "
             "--fp-inputs feeds every layer full-precision inputs instead: choose one"
         )
-    if world_size() > 1 and settings.transform == Transform.awq:
+    if env_world() > 1 and settings.transform == Transform.awq:
         raise UsageError(
             "--transform awq runs in one process (its scale search would need the batches of every "
             "process, and its choices must not depend on how they are split): drop --nproc/torchrun"
         )
+    check_processes(request, env_world(), settings.device, hardware=False)  # before waiting for them
     ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device
     return Plan(request, replace(settings, device=device), ranks, output, export_dest, max_shard_bytes)
 
@@ -317,9 +323,15 @@ def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
 
 
 def _pattern(flag: str, pattern: str, shown: str) -> str:
+    """``pattern`` checked: Python's ``re`` syntax (what the docs promise); it is matched by the
+    ``regex`` package (:meth:`~cdq_cli.records.LayerRule.matches`), which takes the same syntax and
+    can stop a search that runs too long."""
+    import regex
+
     try:
         re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)
+    except (re.error, regex.error) as exc:
         raise ValueError(f"{flag} {shown!r}: not a valid regular expression ({exc})") from None
     return pattern
 
@@ -328,22 +340,6 @@ def plan_sources(request: QuantizeRequest) -> list[Path]:
     """The local files a run reads and must never replace: the model, its checkpoint, the data."""
     paths = [request.target, request.checkpoint, request.calib, request.eval_data]
     return [Path(p).expanduser() for p in paths if p is not None and Path(p).expanduser().exists()]
-
-
-def check_writable(output: Path) -> None:
-    """Fail now, not after hours, when the output's location cannot be written (read-only, no
-    permission): try a temporary folder in the nearest existing ancestor."""
-    import tempfile
-
-    ancestor = output.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    try:
-        Path(tempfile.mkdtemp(prefix=".cdq-write-check-", dir=ancestor)).rmdir()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the output {output}: {ancestor} is not writable ({exc.strerror})"
-        ) from None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -380,3 +376,32 @@ def choose(flag: str, value: str, choices: type[Enum]) -> str:
     if value not in allowed:
         raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def check_processes(
+    request: QuantizeRequest, count: int, device: torch.device, *, hardware: bool = True
+) -> None:
+    """Refuse, before any process starts or any model loads, ``count`` processes that cannot all
+    work: each needs a calibration batch of its own and (``hardware``: processes of this machine)
+    a CPU core of its own on the CPU, a GPU of its own on CUDA."""
+    if count <= 1:
+        return
+    batches = -(-request.nsamples // request.batch_size)
+    if count > batches:
+        raise UsageError(
+            f"{count} processes need at least {count} calibration batches, and --nsamples "
+            f"{request.nsamples} with --batch-size {request.batch_size} makes {batches}: lower "
+            "--batch-size (or --nproc)"
+        )
+    if not hardware:
+        return
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if count > gpus:
+            raise UsageError(f"{count} processes need {count} GPUs, and {gpus} are visible: lower --nproc")
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count > cpus:
+        raise UsageError(
+            f"{count} processes on the CPU need {count} cores, and this machine gives {cpus}: lower --nproc"
+        )
