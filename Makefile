@@ -111,15 +111,19 @@ device-prep: setup
 # this project's; not part of `make test` or CI. Rows run one after another at one thread each (hours
 # for AutoRound): `make peers ROWS='llmc-*-w3 cdq-cdq-w3'`; cdq's rows with other flags:
 # `make peers-cdq CDQ_EXTRA='-o target=fp' LABEL=fp-target`.
+# PEER_VENV_ROOT: the folder holding .venv-peer-autoround and .venv-peer-llmcompressor (default: this
+# checkout); venvs already installed there (their .installed stamp) are used as they are: after
+# changing a pin, `rm $(PEER_VENV_ROOT)/.venv-peer-*/.installed` to reinstall.
 ROWS ?= fp llmc-* cdq-* autoround-default-*
 CDQ_EXTRA ?=
 LABEL ?=
-PEERS = $(BIN)/python scripts/peers/run_all.py
+PEER_VENV_ROOT ?= .
+PEERS = PEER_VENV_ROOT=$(abspath $(PEER_VENV_ROOT)) $(BIN)/python scripts/peers/run_all.py
 
-.venv-peer-%/.installed: scripts/peers/requirements-%.txt scripts/peers/setup.sh
-	PYTHON=$(PYTHON) bash scripts/peers/setup.sh $*
+$(PEER_VENV_ROOT)/.venv-peer-%/.installed: | scripts/peers/requirements-%.txt scripts/peers/setup.sh
+	PYTHON=$(PYTHON) PEER_VENV_ROOT=$(PEER_VENV_ROOT) bash scripts/peers/setup.sh $*
 
-peers-setup: .venv-peer-autoround/.installed .venv-peer-llmcompressor/.installed
+peers-setup: $(PEER_VENV_ROOT)/.venv-peer-autoround/.installed $(PEER_VENV_ROOT)/.venv-peer-llmcompressor/.installed
 
 peers-calib: setup
 	CDQ_DATA_DIR=$(abspath $(DATA)) $(BIN)/python scripts/peers/protocol.py calib

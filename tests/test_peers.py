@@ -131,12 +131,24 @@ def test_targets_are_judged_from_the_rows() -> None:
     ]
     lines = "\n".join(run_all.targets(records))
     assert "W3 WikiText-2: cdq's best is cdq at 55.00; below every peer (2 rows): **met**" in lines
-    assert "W3 PTB: cdq's best is gptq at 100.00; below every peer (2 rows): **met**" in lines
+    # the best recipe is one row (lowest WikiText-2), judged on PTB too: not the PTB-best gptq row
+    assert "W3 PTB: cdq's best is cdq at 120.00; below every peer (2 rows): **missed**" in lines
+    assert "(at or below it: AutoRound light 110.00; llm-compressor awq 115.00)" in lines
     assert "W3 WikiText-2 <= 2.0x FP = 60.00: 55.00, **met**" in lines
     assert "W3 CPU time of cdq's best (cdq) 300 s vs AutoRound light 1000 s: **met**" in lines
     assert "W4 WikiText-2 <= 1.15x FP = 34.50: 35.00, **missed**" in lines
     assert (
         "W4 WikiText-2: cdq's best is cdq at 35.00; below every peer (0 rows): **no peer row yet**" in lines
     )
-    records[3]["scores"]["ptb"]["ppl"] = 100.0  # a peer level with cdq's best is not beaten
-    assert "**missed** (at or below it: AutoRound light 100.00)" in "\n".join(run_all.targets(records))
+    records[3]["scores"]["wikitext2"]["ppl"] = 55.0  # a peer level with cdq's best is not beaten
+    assert "**missed** (at or below it: AutoRound light 55.00)" in "\n".join(run_all.targets(records))
+
+
+def test_peer_venvs_can_live_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_all = _load("run_all")
+    monkeypatch.delenv("PEER_VENV_ROOT", raising=False)
+    assert run_all.venv_python("autoround") == str(REPO / ".venv-peer-autoround" / "bin" / "python")
+    monkeypatch.setenv("PEER_VENV_ROOT", str(tmp_path))
+    rows = run_all.rows([], None)
+    assert rows["autoround-light-w3"].argv[0] == str(tmp_path / ".venv-peer-autoround" / "bin" / "python")
+    assert rows["llmc-awq-w4"].argv[0] == str(tmp_path / ".venv-peer-llmcompressor" / "bin" / "python")
