@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "QuantizeRequest",
     "SigmaDType",
+    "Transform",
     "UsageError",
     "make_settings",
     "settle",
@@ -63,6 +64,15 @@ class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+class Transform(str, Enum):
+    """``--transform``: an equivalence transform applied before quantization (exact in full
+    precision; :mod:`cdq_cli.transforms`)."""
+
+    none = "none"
+    hadamard = "hadamard"  # rotate the residual stream (R1) and each head's values (R2), merged
+    awq = "awq"  # activation-aware per-channel scales, searched per block, folded into norms/linears
 
 
 class SigmaDType(str, Enum):
@@ -110,6 +120,7 @@ class QuantizeRequest:
     batch_size: int = 8
     fp_inputs: bool = False
     true_sequential: bool = True
+    transform: str = "none"
     overwrite: bool = False
     resume: bool = False
     eval_data: str | None = None
@@ -188,6 +199,7 @@ def settle(request: QuantizeRequest) -> Plan:
     choose("--dtype", request.dtype, DType)
     choose("--format", request.export_format, OutputFormat)
     check_gguf(request)
+    choose("--transform", request.transform, Transform)
     settings = make_settings(
         method=request.method,
         bits=request.bits,
@@ -203,6 +215,7 @@ def settle(request: QuantizeRequest) -> Plan:
         sigma_dtype=getattr(torch, choose("--sigma-dtype", request.sigma_dtype, SigmaDType)),
         offload_activations=choose("--offload-activations", request.offload_activations, Offload),
         gguf_type=request.gguf_type,
+        transform=request.transform,
     )
     try:
         max_shard_bytes = parse_size(request.max_shard_size)
@@ -215,6 +228,18 @@ def settle(request: QuantizeRequest) -> Plan:
         export_dest = default_dest(output, request.export_format)
         check_output_dir(
             export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output], kind=EXPORT
+        )
+    if settings.transform == Transform.awq and not settings.quantizing:
+        raise UsageError("--transform awq searches scales for the run's grid; --bits 16 quantizes nothing")
+    if settings.target == "fp" and settings.fp_inputs:
+        raise UsageError(
+            "-o target=fp quantizes each layer against its full-precision inputs and outputs; "
+            "--fp-inputs feeds every layer full-precision inputs instead: choose one"
+        )
+    if env_world() > 1 and settings.transform == Transform.awq:
+        raise UsageError(
+            "--transform awq runs in one process (its scale search would need the batches of every "
+            "process, and its choices must not depend on how they are split): drop --nproc/torchrun"
         )
     check_processes(request, env_world(), settings.device, hardware=False)  # before waiting for them
     ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device

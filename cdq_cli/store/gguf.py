@@ -39,7 +39,7 @@ from ..solvers.gguf import codes_of, grid_of
 from ..solvers.gguf_types import BLOCK_TYPES
 from ..solvers.llama_fit import fit_parts
 from . import gguf_mix
-from .exporting import ExportError, ExportFormat, read_json, refuse_same_folder
+from .exporting import ExportError, ExportFormat, merged_transform, read_json, refuse_same_folder
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .gguf_blocks import pack
@@ -201,6 +201,7 @@ def export_gguf(
         raise ExportError(f"{source} holds a {table.get('kind')!r} model; GGUF is for causal LMs")
     config = read_json(source / "config.json")
     family = check_family(config)
+    merged_transform(table, "GGUF")  # --transform: merged into the weights, or refused
     recorded = table.get("gguf_type")
     if gguf_type in (None, AS_RUN):
         gguf_type = recorded

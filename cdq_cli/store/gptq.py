@@ -63,6 +63,7 @@ from .exporting import (
     ExportError,
     ExportFormat,
     copy_companions,
+    merged_transform,
     read_json,
     refuse_gguf_grids,
     refuse_same_folder,
@@ -267,7 +268,8 @@ def export_gptq(
         raise ExportError(f"{source} has no config.json; the GPTQ export needs the model's config")
     tied = bool(config.get("tie_word_embeddings", False))
     report = read_json(source / REPORT)
-    block = quantization_config(spec, method, report.get("run", {}), checkpoint_format)
+    transform = merged_transform(table, "GPTQ")
+    block = quantization_config(spec, method, report.get("run", {}), checkpoint_format, transform)
     config["quantization_config"] = block
 
     rounding = 0.0
@@ -303,7 +305,11 @@ def export_gptq(
 
 
 def quantization_config(
-    spec: GridSpec, method: str, run: Mapping[str, Any], checkpoint_format: str = "gptq"
+    spec: GridSpec,
+    method: str,
+    run: Mapping[str, Any],
+    checkpoint_format: str = "gptq",
+    transform: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json (also the body of quantize_config.json)."""
     grid = (
@@ -327,6 +333,8 @@ def quantization_config(
             "cdq_options": dict(run.get("options", {})),
             "cdq_grid": grid,
             "cdq_zero_point": "v1: qzeros hold z - 1" if checkpoint_format == "gptq" else "v2: qzeros hold z",
+            # --transform, merged into the weights: nothing for a loader to do
+            "cdq_transform": dict(transform or {"name": "none"}),
         },
     }
 
