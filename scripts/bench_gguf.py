@@ -164,6 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--extra", default="", help="more cdq quantize arguments, e.g. --extra=--no-true-sequential"
     )
+    parser.add_argument(
+        "--imatrix", type=Path, help="an importance-matrix file of an earlier run with the same calibration"
+    )
+    parser.add_argument("--no-fp", action="store_true", help="do not score the F32 file")
+    parser.add_argument("--no-rtn", action="store_true", help="leave out llama.cpp's round-to-nearest files")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,8 +181,10 @@ def main() -> None:
     windows = calibration_windows(
         load_texts(calib), tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0
     )
-    imatrix = args.work / f"imatrix-{args.imatrix_from}.gguf"
-    if args.imatrix_from == "ours":
+    imatrix = args.imatrix or args.work / f"imatrix-{args.imatrix_from}.gguf"
+    if args.imatrix is not None:
+        print(f"# importance matrix: {imatrix} (given)", flush=True)
+    elif args.imatrix_from == "ours":
         imatrix_ours(model, windows, imatrix)
     else:
         imatrix_llama(args.llama_bin, f32, tokenizer, windows, imatrix)
@@ -185,18 +192,16 @@ def main() -> None:
         "wikitext2": evaluation_ids(load_texts(str(data / "text" / "wikitext2-raw-test.txt")), tokenizer),
         "ptb": evaluation_ids(load_texts(str(data / "text" / "ptb-test.txt")), tokenizer),
     }
-    fp = score(f32, texts, args.eval_windows, args.seqlen, args)
-    print(
-        f"# FP: WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f} ({args.eval_windows} x {args.seqlen})"
-    )
+    fp = None if args.no_fp else score(f32, texts, args.eval_windows, args.seqlen, args)
+    if fp is not None:
+        windows_text = f"({args.eval_windows} x {args.seqlen})"
+        print(f"# FP: WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f} {windows_text}", flush=True)
     del model
     rows, results = [], []
     quantize = [args.llama_bin / "llama-quantize"]
     env = {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     for kind in args.types:
-        files: dict[str, tuple[Path, float]] = {}
-        rtn = args.work / f"llama-rtn-{kind}.gguf"
-        files["llama.cpp RTN"] = (rtn, run([*quantize, str(f32), str(rtn), kind, str(args.threads)]))
+        files: dict[str, tuple[Path, float]] = {}  # scored in this order: imatrix, cdq, RTN
         imat = args.work / f"llama-imatrix-{kind}.gguf"
         seconds = run([*quantize, "--imatrix", str(imatrix), str(f32), str(imat), kind, str(args.threads)])
         files["llama.cpp imatrix"] = (imat, seconds)
@@ -207,6 +212,9 @@ def main() -> None:
                *args.extra.split()]  # fmt: skip
         shutil.rmtree(Path(f"{out}-gguf"), ignore_errors=True)
         files[f"cdq ({args.method})"] = (Path(f"{out}-gguf") / f"model-{kind}.gguf", run(cmd, env))
+        if not args.no_rtn:
+            rtn = args.work / f"llama-rtn-{kind}.gguf"
+            files["llama.cpp RTN"] = (rtn, run([*quantize, str(f32), str(rtn), kind, str(args.threads)]))
         reference = tensor_types(imat)
         for label, (path, seconds) in files.items():
             ppl = score(path, texts, args.eval_windows, args.seqlen, args)
@@ -226,15 +234,16 @@ def main() -> None:
             results.append({"type": kind, "file": label, "bytes": size,
                             "same_types_as_imatrix": same == "yes", **ppl, "seconds": seconds})  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)
+            if args.json_out:  # after every file, so a run cut short keeps what it measured
+                args.json_out.write_text(json.dumps({"fp": fp, "results": results}, indent=1))
     print()
     print_table(
         ["type", "file", "bytes", "types = imatrix file", "WikiText-2 ppl", "PTB ppl", "quantize s"], rows
     )
     machine = platform.processor() or platform.machine()
-    print(f"FP (F32): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}; {machine}, {args.threads} "
-          f"thread(s), imatrix: {args.imatrix_from}, evaluated in {args.evaluate}")  # fmt: skip
-    if args.json_out:
-        args.json_out.write_text(json.dumps({"fp": fp, "results": results}, indent=1))
+    full = f"FP (F32): WikiText-2 {fp['wikitext2']:.3f}, PTB {fp['ptb']:.3f}; " if fp is not None else ""
+    print(f"{full}{machine}, {args.threads} thread(s), imatrix: {args.imatrix_from}, "
+          f"evaluated in {args.evaluate}")  # fmt: skip
 
 
 if __name__ == "__main__":
