@@ -170,11 +170,27 @@ def main() -> None:
     parser.add_argument("--no-fp", action="store_true", help="do not score the F32 file")
     parser.add_argument("--no-rtn", action="store_true", help="leave out llama.cpp's round-to-nearest files")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument(
+        "--score", type=Path, nargs="+", help="only score these GGUF files (of SmolLM2) on the same windows"
+    )
+    parser.add_argument("--texts", nargs="+", choices=("wikitext2", "ptb"), default=["wikitext2", "ptb"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     data = data_dir()
     model, tokenizer = load_smollm2()
+    names = {"wikitext2": "wikitext2-raw-test.txt", "ptb": "ptb-test.txt"}
+    if args.score:
+        chosen = {
+            name: evaluation_ids(load_texts(str(data / "text" / names[name])), tokenizer)
+            for name in args.texts
+        }
+        for path in args.score:
+            ppl = score(path, chosen, args.eval_windows, args.seqlen, args)
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in ppl.items())
+            size = f"{path.stat().st_size:,} bytes"
+            print(f"{path}: {size}; perplexity {shown} ({args.eval_windows} x {args.seqlen})", flush=True)
+        return
     folder = source_folder(args.work)
     f32 = convert_f32(folder, args.llama_src, args.work / "smollm2-f32.gguf")
     calib = str(data / "text" / "c4-sample.jsonl")
