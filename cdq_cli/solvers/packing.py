@@ -19,13 +19,30 @@ def packed_length(length: int, bits: int) -> int:
     return -(-length // _WORD) * bits
 
 
+# int64 working memory one piece of rows may take (packing widens codes to int64 words): a
+# 2048 x 8192 layer is packed a few hundred rows at a time, not as 128 MB of int64 at once.
+PIECE_BYTES = 8 << 20
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative codes (< 2**bits) along the last dim into int32 words."""
+    """Pack non-negative codes (< 2**bits) along the last dim into int32 words (a few rows at a
+    time: the int64 working memory stays within :data:`PIECE_BYTES`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot pack {bits}-bit codes")
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
+    *lead, length = codes.shape
+    if codes.numel() == 0:
+        return _pack_rows(codes, bits)
+    rows = codes.reshape(-1, length)
+    out = torch.empty(rows.shape[0], packed_length(length, bits), dtype=torch.int32, device=codes.device)
+    for piece in _pieces(rows.shape[0], -(-length // _WORD) * _WORD * 8 * 2):
+        out[piece] = _pack_rows(rows[piece], bits)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = codes.to(torch.int64)
     *lead, length = codes.shape
     padded = -(-length // _WORD) * _WORD
     if padded != length:
@@ -44,8 +61,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``length`` codes along the last dim, as int64."""
+def unpack(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``length`` codes along the last dim, as ``dtype`` (a few
+    rows at a time: the int64 working memory stays within :data:`PIECE_BYTES`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot unpack {bits}-bit codes")
     *lead, n_words = words.shape
@@ -53,6 +71,17 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         raise ValueError(
             f"{length} codes of {bits} bits pack into {packed_length(length, bits)} words, not {n_words}"
         )
+    if words.numel() == 0:
+        return _unpack_rows(words, bits, length).to(dtype)
+    rows = words.reshape(-1, n_words)
+    out = torch.empty(rows.shape[0], length, dtype=dtype, device=words.device)
+    for piece in _pieces(rows.shape[0], n_words // bits * _WORD * 8 * 3):
+        out[piece] = _unpack_rows(rows[piece], bits, length)
+    return out.reshape(*lead, length)
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    *lead, n_words = words.shape
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
     chunks = unsigned.reshape(*lead, n_words // bits, bits)
     mask = (1 << bits) - 1
@@ -66,3 +95,8 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         values.append(value & mask)
     out = torch.stack(values, dim=-1).reshape(*lead, n_words // bits * _WORD)
     return out[..., :length]
+
+
+def _pieces(rows: int, row_bytes: int) -> list[slice]:
+    step = max(1, PIECE_BYTES // max(1, row_bytes))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
