@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .capture import ExpertsCapture, conv_groups, layer_sigma
+from .memory import OutOfMemory, naming
 from .models.base import (
     FUSED_PROJECTIONS,
     Adapter,
@@ -39,7 +40,9 @@ from .parallel import Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
 from .records import Event, LayerRow, Progress, Settings, silent
 from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
+from .solvers.grid import all_finite
 from .solvers.grouped import energy, group_spec, solve_grouped
+from .solvers.result import working_energy
 from .store.journal import Journal, ResumeState
 from .store.layer import QuantizedLayer, matrix_shape
 
@@ -201,7 +204,7 @@ def quantize_model(
         run.emit("block", index)
         restored = saved is not None and index < saved.blocks_done
         done = set(run.stored)
-        with placement.using([block]):
+        with in_block(adapter.block_name(index)), placement.using([block]):
             if restored:
                 run.restore(block, index, acts, saved)
             elif settings.quantizing:
@@ -246,9 +249,20 @@ def capture(
     acts = Activations(placement.device, policy, len(batches))
     if verify and not placement.lazy:
         adapter.verify(model, batches[0])
-    with placement.using(adapter.preamble(model)):
+    with in_block("the embeddings (capturing block 0's inputs)"), placement.using(adapter.preamble(model)):
         acts.inputs = adapter.capture_block_inputs(model, batches, placement.device, keep=acts.keep)
     return acts
+
+
+@contextmanager
+def in_block(where: str) -> Iterator[None]:
+    """An allocation that fails inside the ``with`` is reported as out of memory in ``where`` (a
+    block's name), saying what did not fit (:func:`cdq_cli.memory.naming`)."""
+    try:
+        with naming("its work"):
+            yield
+    except OutOfMemory as exc:
+        raise OutOfMemory(f"out of memory in {where}: {exc}") from exc.__cause__
 
 
 @torch.no_grad()
@@ -262,10 +276,10 @@ def forward_blocks(
     """The model's outputs (its head applied to the last block's output) for every batch, computed
     block by block: peak memory is one block plus the activations, whatever the model's size."""
     acts = capture(model, adapter, placement, batches, policy)
-    for block in adapter.blocks(model):
-        with placement.using([block]):
+    for index, block in enumerate(adapter.blocks(model)):
+        with in_block(adapter.block_name(index)), placement.using([block]):
             _forward(adapter, block, acts)
-    with placement.using(adapter.head_modules(model)):
+    with in_block("the head"), placement.using(adapter.head_modules(model)):
         for i in range(len(acts)):
             hidden, _, _ = acts.batch(i)
             yield adapter.head(model, hidden)
@@ -347,9 +361,13 @@ class _Run:
             acc = sigmas.pop(name)
             result = None
             if owners[name] == self.ranks.rank:
-                result = timed(
-                    self.ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
-                )
+                with naming(
+                    lambda name=name, full=full: f"solving {_sized(full, layer_weight(block, name))}"
+                ):
+                    result = timed(
+                        self.ranks,
+                        lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc),
+                    )
             if self.ranks.active:
                 result = self.ranks.broadcast(result, src=owners[name])
                 if owners[name] != self.ranks.rank:
@@ -424,21 +442,25 @@ def _solve_matrix(
     spec = settings.grid_for(name)  # the run's grid, or a --layer rule's
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     sigma = acc.sigma
-    if not torch.isfinite(sigma).all():
+    if not all_finite(sigma):
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     weight = matrix.to(sigma.dtype)
+    # RTN is deterministic: with --method rtn its own result is the comparison (not solved twice)
+    compare = settings.compare_rtn and settings.method != "rtn"
     try:
         if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
             result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
-            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
         else:
             result = run_solver(settings.method, weight, sigma, spec, settings.options)
-            rtn = run_solver("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+            rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
-    if not torch.isfinite(result.weight).all() or not math.isfinite(result.objective):
+    if settings.compare_rtn and settings.method == "rtn":
+        rtn = result
+    if not all_finite(result.weight) or not math.isfinite(result.objective):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
-    reference = energy(weight, sigma)
+    reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
     row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
     return row, result
 
@@ -559,7 +581,10 @@ def _collect(
         if name in experts:
             continue
         layer = block.get_submodule(name)
-        acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
+        with naming(
+            lambda name=name, layer=layer: f"Σ of {name} ({_sigma_size(layer, settings.sigma_dtype)})"
+        ):
+            acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
@@ -614,7 +639,25 @@ def _stored_name(model: nn.Module, adapter: Adapter, index: int, block: nn.Modul
 
 def _forward_batch(adapter: Adapter, block: nn.Module, acts: Activations, i: int) -> torch.Tensor:
     hidden, args, kwargs = acts.batch(i)
-    return adapter.run_block(block, hidden, args, kwargs)
+    with naming(lambda: f"its forward pass on calibration batch {i} (hidden states {_dims(hidden.shape)})"):
+        return adapter.run_block(block, hidden, args, kwargs)
+
+
+def _dims(shape: tuple[int, ...] | torch.Size) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _sized(name: str, weight: torch.Tensor) -> str:
+    return f"{name} ({_dims(weight.shape)})"
+
+
+def _sigma_size(layer: nn.Module, dtype: torch.dtype) -> str:
+    """What a layer's Σ takes: ``8192x8192 float32, 256.0 MiB`` (per conv group: G of them)."""
+    groups = conv_groups(layer)
+    columns = layer.weight[0].numel()
+    size = groups * columns * columns * torch.empty(0, dtype=dtype).element_size()
+    shape = f"{groups}x{columns}x{columns}" if groups > 1 else f"{columns}x{columns}"
+    return f"{shape} {str(dtype).removeprefix('torch.')}, {size / 2**20:.1f} MiB"
 
 
 def _forward(adapter: Adapter, block: nn.Module, acts: Activations) -> None:

@@ -7,6 +7,11 @@ to run visit the compute device through :meth:`Placement.using`: the preamble wh
 are captured, one block while it is solved, the head while logits are computed. A lazy part is read
 from its source on entry and dropped back to the meta device on exit, so peak memory is about one
 block, whatever the depth. Adapters, the driver and evaluators never move modules themselves.
+
+A lazy model keeps its checkpoint's dtype at rest (the meta skeleton says which, tensor by tensor);
+its floating tensors are read in the compute dtype (``dtype``) as they visit, converted slice by
+slice while they are read, so no second full-size copy is made, and the skeleton is given back its
+stored dtype when they leave.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .memory import describe, naming
 from .records import Weights
 
 Placeable = nn.Module | torch.Tensor
@@ -73,13 +79,21 @@ class Placement:
     with several owners, filled and dropped together.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, weights: Weights | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        weights: Weights | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.device = device
         self.weights = weights
+        self.dtype = dtype  # the compute dtype of a lazy model's floating tensors (None: as stored)
         self.home = torch.device("cpu") if weights is not None else home_of(model)
         # id(meta tensor) -> (the state-dict name it is read by, [(module, leaf, is_param)])
         self._slots: dict[int, tuple[str, list[tuple[nn.Module, str, bool]]]] = {}
+        self._parked: dict[int, torch.Tensor] = {}  # a filled slot's key -> its meta tensor
         if weights is None:
             return
         stored = set(weights.names())
@@ -102,8 +116,11 @@ class Placement:
         return self.weights is not None
 
     @contextmanager
-    def using(self, items: Sequence[Placeable], device: torch.device | None = None) -> Iterator[None]:
-        """``items`` on ``device`` (default: the compute device) for the body of the ``with``.
+    def using(
+        self, items: Sequence[Placeable], device: torch.device | None = None, *, stored: bool = False
+    ) -> Iterator[None]:
+        """``items`` on ``device`` (default: the compute device) for the body of the ``with``, in
+        the compute dtype (``stored``: in the dtype they are stored in, e.g. to write them out).
 
         Lazy slots are read from the source (once per slot, however many owners) and dropped back
         to meta afterwards; resident tensors move there and back home.
@@ -113,7 +130,7 @@ class Placement:
             with visiting(items, device, self.home):
                 yield
             return
-        filled = self._fill(items, device)
+        filled = self._fill(items, device, stored)
         _move_real(items, device)
         try:
             yield
@@ -135,11 +152,19 @@ class Placement:
             keys.extend(id(t) for t in tensors if id(t) in self._slots and t.device == META)
         return list(dict.fromkeys(keys))
 
-    def _fill(self, items: Sequence[Placeable], device: torch.device) -> list[int]:
+    def _fill(self, items: Sequence[Placeable], device: torch.device, stored: bool = False) -> list[int]:
         keys = self.meta_tensors(items)
         for key in keys:
             name, owners = self._slots[key]
-            value = self.weights.tensor(name).to(device)  # type: ignore[union-attr]
+            module, leaf, is_param = owners[0]
+            meta = module._parameters[leaf] if is_param else module._buffers[leaf]
+            assert meta is not None
+            self._parked[key] = meta  # put back on drop: the slot keeps its key, its stored dtype
+            dtype = meta.dtype
+            if not stored and self.dtype is not None and dtype.is_floating_point:
+                dtype = self.dtype
+            with naming(lambda name=name, meta=meta, dtype=dtype: describe(name, meta.shape, dtype)):
+                value = self.weights.tensor(name, dtype).to(device)  # type: ignore[union-attr]
             param = nn.Parameter(value, requires_grad=False)  # one object for all owners: ties hold
             for module, leaf, is_param in owners:
                 if is_param:
@@ -149,24 +174,12 @@ class Placement:
         return keys
 
     def _drop(self, key: int) -> None:
-        name, owners = self._slots[key]
+        """Give every owner of slot ``key`` its meta tensor back (the very object it had: ties
+        share it again, and its id stays the slot's key)."""
+        _, owners = self._slots[key]
+        meta = self._parked.pop(key)
         for module, leaf, is_param in owners:
-            current = module._parameters[leaf] if is_param else module._buffers[leaf]
-            if current is None or current.device == META:
-                continue
-            meta = torch.empty_like(current, device=META)
             if is_param:
-                meta = nn.Parameter(meta, requires_grad=False)
-                module._parameters[leaf] = meta
+                module._parameters[leaf] = meta  # type: ignore[assignment]
             else:
                 module._buffers[leaf] = meta
-        # the slot now points at the new meta tensor (its id changes): re-key it
-        module, leaf, is_param = owners[0]
-        new = module._parameters[leaf] if is_param else module._buffers[leaf]
-        self._slots.pop(key)
-        self._slots[id(new)] = (name, owners)
-        for module, leaf, is_param in owners[1:]:  # ties share the one meta tensor again
-            if is_param:
-                module._parameters[leaf] = new  # type: ignore[assignment]
-            else:
-                module._buffers[leaf] = new

@@ -101,16 +101,18 @@ def small(tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
-def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer) -> None:
-    """Block-by-block perplexity of the lazily opened model = whole-model perplexity of it held in
-    memory (same windows, same loss), and bf16 stays bf16."""
+@pytest.mark.parametrize(("choice", "compute"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer, choice, compute) -> None:
+    """Block-by-block perplexity of the lazily opened bf16 model, computed in ``compute`` (auto on
+    a CPU: float32), = whole-model perplexity of it loaded in that dtype (same windows, same loss),
+    while the skeleton stays bf16 at rest."""
     from cdq_cli.calib import evaluation_ids
     from cdq_cli.run.language import evaluation_texts
 
-    lazy = open_model(str(small), "auto")
+    lazy = open_model(str(small), choice, device=torch.device("cpu"))
     try:
         assert lazy.weights is not None and next(lazy.model.parameters()).device.type == "meta"
-        assert lazy.dtype == torch.bfloat16
+        assert lazy.dtype == torch.bfloat16 and lazy.compute_dtype == compute
         blockwise = perplexity_of(
             lazy,
             evaluation_texts(wikitext),
@@ -119,9 +121,11 @@ def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer) -> None:
             max_windows=3,
             batch_size=2,
         )
+        assert {p.dtype for p in lazy.model.parameters()} == {torch.bfloat16}  # given back as stored
+        assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
     finally:
         lazy.close()
-    whole = AutoModelForCausalLM.from_pretrained(small, dtype=torch.bfloat16).eval()
+    whole = AutoModelForCausalLM.from_pretrained(small, dtype=compute).eval()
     ids = evaluation_ids(evaluation_texts(wikitext), tokenizer)
     reference = perplexity(whole, ids, seqlen=64, max_windows=3, batch_size=2).to_dict()
     assert blockwise == reference
@@ -143,7 +147,7 @@ def test_sharded_output_round_trip_and_resume_across_shards(small, calib, wikite
     code, out, _ = cli(
         capsys, "eval", reference, "--data", wikitext, "--seqlen", "64", "--max-windows", "2", "--json"
     )
-    model, tokenizer = load_quantized(reference)
+    model, tokenizer = load_quantized(reference, torch.float32)  # what cdq eval computes in on a CPU
     from cdq_cli.calib import evaluation_ids
     from cdq_cli.run.language import evaluation_texts
 

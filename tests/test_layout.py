@@ -37,6 +37,7 @@ FORBIDDEN = {
     "placement": _DRIVER | _MIDDLE - {"placement"} | {"solvers"},
     "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
     "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
+    "memory": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }
 
 

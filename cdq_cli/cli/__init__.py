@@ -105,10 +105,10 @@ def _main(args: list[str]) -> int:
             raise
         _error(str(exc), exc)
         return 2
-    except OSError as exc:
+    except (OSError, MemoryError) as exc:  # the machine, not the input: a full disk, out of memory
         if _debug():
             raise
-        _error(str(exc), exc)
+        _error(str(exc) or type(exc).__name__, exc)
         return 1
     except Exception as exc:  # an unexpected failure: still one line (CDQ_DEBUG=1 for the traceback)
         if _debug():

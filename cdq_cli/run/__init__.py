@@ -29,7 +29,16 @@ from ..parallel import Ranks, close
 from ..records import Event, Progress, RunRecord, silent
 from .kinds import Loaded, ModelKind
 from .language import LanguageModels
-from .plan import EvalRequest, Plan, QuantizeRequest, UsageError, plan_sources, resolve_device, settle
+from .plan import (
+    EvalRequest,
+    Plan,
+    QuantizeRequest,
+    UsageError,
+    check_compute_dtype,
+    plan_sources,
+    resolve_device,
+    settle,
+)
 from .vision import VisionModels
 
 __all__ = [
@@ -99,7 +108,7 @@ def _quantize_loaded(
     from ..placement import Placement
     from ..store import report as reports
     from ..store.files import make_work_folder
-    from ..store.folder import OutputBuilder, tied_names, write_companions
+    from ..store.folder import OutputBuilder, stored_dtypes, tied_names, write_companions
     from ..store.journal import open_journal
 
     request, ranks, started = plan.request, plan.ranks, reports.now()
@@ -125,13 +134,18 @@ def _quantize_loaded(
             batch_size=request.batch_size,
             resume=request.resume,
             note=note,
+            compute_dtype=loaded.compute_dtype,
         )
-    placement = Placement(loaded.model, plan.device, loaded.weights)
+    placement = Placement(loaded.model, plan.device, loaded.weights, dtype=loaded.compute)
     if not ranks.leader:  # the other ranks compute; the leader writes
         return _follow(plan, kind, data, loaded, calibration, fp, placement)
     work = journal.output_folder() if journal is not None else make_work_folder(plan.output)
     builder = OutputBuilder(
-        work, dest=plan.output, ties=tied_names(loaded.model), max_shard_bytes=plan.max_shard_bytes
+        work,
+        dest=plan.output,
+        ties=tied_names(loaded.model),
+        max_shard_bytes=plan.max_shard_bytes,
+        dtypes=stored_dtypes(loaded.model),
     )
     try:
         with _guarded(journal, bad_input_discards=True):
@@ -150,6 +164,7 @@ def _quantize_loaded(
             model=request.target,
             family=loaded.adapter.name,
             dtype=str(loaded.dtype).removeprefix("torch."),
+            compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
             settings=plan.settings,
             seed=request.seed,
             batch_size=request.batch_size,
@@ -262,6 +277,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     if request.limit is not None and (request.tasks is None or request.limit < 1):
         raise UsageError("--limit is a positive number of items per --tasks task")
     device = resolve_device(request.device)
+    check_compute_dtype(request.dtype, device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)
 
@@ -295,7 +311,7 @@ def _write_remaining(model: nn.Module, placement: Any, builder: Any, layers: dic
     """Write what the blocks did not (embeddings, final norm, head; everything of a model whose
     units are not its own submodules), one owning module at a time (read from disk when lazy)."""
     for prefix, owner, names in _remaining(model, builder.written, builder.ties):
-        with placement.using([owner], device=placement.home):
+        with placement.using([owner], device=placement.home, stored=True):
             state = owner.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=True)
             builder.add_state(((name, state[name]) for name in names), layers)
     builder.add_state(((name, None) for name in builder.ties), {})  # tied: recorded as aliases
@@ -325,15 +341,16 @@ def _patterns(names: list[str]) -> str:
 
 @contextmanager
 def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
-    """Keep the resume journal where resuming helps (a full disk, Ctrl-C, SIGTERM: the error then
-    says ``--resume``); drop it when the run failed on bad input, which resuming would repeat."""
+    """Keep the resume journal where resuming helps (a full disk, out of memory, Ctrl-C, SIGTERM:
+    the error then says ``--resume``); drop it when the run failed on bad input, which resuming
+    would repeat."""
     try:
         yield
     except ValueError:
         if journal is not None and bad_input_discards:
             journal.discard()
         raise
-    except (OSError, KeyboardInterrupt) as exc:
+    except (OSError, MemoryError, KeyboardInterrupt) as exc:  # a full disk, out of memory, Ctrl-C
         hint = journal.resume_hint() if journal is not None else None
         if hint is not None:
             exc.cdq_hint = hint  # type: ignore[union-attr]

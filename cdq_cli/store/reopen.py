@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..trust import refuse_remote_code
@@ -72,10 +73,15 @@ def open_output(folder: Path | str) -> Reopened:
     return Reopened(model.eval(), tokenizer, weights)
 
 
-def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
-    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
+def load_quantized(folder: Path | str, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None),
+    in ``dtype`` (None: the stored dtype; quantized layers are dequantized straight into it)."""
     opened = open_output(folder)
-    state = {name: opened.weights.tensor(name) for name in opened.model.state_dict()}
+    stored = opened.model.state_dict()
+    state = {
+        name: opened.weights.tensor(name, dtype if tensor.is_floating_point() else None)
+        for name, tensor in stored.items()
+    }
     opened.model.load_state_dict(state, assign=True)
     opened.model.tie_weights()
     return opened.model.eval(), opened.tokenizer
