@@ -15,6 +15,7 @@ of :mod:`cdq_cli.records` are used, so any family with an adapter runs through t
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .models.base import (
     quantizable_layers,
     unquantized_weights,
 )
-from .parallel import Deferred, Ranks, assign, test_hook, timed
+from .parallel import Costs, Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
 from .records import Event, LayerRow, Progress, Settings, silent
 from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
@@ -298,6 +299,11 @@ class _Run:
     rows: list[LayerRow] = field(default_factory=list)
     stored: dict[str, QuantizedLayer] = field(default_factory=dict)
     unquantized: list[str] = field(default_factory=list)
+    costs: Costs = field(init=False)
+
+    def __post_init__(self) -> None:
+        method, options = find_method(self.settings.method), self.settings.options
+        self.costs = Costs(lambda rows, columns: method.cost(rows, columns, options))
 
     def emit(self, kind: str, block: int, row: LayerRow | None = None) -> None:
         if self.ranks.leader:
@@ -348,38 +354,63 @@ class _Run:
         _forward(self.adapter, block, acts)
 
     def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
-        """Solve ``names`` (each on its rank, in parallel when several run) and put every result
-        into every rank's block, in ``names`` order."""
+        """Solve ``names`` and put every result into every rank's block, in ``names`` order.
+
+        With several ranks each layer goes to one of them by cost (:class:`cdq_cli.parallel.Costs`);
+        every rank first solves all of its own layers, then each result is broadcast from its rank
+        (the layers of a group are independent: their Σ's were all collected before)."""
+        ranks = self.ranks
+        shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
         owners = {name: 0 for name in names}
-        if self.ranks.active:
-            method, options = find_method(self.settings.method), self.settings.options
-            shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
-            costs = {name: method.cost(*shape, options) for name, shape in shapes.items()}
-            owners = assign(costs, self.ranks.world)
+        if ranks.active:
+            costs = {name: self.costs.cost(shape) for name, shape in shapes.items()}
+            owners = assign(costs, ranks.world)
+            ranks.balance.planned(costs, owners, ranks.world)
+        solved: dict[str, tuple[list[LayerRow], QuantizedLayer, float]] = {}
         for name in names:
-            full = join_name(self.adapter.block_name(index), name)
             acc = sigmas.pop(name)
-            result = None
-            if owners[name] == self.ranks.rank:
+            if owners[name] == ranks.rank:
+                full = join_name(self.adapter.block_name(index), name)
                 with naming(
                     lambda name=name, full=full: f"solving {_sized(full, layer_weight(block, name))}"
                 ):
-                    result = timed(
-                        self.ranks,
-                        lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc),
+                    began = time.perf_counter()
+                    rows, record = timed(
+                        ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
                     )
-            if self.ranks.active:
-                result = self.ranks.broadcast(result, src=owners[name])
-                if owners[name] != self.ranks.rank:
-                    rows, record = result
-                    weight = layer_weight(block, name)
-                    weight.data.copy_(record.dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
-            rows, record = result
-            self.stored[full] = record
-            self.ranks.assignments[full] = owners[name]
-            for row in rows:
-                self.rows.append(row)
-                self.emit("layer", index, row)
+                    solved[name] = (rows, record, time.perf_counter() - began)
+            del acc  # this layer's Σ is not needed again (its memory goes now, not after the group)
+            if not ranks.active:
+                self._take(index, name, solved.pop(name), shapes[name])
+        if not ranks.active:
+            return
+        seconds = {}
+        for name in names:
+            result = ranks.broadcast(solved.pop(name, None), src=owners[name])
+            if owners[name] != ranks.rank:
+                weight = layer_weight(block, name)
+                weight.data.copy_(result[1].dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
+            seconds[name] = result[2]
+            ranks.assignments[join_name(self.adapter.block_name(index), name)] = owners[name]
+            self._take(index, name, result, shapes[name])
+        ranks.balance.solved(seconds, owners, ranks.world)
+
+    def _take(
+        self,
+        index: int,
+        name: str,
+        result: tuple[list[LayerRow], QuantizedLayer, float],
+        shape: tuple[int, int],
+    ) -> None:
+        """Keep a solved layer's record and report rows; time it for the costs of later layers."""
+        rows, record, seconds = result
+        self.stored[join_name(self.adapter.block_name(index), name)] = record
+        self.costs.record(shape, seconds)
+        if not self.ranks.active:
+            self.ranks.balance.solved({name: seconds}, {name: 0}, 1)
+        for row in rows:
+            self.rows.append(row)
+            self.emit("layer", index, row)
 
     def _solve_one(
         self, block: nn.Module, name: str, full: str, acc: Any

@@ -30,6 +30,7 @@ TIMING = {
     "seconds",
     "solve_seconds",
     "layers_per_rank",
+    "solve_phase_seconds",
     "command",
     "resumed_blocks",
 }

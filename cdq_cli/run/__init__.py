@@ -254,14 +254,19 @@ def _follow(
 
 
 def _parallel_section(ranks: Ranks) -> dict[str, Any]:
-    """For report.json: the world, its backend, each rank's solve time and layers."""
+    """For report.json: the world, its backend, each rank's solve time and layers, the solve
+    phase's wall time and the imbalance the assignments predicted (max / mean load - 1)."""
     seconds = ranks.gather_values(ranks.solve_seconds)
     layers = [sum(1 for r in ranks.assignments.values() if r == rank) for rank in range(ranks.world)]
+    balance = ranks.balance
     return {
         "world_size": ranks.world,
         "backend": ranks.backend or "none",
         "solve_seconds": [round(value, 3) for value in seconds],
         "layers_per_rank": layers,
+        # the slowest rank's solve time per group, summed: what the block loop waited for
+        "solve_phase_seconds": round(balance.critical, 3),
+        "predicted_imbalance": round(balance.predicted_imbalance, 4),
     }
 
 
