@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .capture import ExpertsCapture, conv_groups, layer_sigma
-from .memory import OutOfMemory, naming
+from .memory import OutOfMemory, naming, release
 from .models.base import (
     FUSED_PROJECTIONS,
     Adapter,
@@ -232,6 +232,7 @@ def quantize_model(
                 writer.add_state(block.state_dict(prefix=f"{prefix}.", keep_vars=True).items(), new)
                 for name in new:  # written out: packed layers are not held for the whole model
                     run.stored.pop(name)
+        release()  # what the block's transients freed goes back to the system
         test_hook(ranks, index)
     run.emit("done", len(blocks))
     return Outcome(run.rows, run.stored, acts.inputs.hidden, settings.device, tokens, run.unquantized)
@@ -250,7 +251,8 @@ def capture(
     acts = Activations(placement.device, policy, len(batches))
     if verify and not placement.lazy:
         adapter.verify(model, batches[0])
-    with in_block("the embeddings (capturing block 0's inputs)"), placement.using(adapter.preamble(model)):
+    preamble = adapter.preamble(model)
+    with in_block("the embeddings (capturing block 0's inputs)"), placement.using(preamble, lean=True):
         acts.inputs = adapter.capture_block_inputs(model, batches, placement.device, keep=acts.keep)
     return acts
 
@@ -280,7 +282,8 @@ def forward_blocks(
     for index, block in enumerate(adapter.blocks(model)):
         with in_block(adapter.block_name(index)), placement.using([block]):
             _forward(adapter, block, acts)
-    with in_block("the head"), placement.using(adapter.head_modules(model)):
+        release()
+    with in_block("the head"), placement.using(adapter.head_modules(model), lean=True):
         for i in range(len(acts)):
             hidden, _, _ = acts.batch(i)
             yield adapter.head(model, hidden)

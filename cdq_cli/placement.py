@@ -16,10 +16,11 @@ stored dtype when they leave.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .memory import describe, naming
@@ -71,6 +72,44 @@ def _move_real(items: Sequence[Placeable], device: torch.device) -> None:
                         tensor.data = tensor.data.to(device)
 
 
+LEAN = (nn.Embedding, nn.Linear)
+SLICE_BYTES = 64 << 20  # how much of a stored head a sliced_linear converts at a time
+
+
+def sliced_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, budget: int = SLICE_BYTES
+) -> torch.Tensor:
+    """``F.linear(x, weight.to(x.dtype), bias)`` converting ``weight`` a slice of output rows at a
+    time (at most ``budget`` bytes converted at once): each output is the same dot product."""
+    rows = weight.shape[0]
+    out = x.new_empty(*x.shape[:-1], rows)
+    step = max(1, budget // max(1, weight.shape[1] * x.element_size()))
+    for start in range(0, rows, step):
+        part = slice(start, min(start + step, rows))
+        out[..., part] = F.linear(
+            x, weight[part].to(x.dtype), None if bias is None else bias[part].to(x.dtype)
+        )
+    return out
+
+
+def _compute_in(module: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
+    """Make ``module`` (an Embedding or Linear whose weight stays stored) compute in ``dtype``; the
+    function returned undoes it."""
+    if isinstance(module, nn.Embedding):
+        handle = module.register_forward_hook(lambda _m, _args, out: out.to(dtype))
+        return handle.remove
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return sliced_linear(x, module.weight, module.bias)
+
+    module.forward = forward  # an instance attribute: nn.Module.__call__ runs it
+
+    def undo() -> None:
+        del module.forward
+
+    return undo
+
+
 class Placement:
     """The tensors of one model: resident (``weights`` None) or lazy (a meta skeleton + a source).
 
@@ -117,10 +156,21 @@ class Placement:
 
     @contextmanager
     def using(
-        self, items: Sequence[Placeable], device: torch.device | None = None, *, stored: bool = False
+        self,
+        items: Sequence[Placeable],
+        device: torch.device | None = None,
+        *,
+        stored: bool = False,
+        lean: bool = False,
     ) -> Iterator[None]:
         """``items`` on ``device`` (default: the compute device) for the body of the ``with``, in
         the compute dtype (``stored``: in the dtype they are stored in, e.g. to write them out).
+
+        ``lean`` (the embeddings, the head): their vocabulary-sized matrices stay in the stored
+        dtype and are computed in the compute dtype where they are used: an embedding's rows are
+        looked up, then converted (the same values as a converted table gives), a Linear's
+        weight is converted a slice of outputs at a time (:func:`sliced_linear`), so a float32
+        computation of a bf16 head holds one slice in float32, not the whole matrix.
 
         Lazy slots are read from the source (once per slot, however many owners) and dropped back
         to meta afterwards; resident tensors move there and back home.
@@ -130,14 +180,33 @@ class Placement:
             with visiting(items, device, self.home):
                 yield
             return
-        filled = self._fill(items, device, stored)
+        kept = self._lean_modules(items) if lean and not stored else []
+        keep = {id(module.weight) for module in kept}
+        filled = self._fill(items, device, stored, keep)
         _move_real(items, device)
+        undo = [_compute_in(module, self.dtype) for module in kept]  # type: ignore[arg-type]
         try:
             yield
         finally:
+            for restore in undo:
+                restore()
             for key in filled:
                 self._drop(key)
             _move_real(items, self.home)
+
+    def _lean_modules(self, items: Sequence[Placeable]) -> list[nn.Module]:
+        """The Embedding and Linear modules of ``items`` whose weight is a lazy slot stored in
+        another dtype than the compute dtype (those a lean visit keeps as stored)."""
+        if self.dtype is None:
+            return []
+        found = []
+        for item in items:
+            for module in item.modules() if isinstance(item, nn.Module) else []:
+                weight = module._parameters.get("weight") if isinstance(module, LEAN) else None
+                if weight is not None and id(weight) in self._slots and weight.device == META:
+                    if weight.dtype.is_floating_point and weight.dtype != self.dtype:
+                        found.append(module)
+        return found
 
     def meta_tensors(self, items: Sequence[Placeable]) -> list[int]:
         """Keys of the lazy slots owned by ``items`` that are still on the meta device."""
@@ -152,7 +221,15 @@ class Placement:
             keys.extend(id(t) for t in tensors if id(t) in self._slots and t.device == META)
         return list(dict.fromkeys(keys))
 
-    def _fill(self, items: Sequence[Placeable], device: torch.device, stored: bool = False) -> list[int]:
+    def _fill(
+        self,
+        items: Sequence[Placeable],
+        device: torch.device,
+        stored: bool = False,
+        keep: set[int] = frozenset(),
+    ) -> list[int]:
+        """Read the meta slots of ``items`` (in the compute dtype; as stored when ``stored``, and
+        the slots whose keys are in ``keep``)."""
         keys = self.meta_tensors(items)
         for key in keys:
             name, owners = self._slots[key]
@@ -161,7 +238,7 @@ class Placement:
             assert meta is not None
             self._parked[key] = meta  # put back on drop: the slot keeps its key, its stored dtype
             dtype = meta.dtype
-            if not stored and self.dtype is not None and dtype.is_floating_point:
+            if not stored and key not in keep and self.dtype is not None and dtype.is_floating_point:
                 dtype = self.dtype
             with naming(lambda name=name, meta=meta, dtype=dtype: describe(name, meta.shape, dtype)):
                 value = self.weights.tensor(name, dtype).to(device)  # type: ignore[union-attr]

@@ -159,3 +159,43 @@ def test_auto_is_the_fast_dtype_of_each_device(monkeypatch, device, capability, 
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert plan.compute_dtype("auto", torch.device(device), stored) == expected
     assert plan.compute_dtype("float16", torch.device(device), stored) == torch.float16
+
+
+def test_a_stored_head_is_computed_a_slice_at_a_time() -> None:
+    """One slice is exactly F.linear of the converted weight; several slices compute the same dot
+    products (a BLAS may round a thin slice differently: within float32 rounding)."""
+    from cdq_cli.placement import sliced_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=gen)
+    weight = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(300, generator=gen).to(torch.bfloat16)
+    for b in (None, bias):
+        whole = torch.nn.functional.linear(x, weight.float(), None if b is None else b.float())
+        assert torch.equal(sliced_linear(x, weight, b), whole)  # the default budget: one slice here
+        for rows in (1, 7, 128):
+            sliced = sliced_linear(x, weight, b, budget=rows * 64 * 4)
+            torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-5)
+
+
+def test_embeddings_and_head_stay_stored_while_they_compute(checkpoints) -> None:
+    """The lean visit keeps the vocabulary-sized matrices in bf16 (no float32 copy of them) and
+    computes what float32 copies compute."""
+    from cdq_cli.placement import Placement
+    from cdq_cli.run.language import open_model
+
+    bf16, _ = checkpoints
+    lazy = open_model(str(bf16), "auto")
+    whole = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
+    try:
+        placement = Placement(lazy.model, torch.device("cpu"), lazy.weights, dtype=torch.float32)
+        model, ids = lazy.model, torch.arange(12).reshape(2, 6)
+        embed, head = model.model.embed_tokens, model.lm_head
+        with torch.no_grad(), placement.using([embed, head], lean=True):
+            assert embed.weight.dtype == head.weight.dtype == torch.bfloat16
+            hidden = embed(ids)
+            assert torch.equal(hidden, whole.model.embed_tokens(ids))
+            assert torch.equal(head(hidden), whole.lm_head(hidden))
+        assert embed.weight.device.type == "meta" and "forward" not in vars(head)
+    finally:
+        lazy.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 
+from ..memory import tune_allocator
 from .evaluate import evaluate
 from .folders import compare, export, report
 from .methods import methods
@@ -71,6 +72,7 @@ app.command("methods")(stoppable(methods))
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn every failure into one stderr line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
+    tune_allocator()  # large tensors go back to the system when freed (cdq_cli.memory)
     previous = _on_sigterm()
     try:
         return _main(args)
