@@ -74,7 +74,7 @@ test: lint $(GPTQ_SITE)/.installed
 # Only the exports' load tests: GPTQ through transformers + gptqmodel, compressed-tensors through
 # transformers + compressed-tensors.
 test-export: $(GPTQ_SITE)/.installed
-	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py
+	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py tests/test_moe_export.py
 
 # The main job on a real model: quantize stories260K (a real trained Llama) to 4 bits with cdq's
 # default method, then WikiText-2 perplexity of the full-precision and the quantized model.

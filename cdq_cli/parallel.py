@@ -27,6 +27,8 @@ Ctrl-C), rank 0 keeps the journal, and ``--resume`` continues from the last fini
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,11 +40,16 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT_ENV = "CDQ_DIST_TIMEOUT_S"  # how long a collective may wait for a slow rank (default 2 h)
+RENDEZVOUS_ENV = "CDQ_RENDEZVOUS_S"  # how long the processes may take to find each other (default 120 s)
 KILL_RANK_ENV = "CDQ_TEST_KILL_RANK"  # test hook "R:B": rank R SIGKILLs itself after block B
 
 
 class PeerLost(OSError):
     """Another process of the run stopped (its collective broke off): resumable, like Ctrl-C."""
+
+
+class RendezvousError(ValueError):
+    """The processes of a run did not find each other (a stale torchrun environment, say): exit 2."""
 
 
 @contextmanager
@@ -130,21 +137,96 @@ class Ranks:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
 
 
+def env_world() -> int:
+    """The number of processes of the run, as torchrun's environment says (1: a plain run)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def env_rank() -> int:
+    """This process's rank, as torchrun's environment says (0: a plain run, or the leader)."""
+    return _env_int("RANK", 0) if env_world() > 1 else 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise RendezvousError(
+            f"{name}={value!r} is not a number (torchrun sets it; unset it to run alone)"
+        ) from None
+
+
 def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
     """The run's ranks, joining the process group when torchrun started this process, and the
-    device this rank computes on (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device this rank computes on (``cuda`` becomes ``cuda:LOCAL_RANK``).
+
+    Joining waits at most ``CDQ_RENDEZVOUS_S`` seconds (default 120) for the other processes, then
+    fails in one line saying which variables to unset (a shell that kept torchrun's environment
+    would otherwise wait without a word); Ctrl-C and SIGTERM end the wait at once."""
+    world = env_world()
     if world <= 1:
         return Ranks(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = env_rank(), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise RendezvousError(
+            f"RANK={rank} is not a rank of WORLD_SIZE={world}; unset RANK and WORLD_SIZE to run alone"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 7200)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store = _rendezvous(rank, world)
+        store.set_timeout(timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Ranks(rank=rank, world=world, backend=backend), device
+
+
+def _rendezvous(rank: int, world: int) -> Any:
+    """The store of the run's processes (torch's ``env://`` rendezvous), joined in a helper thread
+    so that this one stays free to handle Ctrl-C and SIGTERM while it waits."""
+    seconds = float(os.environ.get(RENDEZVOUS_ENV, 120))
+    found: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            found["store"] = next(dist.rendezvous("env://", timeout=timedelta(seconds=seconds)))[0]
+        except BaseException as exc:  # handed to the waiting thread
+            found["error"] = exc
+
+    helper = threading.Thread(target=join, name="cdq-rendezvous", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)  # a signal is handled between these short waits
+    if "store" in found:
+        return found["store"]
+    raise RendezvousError(_rendezvous_failure(found.get("error"), rank, world, seconds)) from None
+
+
+def _rendezvous_failure(error: BaseException | None, rank: int, world: int, seconds: float) -> str:
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    alone = "unset WORLD_SIZE and RANK to run alone"
+    text = str(error or "")
+    if "expected, but not set" in text:
+        missing = text.split("environment variable ")[-1].split(" ")[0]
+        return f"WORLD_SIZE={world} is set but {missing} is not (not started by torchrun?); {alone}"
+    if rank == 0:
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        waiting = world - int(joined.group(1)) if joined else world - 1
+        if "Timed out" in text or joined:
+            more = "process" if waiting == 1 else "processes"
+            return (
+                f"waited {seconds:g} s at {where} for {waiting} more {more} of WORLD_SIZE={world}, "
+                f"in vain; {alone}"
+            )
+    elif "Timed out" in text or "timed out" in text or "Connection refused" in text:
+        return f"could not reach process 0 of WORLD_SIZE={world} at {where} within {seconds:g} s; {alone}"
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
+    return f"the processes of WORLD_SIZE={world} did not find each other at {where} ({first}); {alone}"
 
 
 def test_hook(ranks: Ranks, block: int) -> None:

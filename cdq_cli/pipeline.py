@@ -134,7 +134,14 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
     if settings.grid is None:
         return layers
     settings.check_overrides(layers)
-    layers = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
+    kept = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
+    if layers and not kept:
+        skips = " ".join(repr(rule.pattern) for rule in settings.overrides if rule.spec is None)
+        raise ValueError(
+            f"--skip {skips} keeps every layer of the model in full precision: nothing would be quantized "
+            "(--bits 16 runs the model block by block without quantizing)"
+        )
+    layers = kept
     for name, layer in layers.items():
         spec = settings.grid_for(name)
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)

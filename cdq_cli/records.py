@@ -9,11 +9,11 @@ writes them out); it parses nothing and imports nothing of cdq but the grid's ty
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import regex
 import torch
 
 from .solvers import GridSpec
@@ -67,6 +67,27 @@ class Settings:
             if not any(rule.matches(name) for name in names):
                 example = f" (its layers are named like {names[0]})" if names else ""
                 raise ValueError(f"{rule.flag} {rule.text!r} matches no layer of the model{example}")
+
+    def shadowed(self, names: Iterable[str]) -> list[str]:
+        """One warning per ``--layer`` rule that changes no layer of the model (``names``): every
+        layer it matches is taken by a later ``--layer`` rule (the last match wins) or kept in full
+        precision by a ``--skip``."""
+        names = list(names)
+        warnings = []
+        for index, rule in enumerate(self.overrides):
+            if rule.spec is None:
+                continue
+            others = [r for r in self.overrides[index + 1 :] if r.spec is not None]
+            others += [r for r in self.overrides if r.spec is None]
+            matched = [name for name in names if rule.matches(name)]
+            takers = [next((r for r in others if r.matches(name)), None) for name in matched]
+            if matched and all(taker is not None for taker in takers):
+                by = ", ".join(dict.fromkeys(f"{r.flag} {r.text!r}" for r in takers if r is not None))
+                warnings.append(
+                    f"--layer {rule.text!r} changes no layer: every layer it matches is taken by {by} "
+                    "(the last matching --layer wins, --skip over --layer)"
+                )
+        return warnings
 
     @property
     def quantizing(self) -> bool:
@@ -126,7 +147,21 @@ class LayerRule:
         return self.pattern if self.spec is None else f"{self.pattern}={self.spec}"
 
     def matches(self, name: str) -> bool:
-        return _compiled(self.pattern).search(name) is not None
+        """Whether the pattern is found in ``name``; a pattern that takes longer than
+        :data:`PATTERN_SECONDS` on one name (nested repeats that backtrack without end) is a
+        one-line ``ValueError`` naming it."""
+        key = (self.pattern, name)
+        found = _MATCHES.get(key)
+        if found is None:
+            try:
+                found = _compiled(self.pattern).search(name, timeout=PATTERN_SECONDS) is not None
+            except TimeoutError:
+                raise ValueError(
+                    f"{self.flag} {self.text!r} takes over {PATTERN_SECONDS:g} s to match the layer name "
+                    f"{name} (nested repeats such as (a+)+ backtrack without end): simplify the pattern"
+                ) from None
+            _MATCHES[key] = found
+        return found
 
     def describe(self) -> dict[str, Any]:
         grid = self.grid
@@ -145,13 +180,15 @@ class LayerRule:
         }
 
 
-_PATTERNS: dict[str, re.Pattern[str]] = {}
+PATTERN_SECONDS = 1.0  # the longest one --skip/--layer pattern may take on one layer name
+_PATTERNS: dict[str, regex.Pattern[str]] = {}
+_MATCHES: dict[tuple[str, str], bool] = {}
 
 
-def _compiled(pattern: str) -> re.Pattern[str]:
+def _compiled(pattern: str) -> regex.Pattern[str]:
     compiled = _PATTERNS.get(pattern)
     if compiled is None:
-        compiled = _PATTERNS[pattern] = re.compile(pattern)
+        compiled = _PATTERNS[pattern] = regex.compile(pattern)
     return compiled
 
 
@@ -186,8 +223,9 @@ class LayerRow:
 
 @dataclass
 class Event:
-    """A progress event. ``kind``: ``note`` (a status line in ``text``), ``start``, ``block``,
-    ``layer`` (after a layer is solved, with its ``row``), ``done``."""
+    """A progress event. ``kind``: ``note`` (a status line in ``text``), ``warning`` (a request
+    that does less than it says, in ``text``), ``start``, ``block``, ``layer`` (after a layer is
+    solved, with its ``row``), ``done``."""
 
     kind: str
     block: int = 0

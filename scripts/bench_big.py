@@ -8,6 +8,12 @@ resident memory (``wait4``) against the model's size:
 
     .venv/bin/python scripts/bench_big.py                     # 1.6B parameters, 3.2 GB of bf16
     .venv/bin/python scripts/bench_big.py --layers 4          # a quick look
+    .venv/bin/python scripts/bench_big.py --layers 4 --exports  # also cdq eval of its exports
+
+``--exports`` also writes the output's compressed-tensors and GPTQ exports (``cdq export``) and
+measures ``cdq eval`` of each, which decodes their packed layers block by block: its memory should
+be that of ``cdq eval OUTPUT``, and its perplexity equal (compressed-tensors, scales in the model's
+bf16: equal to the output's once its scales are rounded to bf16; GPTQ: float16 scales).
 
 Target (issue "Big models"): peak RSS of each below 60% of the model's bf16 size. On a CPU the
 forward passes run in bf16 (the checkpoint's dtype: ``--dtype auto``), which is slow there; the
@@ -69,6 +75,7 @@ def main() -> int:
     parser.add_argument("--seqlen", default="64")
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/cdq/bench-big").expanduser())
     parser.add_argument("--threads", default="2")
+    parser.add_argument("--exports", action="store_true", help="also measure cdq eval of the exports")
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -105,9 +112,17 @@ def main() -> int:
     evaluate = measured(
         ["eval", str(out), "--data", text, "--seqlen", "128", "--max-windows", "2", "--dtype", args.dtype]
     )
+    runs = [("cdq quantize --eval", quantize), ("cdq eval OUTPUT", evaluate)]
+    if args.exports:
+        for fmt, suffix in (("compressed-tensors", "-ct"), ("gptq", "-gptq")):
+            dest = out.with_name(out.name + suffix)
+            exported = measured(["export", str(out), "--format", fmt, "--dest", str(dest), "--overwrite"])
+            runs.append((f"cdq export --format {fmt}", exported))
+            scored = measured(["eval", str(dest), "--data", text, "--seqlen", "128", "--max-windows", "2"])
+            runs.append((f"cdq eval OUTPUT{suffix}", scored))
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     rows = []
-    for label, run in (("cdq quantize --eval", quantize), ("cdq eval OUTPUT", evaluate)):
+    for label, run in runs:
         rows.append(
             [
                 label,
@@ -116,6 +131,7 @@ def main() -> int:
                 f"{run['peak_rss'] / size:.2f}",
                 f"{run['cpu_seconds']:.0f}",
                 f"{run['wall_seconds']:.0f}",
+                _ppl(run),
             ]
         )
         if run["code"] != 0:
@@ -127,8 +143,15 @@ def main() -> int:
         f"calibration {args.nsamples} x {args.seqlen}; {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, --dtype {args.dtype}"
     )
-    print_table(["run", "exit", "peak RSS GiB", "peak / bf16 size", "CPU s", "wall s"], rows)
-    return 0 if all(run["code"] == 0 for run in (quantize, evaluate)) else 1
+    print_table(["run", "exit", "peak RSS GiB", "peak / bf16 size", "CPU s", "wall s", "ppl"], rows)
+    return 0 if all(run["code"] == 0 for _, run in runs) else 1
+
+
+def _ppl(run: dict) -> str:
+    """The perplexity a run printed (``--eval`` or ``cdq eval``), or an empty cell."""
+    payload = run["json"] or {}
+    value = payload.get("ppl", (payload.get("evaluation") or {}).get("ppl"))
+    return f"{value:.4f}" if isinstance(value, float) else ""
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ PARTS = {
     ("cdq", "working_objective"): "objective (working dtype)",
     ("gptq", "objective"): "GPTQ's objective (float64)",
     ("gptq", "working_objective"): "GPTQ's objective (working dtype)",
-    ("gptq", "_objective_from_factor"): "GPTQ's objective (working dtype)",
     ("starts", "solve_gptq"): "GPTQ starts (incl. their objective)",
     ("starts", "fit_clipped"): "range clipping of the clipped start",
     ("cdq", "cd_sweeps"): "CD sweeps",

@@ -17,8 +17,17 @@ on all of them alike:
 The in-block kernel is the automatic choice (Triton on CUDA, numba on CPU) unless ``--backend``
 (or ``$CDQ_KERNEL``) names one; ``--device cuda`` measures the GPU.
 
+``--profile`` (CPU) prints instead where the time of a sweep and of GPTQ goes, on one thread and
+in CPU seconds of that thread (which a loaded machine inflates far less than wall time): the
+sweep's block GEMMs ``Σ[b0:b1] Eᵀ`` timed alone, the in-block kernel calls inside the sweep (and
+their rate on the sweep's ``p·B·q`` in-block flops), and the rest (working copies, Python);
+GPTQ's Cholesky factorisation, its kernel calls and the rest (its GEMMs, block inverses, grids).
+On the CPU each thread runs this one-thread work on its own rows, so these shares are also those
+of a many-thread run.
+
     .venv/bin/python scripts/bench_speed.py --sizes 576 1536 --repeat 3
     .venv/bin/python scripts/bench_speed.py --device cuda --sizes 4096 --square --quantease
+    .venv/bin/python scripts/bench_speed.py --square --profile
 """
 
 from __future__ import annotations
@@ -60,6 +69,79 @@ def timed_together(
             sync()
             times[name].append(time.perf_counter() - began)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class CpuClock:
+    """Accumulates the calling thread's CPU time spent inside wrapped functions."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, owner: object, attribute: str, label: str) -> None:
+        inner = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            began = time.thread_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.spent[label] = self.spent.get(label, 0.0) + time.thread_time() - began
+
+        setattr(owner, attribute, timed)
+
+    def median(self, fn: Callable[[], object], repeat: int) -> tuple[float, dict[str, float]]:
+        """Median CPU time of ``fn`` (after one warm-up) and the wrapped parts of that run."""
+        fn()
+        runs = []
+        for _ in range(repeat):
+            self.spent = {}
+            began = time.thread_time()
+            fn()
+            runs.append((time.thread_time() - began, self.spent))
+        runs.sort(key=lambda run: run[0])
+        return runs[len(runs) // 2]
+
+
+def profile(p: int, q: int, spec: GridSpec, args, clock: CpuClock) -> list[object]:
+    """One row of the --profile table (one thread, CPU time)."""
+    weight, sigma = problem(p, q, torch.device("cpu"), args.seed)
+    grid = fit_minmax(weight, spec)
+    start = grid.round(weight)
+    err_t = (weight - start).T.contiguous()
+    block = args.block_size
+    bounds = [(b0, min(b0 + block, p)) for b0 in range(0, p, block)]
+
+    def block_gemms():
+        for b0, b1 in bounds:
+            sigma[b0:b1] @ err_t
+
+    def sweep():
+        cd_sweeps(weight, sigma, grid, start, sweeps=1, stop_at_fixed_point=False, backend=args.backend)
+
+    gemm, _ = clock.median(lambda: weight @ sigma, args.repeat)
+    gemms, _ = clock.median(block_gemms, args.repeat)
+    total, parts = clock.median(sweep, args.repeat)
+    kernel = parts.get("kernel", 0.0)
+    gptq, gparts = clock.median(lambda: solve("gptq", weight, sigma, bits=spec.bits), args.repeat)
+    chol, gkernel = gparts.get("cholesky", 0.0), gparts.get("kernel", 0.0)
+
+    def share(seconds: float, base: float = gemm) -> str:
+        return f"{seconds / base:.2f}"
+
+    return [
+        p,
+        q,
+        f"{1e3 * gemm:.1f}",
+        share(total),
+        share(gemms),
+        share(kernel),
+        f"{p * block * q / kernel / 1e9:.0f}" if kernel else "-",
+        share(total - gemms - kernel),
+        share(gptq),
+        share(chol),
+        share(gkernel),
+        share(gptq - chol - gkernel),
+    ]
 
 
 def problem(p: int, q: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +215,10 @@ def main() -> None:
     parser.add_argument("--square", action="store_true", help="only p = q (the diagonal of --sizes)")
     parser.add_argument("--backend", choices=kernels.BACKENDS, help="in-block kernel (default: automatic)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="where the time goes (CPU, one thread)")
     args = parser.parse_args()
+    if args.profile:
+        args.threads, args.device = 1, "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -143,7 +228,7 @@ def main() -> None:
     if backend == "numba":
         import numba
 
-        extra = f", numba {numba.__version__} (NUMBA_NUM_THREADS {numba.config.NUMBA_NUM_THREADS})"
+        extra = f", numba {numba.__version__}"
     print(
         f"# bench_speed: torch {torch.__version__}, device {device} ({name}), "
         f"{torch.get_num_threads()} CPU threads, in-block kernel {backend}{extra}; "
@@ -153,6 +238,18 @@ def main() -> None:
     spec = GridSpec(bits=args.bits)
     rows = []
     pairs = [(p, p) for p in args.sizes] if args.square else itertools.product(args.sizes, repeat=2)
+    if args.profile:
+        clock = CpuClock()
+        clock.wrap(kernels.backend_module(backend), "block", "kernel")
+        clock.wrap(torch.linalg, "cholesky", "cholesky")
+        for p, q in pairs:
+            rows.append(profile(p, q, spec, args, clock))
+            print("# " + " ".join(str(c) for c in rows[-1]), file=sys.stderr, flush=True)
+        print("Shares in units of the one-thread GEMM's CPU time:\n")
+        headers = ["p (in)", "q (out)", "GEMM ms", "sweep", "block GEMMs", "kernel", "kernel GFLOP/s"]
+        headers += ["rest", "GPTQ", "Cholesky", "GPTQ kernel", "GPTQ rest"]
+        print_table(headers, rows)
+        return
     for p, q in pairs:
         row = measure(p, q, spec, device, args)
         rows.append(row)
@@ -161,11 +258,6 @@ def main() -> None:
     headers += ["greedy/GEMM", "greedy/sweep", "GPTQ ms", "GPTQ/GEMM"]
     headers += ["QuantEase ms", "QuantEase/GPTQ"] if args.quantease else []
     print_table(headers, rows)
-    if backend == "numba":
-        try:
-            print(f"# numba threading layer: {numba.threading_layer()}")
-        except ValueError:
-            print("# numba ran on one thread only (no parallel region started)")
 
 
 if __name__ == "__main__":

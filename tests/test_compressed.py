@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from cli_runner import cli
 from safetensors import safe_open
-from test_export import quantized_folder, reference_unpack
+from test_export import quantized_folder, reference_unpack, round_scales
 
+from cdq_cli.solvers import GridSpec
 from cdq_cli.store.compressed import export_compressed
 from cdq_cli.store.exports import ExportError
 from cdq_cli.store.folder import read_layers
@@ -187,10 +189,10 @@ def test_transformers_loads_a_mixed_symmetric_export(
 def test_transformers_loads_an_asymmetric_3bit_export(
     compressed_tensors_installed, data_dir, tmp_path, capsys
 ):
-    """3-bit asymmetric per channel, act-order GPTQ (packed zero-points, widths 32/64/172): logits
-    equal cdq's. compressed-tensors 0.20's compressed-load path allocates unpacked zero-points, so
-    asymmetric checkpoints (llm-compressor's own included) load through ``dequantize=True``."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    """3-bit asymmetric per channel, act-order GPTQ (packed zero-points, widths 32/64/172), loaded
+    the default way: logits equal cdq's. compressed-tensors 0.20's compressed-load path allocates
+    unpacked zero-points, so the export's config asks transformers to dequantize on load."""
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
     code, _, err = cli(
@@ -203,12 +205,130 @@ def test_transformers_loads_an_asymmetric_3bit_export(
     block = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert block["config_groups"]["group_0"]["weights"]["actorder"] == "weight"  # static groups: no g_idx
     native, _ = load_quantized(out)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ct", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-    ).eval()
+    assert block["dequantize"] is True
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     reference, got = logits_of(native, ids), logits_of(loaded, ids)
     assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+
+
+# Every configuration the export accepts, on stories260K (widths 32, 64 and 172: down_proj's 172
+# inputs cannot take a group of 32, so a grouped run gives it another grid with --layer or keeps it
+# with --skip). Several grids with an asymmetric one are refused (test_what_the_format_cannot_hold).
+MATRIX = {  # quantize options, and what the engines line says about vLLM for that folder
+    "sym-channel": (["--bits", "4", "--sym"], "vLLM (compressed-tensors WNA16)"),
+    "asym-channel": (["--bits", "4"], "vLLM (compressed-tensors WNA16)"),
+    "asym-group-skipping-the-layer": (
+        ["--group-size", "32", "--skip", "down_proj"], "vLLM (compressed-tensors WNA16)",
+    ),
+    "sym-group-and-the-layer-per-channel": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=4ch"], "vLLM (compressed-tensors WNA16)",
+    ),
+    "sym-group-and-the-layer-in-groups-of-4": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=4g4"],
+        "its Marlin kernels take group 32/64/128 or per channel, not [4]",
+    ),
+    "sym-mixed-bits-and-skip": (
+        ["--group-size", "32", "--sym", "--layer", "down_proj=8ch",
+         "--layer", r"layers\.0\.self_attn\.[qkv]_proj=2g16", "--skip", r"layers\.4\.mlp\.up_proj"],
+        "vLLM: no (2-bit",
+    ),
+    "asym-per-layer-8bit": (["--bits", "8", "--per-layer"], "vLLM: no (8-bit asymmetric"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MATRIX))
+def test_every_configuration_loads_in_transformers_and_scores_as_the_folder(
+    case, compressed_tensors_installed, data_dir, tmp_path, capsys
+) -> None:
+    """sym/asym x per-channel/grouped/per-layer x mixed --layer rules x a layer that cannot take the
+    group: (1) the config has one group per distinct grid, and compressed-tensors' own matching of
+    each group's targets (minus ignore) selects exactly the layers stored with that grid; (2)
+    transformers + compressed-tensors load the export the default way (asymmetric ones through the
+    config's dequantize flag) with every layer's weight equal to cdq's and the logits of cdq's
+    folder; (3) `cdq eval` of the export prints the folder's perplexity, bit for bit (float32
+    scales: the export holds cdq's codes, zero-points and scales exactly); (4) the engines line
+    says how transformers loads this folder, and what vLLM's compressed-tensors scheme takes of it
+    (4/8-bit, zero-points at 4 bits only, Marlin's group sizes: vLLM is not installed here)."""
+    from compressed_tensors.utils.match import match_named_modules
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args, vllm = MATRIX[case]
+    out = tmp_path / "q"
+    code, stdout, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--calib",
+        data_dir / "text" / "c4-sample.jsonl", *args, "--output", out,
+        "--format", "compressed-tensors", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    export = json.loads(stdout)["export"]
+    ct = Path(export["output"])
+    stored = read_layers(out)
+    stored_grids: dict[tuple, set[str]] = {}
+    for name, layer in stored.items():
+        stored_grids.setdefault((layer.spec.bits, layer.spec.group_size, layer.spec.sym), set()).add(name)
+    block = json.loads((ct / "config.json").read_text())["quantization_config"]
+    config = AutoConfig.from_pretrained(ct)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    claimed: dict[tuple, set[str]] = {}
+    for group in block["config_groups"].values():
+        weights = group["weights"]
+        grid = (weights["num_bits"], weights["group_size"], weights["symmetric"])
+        assert grid not in claimed
+        claimed[grid] = {name for name, _ in match_named_modules(plain, group["targets"], block["ignore"])}
+    assert claimed == stored_grids
+    asymmetric = any(not sym for _, _, sym in stored_grids)
+    assert block.get("dequantize", False) is asymmetric
+    assert ("dequantized while loading" in export["engines"]) is asymmetric
+    assert vllm in export["engines"] and "cdq eval" in export["engines"]
+
+    native, _ = load_quantized(out)
+    loaded = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    reference, got = logits_of(native, ids), logits_of(loaded, ids)
+    assert torch.allclose(got, reference, rtol=0, atol=2**-11 * float(reference.abs().max()))
+    for name in stored:
+        assert torch.equal(loaded.get_submodule(name).weight, native.get_submodule(name).weight), name
+
+    ptb = data_dir / "text" / "ptb-valid.txt"
+    scores = []
+    for target in (out, ct):
+        code, stdout, err = cli(
+            capsys, "eval", target, "--data", ptb, "--max-windows", "2", "--seqlen", "128", "--json"
+        )
+        assert code == 0, err
+        scores.append(json.loads(stdout)["ppl"])
+    assert scores[0] == scores[1]
+
+
+def test_eval_of_a_bfloat16_export_equals_the_folder(data_dir, calib, tmp_path, capsys) -> None:
+    """A bf16 model's export stores its scales in bf16 (the model's dtype, as llm-compressor does;
+    cdq keeps them in float32), so "equal" means: with the folder's scales rounded to bf16 in place
+    (its export stays byte-for-byte the same), `cdq eval` of the export prints exactly the folder's
+    perplexity, because the two then hold the same codes, zero-points and scales."""
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--calib", calib, "--bits", "4",
+        "--group-size", "32", "--skip", "down_proj", "--dtype", "bfloat16", "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    before = export_compressed(out, tmp_path / "before")
+    assert before.scale_dtype == "bfloat16" and before.max_scale_rounding > 0
+    round_scales(out, torch.bfloat16)
+    export_compressed(out, tmp_path / "ct")
+    assert (tmp_path / "ct" / "model.safetensors").read_bytes() == (
+        tmp_path / "before" / "model.safetensors"
+    ).read_bytes()
+    scores = []
+    for target in (out, tmp_path / "ct"):
+        code, stdout, err = cli(
+            capsys, "eval", target, "--data", data_dir / "text" / "ptb-valid.txt", "--max-windows", "2",
+            "--seqlen", "128", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        scores.append(json.loads(stdout)["ppl"])
+    assert scores[0] == scores[1]
 
 
 # -- refusals ----------------------------------------------------------------------------------------
@@ -238,6 +358,7 @@ def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
             "keeps full-precision outliers, which compressed-tensors cannot hold",
         ),
         (["--bits", "16"], "--format compressed-tensors needs quantized layers"),
+        (["--group-size", "32", "--layer", "down_proj=4ch"], MIXED_ASYMMETRIC),
     ):
         code, _, err = cli(
             capsys, "quantize", model, *FAST, *args, "--calib", calib, "--output", tmp_path / "new",
@@ -245,4 +366,103 @@ def test_what_the_format_cannot_hold(tmp_path: Path, data_dir, capsys) -> None:
         )  # fmt: skip
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-        assert not (tmp_path / "new").exists()
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new-ct").exists()
+
+
+MIXED_ASYMMETRIC = "one of them asymmetric, do not load in transformers"
+
+
+def test_several_grids_with_an_asymmetric_one_are_refused_before_writing(data_dir, calib, tmp_path, capsys):
+    """transformers loads asymmetric compressed-tensors checkpoints only dequantized, and then
+    decodes every layer with the first config group's grid: such an export of a finished folder
+    is refused in one line, nothing written (a --layer grid that is symmetric does not help: the
+    rest is still asymmetric)."""
+    model = data_dir / "models" / "stories260K"
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", model, *FAST, "--calib", calib, "--group-size", "32",
+        "--layer", "down_proj=4chsym", "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out_text, err = cli(capsys, "export", out, "--format", "compressed-tensors")
+    assert code == 2 and out_text == "" and err.count("\n") == 1 and MIXED_ASYMMETRIC in err, err
+    assert "4-bit g32 asym" in err and "4-bit per channel sym" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+# -- cdq's reader of pack-quantized checkpoints (what cdq eval decodes) -------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [None, 16])
+def test_cdq_reads_what_compressed_tensors_writes(bits, sym, group, compressed_tensors_installed) -> None:
+    """A layer packed by compressed-tensors' own compressor (llm-compressor's writer, not cdq's;
+    48 columns and 40 rows, so weight and zero-point words end part-filled) decodes in cdq to
+    exactly what compressed-tensors' own decompressor returns."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from cdq_cli.store.compressed import unpack_compressed
+    from cdq_cli.store.exported import dequantize_columns
+
+    gen = torch.Generator().manual_seed(bits * 10 + sym)
+    rows, columns = 40, 48
+    groups = 1 if group is None else columns // group
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=sym, strategy="group" if group else "channel", group_size=group
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {
+        "weight": torch.randn(rows, columns, generator=gen),
+        "weight_scale": torch.rand(rows, groups, generator=gen) * 0.1 + 0.01,
+    }
+    if not sym:
+        half = 2 ** (bits - 1)
+        state["weight_zero_point"] = torch.randint(-half, half, (rows, groups), generator=gen).to(torch.int8)
+    packed = PackedQuantizationCompressor.compress(state, scheme)
+    theirs = PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+    mine = dequantize_columns(*unpack_compressed(packed, "layer", bits=bits, symmetric=sym))
+    assert torch.equal(mine, theirs)
+
+
+def test_what_cdq_decodes_itself_and_what_it_leaves_to_transformers() -> None:
+    """Weight-only pack-quantized and GPTQ v1/v2 are decoded by cdq; activation quantization,
+    sparsity, KV-cache schemes, other formats and methods are not (transformers loads those)."""
+    from cdq_cli.store.compressed import quantization_config
+    from cdq_cli.store.exported import undecodable
+
+    ours = quantization_config({"a.q": (GridSpec(4, 32, False), (8, 64), 0)}, [], ["a.q.weight"], {})
+    assert undecodable(ours) is None
+    assert undecodable({"quant_method": "gptq", "bits": 4, "checkpoint_format": "gptq_v2"}) is None
+    group = ours["config_groups"]["group_0"]
+    cases = {
+        "activation quantization": {
+            **ours,
+            "config_groups": {"g": {**group, "input_activations": {"num_bits": 8}}},
+        },
+        "format 'float-quantized'": {
+            **ours,
+            "format": "float-quantized",
+            "config_groups": {"g": {**group, "format": None}},
+        },
+        "sparsity_config": {**ours, "sparsity_config": {"format": "sparse-24-bitmask"}},
+        "kv_cache_scheme": {**ours, "kv_cache_scheme": {"num_bits": 8}},
+        "quant_method 'awq'": {"quant_method": "awq", "bits": 4},
+        "checkpoint format 'marlin'": {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"},
+    }
+    for reason, block in cases.items():
+        assert reason in (undecodable(block) or ""), reason
+
+
+def test_a_quantized_folder_cdq_does_not_decode_goes_to_transformers(data_dir, tmp_path, capsys) -> None:
+    """A quantization_config cdq does not decode (here bitsandbytes) is loaded through transformers
+    as it would load it, never half-read through the lazy loader: its one-line error, exit 2."""
+    folder = tmp_path / "bnb"
+    shutil.copytree(data_dir / "models" / "stories260K", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, err = cli(capsys, "eval", folder, "--data", data_dir / "text" / "ptb-valid.txt")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: cannot load {folder}: ") and "bitsandbytes" in err

@@ -196,7 +196,8 @@ def test_quantize_format_gptq_and_cdq_export(tiny, calib, tmp_path, capsys) -> N
     payload = json.loads(captured.out)
     exported = Path(payload["export"]["output"])
     assert exported == tmp_path / "q-gptq" and payload["export"]["checkpoint_format"] == "gptq"
-    assert "vLLM" in payload["export"]["engines"]
+    assert "vLLM" in payload["export"]["engines"] and "cdq eval" in payload["export"]["engines"]
+    assert "Marlin kernels need --sym and group size 32, 64 or 128" in payload["export"]["engines"]
     assert {"tokenizer.json", "tokenizer_config.json", "quantize_config.json"} <= {
         p.name for p in exported.iterdir()
     }
@@ -219,6 +220,10 @@ def test_quantize_format_gptq_and_cdq_export(tiny, calib, tmp_path, capsys) -> N
         (["--bits", "3"], "model.layers.0.self_attn.k_proj: output width 16 is not a multiple of 32"),
         (["--method", "quantease-outlier"], "outliers, which the GPTQ format cannot hold"),
         (["--bits", "16"], "--format gptq needs quantized layers"),
+        (
+            ["--group-size", "8"],
+            "group size 8: transformers' GPTQ loader (gptqmodel) takes group sizes 16, 32",
+        ),
     ],
 )
 def test_quantize_format_gptq_refuses_before_any_work(args, message, tiny, calib, tmp_path, capsys) -> None:
@@ -232,6 +237,88 @@ def test_quantize_format_gptq_refuses_before_any_work(args, message, tiny, calib
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_group_size_transformers_cannot_load_is_refused_on_export(tiny, calib, tmp_path, capsys) -> None:
+    """gptqmodel's kernels take group sizes 16...1024 (or per channel): an export of a group-8
+    folder failed to load in transformers (`only supports [-1, 16, 32, ...] group_size`); now it is
+    refused in one line and nothing is written."""
+    out = tmp_path / "q"
+    code = main(["quantize", str(tiny["opt"]), "--method", "rtn", "--group-size", "8", "--calib", calib,
+                 *FAST, "--output", str(out)])  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    code = main(["export", str(out), "--dest", str(tmp_path / "gptq")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1
+    assert "group size 8: transformers' GPTQ loader (gptqmodel) takes group sizes" in captured.err
+    assert "--format compressed-tensors" in captured.err and not (tmp_path / "gptq").exists()
+
+
+def round_scales(folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    """Replace every stored ``*.scales`` of a cdq output folder by its rounding to ``dtype`` (dtype
+    and shard metadata kept): the folder then holds exactly what an export storing scales in
+    ``dtype`` (GPTQ: float16; compressed-tensors: the model's dtype) can hold."""
+    from safetensors.torch import save_file
+
+    from cdq_cli.store.shards import shard_files
+
+    for shard in sorted(set(shard_files(folder).values())):
+        with safe_open(str(folder / shard), framework="pt") as fh:
+            metadata = fh.metadata()
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        for name, tensor in tensors.items():
+            if name.endswith(".scales"):
+                tensors[name] = tensor.to(dtype).to(tensor.dtype)
+        save_file(tensors, str(folder / shard), metadata=metadata)
+
+
+EVAL_CASES = {
+    "w4-g16-asym-gptq": ["--method", "gptq", "--bits", "4", "--group-size", "16"],
+    "w4-g16-act-order-v2": ["--method", "gptq", "--group-size", "16", "-o", "act_order=true", "--v2"],
+    "w3-channel-asym": ["--method", "rtn", "--bits", "3"],
+    "w2-g32-sym": ["--method", "rtn", "--bits", "2", "--group-size", "32", "--sym"],
+    "w8-channel-sym": ["--method", "rtn", "--bits", "8", "--sym"],
+    "w4-per-layer-comq": ["--method", "comq", "--bits", "4", "--per-layer"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVAL_CASES))
+def test_eval_of_the_export_equals_the_folder(case, tiny, calib, wikitext, tmp_path, capsys) -> None:
+    """`cdq eval` of a GPTQ export scores exactly what `cdq eval` of its cdq folder scores, once the
+    folder holds what the format can hold. GPTQ stores scales in float16 (the format's dtype), so the
+    export holds cdq's codes and zero-points exactly and each scale rounded to float16 (the
+    export's max_scale_rounding). "Equal" therefore means: with the folder's scales rounded to
+    float16 in place (which leaves its export byte-for-byte the same), the two perplexities are
+    equal to the last bit, because cdq decodes the export to the very weights cdq's own folder
+    dequantizes to. The unrounded folder's perplexity differs only by that rounding (checked to
+    1e-3 relative, a bound for the tiny model, not the claim)."""
+    args = [a for a in EVAL_CASES[case] if a != "--v2"]
+    layout = ["--checkpoint-format", "gptq_v2"] if "--v2" in EVAL_CASES[case] else []
+    out = tmp_path / "q"
+    code = main(["quantize", str(tiny["opt"]), *args, "--calib", calib, *FAST, "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    def run(*argv: object) -> dict:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out) if "--json" in argv else {}
+
+    def ppl(target: Path) -> float:
+        return run("eval", target, "--data", wikitext, "--max-windows", 3, "--seqlen", 64, "--json")["ppl"]
+
+    run("export", out, "--dest", tmp_path / "before", *layout)
+    unrounded = ppl(out)
+    round_scales(out, torch.float16)
+    run("export", out, "--dest", tmp_path / "gptq", *layout)
+    assert (tmp_path / "gptq" / "model.safetensors").read_bytes() == (
+        tmp_path / "before" / "model.safetensors"
+    ).read_bytes()
+    exported, native = ppl(tmp_path / "gptq"), ppl(out)
+    assert exported == native
+    assert abs(exported - unrounded) <= 1e-3 * unrounded
+
+
 def test_export_of_a_folder_that_is_not_a_cdq_output(tmp_path, capsys) -> None:
     code = main(["export", str(tmp_path)])
     captured = capsys.readouterr()
@@ -243,13 +330,11 @@ def test_export_of_a_folder_that_is_not_a_cdq_output(tmp_path, capsys) -> None:
 
 _LOADER = r"""
 import json, sys, torch
-from transformers import AutoModelForCausalLM, GPTQConfig
+from transformers import AutoModelForCausalLM
 jobs, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
 results = []
-for folder, bits in jobs:
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, quantization_config=GPTQConfig(bits=bits, backend="torch")
-    )
+for folder in jobs:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the default way
     with torch.no_grad():
         logits = model(ids).logits
     quantized = {n: m for n, m in model.named_modules() if hasattr(m, "qzeros")}
@@ -274,39 +359,76 @@ def gptq_site() -> str | None:
 
 
 def test_transformers_loads_the_export(tmp_path: Path) -> None:
-    """transformers + optimum + gptqmodel (torch kernel, CPU) load the exports (4-bit group 16 and
-    3-bit per channel): every layer's dequantized weight equals cdq's (with float16 scales) after
-    float16 rounding, and the logits agree."""
+    """transformers + optimum + gptqmodel load the exports the default way (no quantization_config
+    given; on the CPU gptqmodel picks its torch kernel): sym and asym, grouped and per channel, 3,
+    4 and 8 bits. Every layer's dequantized weight equals cdq's codes on float16 scales after
+    float16 rounding, equals what cdq's own reader of the export decodes (store/exported.py, what
+    cdq eval runs) after the same rounding, and the logits agree."""
+    from cdq_cli.store.exported import ExportedWeights
+
     site = gptq_site()
     if site is None:
         pytest.skip("gptqmodel/optimum not importable (set CDQ_GPTQ_SITE to a pip --target folder)")
-    cases = [(4, 16), (3, None)]
-    jobs, references = [], []
-    for bits, group_size in cases:
-        root = tmp_path / f"w{bits}"
-        source, model = quantized_folder(root, "opt", bits=bits, group_size=group_size)
+    cases = [(4, 16, False), (3, None, False), (4, 32, True), (8, None, True)]
+    jobs, references, readers = [], [], []
+    for bits, group_size, sym in cases:
+        root = tmp_path / f"w{bits}-{group_size}-{sym}"
+        source, model = quantized_folder(root, "opt", bits=bits, group_size=group_size, sym=sym)
         export_gptq(source, root / "gptq")
         for name, layer in read_layers(source).items():  # the reference: cdq's codes on float16 scales
             model.get_submodule(name).weight.data.copy_(cdq_weight_with_fp16_scales(layer).to(torch.float32))
-        jobs.append([str(root / "gptq"), bits])
+        jobs.append(str(root / "gptq"))
         references.append(model)
+        block = json.loads((root / "gptq" / "config.json").read_text())["quantization_config"]
+        readers.append(ExportedWeights(root / "gptq", block, torch.float32, {}))
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(7))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if site:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, "-c", _LOADER, json.dumps(jobs), json.dumps(ids.tolist())],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    for (bits, _), model, result in zip(cases, references, results, strict=True):
-        print(f"{bits}-bit: gptqmodel kernel {result['kind']}")
-        assert set(result["weights"]) == set(read_layers(tmp_path / f"w{bits}" / "q"))
+    for case, model, reader, result in zip(cases, references, readers, results, strict=True):
+        print(f"{case}: gptqmodel kernel {result['kind']}")
+        assert set(result["weights"]) == set(reader.layers)
         for name, weight in result["weights"].items():
+            loaded = torch.tensor(weight)
             expected = model.get_submodule(name).weight.detach().to(torch.float16).to(torch.float32)
-            assert torch.equal(torch.tensor(weight), expected), name  # the kernel dequantizes in float16
+            assert torch.equal(loaded, expected), name  # the kernel dequantizes in float16
+            assert torch.equal(loaded, reader.layer(name).to(torch.float16).to(torch.float32)), name
         with torch.no_grad():
             reference = model(ids).logits
         loaded = torch.tensor(result["logits"])
-        assert torch.allclose(loaded, reference, rtol=0, atol=5e-3 * float(reference.abs().max())), bits
+        assert torch.allclose(loaded, reference, rtol=0, atol=5e-3 * float(reference.abs().max())), case
+
+
+@pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cdq_reads_act_order_gptq_layers(layout, bits) -> None:
+    """What cdq eval decodes from a GPTQ layer (store/exported.py) equals the independent reader
+    above, for act-order checkpoints too (desc_act: g_idx maps input rows to groups in any order),
+    v1 (zeros stored minus one) and v2."""
+    from cdq_cli.solvers.packing import pack
+    from cdq_cli.store.exported import dequantize_columns
+    from cdq_cli.store.gptq import unpack_gptq
+
+    gen = torch.Generator().manual_seed(bits)
+    rows, columns, groups = 64, 96, 3
+    maxq = 2**bits - 1
+    codes = torch.randint(0, maxq + 1, (rows, columns), generator=gen)
+    low = 1 if layout == "gptq" else 0
+    zeros = torch.randint(low, maxq + 1, (groups, rows), generator=gen)
+    stored = zeros - 1 if layout == "gptq" else zeros
+    tensors = {
+        "qweight": pack(codes, bits).T.contiguous(),
+        "qzeros": pack(stored, bits)[:, : rows * bits // 32].contiguous(),
+        "scales": (torch.rand(groups, rows, generator=gen) + 0.01).to(torch.float16),
+        "g_idx": torch.randperm(columns, generator=gen).remainder(groups).to(torch.int32),
+    }
+    mine = dequantize_columns(
+        *unpack_gptq(tensors, "layer", bits=bits, group_size=32, checkpoint_format=layout)
+    )
+    assert torch.equal(mine.to(torch.float64), reference_dequantize(tensors, bits, v2=layout == "gptq_v2"))

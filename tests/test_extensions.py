@@ -33,7 +33,7 @@ NEW_FORMAT = """
 from cdq_cli.store import exports
 from cdq_cli.store.exporting import ExportError, ExportFormat
 
-def preflight(layers, *, skipped, method):
+def preflight(layers, *, skipped, method, model_type=None, kept=()):
     if method == "rtn":
         raise ExportError("the toy format refuses rtn")
 

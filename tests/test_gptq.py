@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from cdq_cli import kernels
-from cdq_cli.solvers.gptq import gptq_hinv, solve_gptq
+from cdq_cli.solvers.gptq import solve_gptq
 from cdq_cli.solvers.grid import GridSpec, fit_clipped, fit_minmax
+from cdq_cli.solvers.result import damp
+
+
+def gptq_hinv(sigma, damping):
+    """Upper Cholesky factor U of H⁻¹ = Uᵀ U for the damped H (dead columns given a unit
+    diagonal), straight from torch: invert H, factor the inverse (the textbook route)."""
+    h = damp(sigma, damping).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def _reference_gptq(weight, sigma, spec, *, act_order=False, fixed_grid=None, damping=0.01):
@@ -60,19 +70,70 @@ def test_blocked_gptq_equals_reference(problem, monkeypatch, backend, spec, act_
     torch.testing.assert_close(result.weight, expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("leaf", [4, 256])
-@pytest.mark.parametrize("dead", [(), (3, 17)])
-def test_factor_is_the_upper_cholesky_factor_of_the_inverse(problem, leaf, dead, monkeypatch):
-    """U (one Cholesky of the reversed H and a triangular inverse by halves) is the upper factor
-    with H⁻¹ = Uᵀ U: the one torch gets by inverting H and factoring the inverse."""
+def _lazy_reference_gptq(weight, sigma, spec, block_size, damping=0.01):
+    """GPTQ as the paper's code runs it: H⁻¹'s factor, right-looking, lazy block updates, and a
+    dynamic group's grid fitted on the weights as they stand when its first column is reached
+    (the columns past the current block updated by the earlier blocks only)."""
+    w = weight.clone()
+    scale, zero = (t.clone() for t in fit_minmax(weight, spec).expand(weight.shape[1]))
+    u = gptq_hinv(sigma, damping)
+    q = torch.zeros_like(w)
+    columns = w.shape[1]
+    for b0 in range(0, columns, block_size):
+        b1 = min(b0 + block_size, columns)
+        errs = torch.zeros_like(w[:, b0:b1])
+        for j in range(b0, b1):
+            if j % spec.group_size == 0:
+                span = fit_minmax(w[:, j : j + spec.group_size], GridSpec(spec.bits, None, spec.sym))
+                scale[:, j : j + spec.group_size] = span.scale
+                zero[:, j : j + spec.group_size] = span.zero
+            codes = torch.clamp(torch.round(w[:, j] / scale[:, j]) + zero[:, j], 0, spec.maxq)
+            q[:, j] = scale[:, j] * (codes - zero[:, j])
+            errs[:, j - b0] = (w[:, j] - q[:, j]) / u[j, j]
+            w[:, j + 1 : b1] -= torch.outer(errs[:, j - b0], u[j, j + 1 : b1])
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return q
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize(("group_size", "block_size"), [(12, 16), (40, 16), (24, 32)])
+def test_groups_across_blocks_follow_the_lazy_updates(problem, monkeypatch, backend, group_size, block_size):
+    """Dynamic groups that do not line up with the blocks: a group reaching past its block is fitted
+    on the weights as the paper's lazy updates have them when the group starts."""
+    if not kernels.available(backend):
+        pytest.skip(f"{backend} is not installed")
+    monkeypatch.setenv(kernels.ENV, backend)
+    p = problem(6, 9, 120)
+    spec = GridSpec(3, group_size=group_size)
+    expected = _lazy_reference_gptq(p.weight, p.sigma, spec, block_size)
+    result = solve_gptq(p.weight, p.sigma, spec, block_size=block_size)
+    torch.testing.assert_close(result.weight, expected, rtol=1e-9, atol=1e-9)
+    # The textbook (every column fully updated) fits some of these groups differently.
+    assert not torch.allclose(_reference_gptq(p.weight, p.sigma, spec), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("dead", "act_order"), [((), False), ((4, 30), True)])
+def test_objective_is_the_sum_of_squared_scaled_errors(problem, dtype, dead, act_order):
+    """The reported objective, ‖e‖² less the damping term, is tr(E Σ Eᵀ) computed in float64."""
+    from cdq_cli.solvers.result import objective
+
+    p = problem(7, 30, 64, dead=dead, dtype=dtype)
+    result = solve_gptq(p.weight, p.sigma, GridSpec(3, group_size=16), act_order=act_order, block_size=16)
+    exact = objective(p.weight, result.weight, p.sigma)
+    assert result.objective == pytest.approx(exact, rel=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_blocks_rebuild_any_part_of_the_factor(problem):
+    """The pass keeps Ũ's diagonal blocks and M_b = Ũ_Pb Ũ_bb⁻¹ only (half the factor); any part
+    of Ũ is rebuilt from them (what a group reaching past its block needs)."""
     from cdq_cli.solvers import gptq as gptq_module
 
-    p = problem(3, 4, 37, dead=dead)
-    inverse = gptq_module._upper_inverse
-    monkeypatch.setattr(gptq_module, "_upper_inverse", lambda upper, _leaf=None: inverse(upper, leaf=leaf))
-    u, extra = gptq_module._factor(p.sigma, 0.0 if dead else 0.01)
-    h = p.sigma + torch.diag(extra)
-    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
-    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    torch.testing.assert_close(u, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(u.T @ u @ h, torch.eye(37, dtype=h.dtype), rtol=0, atol=1e-10)
+    p = problem(8, 4, 50)
+    upper, _ = gptq_module._cholesky(p.sigma, 0.01)
+    blocks = gptq_module._Blocks.of(upper, 16, "torch")
+    assert sum(c.numel() for c in blocks.cross) < upper.numel() / 2
+    for rows, c0, c1 in [(16, 16, 50), (40, 20, 45), (50, 0, 50), (3, 33, 34)]:
+        torch.testing.assert_close(blocks.factor(rows, c0, c1), upper[:rows, c0:c1], rtol=1e-12, atol=1e-12)
+    for (b0, b1), u_bb in zip(blocks.bounds, blocks.inverse, strict=True):
+        torch.testing.assert_close(u_bb @ upper[b0:b1, b0:b1], torch.eye(b1 - b0, dtype=u_bb.dtype))

@@ -62,23 +62,25 @@ def _run_block(name, inputs, col0, width, *, rule, relax=False, start=0, stop=No
     x, hat, err, scale, zero, gidx_full, mat, diag, dead = (t.clone() for t in inputs)
     out = torch.zeros_like(x)
     result = kernels.backend_module(name).block(
-        x,
-        hat,
-        col0,
-        scale,
-        zero,
-        gidx_full[col0 : col0 + width].contiguous(),
-        mat,
-        diag,
-        dead if rule == CD else None,
-        out,
-        maxq=7,
-        relax=relax,
-        rule=rule,
-        start=start,
-        stop=stop,
-        err=err if rule == CD else None,
-        sdiag=diag * 2 + 1 if rule == CD else None,
+        kernels.Block(
+            rule,
+            x,
+            out,
+            hat,
+            col0,
+            scale,
+            zero,
+            gidx_full[col0 : col0 + width].contiguous(),
+            mat,
+            diag,
+            7,
+            relax=relax,
+            start=start,
+            stop=stop,
+            dead=dead if rule == CD else None,
+            err=err if rule == CD else None,
+            sdiag=diag * 2 + 1 if rule == CD else None,
+        )
     )
     if rule == CD:
         return x, hat, out, err, *result
@@ -330,6 +332,104 @@ def test_triton_equals_torch_on_a_real_layer(stories_layers, triton_interpret):
         assert torch.equal(grid.quantize(got), grid.quantize(ref)), order
         assert log.changed == ref_log.changed
         assert log.objectives == pytest.approx(ref_log.objectives, rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# Row spans: on the CPU every thread takes its own rows through the whole column loop
+
+
+@pytest.fixture
+def several_threads(monkeypatch):
+    """Three torch threads and spans down to one row each, so small problems split over threads."""
+    if numba_missing:
+        pytest.skip("numba is not installed")
+    from cdq_cli.kernels import threads
+
+    saved = torch.get_num_threads()
+    monkeypatch.setattr(threads, "MIN_ENTRIES", 1)
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_spans_cut_rows_into_one_contiguous_range_per_thread():
+    from cdq_cli.kernels import threads
+
+    assert threads.spans(10, 1 << 20, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert threads.spans(2, 1 << 20, 4) == [(0, 1), (1, 2)]  # never an empty span
+    assert threads.spans(100, 64, 2) == [(0, 100)]  # 6,400 entries: not worth a second thread
+    assert threads.spans(4096, 64, 2) == [(0, 2048), (2048, 4096)]
+    assert kernels.row_spans("torch", 4096, 4096) == [(0, 4096)]
+
+
+def test_run_waits_for_every_job_and_restores_torch_threads(several_threads):
+    from cdq_cli.kernels import threads
+
+    seen = threads.run([torch.get_num_threads for _ in range(3)])
+    assert seen == [1, 1, 1] and torch.get_num_threads() == 3
+    # Jobs started from inside a job run in line (no deadlock on the busy pool).
+    nested = threads.run([lambda: threads.run([torch.get_num_threads] * 3) for _ in range(3)])
+    assert nested == [[1, 1, 1]] * 3
+    finished = []
+
+    def fails():
+        raise RuntimeError("boom")
+
+    def slow():
+        torch.randn(200, 200) @ torch.randn(200, 200)
+        finished.append(True)
+
+    with pytest.raises(RuntimeError, match="boom"):  # the job already running ends first
+        threads.run([slow, fails])
+    assert finished == [True] and torch.get_num_threads() == 3
+    # More jobs than threads: each thread takes the next one; results stay in order.
+    assert threads.run([lambda i=i: i for i in range(10)], threads=2) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    ("order", "schedule", "group_size", "dead"),
+    [
+        ("cyclic", None, None, ()),
+        ("diag", [True, False, False], 8, (2, 17)),
+        ("greedy", [True, False, False], 8, (5,)),
+    ],
+)
+def test_row_spans_equal_one_thread(problem, several_threads, order, schedule, group_size, dead):
+    """CD sweeps split over three threads (each its own rows, GEMMs and kernels) against one
+    thread and against the torch reference: the same codes, counts and objectives."""
+    p = problem(4, 23, 40, dead=dead)
+    grid = p.grid(3, group_size=group_size)
+    perm = order_permutation(order, p.weight, p.sigma)
+    run = dict(sweeps=3, order=perm, relaxed=schedule, block_size=16, stop_at_fixed_point=False)
+    start = grid.round(p.weight)
+    split, split_log = cd_sweeps(p.weight, p.sigma, grid, start, backend="numba", **run)
+    ref, ref_log = cd_sweeps(p.weight, p.sigma, grid, start, backend="torch", **run)
+    torch.set_num_threads(1)
+    one, one_log = cd_sweeps(p.weight, p.sigma, grid, start, backend="numba", **run)
+    for got, log in ((split, split_log), (ref, ref_log)):
+        assert torch.equal(grid.quantize(got), grid.quantize(one))
+        torch.testing.assert_close(got, one, rtol=1e-10, atol=1e-12)
+        assert log.changed == one_log.changed
+        assert log.objectives == pytest.approx(one_log.objectives, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("spec", "act_order"),
+    [(GridSpec(3), False), (GridSpec(3, group_size=12), False), (GridSpec(2, group_size=8), True)],
+)
+def test_gptq_row_spans_equal_one_thread(problem, several_threads, spec, act_order):
+    """GPTQ split over three threads against one thread: the same codes, grids and objective
+    (dynamic groups of 12 columns straddle the 16-column blocks)."""
+    p = problem(5, 23, 48)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(kernels.ENV, "numba")
+        split = solve_gptq(p.weight, p.sigma, spec, act_order=act_order, block_size=16)
+        torch.set_num_threads(1)
+        one = solve_gptq(p.weight, p.sigma, spec, act_order=act_order, block_size=16)
+    assert torch.equal(split.codes, one.codes)
+    torch.testing.assert_close(split.weight, one.weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split.scale, one.scale, rtol=1e-12, atol=1e-12)
+    assert split.objective == pytest.approx(one.objective, rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

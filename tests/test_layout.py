@@ -25,8 +25,8 @@ FORBIDDEN = {
     "__main__": set(),
     "run": {"cli"},
     "pipeline": {"cli", "run"},
-    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline"},
-    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline"},
+    "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline", "cleanup"},
+    "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline", "cleanup"},
     "models": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers"},
     "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
     "records": _DRIVER | _MIDDLE,
@@ -38,6 +38,8 @@ FORBIDDEN = {
     "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
     "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
     "memory": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
+    # what a process removes or says on any exit: used by models and store, imports nothing of cdq
+    "cleanup": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }
 
 
@@ -188,6 +190,10 @@ NOT_CHOICES = {
     frozenset({"store/shards.py:_UNITS", "store/shards.py:_BINARY"}): "decimal and binary unit multipliers",
     frozenset({"offline.py:_TRUE", "solvers/registry.py:_TRUE"}): (
         "HF_HUB_OFFLINE's true words (huggingface_hub's convention) and -o's boolean words (cdq's)"
+    ),
+    frozenset({"models/base.py:FUSED_PROJECTIONS", "store/experts.py:FUSED"}): (
+        "transformers 5's names of fused-experts parameters, not a choice: models finds them in the "
+        "model, store names them in checkpoints, and neither may import the other"
     ),
 }
 

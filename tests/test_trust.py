@@ -319,8 +319,8 @@ def test_remote_code_is_refused_and_never_runs(llama, calib, tmp_path) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "cdq_cli", *command], input="y\ny\n", capture_output=True, text=True
         )
-        assert done.returncode == 2 and done.stdout == "", done.stdout
         line = one_error_line(done.stderr)
+        assert done.returncode == 2 and strict_json(done.stdout) == {"error": line[7:], "exit_code": 2}
         assert "configuration_evil.py" in line and "never runs code" in line
         assert not sentinel.exists()
 
@@ -348,7 +348,8 @@ def test_deleted_table_is_refused(quantized, tmp_path, wikitext, capsys) -> None
     shutil.copytree(quantized, folder)
     (folder / "quantization.json").unlink()
     code, out, stderr = cli(capsys, "eval", folder, "--data", wikitext, "--max-windows", "1", "--json")
-    assert code == 2 and out == "" and "without its quantization.json" in one_error_line(stderr)
+    assert code == 2 and "without its quantization.json" in one_error_line(stderr)
+    assert strict_json(out) == {"error": one_error_line(stderr)[7:], "exit_code": 2}  # --json: the error
 
 
 def test_edited_bits_are_refused(quantized, tmp_path, wikitext, capsys) -> None:
@@ -379,7 +380,8 @@ def test_nan_metric_is_an_error_and_json_is_strict(llama, quantized, wikitext, c
     weights["model.embed_tokens.weight"][:] = float("inf")
     save_file(weights, str(llama / "model.safetensors"), metadata={"format": "pt"})
     code, out, stderr = cli(capsys, "eval", llama, "--data", wikitext, "--max-windows", "2", "--json")
-    assert code == 2 and out == "" and "non-finite" in one_error_line(stderr)
+    assert code == 2 and "non-finite" in one_error_line(stderr)
+    assert strict_json(out) == {"error": one_error_line(stderr)[7:], "exit_code": 2}  # never a NaN result
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])

@@ -109,6 +109,17 @@ def test_accuracy_matches_an_independent_computation_fp_and_quantized(stories, q
         assert "lm-evaluation-harness" in payload["protocol"] and "zero-shot" in payload["protocol"]
 
 
+def test_zero_shot_of_an_export_equals_the_folder(quantized, tmp_path, capsys) -> None:
+    """`cdq eval EXPORT --tasks`: the compressed-tensors export of the 2-bit folder, its layers
+    decoded by cdq, scores exactly what the folder scores (float32 scales: the same weights)."""
+    from cdq_cli.store.compressed import export_compressed
+
+    export_compressed(quantized, tmp_path / "ct")
+    native, exported = run_json(capsys, quantized), run_json(capsys, tmp_path / "ct")
+    assert exported["tasks"] == native["tasks"]
+    assert exported["model"] == "the quantized layers decoded from the checkpoint, held whole in memory"
+
+
 def test_limit_scores_the_first_items_and_the_human_output(stories, capsys) -> None:
     model, tokenizer = load_causal_lm(str(stories))
     acc, _norm, _lls = expected(model, tokenizer, DOCS[:4])
@@ -210,3 +221,122 @@ def test_a_nan_metric_is_an_error_not_a_result(monkeypatch):
     results["results"]["t"]["acc,none"] = 0.5
     out = zeroshot.evaluate_tasks(torch.nn.Linear(2, 2), None, {"t": object()}, device=torch.device("cpu"))
     assert out["tasks"][0]["metrics"]["acc"] == {"value": 0.5, "stderr": None}
+
+
+# -- code that comes with a task runs only with --trust-task-code --------------------------------------
+
+HELPER = """import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+
+
+def process(docs):
+    return docs
+"""
+
+
+PLAIN = {  # tests/tasks/stories_mc.yaml, one flow-style line per key
+    "task": "stories_mc",
+    "dataset_path": "json",
+    "dataset_kwargs": "{data_files: {test: stories_mc.jsonl}}",
+    "test_split": "test",
+    "output_type": "multiple_choice",
+    "doc_to_text": '"{{context}}"',
+    "doc_to_choice": '"{{choices}}"',
+    "doc_to_target": '"{{answer}}"',
+    "metric_list": "[{metric: acc, aggregation: mean, higher_is_better: true}]",
+}
+
+
+def task_folder(root: Path, marker: Path, **keys: str) -> Path:
+    """The stories task in ``root`` (``keys`` replace or add YAML lines, written as they are) with
+    its data and ``helpers.py``, a module that leaves ``marker`` behind when it is imported."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stories_mc.jsonl").write_text(TASK.with_suffix(".jsonl").read_text())
+    (root / "helpers.py").write_text(HELPER.format(marker=str(marker)))
+    (root / "task.yaml").write_text("".join(f"{key}: {value}\n" for key, value in (PLAIN | keys).items()))
+    return root / "task.yaml"
+
+
+@pytest.mark.parametrize("route", ["tag", "include"])
+def test_a_function_tag_runs_code_only_with_trust_task_code(route, stories, tmp_path, capsys) -> None:
+    """`process_docs: !function helpers.process` (in the task, or in a file it includes) imports
+    helpers.py; without --trust-task-code the task is refused and the module never runs."""
+    marker = tmp_path / "helper-ran"
+    if route == "tag":
+        task = task_folder(tmp_path / "t", marker, process_docs="!function helpers.process")
+    else:
+        task = task_folder(tmp_path / "t", marker, include="base.yaml")
+        (task.parent / "base.yaml").write_text("process_docs: !function helpers.process\n")
+    code, out, err = cli(capsys, "eval", stories, "--tasks", task, "--limit", 2)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "'process_docs: !function helpers.process'" in err and "--trust-task-code" in err
+    assert ("which it includes" in err) == (route == "include")
+    assert not marker.exists()
+    code, out, err = cli(
+        capsys, "eval", stories, "--tasks", task, "--limit", 2, "--trust-task-code", "--json"
+    )
+    assert code == 0, err
+    assert marker.read_text() == "ran"  # asked for: lm-eval imported and ran the helper
+    assert json.loads(out)["tasks"][0]["samples"] == 2
+
+
+def test_yamls_that_are_not_tasks_are_never_loaded_as_code(stories, tmp_path, capsys) -> None:
+    """A folder given to --tasks whose sub-folder holds a YAML that is not a task but names a
+    module (`!function evil.process`): only the real task is scored and the module never runs,
+    with or without --trust-task-code (no task named it)."""
+    marker = tmp_path / "evil-ran"
+    folder = task_folder(tmp_path / "tasks", tmp_path / "unused").parent
+    (folder / "sub").mkdir()
+    (folder / "sub" / "evil.py").write_text(HELPER.format(marker=str(marker)))
+    (folder / "sub" / "settings.yaml").write_text("process_docs: !function evil.process\n")
+    for extra in ([], ["--trust-task-code"]):
+        code, out, err = cli(capsys, "eval", stories, "--tasks", folder, "--limit", 2, "--json", *extra)
+        assert code == 0, err
+        assert [t["task"] for t in json.loads(out)["tasks"]] == ["stories_mc"]
+        assert not marker.exists()
+
+
+def test_a_template_cannot_reach_python_unless_trusted(stories, tmp_path, capsys) -> None:
+    """lm-eval renders prompts with an unsandboxed Jinja environment, where a template can call
+    os functions through `cycler.__init__.__globals__`; cdq renders them in Jinja's sandbox."""
+    marker = tmp_path / "template-ran"
+    reach = f"{{{{ cycler.__init__.__globals__.os.makedirs('{marker}', exist_ok=True) }}}}"
+    task = task_folder(tmp_path / "t", tmp_path / "unused", doc_to_text=f'"{reach}{{{{context}}}}"')
+    code, out, err = cli(capsys, "eval", stories, "--tasks", task, "--limit", 2)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "template" in err and "unsafe" in err and "--trust-task-code" in err
+    assert not marker.exists()
+    code, _, err = cli(capsys, "eval", stories, "--tasks", task, "--limit", 2, "--trust-task-code")
+    assert code == 0, err
+    assert marker.is_dir()  # asked for: lm-eval's own environment ran it
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("metric_list", "[{{metric: '{script}'}}]", "is not one of lm-eval's own metrics"),
+        ("metric_list", "[{{metric: acc, hf_evaluate: true}}]", "is not one of lm-eval's own metrics"),
+        (
+            "dataset_kwargs",
+            "{{data_files: {{test: stories_mc.jsonl}}, trust_remote_code: true}}",
+            "trust_remote_code",
+        ),
+    ],
+)
+def test_other_ways_a_task_runs_code_are_refused(key, value, message, stories, tmp_path, capsys) -> None:
+    """A metric lm-eval does not have is loaded by HF evaluate, which imports the metric's script
+    (here a local one that would leave a marker); a dataset may be allowed to run its script."""
+    marker = tmp_path / "metric-ran"
+    script = tmp_path / "evil_metric.py"
+    script.write_text(HELPER.format(marker=str(marker)))
+    task = task_folder(tmp_path / "t", tmp_path / "unused", **{key: value.format(script=script)})
+    code, out, err = cli(capsys, "eval", stories, "--tasks", task, "--limit", 2)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert message in err and "--trust-task-code" in err
+    assert not marker.exists()
+
+
+def test_trust_task_code_without_tasks_is_refused(stories, wikitext, capsys) -> None:
+    code, out, err = cli(capsys, "eval", stories, "--data", wikitext, "--trust-task-code")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--trust-task-code is for --tasks" in err

@@ -114,6 +114,7 @@ def calibration_windows(
     seqlen: int,
     seed: int,
     max_draws: int = 10_000,
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """``(nsamples, seqlen)`` token ids: the GPTQ calibration protocol, reproducible from ``seed``.
 
@@ -121,7 +122,9 @@ def calibration_windows(
     ``seqlen``, then take a random window of ``seqlen`` tokens from it. The draws make the same
     ``randint`` calls as GPTQ's ``get_c4`` (and, for a single text, its ``get_wikitext2``: no
     document draw), so the same seed, text and tokenizer give the same windows.
-    Documents are tokenized only when drawn (and once).
+    Documents are tokenized only when drawn (and once). ``stats``, when given, receives
+    ``source_tokens``: how many tokens the source holds when the draws saw all of it (so a source
+    shorter than ``nsamples × seqlen`` shows: its windows overlap), else None (plenty).
 
     Fallback, for sources whose documents are too short (e.g. a small JSONL sample at
     seqlen 2048): when one sample needs more than ``max_draws`` draws, or every document has been
@@ -156,12 +159,18 @@ def calibration_windows(
             break  # max_draws exhausted: fall back
         if len(short) == len(docs):
             break
+    whole = len(short) + len(long) == len(docs)  # every document was read: its length is known
+    if stats is not None:
+        stats["source_tokens"] = sum(len(ids) for ids in long.values()) if whole and not short else None
     if len(windows) < nsamples:
-        stream = _concatenation(docs, tokenizer, budget=4 * (nsamples - len(windows)) * seqlen)
+        budget = 4 * (nsamples - len(windows)) * seqlen
+        stream = _concatenation(docs, tokenizer, budget=budget)
         if len(stream) < seqlen:
             raise DataSourceError(
                 f"calibration data has {len(stream)} tokens, fewer than one window of {seqlen}"
             )
+        if stats is not None:
+            stats["source_tokens"] = len(stream) if len(stream) < budget else None
         while len(windows) < nsamples:
             start = rng.randint(0, len(stream) - seqlen)
             windows.append(stream[start : start + seqlen])

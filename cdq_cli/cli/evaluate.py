@@ -17,7 +17,8 @@ def evaluate(
     target: str = typer.Argument(
         ...,
         metavar="TARGET",
-        help="A model (folder, .gguf, hub id, timm/NAME) or a cdq output folder.",
+        help="A model (folder, .gguf, hub id, timm/NAME), a cdq output folder, or a GPTQ or "
+        "compressed-tensors folder (cdq's exports included).",
     ),
     data: str | None = typer.Option(
         None,
@@ -32,6 +33,12 @@ def evaluate(
         "(hellaswag,arc_easy), task YAML files or folders of them (needs the zeroshot extra).",
     ),
     limit: int | None = typer.Option(None, help="--tasks: score at most this many items per task."),
+    trust_task_code: bool = typer.Option(
+        False,
+        "--trust-task-code",
+        help="--tasks: let local task files run code of their own (!function tags, metrics loaded "
+        "through HF evaluate, unsandboxed templates). Without it such a task is refused.",
+    ),
     seqlen: int | None = typer.Option(None, help="Window length (default: min(2048, model context))."),
     max_windows: int | None = typer.Option(None, help="Score at most this many windows."),
     device: str | None = typer.Option(
@@ -62,5 +69,6 @@ def evaluate(
         target=target, data=data, seqlen=seqlen, max_windows=max_windows, device=device,
         dtype=dtype.value, batch_size=batch_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, tasks=tasks, limit=limit,
+        trust_task_code=trust_task_code,
     )  # fmt: skip
     show_evaluation(run_evaluate(request), as_json=as_json)

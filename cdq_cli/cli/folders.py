@@ -6,6 +6,7 @@ Registered on the main Typer app by :mod:`cdq_cli.cli`; errors are ``ValueError`
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,14 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Summary and worst layers of one run; writes a PNG of relative error per layer and per block."""
-    from .report_view import load_report, render, report_payload, report_table, summary_lines, write_plot
+    from .report_view import load_report, render, report_payload, report_table, summary_lines
 
     if top < 0:
         raise ValueError(f"--top must be 0 (all) or positive, got {top}")
     data = load_report(output_dir)
     picture = None
     if not no_plot and data["layers"]:
-        picture = write_plot(data, plot) if plot is not None else _plot_beside(data, output_dir)
+        picture = _plot_to(data, plot) if plot is not None else _plot_beside(data, output_dir)
     if as_json:
         print_json({**report_payload(data, top or None), "plot": str(picture) if picture else None})
         return
@@ -94,16 +95,49 @@ def report(
 def _plot_beside(data: dict, output_dir: Path) -> Path:
     """Write the plot into the run's folder, as a file cdq wrote (never over a file it did not)."""
     from ..store.files import add_to_manifest, read_manifest
-    from .report_view import write_plot
 
     folder = output_dir if output_dir.is_dir() else output_dir.parent
     dest = folder / REPORT_PLOT
     written = read_manifest(folder)
     if dest.exists() and (written is None or REPORT_PLOT not in written):
         raise ValueError(f"refusing to overwrite {dest}, which cdq did not write (pass --plot PATH)")
-    picture = write_plot(data, dest)
+    picture = _write_plot(data, dest)
     add_to_manifest(folder, REPORT_PLOT)
     return picture
+
+
+def _plot_to(data: dict, dest: Path) -> Path:
+    """Write the plot where ``--plot`` says: never over a file that is not a plot cdq wrote, never
+    over a file a cdq folder's manifest lists (its weights, its report), never into a folder name."""
+    from ..store.files import add_to_manifest, read_manifest
+    from .report_view import is_cdq_plot
+
+    dest = dest.expanduser().absolute()
+    if dest.is_dir():
+        raise ValueError(f"--plot {dest} is a folder: name the PNG file to write")
+    listed = read_manifest(dest.parent) or set()
+    ours = is_cdq_plot(dest)
+    if dest.name in listed and not ours and dest.name != REPORT_PLOT:
+        raise ValueError(f"refusing to overwrite {dest}: it is a file of the cdq folder {dest.parent}")
+    if (dest.exists() or dest.is_symlink()) and not ours and dest.name not in listed:
+        raise ValueError(f"refusing to overwrite {dest}, which is not a plot cdq wrote (choose another PATH)")
+    picture = _write_plot(data, dest)
+    add_to_manifest(dest.parent, dest.name)  # a plot put into a cdq folder is listed as cdq's
+    return picture
+
+
+def _write_plot(data: dict, dest: Path) -> Path:
+    """The PNG at ``dest``; a destination that cannot be written (read-only, full, not a folder) is
+    one line, exit 2, checked before the picture is drawn where it can be."""
+    from ..store.files import check_location
+    from .report_view import write_plot
+
+    check_location(dest)
+    try:
+        return write_plot(data, dest)
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise ValueError(f"cannot write the plot {dest}: {reason}") from None
 
 
 def compare(

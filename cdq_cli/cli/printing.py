@@ -22,6 +22,8 @@ def show_quantized(finished: Finished, *, as_json: bool) -> None:
             payload["export"] = finished.export
         if "evaluation" in report:
             payload["evaluation"] = report["evaluation"]
+        if report.get("warnings"):
+            payload["warnings"] = report["warnings"]
         print_json(payload)
         return
     console = Console(highlight=False, soft_wrap=True)

@@ -44,7 +44,17 @@ class Reporter:
         else:
             print(text, file=self.stream, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A request that does less than it says: one line, even with --quiet (it is not progress)."""
+        if self.console is not None:
+            self.console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+        else:
+            print(f"warning: {text}", file=self.stream, flush=True)
+
     def __call__(self, event: Event) -> None:
+        if event.kind == "warning":
+            self.warn(event.text)
+            return
         if self.quiet:
             return
         if event.kind == "note":

@@ -13,7 +13,7 @@ from ..run import quantize as run_quantize
 from ..run.plan import DType, Method, Offload, OutputFormat, SigmaDType
 from ..solvers import DEFAULT_METHOD
 from ..store.exports import FORMATS
-from .launch import launch, rank, under_torchrun
+from .launch import launch_run, rank, under_torchrun
 from .presets import apply_config, provenance, solver_options
 from .printing import show_quantized
 from .progress import Reporter, quiet_libraries
@@ -133,8 +133,6 @@ def quantize(
     and report.json (docs: README.md, docs/vision.md, docs/results.md)."""
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    if nproc > 1 and not under_torchrun():
-        raise typer.Exit(launch(nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
     request = QuantizeRequest(
         target=model, method=method.value, bits=bits, group_size=group_size, sym=sym, per_layer=per_layer,
         skip=skip, layer=layer, options={**solver_options(ctx), **parse_assignments(option)}, calib=calib,
@@ -147,6 +145,8 @@ def quantize(
         quantize_head=quantize_head, augment=augment,
         command=shlex.join(["cdq", *(ctx.obj or {}).get("argv", sys.argv[1:])]), config=provenance(ctx),
     )  # fmt: skip
+    if nproc > 1 and not under_torchrun():
+        raise typer.Exit(launch_run(request, nproc, (ctx.obj or {}).get("argv", sys.argv[1:])))
     follower = rank() > 0  # under torchrun, the leader (rank 0) alone reports
     if quiet or as_json or follower or not sys.stderr.isatty():
         quiet_libraries()

@@ -283,10 +283,12 @@ def write_plot(report: dict[str, Any], dest: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=".png", dir=dest.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": PLOT_SOFTWARE})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        with open(tmp, "rb") as fh:  # on disk before it takes the name: never a partial picture
+            os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -294,6 +296,30 @@ def write_plot(report: dict[str, Any], dest: Path) -> Path:
     finally:
         plt.close(fig)
     return dest
+
+
+PLOT_SOFTWARE = "cdq report"  # the PNG's "Software" text: how cdq knows a plot it wrote
+
+
+def is_cdq_plot(path: Path) -> bool:
+    """True for a PNG file whose ``Software`` text chunk says cdq wrote it (:func:`write_plot`)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                size, tag = int.from_bytes(head[:4], "big"), head[4:]
+                if tag in (b"IDAT", b"IEND") or size > 1 << 20:
+                    return False
+                body = fh.read(size)
+                fh.read(4)  # CRC
+                if tag == b"tEXt" and body == b"Software\x00" + PLOT_SOFTWARE.encode():
+                    return True
+    except OSError:
+        return False
 
 
 def _side(report: dict[str, Any]) -> dict[str, Any]:

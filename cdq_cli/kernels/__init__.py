@@ -14,22 +14,28 @@ Columns are processed in blocks of B. Inside a block, for every row at once::
 
 and one GEMM outside the kernel brings the block's G up to date from the whole current E before
 the block (``G[:, blk] = E Σ[:, blk]``). GPTQ's loop has the same shape: ``q = grid_round(W[:, j])``,
-``err = (W[:, j] − q) / Hinv_jj``, ``W[:, j+1:B] −= err ⊗ Hinv[j, j+1:B]``, then a GEMM carries
-the block's errors to the later columns. One kernel with two update rules (``CD``, ``GPTQ``) runs
-the whole sequential column loop of a block in one call.
+``err = (W[:, j] − q) / U_jj``, ``W[:, j+1:B] −= err ⊗ U[j, j+1:B]`` with U_bb the block's part of
+H⁻¹'s upper factor, and one GEMM before the block against the finished columns (see
+:mod:`cdq_cli.solvers.gptq`). One kernel with two update rules (``CD``, ``GPTQ``) runs the whole
+sequential column loop of a block in one call.
 
 ``grid_round(v) = s·(clamp(rint(v/s) + z, 0, maxq) − z)``, ``rint`` rounding half to even, the
 same expression as :meth:`Grid.quantize`, in every backend: ties round the same way everywhere.
 
 Layout: per-entry operands are indexed ``[j, i]`` (column j of the block, row i), so "column j for
 every row" is contiguous. Grids are passed as tables ``scale, zero`` (groups, rows) plus the group
-``gidx[j]`` of each block column.
+``gidx[j]`` of each block column. One call takes one record, :class:`Block`, holding all of this.
+
+Rows never interact, in CD or in GPTQ: on the CPU the solvers give each thread a contiguous range
+of rows (:func:`row_spans`) and run the whole column loop of those rows there, GEMMs included
+(:func:`parallel`, :mod:`cdq_cli.kernels.threads`); with the torch and Triton backends there is
+one range and the parallelism is inside torch or on the GPU.
 
 Backends (``backend=`` argument, else ``$CDQ_KERNEL``, else automatic):
 
 * ``triton`` — CUDA tensors (automatic there); on CPU tensors only under ``TRITON_INTERPRET=1``.
 * ``numba`` — CPU tensors (automatic when numba imports); also sweeps per-row orders (COMQ's
-  greedy order) row by row in natural coordinates, with no gathered Σ.
+  greedy order) row by row in natural coordinates, with no gathered Σ (``row_sweep``).
 * ``torch`` — anywhere; the reference the others are tested against.
 """
 
@@ -42,13 +48,25 @@ from types import ModuleType
 
 import torch
 
-from . import reference
-from .reference import CD, GPTQ, round_to_grid
+from . import reference, threads
+from .reference import CD, GPTQ, Block, round_to_grid
 
 BACKENDS = ("torch", "numba", "triton")
 ENV = "CDQ_KERNEL"
 
-__all__ = ["BACKENDS", "CD", "ENV", "GPTQ", "available", "backend_module", "resolve", "round_to_grid"]
+__all__ = [
+    "BACKENDS",
+    "CD",
+    "ENV",
+    "GPTQ",
+    "Block",
+    "available",
+    "backend_module",
+    "parallel",
+    "resolve",
+    "round_to_grid",
+    "row_spans",
+]
 
 
 @cache
@@ -110,6 +128,18 @@ def resolve(tensor: torch.Tensor, backend: str | None = None) -> str:
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (``block`` for every backend; ``block_rows`` for
-    torch and triton; ``row_sweep`` for numba)."""
+    """The module implementing backend ``name``: ``block(Block)`` for every backend (per-row
+    blocks for torch and triton only), ``row_sweep`` for numba."""
     return _module(name)
+
+
+def row_spans(name: str, rows: int, columns: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges ``(lo, hi)`` a solver works on independently for backend ``name``:
+    one per thread for numba (fewer on small layers, see :func:`threads.spans`), one otherwise."""
+    return threads.spans(rows, columns) if name == "numba" else [(0, rows)]
+
+
+def parallel(name: str, jobs):
+    """Run independent ``jobs`` (one per row span, or any list) for backend ``name``: on the CPU
+    threads with numba (:func:`threads.run`), one after another otherwise; results in order."""
+    return threads.run(jobs) if name == "numba" else [job() for job in jobs]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CD
+from .reference import CD, Block
 
 BLOCK_R = 32
 # ``tl.sum``'s combine function, passed to the builtin ``tl.reduce`` directly: ``tl.sum`` itself is
@@ -188,31 +188,11 @@ def usable(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or bool(knobs.runtime.interpret)
 
 
-def _launch(
-    x,
-    hat,
-    w,
-    col0,
-    scale,
-    zero,
-    gidx,
-    mat,
-    diag,
-    dead,
-    out,
-    *,
-    maxq,
-    relax,
-    rule,
-    start,
-    stop,
-    per_row,
-    err,
-    sdiag,
-):
+def _launch(b: Block, w, gidx, diag, dead, sdiag, start, stop, per_row):
     """Every per-entry operand is indexed [j, i] (block column, row): ``x, out, gidx, diag, dead,
     sdiag`` (B, R), ``hat, w, err`` (p, R), ``scale, zero`` (groups, R); ``mat`` (B, B), or
     (R, B, B) per row. Returns the CD objective change and count of changed entries."""
+    x, mat = b.x, b.mat
     if not usable(x):
         raise RuntimeError(
             "the Triton kernel needs CUDA tensors; set TRITON_INTERPRET=1 to run it on the CPU (tests)"
@@ -221,6 +201,7 @@ def _launch(
     if width > MAX_BLOCK:
         raise ValueError(f"the Triton in-block kernel takes at most {MAX_BLOCK} columns, got {width}")
     mat_strides = (mat.stride(0), mat.stride(1), mat.stride(2)) if per_row else (0, *mat.stride())
+    err = b.err if b.rule == CD and b.err is not None else None
 
     def ij(t):  # strides in the kernel's (row, column) order
         return t.stride(1), t.stride(0)
@@ -230,39 +211,39 @@ def _launch(
     counts = torch.zeros(programs, dtype=torch.int64, device=x.device)
     _kernel()[(programs,)](
         x,
-        hat,
+        b.hat,
         w,
-        out,
-        scale,
-        zero,
+        b.out,
+        b.scale,
+        b.zero,
         gidx,
         mat,
         diag,
         dead,
-        hat if err is None else err,
+        b.hat if err is None else err,
         sdiag,
         gains,
         counts,
         rows,
         width,
-        col0,
+        b.col0,
         start,
         stop,
-        float(maxq),
+        float(b.maxq),
         *ij(x),
-        *ij(hat),
+        *ij(b.hat),
         *ij(w),
-        *ij(out),
-        *ij(scale),
-        *ij(zero),
+        *ij(b.out),
+        *ij(b.scale),
+        *ij(b.zero),
         *ij(gidx),
         *mat_strides,
         *ij(diag),
         *ij(dead),
-        *ij(hat if err is None else err),
+        *ij(b.hat if err is None else err),
         *ij(sdiag),
-        RELAX=bool(relax),
-        RULE=int(rule),
+        RELAX=bool(b.relax),
+        RULE=int(b.rule),
         PER_ROW=per_row,
         HAS_ERR=err is not None,
         F64=x.dtype == torch.float64,
@@ -272,83 +253,23 @@ def _launch(
     return gains.sum(), counts.sum()
 
 
-def block(
-    x,
-    hat,
-    col0,
-    scale,
-    zero,
-    gidx,
-    mat,
-    diag,
-    dead,
-    out,
-    *,
-    maxq,
-    relax=False,
-    rule=CD,
-    start=0,
-    stop=None,
-    err=None,
-    sdiag=None,
-):
-    """Triton version of :func:`cdq_cli.kernels.reference.block`."""
-    width, rows = x.shape
-    stop = width if stop is None else stop
+def block(b: Block) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Triton version of :func:`cdq_cli.kernels.reference.block` (shared and per-row orders)."""
+    if b.per_row:
+        return _launch(b, b.w, b.gidx, b.diag, b.dead, b.sdiag, 0, b.x.shape[0], per_row=True)
+    width, rows = b.x.shape
+    start, stop = b.span
     if start >= stop:
-        return (
-            None if rule != CD else (x.new_zeros((), dtype=torch.float64), x.new_zeros((), dtype=torch.int64))
-        )
-    dead = torch.zeros(width, dtype=torch.bool, device=x.device) if dead is None else dead
-    sdiag = diag if sdiag is None else sdiag
+        zeros = b.x.new_zeros((), dtype=torch.float64), b.x.new_zeros((), dtype=torch.int64)
+        return zeros if b.rule == CD else None
+    dead = torch.zeros(width, dtype=torch.bool, device=b.x.device) if b.dead is None else b.dead
+    sdiag = b.diag if b.sdiag is None else b.sdiag
 
     def per_entry(t):
         return t.unsqueeze(1).expand(width, rows)
 
+    # No W in the shared order (dead columns are skipped): hat stands in for it.
     result = _launch(
-        x,
-        hat,
-        hat,  # no W in the shared order: dead columns are skipped
-        col0,
-        scale,
-        zero,
-        per_entry(gidx),
-        mat,
-        per_entry(diag),
-        per_entry(dead),
-        out,
-        maxq=maxq,
-        relax=relax,
-        rule=rule,
-        start=start,
-        stop=stop,
-        per_row=False,
-        err=err if rule == CD else None,
-        sdiag=per_entry(sdiag),
+        b, b.hat, per_entry(b.gidx), per_entry(b.diag), per_entry(dead), per_entry(sdiag), start, stop, False
     )
-    return result if rule == CD else None
-
-
-def block_rows(x, hat, w, col0, scale, zero, gidx, mat, diag, dead, out, *, maxq, relax=False, sdiag):
-    """Triton version of :func:`cdq_cli.kernels.reference.block_rows`."""
-    return _launch(
-        x,
-        hat,
-        w,
-        col0,
-        scale,
-        zero,
-        gidx,
-        mat,
-        diag,
-        dead,
-        out,
-        maxq=maxq,
-        relax=relax,
-        rule=CD,
-        start=0,
-        stop=x.shape[0],
-        per_row=True,
-        err=None,
-        sdiag=sdiag,
-    )
+    return result if b.rule == CD else None

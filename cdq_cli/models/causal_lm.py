@@ -8,8 +8,9 @@ cannot be reached.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -22,6 +23,8 @@ __all__ = ["ModelLoadError", "load_causal_lm", "refuse_remote_code", "smollm2_gg
 _PROBE = "Once upon a time"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class ModelLoadError(ValueError):
@@ -51,10 +54,77 @@ def load_causal_lm(
     else:
         folder, gguf = _resolve_local(path, gguf_file)
         refuse_remote_code(folder)
+        if gguf is None:
+            check_index(folder)
         model, tokenizer = _from_folder(folder, gguf, dtype, shown=path)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_index(folder: Path) -> None:
+    """A sharded checkpoint's index, checked before anything is loaded: every entry names a shard
+    inside ``folder`` (no absolute path, no ``..``: cdq reads only the files of the folder it was
+    given), the shard exists, and a safetensors shard holds the tensor the entry places there. One
+    line naming the entry otherwise."""
+    from safetensors import safe_open
+
+    for name in INDEXES:
+        index = folder / name
+        if not index.is_file():
+            continue
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {index}: {_first_line(exc)}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index} has no weight_map (tensor name -> shard file)")
+        shards: dict[str, list[str]] = {}
+        for tensor, file in weight_map.items():
+            if not isinstance(file, str) or not file.strip():
+                raise ModelLoadError(f"{index}: entry {tensor!r} does not name a shard file")
+            if (
+                PurePosixPath(file).is_absolute()
+                or PureWindowsPath(file).is_absolute()
+                or ".." in PurePosixPath(file.replace("\\", "/")).parts
+            ):
+                raise ModelLoadError(
+                    f"{index}: entry {tensor!r} names {file!r}, outside the model folder "
+                    "(cdq reads only the files of the folder it is given)"
+                )
+            shards.setdefault(file, []).append(tensor)
+        for file, tensors in shards.items():
+            shard = folder / file
+            if not shard.is_file():
+                raise ModelLoadError(f"{index}: entry {tensors[0]!r} names {file}, which the folder lacks")
+            if not file.endswith(".safetensors"):
+                continue
+            try:
+                with safe_open(str(shard), framework="pt") as fh:
+                    keys = set(fh.keys())
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read {shard}: {_first_line(exc)}") from None
+            missing = [tensor for tensor in tensors if tensor not in keys]
+            if missing:
+                raise ModelLoadError(f"{index}: entry {missing[0]!r} names {file}, which lacks that tensor")
+
+
+def refuse_quantized(folder: Path) -> None:
+    """A model already quantized by another tool (its config.json has a ``quantization_config``:
+    GPTQ, compressed-tensors, AWQ...) is refused by name: cdq quantizes full-precision weights."""
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # missing or unreadable: the loader says so
+    block = data.get("quantization_config") if isinstance(data, dict) else None
+    if block:
+        method = block.get("quant_method", "unknown method") if isinstance(block, dict) else "unknown method"
+        raise ModelLoadError(
+            f"{folder} is already quantized ({method}, named by quantization_config in config.json); "
+            "quantize the original model"
+        )
 
 
 def _from_folder(folder: Path, gguf: str | None, dtype: torch.dtype, *, shown: Path) -> tuple[Any, Any]:
@@ -71,7 +141,7 @@ def _from_folder(folder: Path, gguf: str | None, dtype: torch.dtype, *, shown: P
     except ModelLoadError:
         raise
     except Exception as exc:  # a corrupt or truncated file, a bad config: one line naming the model
-        raise ModelLoadError(f"cannot load {shown}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load {shown}: {load_failure(exc)}") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -215,6 +285,18 @@ def _ids(tokenizer: Any, *, special: bool = False) -> list[int]:
     return list(tokenizer(_PROBE, add_special_tokens=special)["input_ids"])
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why a checkpoint did not load, in one line; a pickle that torch's safe loader refused says
+    so plainly (torch's own text goes on to explain how to run the pickle's code, which cdq never
+    does)."""
+    if "Weights only load failed" in str(exc):
+        return (
+            "its pickled checkpoint (.bin) holds more than tensors, and unpickling it could run code; "
+            "cdq loads pickles only as plain tensors: convert it to safetensors where you trust it"
+        )
+    return _first_line(exc)
+
+
 def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -15,8 +15,6 @@ GGUF files are dequantized whole by transformers, so they load resident (in memo
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +22,15 @@ from typing import Any
 
 import torch
 
+from ..cleanup import release, scratch_folder
 from .causal_lm import (
     ModelLoadError,
-    _first_line,
     _folder_tokenizer,
     _looks_like_hub_id,
     _resolve_local,
+    check_index,
     load_causal_lm,
+    load_failure,
     refuse_remote_code,
 )
 
@@ -76,7 +76,8 @@ def open_causal_lm(
         )
         return model, tokenizer
     refuse_remote_code(folder)
-    offload = Path(tempfile.mkdtemp(prefix="cdq-offload-", dir=scratch))
+    check_index(folder)
+    offload = scratch_folder("cdq-offload", scratch)
     quiet = logging.getLogger("accelerate.big_modeling")  # "parameters are on the meta device": as asked
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -91,16 +92,16 @@ def open_causal_lm(
         )
         tokenizer = _folder_tokenizer(folder)
     except ModelLoadError:
-        shutil.rmtree(offload, ignore_errors=True)
+        release(offload)
         raise
     except Exception as exc:  # a corrupt or truncated file, a bad config: one line naming the model
-        shutil.rmtree(offload, ignore_errors=True)
-        raise ModelLoadError(f"cannot load {name_or_path}: {_first_line(exc)}") from exc
+        release(offload)
+        raise ModelLoadError(f"cannot load {name_or_path}: {load_failure(exc)}") from exc
     finally:
         quiet.setLevel(level)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        shutil.rmtree(offload, ignore_errors=True)
+        release(offload)
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelLoadError(
             f"cannot load {name_or_path}: its checkpoint has no weights for {missing[0]}{more} "

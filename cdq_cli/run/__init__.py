@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .plan import (
     QuantizeRequest,
     UsageError,
     check_compute_dtype,
+    check_processes,
     plan_sources,
     resolve_device,
     settle,
@@ -47,8 +48,10 @@ __all__ = [
     "Plan",
     "QuantizeRequest",
     "UsageError",
+    "check_launch",
     "evaluate",
     "kind_of",
+    "output_locks",
     "quantize",
     "settle",
 ]
@@ -78,8 +81,12 @@ def kind_of(target: str, checkpoint: str | None = None) -> ModelKind:
 
 
 def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
-    """Run ``cdq quantize`` (see the module docstring); raises one-line ``ValueError``/``OSError``."""
+    """Run ``cdq quantize`` (see the module docstring); raises one-line ``ValueError``/``OSError``.
+
+    The output (and the export's folder) is locked for the whole run, by the process that writes
+    it: a second run with the same ``--output`` fails at once instead of mixing its files in."""
     began = time.perf_counter()
+    refuse_quantized_source(request.target)
     plan = settle(request)
     ranks = plan.ranks
     if not ranks.leader:  # one voice: the leader's
@@ -91,19 +98,62 @@ def quantize(request: QuantizeRequest, progress: Progress = silent) -> Finished:
     try:
         kind = kind_of(request.target, request.checkpoint)
         _check_kind(kind, plan)
-        data = kind.read_data(plan)
-        loaded = kind.load(plan, note)
-        try:
-            return _quantize_loaded(plan, kind, data, loaded, progress, note, began)
-        finally:
-            loaded.close()
+        with output_locks(plan) if ranks.leader else nullcontext():  # the leader writes the output
+            data = kind.read_data(plan)
+            loaded = kind.load(plan, note)
+            try:
+                return _quantize_loaded(plan, kind, data, loaded, progress, note, began)
+            finally:
+                loaded.close()
     finally:
         close(ranks)
+
+
+def check_launch(request: QuantizeRequest, nproc: int) -> Plan:
+    """Everything ``cdq quantize --nproc N`` can check before it starts a process: the request
+    (:func:`settle`), the model's kind and state, and that ``nproc`` processes can all work."""
+    refuse_quantized_source(request.target)
+    plan = settle(request)
+    if not kind_of(request.target, request.checkpoint).resumable:
+        raise UsageError("several processes (torchrun, --nproc) quantize causal LMs, not vision models")
+    check_processes(request, nproc, plan.device)
+    return plan
+
+
+@contextmanager
+def output_locks(plan: Plan) -> Iterator[None]:
+    """Hold the locks of the run's output and export folders (one run per output)."""
+    from ..store.files import output_lock
+
+    with ExitStack() as locks:
+        for dest in (plan.output, plan.export_dest):
+            if dest is not None:
+                locks.enter_context(output_lock(dest))
+        yield
+
+
+def refuse_quantized_source(target: str) -> None:
+    """A model that is already quantized (a cdq output folder, a GPTQ or compressed-tensors
+    export, any folder whose config names a quantization) is refused by name, before any work."""
+    from ..models.causal_lm import refuse_quantized
+    from ..store.folder import is_quantized_folder, orphaned_output
+    from ..store.names import MARKER
+
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        return
+    if is_quantized_folder(path) or orphaned_output(path):
+        raise UsageError(
+            f"{target} is already quantized by cdq (a cdq output folder: its {MARKER} or weights say so); "
+            "quantize the original model"
+        )
+    refuse_quantized(path)
 
 
 def _quantize_loaded(
     plan: Plan, kind: ModelKind, data: Any, loaded: Loaded, progress: Progress, note: Any, began: float
 ) -> Finished:
+    from ..models.base import quantizable_layers
     from ..pipeline import quantize_model, validate
     from ..placement import Placement
     from ..store import report as reports
@@ -112,13 +162,19 @@ def _quantize_loaded(
     from ..store.journal import open_journal
 
     request, ranks, started = plan.request, plan.ranks, reports.now()
-    problem = _non_finite(loaded, request.target) if ranks.leader else None  # read once, by one rank
+    problem = _scan_weights(loaded, request.target) if ranks.leader else None  # read once, by one rank
     problem = ranks.broadcast(problem)
     if problem is not None:
         raise UsageError(problem)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
-    kind.preflight(plan, layers)
+    kind.preflight(plan, loaded, layers)
     calibration = kind.calibrate(loaded, data, plan, note)
+    warnings = [
+        *plan.settings.shadowed(quantizable_layers(loaded.adapter, loaded.model)),
+        *calibration.warnings,
+    ]
+    for text in warnings:  # requests that would do less than they say: one line each, and in the report
+        progress(Event("warning", text=text))
     fp = None
     if request.eval_data is not None:  # the same data, before quantization: what the bits cost
         note(f"evaluating the full-precision model on {request.eval_data}")
@@ -174,7 +230,7 @@ def _quantize_loaded(
             rows=outcome.rows,
             unquantized=outcome.unquantized,
             parallel=_parallel_section(ranks),
-            sections=kind.report_sections(loaded, plan),
+            sections={**kind.report_sections(loaded, plan), **({"warnings": warnings} if warnings else {})},
             started=started,
             ended=reports.now(),
             wall_seconds=time.perf_counter() - began,
@@ -279,33 +335,60 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
         raise UsageError(
             "cdq eval takes --data SOURCE (perplexity, top-1) or --tasks LIST (zero-shot accuracy)"
         )
-    if request.limit is not None and (request.tasks is None or request.limit < 1):
+    if request.limit is not None and request.tasks is None:
+        raise UsageError(
+            "--limit counts the items of each --tasks task; with --data, --max-windows limits the windows"
+        )
+    if request.limit is not None and request.limit < 1:
         raise UsageError("--limit is a positive number of items per --tasks task")
+    if request.trust_task_code and request.tasks is None:
+        raise UsageError("--trust-task-code is for --tasks (it lets local task files run their own code)")
     device = resolve_device(request.device)
     check_compute_dtype(request.dtype, device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)
 
 
-def _non_finite(loaded: Loaded, target: str) -> str | None:
-    """NaN/Inf anywhere in the model is refused now, not after hours of solving the blocks before
-    it: every tensor of the checkpoint is read once (slice by slice for a lazy model). The error
-    message, or None."""
+def _scan_weights(loaded: Loaded, target: str) -> str | None:
+    """Every tensor of the checkpoint read once (slice by slice for a lazy model), now, not after
+    hours of solving the blocks before it: NaN/Inf anywhere is refused, and so is a tensor whose
+    shape or kind (floating point or not) differs from what the model's config makes it. The
+    error message, or None."""
     import torch
 
+    expected = loaded.model.state_dict(keep_vars=True)
     if loaded.weights is None:
-        parts = ((name, [t]) for name, t in loaded.model.state_dict().items())
+        parts = ((name, [t]) for name, t in expected.items())
     else:  # slice by slice where the source can: a scan never holds a whole tensor
         chunks = getattr(loaded.weights, "chunks", None)
         parts = (
             (name, chunks(name) if chunks else [loaded.weights.tensor(name)])
             for name in loaded.weights.names()
         )
-    bad = [
-        name
-        for name, pieces in parts
-        if any(torch.is_floating_point(p) and not bool(torch.isfinite(p).all()) for p in pieces)
-    ]
+    where = getattr(loaded.weights, "where", lambda name: None)
+    bad = []
+    for name, pieces in parts:
+        shape: tuple[int, ...] | None = None
+        floating, finite = True, True
+        for piece in pieces:  # slices along the first dimension
+            if shape is None:
+                shape, floating = tuple(piece.shape), torch.is_floating_point(piece)
+            elif piece.dim():
+                shape = (shape[0] + piece.shape[0], *shape[1:])
+            finite = finite and (not floating or bool(torch.isfinite(piece).all()))
+        model = expected.get(name)
+        if model is not None and loaded.weights is not None and shape is not None:
+            found = f" in {where(name)}" if where(name) else ""
+            if shape != tuple(model.shape):
+                return (
+                    f"{target}: tensor {name}{found} has shape {list(shape)}, but the model's config makes "
+                    f"it {list(model.shape)}"
+                )
+            if floating != torch.is_floating_point(model):
+                kinds = ("floating-point", "integer") if floating else ("integer", "floating-point")
+                return f"{target}: tensor {name}{found} holds {kinds[0]} values; the model expects {kinds[1]}"
+        if not finite:
+            bad.append(name)
     if not bad:
         return None
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

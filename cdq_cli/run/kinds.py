@@ -59,6 +59,7 @@ class Calibration:
     batches: list[torch.Tensor]
     describe: dict[str, Any]
     identity: torch.Tensor
+    warnings: list[str] = field(default_factory=list)  # said once, kept in the report
 
 
 @dataclass
@@ -83,8 +84,9 @@ class ModelKind(Protocol):
 
     def load(self, plan: Plan, note: Any) -> Loaded: ...
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
-        """Checks that need the layers but no calibration (e.g. the export can hold them)."""
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module]) -> None:
+        """Checks that need the model and its layers but no calibration (e.g. the export can hold
+        them)."""
         ...
 
     def calibrate(self, loaded: Loaded, data: Any, plan: Plan, note: Any) -> Calibration: ...

@@ -41,6 +41,9 @@ class LanguageModels:
         from ..calib import load_texts
 
         request = plan.request
+        refuse_image_data(request.target, "--calib", request.calib)
+        if request.eval_data is not None:
+            refuse_image_data(request.target, "--eval", request.eval_data)
         held_out = evaluation_texts(request.eval_data) if request.eval_data is not None else None
         return Texts(load_texts(request.calib), held_out)
 
@@ -48,10 +51,11 @@ class LanguageModels:
         note(f"loading {plan.request.target}")
         return open_model(plan.request.target, plan.request.dtype, device=plan.device)
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module | torch.Tensor]) -> None:
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module | torch.Tensor]) -> None:
         """What the export (--format) cannot hold is refused now, before any work."""
         if plan.export_dest is None:
             return
+        from ..models import quantizable_layers
         from ..store.exports import preflight
 
         settings = plan.settings
@@ -61,7 +65,15 @@ class LanguageModels:
             if (spec := settings.grid_for(name)) is not None
         }
         skipped = [rule.pattern for rule in settings.overrides if rule.spec is None]
-        preflight(plan.request.export_format, planned, skipped=skipped, method=settings.method)
+        kept = [name for name in quantizable_layers(loaded.adapter, loaded.model) if name not in planned]
+        preflight(
+            plan.request.export_format,
+            planned,
+            skipped=skipped,
+            method=settings.method,
+            model_type=getattr(getattr(loaded.model, "config", None), "model_type", None),
+            kept=kept,
+        )
 
     def calibrate(self, loaded: Loaded, data: Texts, plan: Plan, note: Any) -> Calibration:
         from ..calib import calibration_windows, text_fingerprint
@@ -73,8 +85,14 @@ class LanguageModels:
         if length > context:
             raise UsageError(f"--seqlen {length} exceeds the model's context of {context} tokens")
         note(f"calibration: {request.nsamples} x {length} tokens from {request.calib} (seed {request.seed})")
+        stats: dict[str, Any] = {}
         windows = calibration_windows(
-            data.calibration, loaded.tokenizer, nsamples=request.nsamples, seqlen=length, seed=request.seed
+            data.calibration,
+            loaded.tokenizer,
+            nsamples=request.nsamples,
+            seqlen=length,
+            seed=request.seed,
+            stats=stats,
         )
         describe = {
             "source": request.calib,
@@ -85,7 +103,15 @@ class LanguageModels:
             "seed": request.seed,
             "tokens": windows.numel(),
         }
-        return Calibration(list(windows.split(request.batch_size)), describe, windows)
+        warnings = []
+        needed, held = request.nsamples * length, stats.get("source_tokens")
+        if held is not None and 2 * held <= needed:  # each token in about needed / held windows
+            warnings.append(
+                f"the calibration text {request.calib} holds {held} tokens, far fewer than --nsamples "
+                f"{request.nsamples} x --seqlen {length} = {needed}: its windows repeat each token about "
+                f"{needed / held:.0f} times; give more text or fewer samples"
+            )
+        return Calibration(list(windows.split(request.batch_size)), describe, windows, warnings)
 
     def score(
         self,
@@ -136,13 +162,16 @@ class LanguageModels:
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
         from ..evaluate.perplexity import default_seqlen
         from ..store.folder import is_quantized_folder
+        from ..store.reopen import is_quantized_checkpoint
 
         if request.tasks is not None:
             return zero_shot(request, device)
         assert request.data is not None
+        refuse_image_data(request.target, "--data", request.data)
         texts = evaluation_texts(request.data)
-        if is_quantized_folder(request.target):
-            loaded = open_output(Path(request.target), choice=request.dtype, device=device)
+        if is_quantized_folder(request.target) or is_quantized_checkpoint(request.target):
+            opener = open_output if is_quantized_folder(request.target) else open_exported
+            loaded = opener(Path(request.target), choice=request.dtype, device=device)
             if loaded.tokenizer is None:
                 loaded.close()
                 raise UsageError(f"{request.target} holds no tokenizer")
@@ -173,16 +202,21 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     from ..models import load_causal_lm
     from ..offline import hub_offline
     from ..store.folder import is_quantized_folder, read_table, table_dtype
-    from ..store.reopen import load_quantized
+    from ..store.reopen import is_quantized_checkpoint, load_quantized, load_whole
 
     if request.seqlen is not None or request.max_windows is not None:
         raise UsageError("--seqlen and --max-windows are perplexity options; --tasks scores whole items")
-    tasks = parse_tasks(request.tasks or "", offline=hub_offline)
-    built = build_tasks(tasks)
+    trust = request.trust_task_code
+    tasks = parse_tasks(request.tasks or "", offline=hub_offline, trust_code=trust)
+    built = build_tasks(tasks, trust_code=trust)
     if is_quantized_folder(request.target):
         stored = table_dtype(read_table(request.target))
         model, tokenizer = load_quantized(request.target, compute_dtype(request.dtype, device, stored))
         held = "the quantized layers dequantized from the output folder, held whole in memory"
+    elif is_quantized_checkpoint(request.target):
+        exported = open_exported(Path(request.target), choice=request.dtype, device=device)
+        model, tokenizer = load_whole(exported, exported.compute_dtype)
+        held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
         refuse_orphaned_output(request.target)
         dtype = model_dtype(request.dtype)
@@ -191,7 +225,13 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     if tokenizer is None:
         raise UsageError(f"{request.target} holds no tokenizer")
     result = evaluate_tasks(
-        model, tokenizer, built, device=device, batch_size=request.batch_size, limit=request.limit
+        model,
+        tokenizer,
+        built,
+        device=device,
+        batch_size=request.batch_size,
+        limit=request.limit,
+        trust_code=trust,
     )
     return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
@@ -231,10 +271,40 @@ def open_output(
 ) -> Loaded:
     """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its
     adapter, computed in ``compute`` (default: the ``--dtype`` ``choice``'s dtype for ``device``)."""
-    from ..models import adapter_for
     from ..store.reopen import open_output as reopen
 
+    return _with_adapter(reopen(folder), compute=compute, choice=choice, device=device)
+
+
+def open_exported(
+    folder: Path | str,
+    *,
+    compute: torch.dtype | None = None,
+    choice: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> Loaded:
+    """A GPTQ or compressed-tensors checkpoint opened lazily, decoded by cdq block by block
+    (:func:`cdq_cli.store.reopen.open_exported`); any other quantized checkpoint, which cdq cannot
+    decode, loaded whole through transformers."""
+    from ..models import adapter_for, load_causal_lm
+    from ..store.reopen import open_exported as reopen
+
     opened = reopen(folder)
+    if opened is None:
+        model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
+        return Loaded(model, adapter_for(model), tokenizer)
+    return _with_adapter(opened, compute=compute, choice=choice, device=device)
+
+
+def _with_adapter(
+    opened: Any,
+    *,
+    compute: torch.dtype | None = None,
+    choice: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> Loaded:
+    from ..models import adapter_for
+
     if compute is None:
         compute = compute_dtype(choice, device, opened.weights.dtype)
     return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights, compute=compute)
@@ -286,6 +356,21 @@ def refuse_orphaned_output(target: str) -> None:
 
     if orphaned_output(target):
         raise CheckpointError(f"{target} is a cdq output folder without its {MARKER}: it cannot be loaded")
+
+
+def refuse_image_data(target: str, flag: str, source: str) -> None:
+    """An image source given for a model that is not an image classifier cdq knows: the model is
+    what is unknown (a misspelt timm name, say), so say that rather than blame the data."""
+    from ..calib.images import HF_PREFIX, SAMPLE_SET
+    from ..models.causal_lm import _looks_like_hub_id
+
+    if source.lower() == SAMPLE_SET or source.startswith(HF_PREFIX):
+        if not Path(target).expanduser().exists() and not _looks_like_hub_id(target):
+            raise UsageError(f"no such file or folder: {target}")
+        raise UsageError(
+            f"{flag} {source} is image data, but {target} is not an image classifier cdq knows "
+            "(timm/NAME, a timm architecture name, or any model with --checkpoint FILE)"
+        )
 
 
 def evaluation_texts(data: str) -> list[str]:

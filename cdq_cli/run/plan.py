@@ -14,6 +14,7 @@ The plan and its :class:`~cdq_cli.records.Settings` are frozen: everything downs
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -129,7 +130,8 @@ class QuantizeRequest:
 @dataclass
 class EvalRequest:
     """One ``cdq eval``: a model or a cdq output folder, scored on ``data`` (perplexity, top-1) or
-    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task)."""
+    on lm-eval ``tasks`` (zero-shot accuracy; ``limit``: at most that many items per task;
+    ``trust_task_code``: let local task files run code of their own)."""
 
     target: str
     data: str | None = None
@@ -143,6 +145,7 @@ class EvalRequest:
     model_args: list[str] = field(default_factory=list)
     tasks: str | None = None
     limit: int | None = None
+    trust_task_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,10 @@ class Plan:
 def settle(request: QuantizeRequest) -> Plan:
     """Check every value that can be checked without the model, build the run's settings, and join
     the other processes of the run when torchrun started this one (last: a bad flag fails first)."""
-    from ..parallel import from_environment
+    from ..parallel import env_world, from_environment
     from ..store.exports import default_dest
     from ..store.files import check_output_dir
+    from ..store.names import EXPORT, QUANTIZED
 
     choose("--method", request.method, Method)
     for flag, value, least in (
@@ -203,12 +207,14 @@ def settle(request: QuantizeRequest) -> Plan:
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
     output = (request.output or Path(default_output(request))).absolute()
-    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request))
-    check_writable(output)
+    check_output_dir(output, overwrite=request.overwrite, protect=plan_sources(request), kind=QUANTIZED)
     export_dest = None
     if request.export_format != NATIVE:
         export_dest = default_dest(output, request.export_format)
-        check_output_dir(export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output])
+        check_output_dir(
+            export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output], kind=EXPORT
+        )
+    check_processes(request, env_world(), settings.device, hardware=False)  # before waiting for them
     ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device
     return Plan(request, replace(settings, device=device), ranks, output, export_dest, max_shard_bytes)
 
@@ -297,9 +303,15 @@ def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
 
 
 def _pattern(flag: str, pattern: str, shown: str) -> str:
+    """``pattern`` checked: Python's ``re`` syntax (what the docs promise); it is matched by the
+    ``regex`` package (:meth:`~cdq_cli.records.LayerRule.matches`), which takes the same syntax and
+    can stop a search that runs too long."""
+    import regex
+
     try:
         re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)
+    except (re.error, regex.error) as exc:
         raise ValueError(f"{flag} {shown!r}: not a valid regular expression ({exc})") from None
     return pattern
 
@@ -308,22 +320,6 @@ def plan_sources(request: QuantizeRequest) -> list[Path]:
     """The local files a run reads and must never replace: the model, its checkpoint, the data."""
     paths = [request.target, request.checkpoint, request.calib, request.eval_data]
     return [Path(p).expanduser() for p in paths if p is not None and Path(p).expanduser().exists()]
-
-
-def check_writable(output: Path) -> None:
-    """Fail now, not after hours, when the output's location cannot be written (read-only, no
-    permission): try a temporary folder in the nearest existing ancestor."""
-    import tempfile
-
-    ancestor = output.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    try:
-        Path(tempfile.mkdtemp(prefix=".cdq-write-check-", dir=ancestor)).rmdir()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the output {output}: {ancestor} is not writable ({exc.strerror})"
-        ) from None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -412,3 +408,32 @@ def choose(flag: str, value: str, choices: type[Enum]) -> str:
     if value not in allowed:
         raise UsageError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     return value
+
+
+def check_processes(
+    request: QuantizeRequest, count: int, device: torch.device, *, hardware: bool = True
+) -> None:
+    """Refuse, before any process starts or any model loads, ``count`` processes that cannot all
+    work: each needs a calibration batch of its own and (``hardware``: processes of this machine)
+    a CPU core of its own on the CPU, a GPU of its own on CUDA."""
+    if count <= 1:
+        return
+    batches = -(-request.nsamples // request.batch_size)
+    if count > batches:
+        raise UsageError(
+            f"{count} processes need at least {count} calibration batches, and --nsamples "
+            f"{request.nsamples} with --batch-size {request.batch_size} makes {batches}: lower "
+            "--batch-size (or --nproc)"
+        )
+    if not hardware:
+        return
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if count > gpus:
+            raise UsageError(f"{count} processes need {count} GPUs, and {gpus} are visible: lower --nproc")
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if count > cpus:
+        raise UsageError(
+            f"{count} processes on the CPU need {count} cores, and this machine gives {cpus}: lower --nproc"
+        )

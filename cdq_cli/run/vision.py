@@ -73,7 +73,7 @@ class VisionModels:
         )
         return Loaded(model, adapter, extra={"spec": spec, "data_config": data_config(model)})
 
-    def preflight(self, plan: Plan, layers: dict[str, nn.Module]) -> None:
+    def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module]) -> None:
         return None
 
     def calibrate(self, loaded: Loaded, data: Images, plan: Plan, note: Any) -> Calibration:

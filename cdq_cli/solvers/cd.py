@@ -14,7 +14,8 @@ rounding; a sweep costs one ``2·q·p²`` GEMM (in p/B slices) plus the in-block
 before the first sweep.
 
 Internally matrices are kept transposed, (columns, rows), so "column j for every row" is a
-contiguous vector.
+contiguous vector. Rows never interact: on the CPU each thread sweeps its own range of rows,
+block GEMMs included (:func:`cdq_cli.kernels.row_spans`), and only the sweep's totals are shared.
 
 Two visiting modes:
 * a shared order (cyclic, or any permutation such as decreasing diag Σ): columns are permuted
@@ -29,11 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 
 import torch
 
-from ..kernels import backend_module, resolve, round_to_grid
+from ..kernels import CD, Block, backend_module, parallel, resolve, round_to_grid, row_spans
 from .grid import Grid
 from .result import objective
 
@@ -163,8 +165,7 @@ def _inverse_diag(diag: torch.Tensor) -> torch.Tensor:
 def _shared(
     weight, sigma, grid, start, sweeps, order, relaxed, block_size, stop_at_fixed_point, tolerance, f0, name
 ):
-    kernel = backend_module(name)
-    columns = weight.shape[1]
+    rows, columns = weight.shape
     device = weight.device
     maxq = grid.spec.maxq
     group_size = columns // grid.scale.shape[1]
@@ -174,53 +175,27 @@ def _shared(
         f0 = objective(weight, start, sigma)  # the tolerance compares gains with the objective
     caller = (weight, start, sigma)
     if order is not None:
-        weight, start = weight[:, order], start[:, order]
         sigma = sigma[order][:, order]
     sigma = sigma.contiguous()
     diag = sigma.diagonal().contiguous()
+    # Dead columns (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps
+    # skip them.
     dead = diag <= 0
-    inv_d = _inverse_diag(diag)
-    # Transposed working copies: row j is input column j for every output row. Dead columns
-    # (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps skip them.
-    hat_t = start.T.clone(memory_format=torch.contiguous_format)
-    if sweeps and bool(dead.any()):
-        cols = dead.nonzero().squeeze(1)
-        s_dead, z_dead = grid.scale[:, gidx[cols]], grid.zero[:, gidx[cols]]
-        hat_t[cols] = round_to_grid(weight[:, cols], s_dead, z_dead, maxq).T
-    err_t = weight.T.clone(memory_format=torch.contiguous_format).sub_(hat_t)  # E = W − Ŵ, transposed
-    s_tab, z_tab = grid.scale.T.contiguous(), grid.zero.T.contiguous()  # (groups, rows)
+    dead = dead.nonzero().squeeze(1) if sweeps and bool(dead.any()) else None
+    run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
+    rows_of = partial(_SharedRows, weight, start, grid, order, gidx, dead, block_size)
+    parts = parallel(name, [partial(rows_of, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     log = SweepLog([], [], [], start=f0)
     if f0 is None:
         log.start_fn = lambda: objective(*caller)
     previous = f0
     for sweep in range(sweeps):
         relax = relaxed[sweep]
-        gain = torch.zeros((), dtype=torch.float64, device=device)
-        changed = torch.zeros((), dtype=torch.int64, device=device)
-        for b0 in range(0, columns, block_size):
-            b1 = min(b0 + block_size, columns)
-            g_blk = sigma[b0:b1] @ err_t  # (E Σ)ᵀ for this block, from the whole current E
-            delta = torch.empty_like(g_blk)
-            block_gain, block_changed = kernel.block(
-                g_blk,
-                hat_t,
-                b0,
-                s_tab,
-                z_tab,
-                gidx[b0:b1],
-                sigma[b0:b1, b0:b1].T.contiguous(),  # mat[j, k] = Σ[k, j]
-                inv_d[b0:b1],
-                dead[b0:b1],
-                delta,
-                maxq=maxq,
-                relax=relax,
-                err=err_t,
-                sdiag=diag[b0:b1],
-            )
-            gain += block_gain
-            changed += block_changed
-        log.gains.append(float(gain))
-        log.changed.append(0 if relax else int(changed))
+        results = parallel(name, [partial(run.sweep, part, relax) for part in parts])
+        gain = sum(float(g) for g, _ in results)
+        changed = sum(int(c) for _, c in results)
+        log.gains.append(gain)
+        log.changed.append(0 if relax else changed)
         log.relaxed.append(relax)
         if stop_at_fixed_point and not relax and log.changed[-1] == 0:
             break
@@ -229,10 +204,88 @@ def _shared(
             break
         if previous is not None:
             previous += log.gains[-1]
-    approx = hat_t.T
-    if order is not None:
-        approx = approx[:, torch.argsort(order)]
-    return approx.contiguous(), log
+    approx = torch.empty_like(weight)
+    inverse = None if order is None else torch.argsort(order)
+    parallel(name, [partial(part.write, approx, inverse) for part in parts])
+    return approx, log
+
+
+def _transposed(rows: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``rows.T`` as a contiguous copy, its rows (the input columns) in ``order`` when given.
+    (Reading strided and writing contiguously is the fast way round for torch's copies.)"""
+    if order is None:
+        return rows.T.clone(memory_format=torch.contiguous_format)
+    return rows.T[order].contiguous()
+
+
+class _SharedRows:
+    """Rows lo..hi of a shared-order run, in transposed working copies (row j is input column j
+    for every row of the span): Ŵᵀ, Eᵀ = (W − Ŵ)ᵀ, the grid's tables, and a block's G and Δ."""
+
+    def __init__(self, weight, start, grid, order, gidx, dead, block_size, lo, hi):
+        """Copies of rows lo..hi in the visited column ``order``; ``dead`` columns (visited
+        positions) start at the rounding of W."""
+        self.lo, self.hi = lo, hi
+        w_t, self.hat = _transposed(weight[lo:hi], order), _transposed(start[lo:hi], order)
+        self.scale = grid.scale[lo:hi].T.contiguous()  # (groups, rows)
+        self.zero = grid.zero[lo:hi].T.contiguous()
+        if dead is not None:
+            groups = gidx[dead]
+            self.hat[dead] = round_to_grid(w_t[dead], self.scale[groups], self.zero[groups], grid.spec.maxq)
+        self.err = w_t.sub_(self.hat)  # E = W − Ŵ
+        self.g = self.hat.new_empty(min(block_size, self.hat.shape[0]), hi - lo)
+        self.delta = torch.empty_like(self.g)
+
+    def write(self, approx, inverse):
+        """Ŵ of these rows into ``approx`` (natural column order when ``inverse`` is given)."""
+        hat = self.hat if inverse is None else self.hat[inverse]
+        approx[self.lo : self.hi] = hat.T
+
+
+class _SharedSweep:
+    """One sweep of a span's rows, block by block: a GEMM brings the block's G up to date from
+    the span's whole current E, then the in-block kernel runs the block's column loop."""
+
+    def __init__(self, kernel, sigma, block_size, gidx, diag, maxq):
+        self.kernel, self.sigma, self.maxq = kernel, sigma, maxq
+        dead = diag <= 0
+        inv_d = _inverse_diag(diag)
+        columns = sigma.shape[0]
+        self.blocks = [
+            # (b0, b1, mat with mat[j, k] = Σ[k, j], the block's groups, 1/Σ_jj, dead columns, Σ_jj)
+            (b0, b1, sigma[b0:b1, b0:b1].T.contiguous(), gidx[b0:b1], inv_d[b0:b1], dead[b0:b1], diag[b0:b1])
+            for b0, b1 in ((b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size))
+        ]
+
+    def sweep(self, rows: _SharedRows, relax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = rows.hat.device
+        gain = torch.zeros((), dtype=torch.float64, device=device)
+        changed = torch.zeros((), dtype=torch.int64, device=device)
+        for b0, b1, mat, gidx, inv_d, dead, diag in self.blocks:
+            # (E Σ)ᵀ for this block, from the span's whole current E
+            g_blk = torch.matmul(self.sigma[b0:b1], rows.err, out=rows.g[: b1 - b0])
+            block_gain, block_changed = self.kernel.block(
+                Block(
+                    CD,
+                    g_blk,
+                    rows.delta[: b1 - b0],
+                    rows.hat,
+                    b0,
+                    rows.scale,
+                    rows.zero,
+                    gidx,
+                    mat,
+                    inv_d,
+                    self.maxq,
+                    relax=relax,
+                    dead=dead,
+                    err=rows.err,
+                    sdiag=diag,
+                )
+            )
+            gain += block_gain
+            changed += block_changed
+        return gain, changed
 
 
 def _per_row(
@@ -344,21 +397,24 @@ class _gathered_rows:
             sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
             g_blk = g.gather(1, cols)
             delta = torch.empty_like(g_blk)
-            block_gain, block_changed = self.kernel.block_rows(
-                g_blk.T,
-                self.hat_p.T,
-                self.w_p.T,
-                b0,
-                self.scale.T,
-                self.zero.T,
-                self.gidx_p[:, b0:b1].T,
-                sig_bb,
-                self.inv_d_p[:, b0:b1].T,
-                self.dead_p[:, b0:b1].T,
-                delta.T,
-                maxq=maxq,
-                relax=relax,
-                sdiag=self.diag_p[:, b0:b1].T,
+            block_gain, block_changed = self.kernel.block(
+                Block(
+                    CD,
+                    g_blk.T,
+                    delta.T,
+                    self.hat_p.T,
+                    b0,
+                    self.scale.T,
+                    self.zero.T,
+                    self.gidx_p[:, b0:b1].T,
+                    sig_bb,
+                    self.inv_d_p[:, b0:b1].T,
+                    maxq,
+                    relax=relax,
+                    dead=self.dead_p[:, b0:b1].T,
+                    sdiag=self.diag_p[:, b0:b1].T,
+                    w=self.w_p.T,
+                )
             )
             g += torch.bmm(delta.unsqueeze(1), sig_rows).squeeze(1)
             gain += block_gain

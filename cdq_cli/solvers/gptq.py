@@ -1,73 +1,110 @@
 """GPTQ (Frantar et al., arXiv 2210.17323): one pass of optimal-brain-quantization updates.
 
 Columns are quantized in order; each one's rounding error is spread over the columns not yet
-quantized through the upper Cholesky factor of H⁻¹ (H = Σ + damping), with lazy block updates.
+quantized through the upper factor ``U`` of H⁻¹ = Uᵀ U (H = Σ + damping), with lazy block updates.
 With ``act_order`` columns go by decreasing diag Σ; the group grids are then fitted up front from
 W ("static groups") so that every group keeps its natural columns, which is what a packed
 checkpoint with ``g_idx`` in natural order can hold. Without it, a group's grid is fitted when its
 first column is reached, on the error-updated weights (the reference behaviour).
+
+How it is computed (same results as the textbook loop, to floating-point rounding). Only H's own
+Cholesky factor is formed: ``H = Ũ Ũᵀ`` with ``Ũ`` upper, so ``U = Ũ⁻¹``. The scaled errors
+``e_j = (x_j − q_j) / U_jj`` of the textbook loop satisfy ``W − Q = e U``, hence
+``e = (W − Q) Ũ``. For a block b with the columns P before it, ``U_Pb = −U_PP Ũ_Pb U_bb`` and
+``e_P U_PP = E_P``, so the textbook's lazily updated weights ``W_b − e_P U_Pb`` are
+``W_b + (E_P Ũ_Pb) U_bb`` with ``E = W − Q`` the finished columns' errors: one GEMM against the
+finished columns (left-looking) and only the diagonal blocks ``U_bb = Ũ_bb⁻¹`` inverted, where
+the textbook form needs all of H⁻¹'s factor (a triangular inverse of H, about as costly as the
+GEMMs of the whole pass at p ≤ 2048). Inside the block the in-block kernel runs the textbook loop
+with ``U_bb``. The objective is free:
+``tr(E H Eᵀ) = e U H Uᵀ eᵀ = ‖e‖²`` (U H Uᵀ = I), so ``tr(E Σ Eᵀ)`` is ``‖e‖²`` less the damping
+term, with no product against Σ.
+
+Rows never interact, so on the CPU each thread runs the whole pass on its own rows
+(:func:`cdq_cli.kernels.row_spans`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from ..kernels import GPTQ, backend_module, resolve
+from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp
 
 
-def gptq_hinv(sigma: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (Σ + λ·mean(diag Σ)·I)⁻¹, dead columns made harmless."""
-    return _factor(sigma, damping)[0]
+def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` (so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ``.
 
-
-def _factor(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U`` with ``H⁻¹ = Uᵀ U`` (upper) for the damped ``H``, and ``H − Σ`` (its diagonal).
-
-    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``H = Ũ Ũᵀ``
-    with ``Ũ = J L J`` upper triangular, so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹``: one Cholesky and
-    one triangular inverse (mostly GEMMs), where inverting H and factoring the inverse took two
-    Cholesky factorisations and an inversion. Same U in exact arithmetic; in float32 it was closer
-    to the float64 factor than the old route on a real SmolLM2 layer (3e-7 vs 7e-7).
+    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``.
+    Dead columns (a zero diagonal) get a unit diagonal, which makes them harmless.
     """
-    h = damp(sigma, damping).clone()
+    h = damp(sigma, damping).flip(0, 1)  # J H J (a copy)
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     try:
-        upper = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+        upper = torch.linalg.cholesky(h).flip(0, 1)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
         ) from exc
-    return _upper_inverse(upper), h.diagonal() - sigma.diagonal()
+    return upper, h.diagonal().flip(0) - sigma.diagonal()
 
 
-def _upper_inverse(upper: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """Inverse of an upper triangular matrix by halves:
-    ``[[A, B], [0, D]]⁻¹ = [[A⁻¹, −A⁻¹ B D⁻¹], [0, D⁻¹]]`` (about ⅔ n³ flops, all in GEMMs)."""
-    n = upper.shape[0]
-    if n <= leaf:
-        eye = torch.eye(n, dtype=upper.dtype, device=upper.device)
-        return torch.linalg.solve_triangular(upper, eye, upper=True)
-    m = n // 2
-    first, second = _upper_inverse(upper[:m, :m], leaf), _upper_inverse(upper[m:, m:], leaf)
-    out = torch.zeros_like(upper)
-    out[:m, :m], out[m:, m:] = first, second
-    out[:m, m:] = -(first @ upper[:m, m:]) @ second
-    return out
+@dataclass
+class _Blocks:
+    """What every row needs from the factor, block by block: columns ``b0:b1``, ``U_bb = Ũ_bb⁻¹``
+    (the in-block kernel's matrix) and ``M_b = Ũ_Pb U_bb`` (the finished columns' GEMM), and
+    ``Ũ_bb`` itself. That is half of Ũ's storage: the factor is not kept."""
 
+    bounds: list[tuple[int, int]]
+    inverse: list[torch.Tensor]
+    diag: list[torch.Tensor]
+    cross: list[torch.Tensor]
+    upper: list[torch.Tensor]
 
-def _objective_from_factor(err: torch.Tensor, hinv: torch.Tensor, extra: torch.Tensor) -> float:
-    """``tr(E Σ Eᵀ)`` from GPTQ's own factor: with ``H = Σ + diag(extra)`` and ``H⁻¹ = Uᵀ U``,
-    ``tr(E H Eᵀ) = ‖E U⁻¹‖²`` — one triangular solve (half a GEMM's flops) instead of ``E Σ``.
-    The damping term is small next to the objective (2–4% on SmolLM2 layers), so nothing is lost
-    to cancellation; measured within 1e-7 (relative) of the float64 objective in float32."""
-    scaled = torch.linalg.solve_triangular(hinv, err, upper=True, left=False)
-    damped = scaled.pow(2).sum(dtype=torch.float64)
-    return float(damped - (err.pow(2).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum())
+    @classmethod
+    def of(cls, upper: torch.Tensor, block_size: int, name: str) -> _Blocks:
+        """The blocks of ``upper`` (independent: in parallel for backend ``name``)."""
+        columns = upper.shape[0]
+        bounds = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
+
+        def one(b0, b1):
+            ut_bb = upper[b0:b1, b0:b1].clone()
+            eye = torch.eye(b1 - b0, dtype=upper.dtype, device=upper.device)
+            u_bb = torch.linalg.solve_triangular(ut_bb, eye, upper=True).contiguous()
+            return u_bb, u_bb.diagonal().contiguous(), upper[:b0, b0:b1] @ u_bb, ut_bb
+
+        parts = parallel(name, [partial(one, b0, b1) for b0, b1 in bounds])
+        return cls(bounds, *(list(column) for column in zip(*parts, strict=True)))
+
+    def factor(self, rows: int, c0: int, c1: int) -> torch.Tensor:
+        """``Ũ[:rows, c0:c1]`` rebuilt from the blocks (above a diagonal block, ``Ũ_Pb = M_b Ũ_bb``)."""
+        ut = self.upper[0]
+        out = ut.new_zeros(rows, c1 - c0)
+        for (b0, b1), cross, ut_bb in zip(self.bounds, self.cross, self.upper, strict=True):
+            lo, hi = max(b0, c0), min(b1, c1)
+            if lo >= hi:
+                continue
+            above = min(rows, b0)
+            out[:above, lo - c0 : hi - c0] = cross[:above] @ ut_bb[:, lo - b0 : hi - b0]
+            if rows > b0:
+                out[b0 : min(rows, b1), lo - c0 : hi - c0] = ut_bb[: min(rows, b1) - b0, lo - b0 : hi - b0]
+        return out
+
+    def lazy(self, err_t: torch.Tensor, w_t: torch.Tensor, b0: int, c0: int, c1: int) -> torch.Tensor:
+        """Columns ``c0:c1`` (≥ b0) of the textbook's weights as updated by the columns before
+        ``b0`` only, transposed: ``(W + (E_P Ũ_P,S) Ũ_SS⁻¹)ᵀ`` over ``S = b0:c1``, ``E_Pᵀ = err_t``."""
+        if b0 == 0:
+            return w_t[c0:c1].clone()
+        tail = self.factor(b0, b0, c1).T @ err_t
+        diagonal = self.factor(c1, b0, c1)[b0:]
+        tail = torch.linalg.solve_triangular(diagonal.T, tail, upper=False)
+        return tail[c0 - b0 :].add_(w_t[c0:c1])
 
 
 def solve_gptq(
@@ -85,59 +122,106 @@ def solve_gptq(
     rows, columns = weight.shape
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None
-    grid = fixed_grid if fixed_grid is not None else fit_minmax(weight, spec)
     perm = torch.argsort(sigma.diagonal(), descending=True, stable=True) if act_order else None
-    w, h = weight, sigma
-    if perm is not None:
-        w, h = w[:, perm], sigma[perm][:, perm]
-    hinv, extra = _factor(h, damping)
-    name = resolve(w)
+    name = resolve(weight)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
-    # Transposed working copies, (columns, rows): "column j for every row" is a contiguous vector.
-    w_t = w.T.clone(memory_format=torch.contiguous_format)  # updated as errors are spread
-    approx_t = torch.zeros_like(w_t)
-    s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows); dynamic
-    z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # groups filled in as reached
-    visited = perm if perm is not None else torch.arange(columns, device=w.device)
-    gidx = torch.div(visited, columns // n_groups, rounding_mode="floor")
-    hdiag = hinv.diagonal().contiguous()
-    for b0 in range(0, columns, block_size):
-        b1 = min(b0 + block_size, columns)
-        w_blk = w_t[b0:b1]  # updated in place by the kernel
-        err_blk = torch.empty_like(w_blk)
-        hinv_blk = hinv[b0:b1, b0:b1].contiguous()
-        # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
-        # on the error-updated weights of the group's columns before it resumes.
-        cuts = [j for j in range(b0, b1) if not static and j % spec.group_size == 0]
-        bounds = sorted({b0, *cuts, b1})
-        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
-            if c0 in cuts:
-                span = torch.cat([w_blk[c0 - b0 :], w_t[b1:]], dim=0)[: spec.group_size]
-                s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
-                s_tab[c0 // spec.group_size], z_tab[c0 // spec.group_size] = s, z
-            kernel.block(
-                w_blk,
-                approx_t,
-                b0,
-                s_tab,
-                z_tab,
-                gidx[b0:b1],
-                hinv_blk,
-                hdiag[b0:b1],
-                None,
-                err_blk,
-                maxq=spec.maxq,
-                rule=GPTQ,
-                start=c0 - b0,
-                stop=c1 - b0,
-            )
-        w_t[b1:].addmm_(hinv[b0:b1, b1:].T, err_blk, alpha=-1)
-    approx = (approx_t if perm is None else approx_t[torch.argsort(perm)]).T  # rows of approx_t
-    grid = Grid(spec, s_tab.T.contiguous(), z_tab.T.contiguous()) if not static else grid
-    assert grid.scale.shape == (rows, n_groups)
-    codes = grid.quantize(approx)
-    approx = grid.dequantize(codes)
-    err = weight - approx
-    value = _objective_from_factor(err if perm is None else err[:, perm], hinv, extra)
-    return QuantResult("gptq", approx, codes, grid, value, value, seconds=time.perf_counter() - began)
+    upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
+    blocks = _Blocks.of(upper, block_size, name)
+    del upper  # the blocks hold what the pass needs, half of the factor's storage
+    visited = perm if perm is not None else torch.arange(columns, device=weight.device)
+    run = _Pass(
+        kernel,
+        weight,
+        spec,
+        blocks,
+        perm,
+        torch.div(visited, columns // n_groups, rounding_mode="floor"),  # the group of each column
+        None if static else spec.group_size,
+        fixed_grid if fixed_grid is not None or not spec.per_layer else fit_minmax(weight, spec),
+    )
+    parts = parallel(name, [partial(run.rows, lo, hi) for lo, hi in row_spans(name, rows, columns)])
+    # tr(E H Eᵀ) = ‖e‖², less the damping term Σ_j (H − Σ)_jj ‖E_j‖²: tr(E Σ Eᵀ).
+    value = float(sum(scaled - column_sq @ extra.to(torch.float64) for scaled, column_sq in parts))
+    grid = fixed_grid if fixed_grid is not None else Grid(spec, run.scale, run.zero)
+    return QuantResult("gptq", run.approx, run.codes, grid, value, value, seconds=time.perf_counter() - began)
+
+
+class _Pass:
+    """One GPTQ pass, run rows by rows (:meth:`rows`, one call per thread) into shared outputs:
+    ``approx``, ``codes`` and the grid's ``scale, zero``."""
+
+    def __init__(self, kernel, weight, spec, blocks, perm, gidx, group_size, layer_grid):
+        self.kernel, self.weight, self.spec, self.blocks, self.perm = kernel, weight, spec, blocks, perm
+        self.gidx, self.group_size, self.layer_grid = gidx, group_size, layer_grid
+        self.inverse = None if perm is None else torch.argsort(perm)
+        rows, columns = weight.shape
+        groups = spec.n_groups(columns)
+        self.approx = torch.empty_like(weight)
+        self.codes = torch.empty(rows, columns, dtype=torch.uint8, device=weight.device)
+        self.scale = weight.new_empty(rows, groups)
+        self.zero = weight.new_empty(rows, groups)
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole pass for rows lo..hi (grid fit, column loop, codes); returns ``‖e‖²`` and
+        ``‖E_j‖²`` for every column j, in the visited order (float64)."""
+        spec, blocks, group_size = self.spec, self.blocks, self.group_size
+        w = self.weight[lo:hi]
+        fixed = self.layer_grid
+        grid = fit_minmax(w, spec) if fixed is None else Grid(spec, fixed.scale[lo:hi], fixed.zero[lo:hi])
+        # Transposed working copies, (columns, rows): "column j for every row" is a contiguous
+        # vector. w_t holds W, and E = W − Q in the columns already finished.
+        w_t = (
+            w.T.clone(memory_format=torch.contiguous_format)
+            if self.perm is None
+            else w.T[self.perm].contiguous()
+        )
+        hat_t = torch.zeros_like(w_t)
+        s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows)
+        z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # dynamic groups: filled in
+        scaled = torch.zeros((), dtype=torch.float64, device=w.device)
+        for (b0, b1), u_bb, u_diag, m_b in zip(
+            blocks.bounds, blocks.inverse, blocks.diag, blocks.cross, strict=True
+        ):
+            x = w_t[b0:b1].clone() if b0 == 0 else torch.addmm(w_t[b0:b1], m_b.T, w_t[:b0])
+            err_blk = torch.empty_like(x)
+            # Dynamic groups: the kernel stops at each group's first column, whose grid is fitted
+            # on the error-updated weights of the group's columns before it resumes (columns past
+            # the block as updated by the blocks before this one, as the textbook's lazy updates
+            # have them).
+            cuts = [j for j in range(b0, b1) if group_size and j % group_size == 0]
+            bounds = sorted({b0, *cuts, b1})
+            for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+                if c0 in cuts:
+                    end = min(c0 + group_size, w_t.shape[0])
+                    span = x[c0 - b0 : end - b0]
+                    if end > b1:
+                        span = torch.cat([span, blocks.lazy(w_t[:b0], w_t, b0, b1, end)])
+                    s, z = _minmax_params(span.amin(dim=0), span.amax(dim=0), spec)
+                    s_tab[c0 // group_size], z_tab[c0 // group_size] = s, z
+                self.kernel.block(
+                    Block(
+                        GPTQ,
+                        x,
+                        err_blk,
+                        hat_t,
+                        b0,
+                        s_tab,
+                        z_tab,
+                        self.gidx[b0:b1],
+                        u_bb,
+                        u_diag,
+                        spec.maxq,
+                        start=c0 - b0,
+                        stop=c1 - b0,
+                    )
+                )
+            scaled += err_blk.square().sum(dtype=torch.float64)
+            w_t[b0:b1] -= hat_t[b0:b1]  # these columns are finished: E = W − Q
+        if group_size:
+            grid = Grid(spec, s_tab.T, z_tab.T)
+        approx = (hat_t if self.inverse is None else hat_t[self.inverse]).T
+        self.codes[lo:hi] = codes = grid.quantize(approx)
+        self.approx[lo:hi] = grid.dequantize(codes)  # the same values: Q is on the grid already
+        self.scale[lo:hi], self.zero[lo:hi] = grid.scale, grid.zero
+        return scaled, w_t.square().sum(dim=1, dtype=torch.float64)

@@ -5,12 +5,12 @@ transformers converted while opening it (fused experts), from its temporary offl
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from ..cleanup import release
 from .folder import DTYPES
 from .shards import read_tensor, tensor_chunks
 
@@ -45,6 +45,11 @@ class CheckpointWeights:
         except Exception as exc:
             raise CheckpointReadError(f"cannot read {name} from the checkpoint: {_first_line(exc)}") from exc
 
+    def where(self, name: str) -> str | None:
+        """The file of the checkpoint that holds ``name`` (None: converted while opening)."""
+        file = self._index.get(name, {}).get("safetensors_file")
+        return Path(file).name if file else None
+
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
         """Tensor ``name`` in slices, never whole (for scans over every weight)."""
         entry = self._index.get(name, {})
@@ -56,7 +61,7 @@ class CheckpointWeights:
     def close(self) -> None:
         """Remove the temporary folder of converted weights, if any."""
         if self._offload is not None:
-            shutil.rmtree(self._offload, ignore_errors=True)
+            release(self._offload)
             self._offload = None
 
 

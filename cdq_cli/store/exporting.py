@@ -41,8 +41,10 @@ class ExportFormat:
 
     ``name`` is what ``--format`` takes; ``suffix`` names its default folder beside the native one
     (``<output><suffix>``); ``description`` is its ``--help`` line. ``preflight(layers, skipped=,
-    method=)`` refuses, before any work, what the format cannot hold (``layers``: what the run will
-    quantize, ``skipped``: the run's ``--skip`` patterns). ``export(source, dest, overwrite=,
+    method=, model_type=, kept=)`` refuses, before any work, what the format cannot hold
+    (``layers``: what the run will quantize, name -> (shape, grid); ``skipped``: the run's ``--skip``
+    patterns; ``kept``: the quantizable layers those keep in full precision; ``model_type``: the
+    model's, which names fused experts in checkpoints). ``export(source, dest, overwrite=,
     max_shard_bytes=, **options)`` writes the export of a finished cdq output folder and returns
     its summary; ``options`` maps each format-specific option to the values it accepts (the first
     is the default).
@@ -76,9 +78,22 @@ class ExportFormat:
 
 
 def refuse_same_folder(source: Path, dest: Path, fmt: str) -> None:
+    """Where an export may not go, whatever ``--overwrite`` says: its own source folder or a folder
+    inside it, or a folder cdq wrote that is not an export (a ``cdq quantize`` output)."""
+    from .files import manifest_kind
+    from .names import EXPORT
+
+    source, dest = Path(source).absolute(), Path(dest).absolute()
     if dest == source:
         raise ExportError(
             f"the {fmt} export needs its own folder (--output must differ from the folder it exports)"
+        )
+    if source.resolve() in dest.resolve().parents:
+        raise ExportError(f"refusing to write the {fmt} export to {dest}: it is inside {source}, its source")
+    if dest.is_dir() and manifest_kind(dest) not in (None, EXPORT):
+        raise ExportError(
+            f"refusing to replace {dest}: it is a cdq quantize output folder, not an export; "
+            "choose another --output"
         )
 
 
@@ -94,6 +109,31 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def rounded_experts(report: Mapping[str, Any]) -> list[str]:
+    """The experts (``NAME[e]`` rows of report.json) that no calibration token reached, so that
+    the run rounded them to nearest (RTN) rather than solving them; an export says so too."""
+    rows = report.get("layers") if isinstance(report, Mapping) else None
+    return [
+        str(row["name"])
+        for row in rows or []
+        if isinstance(row, Mapping)
+        and str(row.get("name", "")).endswith("]")
+        and row.get("tokens") == 0
+        and row.get("method") == "rtn"
+    ]
+
+
+def rounded_note(names: list[str]) -> str:
+    """The summary's words for :func:`rounded_experts` (empty when there are none)."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"; {len(names)} expert matrices got no calibration tokens and were rounded to nearest "
+        f"(RTN, flagged in report.json): {shown}"
+    )
 
 
 def copy_companions(source: Path, dest: Path) -> None:

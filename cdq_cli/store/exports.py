@@ -32,14 +32,23 @@ def default_dest(source: Path | str, fmt: str) -> Path:
     return find_format(fmt).default_dest(source)
 
 
-def preflight(fmt: str, layers: PlannedLayers, *, skipped: Sequence[str], method: str) -> None:
+def preflight(
+    fmt: str,
+    layers: PlannedLayers,
+    *,
+    skipped: Sequence[str],
+    method: str,
+    model_type: str | None = None,
+    kept: Sequence[str] = (),
+) -> None:
     """Refuse, before any work, what format ``fmt`` cannot hold: ``layers`` are the layers the run
-    will quantize (full name -> (weight shape, grid)), ``skipped`` those --skip keeps in full
-    precision."""
+    will quantize (full name -> (weight shape, grid)), ``skipped`` the --skip patterns, ``kept``
+    the quantizable layers they keep in full precision (full names), ``model_type`` the model's
+    (config.json), which names fused experts in checkpoints."""
     chosen = find_format(fmt)
     if not layers:
         raise ExportError(f"--format {fmt} needs quantized layers: this run quantizes none")
-    chosen.preflight(layers, skipped=skipped, method=method)
+    chosen.preflight(layers, skipped=skipped, method=method, model_type=model_type, kept=kept)
 
 
 def export(
@@ -52,7 +61,10 @@ def export(
     options: Mapping[str, str | None] | None = None,
 ) -> ExportSummary:
     """Write the ``fmt`` export of the cdq output folder ``source`` (to its default folder when
-    ``dest`` is None); return its summary. ``options`` are the format's own (None: not given)."""
+    ``dest`` is None); return its summary. ``options`` are the format's own (None: not given). The
+    export's folder is locked while it is written: a second export (or run) to it fails at once."""
+    from .files import check_location, output_lock
+
     chosen = find_format(fmt)
     for key, value in (options or {}).items():
         if value is not None and key not in chosen.options:
@@ -61,4 +73,6 @@ def export(
     checked = chosen.check_options(options or {})
     source = Path(source).absolute()
     dest = Path(dest).absolute() if dest is not None else chosen.default_dest(source)
-    return chosen.export(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes, **checked)
+    check_location(dest)  # before the lock, whose file goes beside it
+    with output_lock(dest):
+        return chosen.export(source, dest, overwrite=overwrite, max_shard_bytes=max_shard_bytes, **checked)

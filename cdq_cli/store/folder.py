@@ -42,7 +42,7 @@ from .layer import (
     spec_of,
     write_layer_tensors,
 )
-from .names import MARKER, WEIGHTS, WEIGHTS_INDEX
+from .names import MARKER, QUANTIZED, WEIGHTS, WEIGHTS_INDEX
 from .shards import ShardWriter, read_tensor, shard_files
 
 KINDS = ("causal-lm", "timm-classifier")
@@ -170,7 +170,7 @@ class OutputBuilder:
     def publish(self, dest: Path, *, overwrite: bool = False, protect: Sequence[Path | str] = ()) -> Path:
         """Put the completed work folder in place as ``dest`` (:func:`~cdq_cli.store.files.publish`)."""
         dest = Path(dest).absolute()
-        publish(self.work, dest, overwrite=overwrite, protect=protect)
+        publish(self.work, dest, overwrite=overwrite, protect=protect, kind=QUANTIZED)
         return dest
 
 
@@ -192,7 +192,7 @@ def save_quantized(
     from .files import check_output_dir
 
     dest = Path(dest).absolute()
-    check_output_dir(dest, overwrite=overwrite, protect=protect)
+    check_output_dir(dest, overwrite=overwrite, protect=protect, kind=QUANTIZED)
     work = make_work_folder(dest)
     try:
         builder = OutputBuilder(work, dest=dest, ties=tied_names(model), max_shard_bytes=max_shard_bytes)
@@ -326,7 +326,10 @@ class OutputWeights:
         except CheckpointError:
             raise
         except Exception as exc:  # a truncated or corrupt file: safetensors, OS and JSON errors alike
-            raise CheckpointError(f"cannot read {self._where()}: {_first_line(exc)}") from None
+            why = _first_line(exc)
+            raise CheckpointError(
+                why if str(self.folder) in why else f"cannot read {self._where()}: {why}"
+            ) from None
         self.params = {param_key(name, meta): name for name, meta in self.layer_meta.items()}
 
     def names(self) -> list[str]:

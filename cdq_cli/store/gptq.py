@@ -30,11 +30,21 @@ loading exports with transformers + optimum + gptqmodel; see tests/test_export.p
 
 Other decisions: symmetric grids must have ``z = 2^(bits−1)`` (kernels such as Marlin ignore
 ``qzeros`` when ``sym`` is true); per-layer grids (one scale) are exported as per-channel scales that
-are all equal (``group_size`` −1), which is exact; outliers, Conv2d layers, mixed grids across layers
-and widths the packing cannot hold (``in`` not a multiple of 32, ``out·bits`` not a multiple of 32)
-are refused. GPTQ stores scales in float16, so the exported model computes
+are all equal (``group_size`` −1), which is exact; outliers, Conv2d layers, mixed grids across layers,
+widths the packing cannot hold (``in`` not a multiple of 32, ``out·bits`` not a multiple of 32) and
+group sizes transformers' loader (gptqmodel) does not take (it takes 16, 32, ..., 1024) are refused
+before anything is written. GPTQ stores scales in float16, so the exported model computes
 ``fp16(scale)·(q − z)``: the difference from cdq's own weights is the float16 rounding of the
 scales (reported as ``max_scale_rounding``), nothing else.
+
+Mixture-of-experts models (transformers 5's fused experts, 3-D ``gate_up_proj``/``down_proj``) are
+refused before any work: written per expert under the checkpoint's names (as the
+compressed-tensors export writes them), transformers' GPTQ loader (optimum 2.3 + gptqmodel 7.7)
+replaces only ``nn.Linear`` modules, has no conversion that fuses per-expert ``qweight``/``qzeros``/
+``scales`` into the experts, and so leaves the experts uninitialized (its load report lists them
+MISSING) while the per-expert tensors go unused: a model that loads wrong. (gptqmodel's own
+``GPTQModel.load`` defuses the experts, but under ``mlp.experts.E.gate_proj`` names of its own even
+for Mixtral, whose checkpoints and vLLM say ``block_sparse_moe.experts.E.w1``.)
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ import torch
 
 from .. import __version__
 from ..solvers import GridSpec
-from ..solvers.packing import pack
+from ..solvers.packing import pack, packed_length, unpack
 from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
@@ -59,6 +69,10 @@ from .shards import ShardWriter
 __all__ = ["FORMAT", "ExportError", "ExportSummary", "export_gptq", "gptq_tensors", "preflight"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# What transformers' GPTQ loader (optimum + gptqmodel, every kernel it picks on CPU or GPU) takes;
+# per channel (group_size −1) too. Marlin kernels (vLLM, SGLang, TGI) take 32, 64, 128 or −1.
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+MARLIN_GROUP_SIZES = (None, 32, 64, 128)
 OUTLIER_METHODS = ("quantease-outlier",)
 MIXED = (
     "GPTQ's quantization_config describes one grid for every Linear of every block (transformers' "
@@ -111,6 +125,11 @@ def check_settings(
         raise ExportError(
             f"--method {method} keeps full-precision outliers, which the GPTQ format cannot hold"
         )
+    if spec.group_size is not None and spec.group_size not in GROUP_SIZES:
+        raise ExportError(
+            f"group size {spec.group_size}: transformers' GPTQ loader (gptqmodel) takes group sizes "
+            f"{', '.join(map(str, GROUP_SIZES))} or per channel; use --format compressed-tensors"
+        )
     for name, shape in shapes.items():
         check_shape(name, tuple(shape), spec.bits)
 
@@ -121,10 +140,13 @@ def preflight(
     skipped: Sequence[str] = (),
     method: str,
     checkpoint_format: str = "gptq",
+    model_type: str | None = None,
+    kept: Sequence[str] = (),
 ) -> None:
     """:func:`check_settings` for ``cdq quantize --format gptq``: ``layers`` are the layers the run
     will quantize (name -> (shape, grid)), ``skipped`` the run's --skip patterns; one grid for all
-    of them, none kept in full precision."""
+    of them, none kept in full precision (``model_type`` and ``kept``, which the formats share,
+    change nothing here: fused experts are refused whatever the family)."""
     if skipped:
         raise ExportError(f"--skip {skipped[0]!r} keeps layers in full precision, which {MIXED}")
     specs = {spec for _, spec in layers.values()}
@@ -135,6 +157,12 @@ def preflight(
 
 
 def check_shape(name: str, shape: tuple[int, ...], bits: int) -> None:
+    if len(shape) == 3:
+        raise ExportError(
+            f"{name}: fused experts {list(shape)} do not load from a GPTQ checkpoint: transformers' GPTQ "
+            "loader (optimum + gptqmodel) leaves its fused experts uninitialized rather than read "
+            "per-expert GPTQ weights; use --format compressed-tensors"
+        )
     if len(shape) != 2:
         raise ExportError(f"{name}: the GPTQ format holds Linear layers only (weight shape {list(shape)})")
     out, columns = shape
@@ -260,7 +288,7 @@ def export_gptq(
         sym=spec.sym,
         checkpoint_format=checkpoint_format,
         max_scale_rounding=rounding,
-        engines=engines_note(spec.bits, spec.sym, checkpoint_format),
+        engines=engines_note(spec.bits, spec.sym, checkpoint_format, spec.group_size),
     )
 
 
@@ -293,19 +321,24 @@ def quantization_config(
     }
 
 
-def engines_note(bits: int, sym: bool, checkpoint_format: str) -> str:
-    """Which runtimes can run the export (a hint for the user, printed by the CLI)."""
+def engines_note(bits: int, sym: bool, checkpoint_format: str, group_size: int | None = None) -> str:
+    """Which runtimes can run the export just written (a hint for the user, printed by the CLI):
+    transformers' loader takes every export cdq writes (:func:`check_settings` refuses the rest);
+    Marlin kernels want 4/8-bit symmetric grids of group 32/64/128 or per channel."""
     if checkpoint_format == "gptq_v2":
         return (
-            "gptq_v2 loads in gptqmodel only (transformers with optimum + gptqmodel); "
+            "gptq_v2 loads in gptqmodel only (transformers with optimum + gptqmodel) and cdq eval; "
             "vLLM, TGI and exllama read v1 ('gptq') checkpoints only"
         )
     if bits in (4, 8):
-        fast = "their Marlin kernels need --sym" if not sym else "including Marlin kernels"
-        return f"{bits}-bit GPTQ v1: transformers (optimum + gptqmodel), vLLM, SGLang, TGI ({fast})"
+        if sym and group_size in MARLIN_GROUP_SIZES:
+            fast = "including their Marlin kernels"
+        else:
+            fast = "their Marlin kernels need --sym and group size 32, 64 or 128 or per channel"
+        return f"{bits}-bit GPTQ v1: transformers (optimum + gptqmodel), cdq eval, vLLM, SGLang, TGI ({fast})"
     return (
-        f"{bits}-bit GPTQ v1: transformers with optimum + gptqmodel (its torch kernel); most serving "
-        "engines and fast kernels (Marlin, exllama v2) take 4/8-bit only"
+        f"{bits}-bit GPTQ v1: transformers with optimum + gptqmodel (its torch kernel) and cdq eval; most "
+        "serving engines and fast kernels (Marlin, exllama v2) take 4/8-bit only"
     )
 
 
@@ -313,6 +346,52 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+READ_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def unpack_gptq(
+    tensors: Mapping[str, torch.Tensor],
+    name: str,
+    *,
+    bits: int,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes (out, in), scales (out, G), zero-points (out, G), column groups (in,)) of one GPTQ
+    layer (``tensors`` by leaf name: qweight, qzeros, scales, g_idx), read with cdq's own unpacking:
+    ``W[o, i] = scale[o, g(i)]·(code[o, i] − zero[o, g(i)])`` with the v1 zero-points one more than
+    stored (the module doc). A missing g_idx means ``i // group_size`` (``group_size`` −1: one group)."""
+    try:
+        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    except KeyError as exc:
+        raise ExportError(f"{name}: GPTQ tensor {exc} missing") from None
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2 or scales.dim() != 2:
+        raise ExportError(f"{name}: qweight and qzeros must be int32 matrices (another pack_dtype?)")
+    groups, out = scales.shape
+    columns = qweight.shape[0] * 32 // bits
+    if qweight.shape[0] * 32 % bits or qweight.shape[1] != out:
+        raise ExportError(f"{name}: qweight {tuple(qweight.shape)} is not {bits}-bit codes of {out} outputs")
+    if tuple(qzeros.shape) != (groups, -(-out * bits // 32)):
+        raise ExportError(f"{name}: qzeros {tuple(qzeros.shape)} does not hold {groups}x{out} zero-points")
+    codes = unpack(_padded(qweight.T, columns, bits), bits, columns).to(torch.uint8)  # cdq stream, transposed
+    stored = unpack(_padded(qzeros, out, bits), bits, out)
+    zeros = (stored + 1 if checkpoint_format == "gptq" else stored).T
+    g_idx = tensors.get("g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(columns) // (group_size if group_size > 0 else columns)
+    g_idx = g_idx.to(torch.int64).reshape(-1)
+    if g_idx.numel() != columns or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise ExportError(f"{name}: g_idx does not map {columns} input rows to {groups} groups")
+    return codes, scales.T, zeros, g_idx
+
+
+def _padded(words: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Words of ``count`` packed values, padded to cdq's whole 32-value blocks."""
+    return torch.nn.functional.pad(words.contiguous(), (0, packed_length(count, bits) - words.shape[-1]))
 
 
 FORMAT = ExportFormat(

@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..cleanup import set_resume_hint
 from ..records import LayerRow, Settings
 from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
 from .names import JOURNAL_OUTPUT as OUTPUT
@@ -108,6 +109,7 @@ class Journal:
         self.note = note
         self.state: ResumeState | None = None
         self.saved_blocks = 0  # finished blocks on disk (restored or written by this run)
+        set_resume_hint(self.resume_hint)  # said even by an exit that cannot unwind
         if resume:
             saved = self._read_state() if self.folder.exists() else None
             if saved is None:
@@ -165,6 +167,7 @@ class Journal:
 
     def finish(self) -> None:
         """The output is saved: the journal is no longer needed."""
+        set_resume_hint(None)
         if self.folder.exists() and is_journal(self.folder):
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -175,12 +178,7 @@ class Journal:
 
     def resume_hint(self) -> str | None:
         """What to tell a user whose run stopped for a reason that resuming fixes (or None)."""
-        if not self.saved_blocks:
-            return None
-        return (
-            f"{self.saved_blocks} finished block(s) are saved in {self.folder}: "
-            "run the same command with --resume to continue"
-        )
+        return _hint(self.saved_blocks, self.folder)
 
     def _read_state(self) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -251,6 +249,23 @@ class Journal:
             raise ResumeError(f"saved state in {self.folder} lacks layer {missing[0]}; run without --resume")
         # The report and the checkpoint list layers in solve order, which the rows keep.
         return ResumeState(blocks, rows, {row.layer: found[row.layer] for row in rows})
+
+
+def saved_hint(output: Path) -> str | None:
+    """The resume hint of ``output``'s journal as it is on disk (None: no finished block saved), for
+    a process that did not write it (the ``--nproc`` launcher)."""
+    folder = journal_folder(output)
+    try:
+        blocks = json.loads((folder / STATE).read_text(encoding="utf-8")).get("blocks_done")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _hint(blocks, folder) if type(blocks) is int else None
+
+
+def _hint(blocks: int, folder: Path) -> str | None:
+    if not blocks:
+        return None
+    return f"{blocks} finished block(s) are saved in {folder}: run the same command with --resume to continue"
 
 
 def is_journal(folder: Path) -> bool:

@@ -13,6 +13,9 @@ GPTQ_CONFIG = "quantize_config.json"  # GPTQ export: read by auto-gptq and vLLM
 MANIFEST = ".cdq-manifest.json"  # in every folder cdq writes: the files it wrote there
 JOURNAL_STATE = "state.json"  # inside a journal folder: blocks done, report rows, fingerprint
 JOURNAL_OUTPUT = "output"  # inside a journal folder: the output folder being built
+# What a folder cdq wrote holds (its manifest's "kind"): `cdq quantize`'s output, or an export.
+QUANTIZED = "quantize"
+EXPORT = "export"
 
 
 def journal_folder(output: Path) -> Path:
@@ -24,3 +27,10 @@ def journal_folder(output: Path) -> Path:
 def journal_block(index: int) -> str:
     """The journal file holding block ``index``'s packed layers."""
     return f"block-{index:05d}.safetensors"
+
+
+def lock_file(output: Path) -> Path:
+    """The lock a run holds on its output while it writes it: the hidden sibling ``.<OUTPUT>.lock``
+    (in the real parent folder, so two spellings of one output share it)."""
+    output = Path(output).absolute()
+    return output.parent.resolve() / f".{output.name}.lock"

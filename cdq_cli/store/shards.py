@@ -20,6 +20,7 @@ import re
 import shutil
 import struct
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BINARY = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 DEFAULT_SHARD_SIZE = "5GB"
+MAX_SIZE, MAX_SIZE_TEXT = 2**50, "1PiB"  # far past any model; keeps every size an exact int64
 
 
 def parse_size(text: str) -> int:
@@ -53,9 +55,13 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot read the size {text!r}: write it like 5GB, 500MB or 2GiB")
     number, unit, suffix = found.groups()
     scale = (_BINARY if suffix and suffix.upper() == "IB" else _UNITS)[unit.upper()]
-    value = int(float(number) * scale)
+    if len(number) > 30:  # exact arithmetic below; no size worth writing has this many digits
+        raise ValueError(f"the size {text.strip()[:40]}... is too large (at most {MAX_SIZE_TEXT})")
+    value = int(Decimal(number) * scale)
     if value < 1:
         raise ValueError(f"a shard size must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"the size {text.strip()!r} is too large (at most {MAX_SIZE_TEXT})")
     return value
 
 
