@@ -3,10 +3,15 @@
 A thread reads ``/proc/self/status`` (VmRSS, VmHWM) every ``--interval`` seconds together with
 the main thread's stack (``sys._current_frames``); at the end it prints the peak, the stack at the
 peak, and, per place in cdq (the innermost ``cdq_cli`` frame and the frame below it), the largest
-resident size seen there, so what sets the peak is named rather than guessed:
+resident size seen there, so what sets the peak is named rather than guessed. It also prints the
+largest VmRSS per phase of the block loop (``quantize block 3``, ``forward head``: read from the
+driver's frames, :func:`phase`) and, with ``--cuda``, the largest allocated GPU memory per phase
+(``torch.cuda.max_memory_allocated`` read and reset at every sample, so each sample's figure is
+the peak since the one before):
 
     python scripts/probe_memory.py -- quantize MODEL --method rtn ... --output OUT
     python scripts/probe_memory.py --top 15 --json trace.json -- eval OUT --data TEXT
+    python scripts/probe_memory.py --cuda --json gpu.json -- quantize MODEL --device cuda ...
 
 The sampled command runs exactly as ``python -m cdq_cli ARGS`` would (same entry point); the probe
 adds one sleeping thread and a few kB of samples.
@@ -51,10 +56,33 @@ def where(frame) -> tuple[str, str]:
     return name(ours), name(inner)
 
 
+PASSES = {"quantize_model": "quantize", "forward_blocks": "forward"}
+
+
+def phase(frame) -> str:
+    """Which part of cdq's block loop a stack is in: ``quantize block 3``, ``forward embeddings``,
+    ``forward head``, or ``outside the block loop`` (loading, writing, scoring)."""
+    inner = None
+    while frame is not None:
+        code, file = frame.f_code.co_name, frame.f_code.co_filename
+        if "/cdq_cli/" in file:
+            if inner is None and code == "capture" and file.endswith("pipeline.py"):
+                inner = "embeddings"
+            elif inner is None and code == "head" and "/models/" in file:
+                inner = "head"
+            elif code in PASSES and file.endswith("pipeline.py"):
+                index = frame.f_locals.get("index")
+                where = inner or (f"block {index}" if index is not None else "embeddings")
+                return f"{PASSES[code]} {where}"
+        frame = frame.f_back
+    return "outside the block loop"
+
+
 class Sampler(threading.Thread):
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, cuda: bool = False) -> None:
         super().__init__(daemon=True)
         self.interval = interval
+        self.cuda = cuda
         self.samples: list[dict] = []
         self.peak: dict | None = None
         self.stop = threading.Event()
@@ -70,7 +98,19 @@ class Sampler(threading.Thread):
         values = status()
         frame = sys._current_frames().get(self.main)
         ours, inner = where(frame) if frame is not None else ("?", "?")
-        sample = {"t": round(time.perf_counter() - self.began, 3), **values, "cdq": ours, "inner": inner}
+        sample = {
+            "t": round(time.perf_counter() - self.began, 3),
+            **values,
+            "cdq": ours,
+            "inner": inner,
+            "phase": phase(frame) if frame is not None else "?",
+        }
+        if self.cuda:
+            import torch
+
+            if torch.cuda.is_initialized():
+                sample["cuda_peak"] = int(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
         self.samples.append(sample)
         if self.peak is None or values["VmRSS"] > self.peak["VmRSS"]:
             self.peak = {**sample, "stack": traceback.format_stack(frame)[-14:] if frame else []}
@@ -81,10 +121,11 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--top", type=int, default=12, help="How many places to list.")
     parser.add_argument("--json", type=Path, default=None, help="Write every sample here.")
+    parser.add_argument("--cuda", action="store_true", help="Also sample the GPU's allocated memory.")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the cdq command and its arguments")
     options = parser.parse_args()
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
-    sampler = Sampler(options.interval)
+    sampler = Sampler(options.interval, options.cuda)
     sampler.start()
     from cdq_cli.cli import main as cdq_main
 
@@ -121,8 +162,24 @@ def main() -> int:
             f"| {entry['rss'] / mib:.0f} | {entry['first']:.1f} | {entry['count']} | {ours} | {inner} |",
             file=sys.stderr,
         )
+    phases: dict[str, dict] = {}  # per phase: largest VmRSS, largest GPU peak, time spent there
+    for sample, after in zip(sampler.samples, [*sampler.samples[1:], None], strict=True):
+        entry = phases.setdefault(sample["phase"], {"rss": 0, "cuda": None, "first": sample["t"], "s": 0.0})
+        entry["rss"] = max(entry["rss"], sample["VmRSS"])
+        entry["s"] += (after["t"] - sample["t"]) if after is not None else 0.0
+        if "cuda_peak" in sample:
+            entry["cuda"] = max(entry["cuda"] or 0, sample["cuda_peak"])
+    print("| phase | largest VmRSS MiB | largest GPU MiB | first seen s | seconds |", file=sys.stderr)
+    print("|---|---|---|---|---|", file=sys.stderr)
+    for label, entry in phases.items():
+        gpu = "" if entry["cuda"] is None else f"{entry['cuda'] / mib:.0f}"
+        print(
+            f"| {label} | {entry['rss'] / mib:.0f} | {gpu} | {entry['first']:.1f} | {entry['s']:.1f} |",
+            file=sys.stderr,
+        )
     if options.json is not None:
-        options.json.write_text(json.dumps({"peak": peak, "samples": sampler.samples}) + "\n")
+        payload = {"peak": peak, "phases": phases, "samples": sampler.samples}
+        options.json.write_text(json.dumps(payload) + "\n")
     return code
 
 

@@ -109,3 +109,17 @@ def test_packing_a_few_rows_at_a_time_gives_the_same_words(bits, monkeypatch):
     assert torch.equal(unpack(whole, bits, 45, torch.uint8), back)
     assert back.dtype == torch.uint8 and torch.equal(back, codes)
     assert torch.equal(unpack(whole, bits, 45), codes.to(torch.int64))
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_every_width_matches_the_bitstream_oracle(bits):
+    """Every width from 1 to 16 bits (straddling or not), random and extreme codes: the words equal
+    the independent big-integer bit stream and unpack back to the codes."""
+    gen = torch.Generator().manual_seed(bits)
+    for codes in (
+        torch.randint(0, 2**bits, (3, 70), generator=gen),
+        torch.full((1, 64), 2**bits - 1),
+    ):
+        words = pack(codes, bits)
+        assert words.tolist() == [_reference_pack(row, bits) for row in codes.tolist()]
+        assert torch.equal(unpack(words, bits, codes.shape[-1]), codes)

@@ -41,21 +41,37 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*lead, out.shape[-1])
 
 
+def _layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 32 values of a chunk: the word each starts in, its shift there, and for each of
+    the chunk's ``bits`` words the index of the last value starting in it (every word holds the
+    start of at least one value, as values are at most 16 bits apart)."""
+    starts = torch.arange(_WORD, device=device) * bits
+    word, shift = starts // _WORD, starts % _WORD
+    last = torch.searchsorted(word, torch.arange(bits, device=device), right=True) - 1
+    return word, shift, last
+
+
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack one piece of rows, all 32 positions of a chunk at once.
+
+    With ``s_k`` the shift of value ``k`` in its word ``w_k``, the word sums
+    ``S_w = Σ_{k: w_k = w} c_k · 2^{s_k}`` (< 2^{32+bits}: exact in int64) hold, disjoint bit fields
+    being added, word ``w``'s own bits in bits 0..31 and, above them, the start of the value that
+    straddles into word ``w+1``; so ``word_w = (S_w mod 2^32) + ⌊S_{w-1} / 2^32⌋``. ``S`` is a
+    difference of a cumulative sum taken at each word's last value."""
     codes = codes.to(torch.int64)
     *lead, length = codes.shape
     padded = -(-length // _WORD) * _WORD
     if padded != length:
         codes = torch.nn.functional.pad(codes, (0, padded - length))
+    word, shift, last = _layout(bits, codes.device)
     chunks = codes.reshape(*lead, padded // _WORD, _WORD)
-    words = torch.zeros(*lead, padded // _WORD, bits, dtype=torch.int64, device=codes.device)
-    for k in range(_WORD):
-        start = k * bits
-        word, shift = divmod(start, _WORD)
-        value = chunks[..., k]
-        words[..., word] |= (value << shift) & 0xFFFFFFFF
-        if shift + bits > _WORD:  # straddles into the next word
-            words[..., word + 1] |= value >> (_WORD - shift)
+    sums = (chunks << shift).cumsum_(-1)
+    per_word = sums.index_select(-1, last)
+    per_word[..., 1:] -= sums.index_select(-1, last[:-1])
+    del sums
+    words = per_word & 0xFFFFFFFF
+    words[..., 1:] += per_word[..., :-1] >> _WORD
     words = words.reshape(*lead, padded // _WORD * bits)
     # Reinterpret unsigned 32-bit words as int32 (two's complement), the dtype safetensors stores.
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -81,20 +97,17 @@ def unpack(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype = tor
 
 
 def _unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Unpack one piece of rows, all 32 values of a chunk at once: each word joined with the next
+    one as a 64-bit pair, value ``k`` is bits ``s_k .. s_k+bits−1`` of its word's pair."""
     *lead, n_words = words.shape
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
     chunks = unsigned.reshape(*lead, n_words // bits, bits)
-    mask = (1 << bits) - 1
-    values = []
-    for k in range(_WORD):
-        start = k * bits
-        word, shift = divmod(start, _WORD)
-        value = chunks[..., word] >> shift
-        if shift + bits > _WORD:
-            value = value | (chunks[..., word + 1] << (_WORD - shift))
-        values.append(value & mask)
-    out = torch.stack(values, dim=-1).reshape(*lead, n_words // bits * _WORD)
-    return out[..., :length]
+    pairs = chunks.clone()
+    pairs[..., :-1] |= chunks[..., 1:] << _WORD  # the top bits may wrap the sign: never read
+    del unsigned, chunks
+    word, shift, _ = _layout(bits, words.device)
+    values = pairs.index_select(-1, word).bitwise_right_shift_(shift).bitwise_and_((1 << bits) - 1)
+    return values.reshape(*lead, n_words // bits * _WORD)[..., :length]
 
 
 def _pieces(rows: int, row_bytes: int) -> list[slice]:
