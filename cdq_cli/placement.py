@@ -72,6 +72,9 @@ def _move_real(items: Sequence[Placeable], device: torch.device) -> None:
                         tensor.data = tensor.data.to(device)
 
 
+# What a lean visit keeps stored: plain embeddings and linears only. A subclass may compute with
+# its weight in its own forward (Gemma's scaled embedding multiplies in the weight's dtype), where a
+# stored weight would change the computed values.
 LEAN = (nn.Embedding, nn.Linear)
 SLICE_BYTES = 64 << 20  # how much of a stored head a sliced_linear converts at a time
 
@@ -202,7 +205,7 @@ class Placement:
         found = []
         for item in items:
             for module in item.modules() if isinstance(item, nn.Module) else []:
-                weight = module._parameters.get("weight") if isinstance(module, LEAN) else None
+                weight = module._parameters.get("weight") if type(module) in LEAN else None
                 if weight is not None and id(weight) in self._slots and weight.device == META:
                     if weight.dtype.is_floating_point and weight.dtype != self.dtype:
                         found.append(module)

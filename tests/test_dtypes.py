@@ -199,3 +199,27 @@ def test_embeddings_and_head_stay_stored_while_they_compute(checkpoints) -> None
         assert embed.weight.device.type == "meta" and "forward" not in vars(head)
     finally:
         lazy.close()
+
+
+def test_a_subclassed_embedding_is_converted_not_kept_stored(checkpoints) -> None:
+    """Only plain nn.Embedding/nn.Linear stay stored: a subclass with its own forward (Gemma's
+    scaled embedding computes in its weight's dtype) is read in the compute dtype as before."""
+    from cdq_cli.placement import Placement
+    from cdq_cli.run.language import open_model
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * torch.tensor(3.0, dtype=self.weight.dtype)
+
+    bf16, _ = checkpoints
+    lazy = open_model(str(bf16), "auto")
+    try:
+        placement = Placement(lazy.model, torch.device("cpu"), lazy.weights, dtype=torch.float32)
+        embed = lazy.model.model.embed_tokens
+        embed.__class__ = Scaled
+        with torch.no_grad(), placement.using([embed], lean=True):
+            assert embed.weight.dtype == torch.float32
+            out = embed(torch.arange(6).reshape(1, 6))
+        assert out.dtype == torch.float32 and embed.weight.device.type == "meta"
+    finally:
+        lazy.close()
