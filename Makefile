@@ -20,7 +20,8 @@ GPTQ_SITE ?= .gptq-site
 GPTQ_PKGS := gptqmodel==7.7.0 optimum==2.3.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 \
 	pypcre==0.6.4 tokenicer==0.0.14 torchao==0.18.0 threadpoolctl==3.8.0
 
-.PHONY: setup lock test test-export test-latest lint format demo bench-quality bench-speed device-prep clean
+.PHONY: setup lock test test-export test-latest lint format demo bench-quality bench-speed device-prep clean \
+	peers-setup peers-calib peers peers-cdq peers-table
 
 # Development and CI install the exact versions of requirements/lock.txt (`make lock` refreshes it);
 # pyproject.toml keeps loose ranges for users. torch 2.14.1 / torchvision 0.29.1 (pinned in
@@ -105,5 +106,37 @@ device-prep: setup
 		head -c $$half $$gguf > .device/smollm2.part1; tail -c +$$(( half + 1 )) $$gguf > .device/smollm2.part2
 	du -sh .device/*
 
+# Peer quantizers side by side with cdq on SmolLM2-135M (issue 19; scripts/peers/run_all.py, BENCHMARKS.md).
+# AutoRound and llm-compressor each in their own venv (.venv-peer-*, pinned in scripts/peers/), never
+# this project's; not part of `make test` or CI. Rows run one after another at one thread each (hours
+# for AutoRound): `make peers ROWS='llmc-*-w3 cdq-cdq-w3'`; cdq's rows with other flags:
+# `make peers-cdq CDQ_EXTRA='-o target=fp' LABEL=fp-target`.
+# PEER_VENV_ROOT: the folder holding .venv-peer-autoround and .venv-peer-llmcompressor (default: this
+# checkout); venvs already installed there (their .installed stamp) are used as they are: after
+# changing a pin, `rm $(PEER_VENV_ROOT)/.venv-peer-*/.installed` to reinstall.
+ROWS ?= fp llmc-* cdq-* autoround-default-*
+CDQ_EXTRA ?=
+LABEL ?=
+PEER_VENV_ROOT ?= .
+PEERS = PEER_VENV_ROOT=$(abspath $(PEER_VENV_ROOT)) $(BIN)/python scripts/peers/run_all.py
+
+$(PEER_VENV_ROOT)/.venv-peer-%/.installed: | scripts/peers/requirements-%.txt scripts/peers/setup.sh
+	PYTHON=$(PYTHON) PEER_VENV_ROOT=$(PEER_VENV_ROOT) bash scripts/peers/setup.sh $*
+
+peers-setup: $(PEER_VENV_ROOT)/.venv-peer-autoround/.installed $(PEER_VENV_ROOT)/.venv-peer-llmcompressor/.installed
+
+peers-calib: setup
+	CDQ_DATA_DIR=$(abspath $(DATA)) $(BIN)/python scripts/peers/protocol.py calib
+
+peers: peers-setup peers-calib
+	set -f; CDQ_DATA_DIR=$(abspath $(DATA)) $(PEERS) --rows $(ROWS)
+
+peers-cdq: setup peers-calib
+	set -f; CDQ_DATA_DIR=$(abspath $(DATA)) $(PEERS) --rows 'cdq-*' $(if $(CDQ_EXTRA),--cdq-extra '$(CDQ_EXTRA)' --label $(LABEL))
+
+peers-table:
+	$(PEERS) --table
+
 clean:
-	rm -rf $(VENV) $(LATEST) $(GPTQ_SITE) runs .device .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) $(GPTQ_SITE) runs .device .pytest_cache .ruff_cache .venv-peer-autoround \
+		.venv-peer-llmcompressor

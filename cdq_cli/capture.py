@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .solvers.grouped import GroupedSigmaAccumulator
-from .solvers.sigma import SigmaAccumulator
+from .solvers.sigma import PairedSigmaAccumulator, SigmaAccumulator
 
 # Patch elements unfolded at once (float32: 256 MiB), so wide depthwise inputs stay bounded.
 _CHUNK_ELEMENTS = 64 * 2**20
@@ -108,6 +108,40 @@ def layer_sigma(
     if isinstance(layer, nn.Linear):
         linear = wrap(SigmaAccumulator(layer.in_features, device=device, dtype=dtype))
         return linear, lambda _module, args: linear.add_linear(args[0])
+    raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
+
+
+def layer_pair_sigma(
+    layer: nn.Module, dtype: torch.dtype = torch.float32, wrap: Callable[[Any], Any] = lambda acc: acc
+) -> tuple[Any, Callable[[nn.Module, tuple, torch.Tensor], None]]:
+    """The full-precision target's accumulator (:class:`~cdq_cli.solvers.sigma.PairedSigmaAccumulator`)
+    for ``layer``, and the function that folds in one batch: ``add(module, args, fp_input)`` with
+    the layer's own inputs ``args`` (the model being quantized) and its input in the
+    full-precision model on the same tokens. Conv inputs become patches exactly as for Σ."""
+    device = layer.weight.device
+    if isinstance(layer, nn.Conv2d):
+        groups = layer.groups
+        columns = layer.weight[0].numel()
+        acc = wrap(
+            PairedSigmaAccumulator(
+                columns, groups=None if groups == 1 else groups, device=device, dtype=dtype
+            )
+        )
+
+        def conv(_module: nn.Module, args: tuple, fp_input: torch.Tensor) -> None:
+            pairs = zip(conv_columns(layer, fp_input), conv_columns(layer, args[0]), strict=True)
+            for fp_cols, cols in pairs:
+                if groups == 1:
+                    acc.add_pair(fp_cols.T, cols.T)
+                else:
+                    acc.add_pair_columns(
+                        fp_cols.reshape(groups, columns, -1), cols.reshape(groups, columns, -1)
+                    )
+
+        return acc, conv
+    if isinstance(layer, nn.Linear):
+        linear = wrap(PairedSigmaAccumulator(layer.in_features, device=device, dtype=dtype))
+        return linear, lambda _module, args, fp_input: linear.add_pair(fp_input, args[0])
     raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
 
 

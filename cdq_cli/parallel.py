@@ -329,25 +329,36 @@ class Deferred:
     def __init__(self, real: Any, keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
         self.real = real
         self._keep = keep
-        self._calls: list[tuple[str, torch.Tensor]] = []
+        self._calls: list[tuple[str, tuple[torch.Tensor, ...]]] = []
+
+    def _record(self, method: str, *tensors: torch.Tensor) -> None:
+        self._calls.append((method, tuple(self._keep(t.detach().clone()) for t in tensors)))
 
     def add_linear(self, inputs: torch.Tensor) -> None:
-        self._calls.append(("add_linear", self._keep(inputs.detach().clone())))
+        self._record("add_linear", inputs)
 
     def add_columns(self, columns: torch.Tensor) -> None:
-        self._calls.append(("add_columns", self._keep(columns.detach().clone())))
+        self._record("add_columns", columns)
+
+    def add_pair(self, fp_inputs: torch.Tensor, inputs: torch.Tensor) -> None:
+        self._record("add_pair", fp_inputs, inputs)
+
+    def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
+        self._record("add_pair_columns", fp_columns, columns)
 
     def replay(self) -> None:
-        for method, tensor in self._calls:
-            getattr(self.real, method)(tensor.to(self.real.sigma.device))
+        for method, tensors in self._calls:
+            getattr(self.real, method)(*(t.to(self.real.sigma.device) for t in tensors))
         self._calls.clear()
 
     def state(self) -> list[torch.Tensor]:
-        """What the relay passes on: Σ and the token count (a one-element tensor, current)."""
+        """What the relay passes on: Σ (and the full-precision target's other statistics) and the
+        token count (a one-element tensor, current)."""
         self._tokens = torch.full(
             (1,), float(self.real.tokens), dtype=torch.float64, device=self.real.sigma.device
         )
-        return [self.real.sigma, self._tokens]
+        tensors = getattr(self.real, "state_tensors", None)
+        return [*(tensors() if tensors is not None else [self.real.sigma]), self._tokens]
 
     def settle(self) -> None:
         """After receiving: the token count that came with Σ is the real one."""
@@ -360,6 +371,14 @@ class Deferred:
     @property
     def tokens(self) -> int:
         return self.real.tokens
+
+    @property
+    def cross(self) -> torch.Tensor:
+        return self.real.cross
+
+    @property
+    def sigma_fp(self) -> torch.Tensor:
+        return self.real.sigma_fp
 
 
 def timed(ranks: Ranks, work: Callable[[], Any]) -> Any:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .capture import ExpertsCapture, conv_groups, layer_sigma
+from .capture import ExpertsCapture, conv_groups, layer_pair_sigma, layer_sigma
 from .memory import OutOfMemory, naming, release
 from .models.base import (
     FUSED_PROJECTIONS,
@@ -44,6 +44,7 @@ from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
 from .solvers.grid import all_finite
 from .solvers.grouped import energy, group_spec, solve_grouped
 from .solvers.result import working_energy
+from .solvers.target import fp_energy, fp_objective, fp_target
 from .store.journal import Journal, ResumeState
 from .store.layer import QuantizedLayer, matrix_shape
 
@@ -104,6 +105,14 @@ class Activations:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def twin(self) -> Activations:
+        """A second stream starting from the same inputs (the full-precision model's, for
+        ``-o target=fp``): its own hidden states from here on, the same extras."""
+        other = Activations(self.device, self.policy, self.batches)
+        other.where = self.where
+        other.inputs = BlockInputs(list(self.inputs.hidden), self.inputs.args, self.inputs.kwargs)
+        return other
+
     def _decide(self, first: torch.Tensor) -> torch.device:
         if self.device.type != "cuda" or self.policy == Offload.never:
             return self.device
@@ -124,6 +133,7 @@ class Outcome:
     device: torch.device
     tokens: int
     unquantized: list[str] = field(default_factory=list)  # matrices in blocks no layer type covers
+    transform_log: list[dict[str, Any]] = field(default_factory=list)  # --transform awq: per block
 
 
 def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module | torch.Tensor]:
@@ -142,6 +152,12 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
             "(--bits 16 runs the model block by block without quantizing)"
         )
     layers = kept
+    fused = [name for name, layer in layers.items() if isinstance(layer, torch.Tensor)]
+    if settings.target == "fp" and fused:
+        raise ValueError(
+            f"-o target=fp does not support fused experts ({fused[0]}): the full-precision and the "
+            "quantized model route tokens to different experts, so their inputs do not pair up"
+        )
     for name, layer in layers.items():
         spec = settings.grid_for(name)
         try:  # grouped/depthwise convs: one problem per group (solvers.grouped)
@@ -203,6 +219,8 @@ def quantize_model(
         )
     local = [batches[b] for b in ranks.batches(len(batches))]
     acts = capture(model, adapter, placement, local, settings.offload_activations, verify=ranks.leader)
+    if settings.quantizing and settings.target == "fp":
+        run.fp_acts = acts.twin()  # the full-precision model's stream: the same block-0 inputs
     tokens = int(ranks.sum_value(sum(int(h.shape[:-1].numel()) for h in acts.inputs.hidden)))
     saved = journal.resume_state() if journal is not None and settings.quantizing else None
     if ranks.active and settings.quantizing:  # the leader's journal: its finished blocks' rows, to all
@@ -242,7 +260,9 @@ def quantize_model(
         release()  # what the block's transients freed goes back to the system
         test_hook(ranks, index)
     run.emit("done", len(blocks))
-    return Outcome(run.rows, run.stored, acts.inputs.hidden, settings.device, tokens, run.unquantized)
+    return Outcome(
+        run.rows, run.stored, acts.inputs.hidden, settings.device, tokens, run.unquantized, run.transform_log
+    )
 
 
 def capture(
@@ -310,6 +330,8 @@ class _Run:
     stored: dict[str, QuantizedLayer] = field(default_factory=dict)
     unquantized: list[str] = field(default_factory=list)
     costs: Costs = field(init=False)
+    fp_acts: Activations | None = None  # -o target=fp: the full-precision model's stream
+    transform_log: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         method, options = find_method(self.settings.method), self.settings.options
@@ -323,6 +345,10 @@ class _Run:
         """Put a saved block's layers back (no solving) and advance ``acts`` exactly as
         :meth:`block` did (through the full-precision block with ``fp_inputs``)."""
         prefix = f"{self.adapter.block_name(index)}."
+        if self.settings.transform == "awq":  # the same search on the same inputs: the same scales
+            self.awq(block, index, acts)
+        if self.fp_acts is not None:  # the block is still full precision here
+            _forward(self.adapter, block, self.fp_acts)
         if self.settings.fp_inputs:
             _forward(self.adapter, block, acts)
         records = {
@@ -344,8 +370,13 @@ class _Run:
 
     def block(self, block: nn.Module, index: int, acts: Activations) -> None:
         """Solve every layer of one block; advance ``acts`` to the next block's inputs."""
+        if self.settings.transform == "awq":
+            self.awq(block, index, acts)
         groups = _groups(self.adapter, block, index, self.settings)
         everything = [name for group in groups for name in group]
+        fp = None
+        if self.fp_acts is not None:  # the block's full-precision weights run the other stream
+            fp = (FullPrecision(block, everything), self.fp_acts)
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
             sigmas = _collect(
@@ -356,12 +387,37 @@ class _Run:
         if self.settings.true_sequential:
             # Each group's Σ is collected after the earlier groups of this block were quantized.
             for group in groups:
-                sigmas = _collect(self.adapter, block, acts, group, self.settings, ranks=self.ranks)
+                sigmas = _collect(self.adapter, block, acts, group, self.settings, ranks=self.ranks, fp=fp)
                 self.solve(block, index, group, sigmas)
         else:
-            sigmas = _collect(self.adapter, block, acts, everything, self.settings, ranks=self.ranks)
+            sigmas = _collect(self.adapter, block, acts, everything, self.settings, ranks=self.ranks, fp=fp)
             self.solve(block, index, everything, sigmas)
         _forward(self.adapter, block, acts)
+        if fp is not None:
+            with fp[0].active():
+                _forward(self.adapter, block, fp[1])
+
+    def awq(self, block: nn.Module, index: int, acts: Activations) -> None:
+        """``--transform awq``: search and fold this block's scales on its first calibration
+        batches (up to ``SEARCH_TOKENS`` tokens), before any of its Σ is collected."""
+        from .transforms.awq import SEARCH_TOKENS, search_block
+
+        stream = getattr(getattr(self.adapter, "family", None), "stream", None)
+        assert stream is not None, "--transform awq was checked against the family before any work"
+        prefix = self.adapter.block_name(index)
+        count, seen = 0, 0
+        while count < len(acts) and (count == 0 or seen < SEARCH_TOKENS):
+            seen += int(acts.inputs.hidden[count].shape[:-1].numel())
+            count += 1
+
+        def forward() -> None:
+            for i in range(count):
+                _forward_batch(self.adapter, block, acts, i)
+
+        chosen = search_block(
+            block, stream, forward, lambda name: self.settings.grid_for(join_name(prefix, name))
+        )
+        self.transform_log.append({"block": prefix, "tokens": seen, "groups": chosen})
 
     def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
         """Solve ``names`` and put every result into every rank's block, in ``names`` order.
@@ -486,21 +542,38 @@ def _solve_matrix(
     if not all_finite(sigma):
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     weight = matrix.to(sigma.dtype)
-    # RTN is deterministic: with --method rtn its own result is the comparison (not solved twice)
-    compare = settings.compare_rtn and settings.method != "rtn"
+    paired = settings.target == "fp"
+    # RTN is deterministic: with --method rtn (on W itself) its own result is the comparison
+    same = settings.method == "rtn" and not paired
+    compare = settings.compare_rtn and not same
     try:
+        # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
+        # objective ‖W X̃ − Ŵ X‖² up to a constant
+        target = (
+            fp_target(weight, sigma, acc.cross, settings.options.get("damping", 0.01)) if paired else weight
+        )
         if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
-            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
+            result = solve_grouped(settings.method, target, sigma, spec, settings.options)
             rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
         else:
-            result = run_solver(settings.method, weight, sigma, spec, settings.options)
+            result = run_solver(settings.method, target, sigma, spec, settings.options)
             rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
-    if settings.compare_rtn and settings.method == "rtn":
+    if settings.compare_rtn and same:
         rtn = result
     if not all_finite(result.weight) or not math.isfinite(result.objective):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
+    if paired:  # the report's errors are the true objective ‖W X̃ − Ŵ X‖², RTN's on the same terms
+        cross, sigma_fp = acc.cross, acc.sigma_fp
+        reference = fp_energy(weight, sigma_fp)
+        row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
+        row.solver_error = result.objective
+        row.error = fp_objective(weight, result.weight, sigma, cross, sigma_fp)
+        row.relative_error = row.error / reference if reference > 0 else 0.0
+        if rtn is not None:
+            row.rtn_error = fp_objective(weight, rtn.weight, sigma, cross, sigma_fp)
+        return row, result
     reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
     row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
     return row, result
@@ -563,6 +636,28 @@ def _rows_of(block: nn.Module, name: str) -> int:
     return weight.shape[0] if weight.dim() == 3 else 1
 
 
+class FullPrecision:
+    """The full-precision weights of a block's layers ``names`` (copied before any is solved), put
+    in place for the passes of the full-precision stream (``-o target=fp``) and taken out again:
+    the same modules run both streams, whatever the block is (a decoder layer, a view over a
+    vision model's modules)."""
+
+    def __init__(self, block: nn.Module, names: list[str]) -> None:
+        self.weights = [layer_weight(block, name) for name in names]
+        self.saved = [weight.detach().clone() for weight in self.weights]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        current = [weight.data for weight in self.weights]
+        for weight, saved in zip(self.weights, self.saved, strict=True):
+            weight.data = saved
+        try:
+            yield
+        finally:
+            for weight, data in zip(self.weights, current, strict=True):
+                weight.data = data
+
+
 class ExpertSigmas:
     """The per-expert Σ's of one fused 3-D weight (None: no token reached that expert)."""
 
@@ -579,9 +674,15 @@ def _collect(
     *,
     advance: bool = False,
     ranks: Ranks | None = None,
+    fp: tuple[FullPrecision, Activations] | None = None,
 ) -> dict[str, SigmaAccumulator]:
     """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
     replace ``acts`` (the inputs are not needed again).
+
+    With ``fp`` (``-o target=fp``: the block's full-precision weights and the full-precision
+    model's stream), each batch first runs through the block with those weights in place on the
+    full-precision stream, recording the layers' inputs, and the accumulators are the paired ones
+    (Σ, the cross term X̃ Xᵀ and X̃ X̃ᵀ).
 
     Layers fed the very same input tensor in a forward pass (q/k/v, gate/up) share one Σ: the
     first of them accumulates it, the others point at it (found on the first batch, checked on
@@ -618,6 +719,8 @@ def _collect(
             )
             capture.want(leaf)
             experts[name] = (capture, leaf)
+    fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP pass
+    fp_pass = [False]
     for name in names:
         if name in experts:
             continue
@@ -625,10 +728,20 @@ def _collect(
         with naming(
             lambda name=name, layer=layer: f"Σ of {name} ({_sigma_size(layer, settings.sigma_dtype)})"
         ):
-            acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
+            if fp is not None:
+                acc, add_pair = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
+
+                def add(module: nn.Module, args: tuple, name: str = name, add_pair=add_pair) -> None:
+                    add_pair(module, args, fp_inputs[name])
+
+            else:
+                acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d has them
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
+            if fp_pass[0]:
+                fp_inputs[name] = args[0]
+                return
             owner = name
             if isinstance(module, nn.Linear):
                 owner = next((first_name for x, first_name in seen if x is args[0]), name)
@@ -648,6 +761,14 @@ def _collect(
         try:
             for i in range(len(acts)):
                 seen.clear()
+                if fp is not None:
+                    fp_inputs.clear()
+                    fp_pass[0] = True
+                    try:
+                        with fp[0].active():
+                            _forward_batch(adapter, block, fp[1], i)
+                    finally:
+                        fp_pass[0] = False
                 out = _forward_batch(adapter, block, acts, i)
                 first[0] = False
                 if advance:

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import regex
 import torch
 
-from .solvers import GridSpec
+from .solvers import GridSpec, find_method
+from .solvers.registry import option_default
 
 NO_QUANTIZATION = 16  # --bits 16: run the block plumbing without quantizing
 
@@ -43,6 +44,7 @@ class Settings:
     compare_rtn: bool = True
     offload_activations: str = "auto"
     overrides: tuple[LayerRule, ...] = ()
+    transform: str = "none"  # --transform: an equivalence transform before quantization
 
     def grid_for(self, name: str) -> GridSpec | None:
         """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is
@@ -90,6 +92,16 @@ class Settings:
         return warnings
 
     @property
+    def target(self) -> str:
+        """``-o target``: ``fp`` quantizes against the full-precision model's outputs (the driver
+        captures two activation streams); ``quantized`` (the default) against the layer's own
+        outputs on the quantized model's inputs."""
+        given = self.options.get("target")
+        if given is None and self.quantizing and "target" in find_method(self.method).options:
+            given = option_default(self.method, "target")
+        return str(given or "quantized")
+
+    @property
     def quantizing(self) -> bool:
         return self.grid is not None
 
@@ -125,6 +137,7 @@ class Settings:
             "compare_rtn": self.compare_rtn,
             # only when given, so runs without overrides keep their resume fingerprints
             **({"overrides": [rule.describe() for rule in self.overrides]} if self.overrides else {}),
+            **({"transform": self.transform} if self.transform != "none" else {}),
         }
 
 
@@ -211,6 +224,9 @@ class LayerRow:
     outliers: int
     tokens: int
     note: str | None = None  # e.g. an expert that got no calibration tokens, rounded instead
+    # -o target=fp: ``error``/``rtn_error`` are the true ‖W X̃ − Ŵ X‖²; this is the solver's own
+    # ‖(W* − Ŵ) X‖² (solvers.target), the scale ``objective_start`` is on
+    solver_error: float | None = None
 
     @property
     def layer(self) -> str:
@@ -266,7 +282,8 @@ class RunRecord:
     ``sections`` are the model kind's own top-level entries (``skipped``, ``vision``);
     ``unquantized`` the matrices in blocks that no quantizable layer type covers (routers...);
     ``dtype`` the dtype the model is stored in (and the output keeps), ``compute_dtype`` the one
-    its blocks were computed in; ``parallel`` how the processes shared the work; ``peak_memory``
+    its blocks were computed in; ``parallel`` how the processes shared the work; ``transform`` what
+    ``--transform`` did (its rotations, the head it untied, the scales it chose); ``peak_memory``
     the device's (or the process's) peak while quantizing; ``resumed_blocks`` how many blocks came
     from the journal (None: the run cannot resume); ``evaluation`` the before/after scores
     (``--eval``), None without.
@@ -292,3 +309,4 @@ class RunRecord:
     resumed_blocks: int | None = None
     evaluation: dict[str, Any] | None = None
     compute_dtype: str | None = None  # what blocks were computed in (None: ``dtype``)
+    transform: dict[str, Any] | None = None  # what --transform did (None: no transform)

@@ -44,15 +44,17 @@ sys.path.insert(0, str(REPO))
 CACHE = Path(os.environ.get("CDQ_CACHE_DIR", Path.home() / ".cache" / "cdq"))
 WEIGHTS = CACHE / "efficientnet_lite0_timm.safetensors"
 ARCH = "tf_efficientnet_lite0"
-# (label, method, per_layer, fp_inputs): the rows of the table, in order.
+# (label, method, per_layer, fp_inputs, solver options): the rows of the table, in order.
 CONFIGS = {
-    "rtn": ("RTN", "rtn", False, False),
-    "gptq": ("GPTQ", "gptq", False, False),
-    "comq": ("COMQ (per-channel)", "comq", False, False),
-    "comq-layer": ("COMQ (per-layer)", "comq", True, False),
-    "quantease": ("QuantEase", "quantease", False, False),
-    "cdq": ("cdq", "cdq", False, False),
-    "comq-fp": ("COMQ (per-channel, FP inputs)", "comq", False, True),
+    "rtn": ("RTN", "rtn", False, False, {}),
+    "gptq": ("GPTQ", "gptq", False, False, {}),
+    "comq": ("COMQ (per-channel)", "comq", False, False, {}),
+    "comq-layer": ("COMQ (per-layer)", "comq", True, False, {}),
+    "quantease": ("QuantEase", "quantease", False, False, {}),
+    "cdq": ("cdq", "cdq", False, False, {"target": "quantized"}),
+    "comq-fp": ("COMQ (per-channel, FP inputs)", "comq", False, True, {}),
+    "gptq-fp": ("GPTQ, -o target=fp", "gptq", False, False, {"target": "fp"}),
+    "cdq-fp": ("cdq, -o target=fp", "cdq", False, False, {"target": "fp"}),
 }
 DEFAULT = ["rtn", "gptq", "comq", "comq-layer", "quantease", "cdq"]
 
@@ -112,7 +114,9 @@ def child(key: str, bits: int, cache: Path, seed: int, layer: list[str], skip: l
 
     data = torch.load(cache, weights_only=False)
     model = load_timm(TimmSpec(ARCH, {}, str(WEIGHTS)))
-    label, method, per_layer, fp_inputs = CONFIGS[key] if key != "fp" else ("FP32", None, False, False)
+    label, method, per_layer, fp_inputs, options = (
+        CONFIGS[key] if key != "fp" else ("FP32", None, False, False, {})
+    )
     seconds, cpu, rows = 0.0, 0.0, []
     if method is not None:
         adapter = vision_adapter_for(model)
@@ -121,6 +125,7 @@ def child(key: str, bits: int, cache: Path, seed: int, layer: list[str], skip: l
             bits=bits,
             per_layer=per_layer,
             fp_inputs=fp_inputs,
+            options=options,
             device="cpu",
             layer=layer,
             skip=skip,

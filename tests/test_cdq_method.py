@@ -41,10 +41,11 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_never_above_start_and_below_gptq(config, seed):
-    """The result is never worse than its own start, hence never worse than plain GPTQ."""
+    """The result is never worse than its own start, hence never worse than plain GPTQ (its first
+    start; ``--method gptq`` itself runs act-order by default)."""
     weight, sigma = _problem(seed)
     result = solve("cdq", weight, sigma, **config)
-    gptq = solve("gptq", weight, sigma, **config)
+    gptq = solve("gptq", weight, sigma, act_order=False, **config)
     assert result.objective <= result.objective_start * (1 + 1e-12)
     assert result.objective <= gptq.objective * (1 + 1e-12)
     assert torch.equal(result.weight, result.grid.dequantize(result.codes))
@@ -178,7 +179,8 @@ def test_outlier_variant_with_cdq_inner_is_monotone_and_keeps_budget():
 
 @pytest.mark.parametrize("config", [dict(bits=3), dict(bits=4), dict(bits=3, group_size=32, sym=True)])
 def test_real_layers_monotone_and_below_gptq(stories_layers, config):
-    """On every real stories260K layer: monotone history, never above start, below GPTQ."""
+    """On every real stories260K layer: monotone history, never above start, below GPTQ (act-order,
+    ``--method gptq``'s default: not a guarantee, but measured so on every one of these layers)."""
     solved = 0
     for layer in stories_layers:
         if config.get("group_size") and layer.weight.shape[1] % config["group_size"]:
@@ -213,7 +215,7 @@ def test_default_result_never_above_plain_gptq_even_when_clip_start_is_worse():
     """Plain GPTQ is one of the default starts, so the guarantee holds whichever start wins."""
     weight, sigma = _problem(11)
     for bits in (2, 3, 4):
-        gptq = solve("gptq", weight, sigma, bits=bits)
+        gptq = solve("gptq", weight, sigma, bits=bits, act_order=False)
         result = solve("cdq", weight, sigma, bits=bits)
         assert result.objective <= gptq.objective * (1 + 1e-12)
         assert result.objective_start <= gptq.objective * (1 + 1e-12)

@@ -29,10 +29,39 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
         "vit-4bit-comq.yaml",
         "smollm2-3bit-cdq.yaml",
         "stories260k-4bit-demo.yaml",
+        "cdq-hadamard-fp.yaml",
     } <= names
     for preset in PRESETS:  # --help runs after the eager --config: every key and type is checked
         code, out, err = run(capsys, "quantize", "--config", preset, "--help")
         assert code == 0 and err == "" and "--config" in out, (preset.name, err)
+
+
+def test_the_best_recipe_preset_is_its_flags(llama, calib, tmp_path, capsys) -> None:
+    """configs/cdq-hadamard-fp.yaml (issue 19's best recipe) runs exactly what its flags run."""
+    common = [llama, "--bits", "3", "--sym", "--calib", calib, "--nsamples", "4", "--seqlen", "32"]
+    common += ["--quiet", "--json"]
+    preset, flags = tmp_path / "preset", tmp_path / "flags"
+    code, _, err = run(
+        capsys, "quantize", "--config", REPO / "configs" / "cdq-hadamard-fp.yaml", *common, "--output", preset
+    )
+    assert code == 0, err
+    code, _, err = run(
+        capsys,
+        "quantize",
+        *common,
+        "--method",
+        "cdq",
+        "--transform",
+        "hadamard",
+        "-o",
+        "target=fp",
+        "--output",
+        flags,
+    )
+    assert code == 0, err
+    report = json.loads((preset / "report.json").read_text())["run"]
+    assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", "fp", "hadamard")
+    assert (preset / "model.safetensors").read_bytes() == (flags / "model.safetensors").read_bytes()
 
 
 def test_file_fills_defaults_and_the_command_line_wins(llama, calib, tmp_path, capsys) -> None:

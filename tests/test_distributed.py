@@ -48,12 +48,21 @@ def quantize(data_dir: Path) -> list[str]:
 def single(quantize, tmp_path_factory) -> dict[str, Path]:
     """The single-process outputs every multi-process run must equal, per method."""
     outputs = {}
-    for method in ("cdq", "gptq"):
+    for method, args in RECIPES.items():
         out = tmp_path_factory.mktemp("single") / method
-        done = cdq(*quantize, "--method", method, "--bits", "3", "--output", str(out))
+        done = cdq(*quantize, *args, "--bits", "3", "--output", str(out))
         assert done.returncode == 0, done.stderr
         outputs[method] = out
     return outputs
+
+
+# The runs compared: the two GPTQ-started solvers, and the full-precision target (two activation
+# streams, three accumulators per layer relayed in batch order).
+RECIPES = {
+    "cdq": ["--method", "cdq"],
+    "gptq": ["--method", "gptq"],
+    "gptq-fp": ["--method", "gptq", "-o", "target=fp"],
+}
 
 
 def cdq(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -66,10 +75,10 @@ def weights(folder: Path) -> bytes:
     return (folder / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("method", ["cdq", "gptq"])
+@pytest.mark.parametrize("method", list(RECIPES))
 def test_two_processes_write_the_single_process_bytes(method, quantize, single, tmp_path) -> None:
     two = tmp_path / "two"
-    done = cdq(*quantize, "--method", method, "--bits", "3", "--output", str(two), "--nproc", "2")
+    done = cdq(*quantize, *RECIPES[method], "--bits", "3", "--output", str(two), "--nproc", "2")
     assert done.returncode == 0, done.stderr
     assert weights(single[method]) == weights(two)
     parallel = json.loads((two / "report.json").read_text())["run"]["parallel"]

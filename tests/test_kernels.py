@@ -144,7 +144,7 @@ def test_ties_round_half_to_even_like_grid_quantize(backend, dtype):
     assert torch.equal(ref, expected) and log.changed == ref_log.changed
     spec = GridSpec(bits=3)
     fixed = Grid(spec, scale.clone(), zero.clone())
-    result = solve_gptq(weight, sigma, spec, fixed_grid=fixed)
+    result = solve_gptq(weight, sigma, spec, fixed_grid=fixed, act_order=False)
     assert torch.equal(result.weight, expected)
 
 
@@ -491,7 +491,7 @@ def test_inputs_are_never_modified(problem, rows, order):
     saved = [t.clone() for t in (p.weight, p.sigma, start, grid.scale, grid.zero)]
     perm = order_permutation(order, p.weight, p.sigma)
     cd_sweeps(p.weight, p.sigma, grid, start, sweeps=2, order=perm, relaxed=[True, False])
-    solve_gptq(p.weight, p.sigma, GridSpec(3, group_size=4))
+    solve_gptq(p.weight, p.sigma, GridSpec(3, group_size=4), act_order=False)
     solve_gptq(p.weight, p.sigma, GridSpec(3), act_order=True, fixed_grid=p.grid(3))
     for before, after in zip(saved, (p.weight, p.sigma, start, grid.scale, grid.zero), strict=True):
         assert torch.equal(before, after)

@@ -2,7 +2,8 @@
 every fixed choice of an option is declared once.
 
     cli → run → pipeline → solvers          store and models never import the driver or the CLI;
-                  ↘ capture, models, store    solvers import nothing else of cdq.
+                  ↘ capture, models, store,   solvers import nothing else of cdq.
+                    transforms
 
 Every ``import`` statement of every module is read with ``ast``, function-level imports included
 (they are dependencies too, only deferred): both the arrows and the circle check count them.
@@ -19,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdq_cli"
 
 # part -> parts it must never import (a part is a subpackage or a top-level module of cdq_cli)
 _DRIVER = {"cli", "run", "pipeline"}
-_MIDDLE = {"capture", "models", "store", "calib", "evaluate", "parallel", "placement"}
+_MIDDLE = {"capture", "models", "store", "calib", "evaluate", "parallel", "placement", "transforms"}
 FORBIDDEN = {
     "cli": set(),
     "__main__": set(),
@@ -27,7 +28,9 @@ FORBIDDEN = {
     "pipeline": {"cli", "run"},
     "solvers": _DRIVER | _MIDDLE | {"records", "trust", "offline", "cleanup"},
     "kernels": _DRIVER | _MIDDLE | {"records", "solvers", "trust", "offline", "cleanup"},
-    "models": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers"},
+    "models": _DRIVER
+    | {"capture", "store", "calib", "evaluate", "parallel", "records", "solvers", "transforms"},
+    "transforms": _DRIVER | {"capture", "store", "calib", "evaluate", "parallel", "placement", "cleanup"},
     "store": _DRIVER | {"capture", "models", "calib", "evaluate", "parallel", "placement"},
     "records": _DRIVER | _MIDDLE,
     "capture": _DRIVER | {"store", "models", "calib", "evaluate", "parallel", "placement"},

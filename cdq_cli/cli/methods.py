@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 from rich.console import Console
 
 from ..solvers import METHODS
+from ..solvers.registry import option_default
 from .printing import print_json
 
 
@@ -17,15 +16,14 @@ def methods(
     """The layer solvers and the -o KEY=VALUE options of each (type, range, default)."""
     listing = {}
     for name, method in METHODS.items():
-        defaults = {
-            option: param.default
-            for option, param in inspect.signature(method.solve).parameters.items()
-            if param.kind is inspect.Parameter.KEYWORD_ONLY
-        }
         listing[name] = {
             "summary": method.summary,
             "options": {
-                option: {"label": spec.label, "accepts": spec.describe(), "default": _shown(defaults[option])}
+                option: {
+                    "label": spec.label,
+                    "accepts": spec.describe(),
+                    "default": _shown(option_default(name, option)),
+                }
                 for option, spec in method.options.items()
             },
         }

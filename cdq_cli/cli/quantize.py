@@ -10,7 +10,7 @@ import typer
 
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
-from ..run.plan import DType, Method, Offload, OutputFormat, SigmaDType
+from ..run.plan import DType, Method, Offload, OutputFormat, SigmaDType, Transform
 from ..solvers import DEFAULT_METHOD
 from ..store.exports import FORMATS
 from .launch import launch_run, rank, under_torchrun
@@ -76,6 +76,11 @@ def quantize(
         False, "--fp-inputs", help="Feed each block full-precision inputs (COMQ)."
     ),
     true_sequential: bool = typer.Option(True, help="Collect Σ per sequential group inside a block."),
+    transform: Transform = typer.Option(
+        Transform.none,
+        help="Equivalence transform before quantizing, exact in full precision: hadamard (rotate the "
+        "residual stream and each head's values, merged), awq (activation-aware channel scales).",
+    ),
     option: list[str] = typer.Option(
         [],
         "--option",
@@ -138,7 +143,8 @@ def quantize(
         skip=skip, layer=layer, options={**solver_options(ctx), **parse_assignments(option)}, calib=calib,
         nsamples=nsamples, seqlen=seqlen, seed=seed, output=output, device=device, dtype=dtype.value,
         sigma_dtype=sigma_dtype.value, batch_size=batch_size, fp_inputs=fp_inputs,
-        true_sequential=true_sequential, overwrite=overwrite, resume=resume, eval_data=eval_data,
+        true_sequential=true_sequential, transform=transform.value, overwrite=overwrite, resume=resume,
+        eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
         max_shard_size=max_shard_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,

@@ -35,6 +35,44 @@ from .base import (
 
 
 @dataclass(frozen=True)
+class Readers:
+    """Tensors that read one norm's output: ``norm`` (the norm module's name in the block), the
+    ``layers`` fed its output (a Linear's module name, or a fused 3-D parameter's name; absent ones
+    are skipped), and ``inspect``: the module whose output a scale search compares (AWQ)."""
+
+    norm: str
+    layers: tuple[str, ...]
+    inspect: str
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where a family's residual stream is read and written: the layout an equivalence transform
+    (a rotation of the stream, per-channel scales) needs, as names only.
+
+    ``embedding``/``final_norm``/``head``: the embedding matrix, the last norm (module name) and the
+    output head's matrix. ``readers``: per block, each norm and what reads its output.
+    ``writers``: per block, the layers whose outputs are added to the stream (their biases follow).
+    ``values``: the value projection and the attention output projection (a per-head rotation or
+    scale between them is exact). ``inner``: pairs (A, B) where B's input is elementwise linear in
+    A's output (``down(act(gate) · up)``, ``fc2(relu(fc1))`` for positive scales). ``untouched``:
+    the other tensors of a block, which no transform changes (per-head q/k norms). ``norm``:
+    ``rms`` (RMSNorm: rotation-invariant) or ``layer`` (LayerNorm: mean and bias, not rotation
+    invariant). ``requires``: config values the layout holds for (e.g. pre-norm blocks)."""
+
+    embedding: str
+    final_norm: str
+    head: str
+    readers: tuple[Readers, ...]
+    writers: tuple[str, ...]
+    values: tuple[str, str]
+    inner: tuple[tuple[str, str], ...] = ()
+    untouched: tuple[str, ...] = ()
+    norm: str = "rms"
+    requires: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class Family:
     """The layout of one model family, as names only.
 
@@ -55,7 +93,35 @@ class Family:
     classes: tuple[str, ...] = ()
     call: dict[str, Any] = field(default_factory=lambda: {"use_cache": False})
     strict: bool = True  # every declared layer must be in every block (False: absent ones are skipped)
+    stream: Stream | None = None  # the residual stream's layout (None: no equivalence transform)
 
+
+# Llama-style blocks (RMSNorm before attention and MLP), dense or mixture-of-experts: one layout.
+LLAMA_STREAM = Stream(
+    embedding="model.embed_tokens.weight",
+    final_norm="model.norm",
+    head="lm_head.weight",
+    readers=(
+        Readers("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        Readers(
+            "post_attention_layernorm",
+            (
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.gate",  # a router
+                "mlp.experts.gate_up_proj",
+                "mlp.shared_expert.gate_proj",
+                "mlp.shared_expert.up_proj",
+                "mlp.shared_expert_gate",
+            ),
+            "mlp",
+        ),
+    ),
+    writers=("self_attn.o_proj", "mlp.down_proj", "mlp.experts.down_proj", "mlp.shared_expert.down_proj"),
+    values=("self_attn.v_proj", "self_attn.o_proj"),
+    inner=(("mlp.up_proj", "mlp.down_proj"), ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")),
+    untouched=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+)
 
 LLAMA = Family(
     name="llama",
@@ -69,6 +135,7 @@ LLAMA = Family(
     ),
     embeddings=("model.embed_tokens", "model.rotary_emb"),
     head=("model.norm", "lm_head"),
+    stream=LLAMA_STREAM,
 )
 
 OPT = Family(
@@ -83,6 +150,24 @@ OPT = Family(
     ),
     embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
     head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    stream=Stream(
+        embedding="model.decoder.embed_tokens.weight",
+        final_norm="model.decoder.final_layer_norm",
+        head="lm_head.weight",
+        readers=(
+            Readers(
+                "self_attn_layer_norm",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "self_attn",
+            ),
+            Readers("final_layer_norm", ("fc1",), "fc1"),
+        ),
+        writers=("self_attn.out_proj", "fc2"),
+        values=("self_attn.v_proj", "self_attn.out_proj"),
+        inner=(("fc1", "fc2"),),
+        norm="layer",
+        requires=(("do_layer_norm_before", True), ("activation_function", "relu")),
+    ),
 )
 
 _ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
@@ -94,6 +179,7 @@ MIXTRAL = Family(
     groups=(*_ATTENTION, ("mlp.experts.gate_up_proj",), ("mlp.experts.down_proj",)),
     embeddings=("model.embed_tokens", "model.rotary_emb"),
     head=("model.norm", "lm_head"),
+    stream=LLAMA_STREAM,
 )
 
 QWEN_MOE = Family(  # Qwen2-MoE (shared expert, some dense blocks), Qwen3-MoE, OLMoE
@@ -115,6 +201,7 @@ QWEN_MOE = Family(  # Qwen2-MoE (shared expert, some dense blocks), Qwen3-MoE, O
     embeddings=("model.embed_tokens", "model.rotary_emb"),
     head=("model.norm", "lm_head"),
     strict=False,
+    stream=LLAMA_STREAM,
 )
 
 BLOOM = Family(

@@ -236,6 +236,7 @@ def _quantize_loaded(
             wall_seconds=time.perf_counter() - began,
             peak_memory=reports.peak_memory(plan.device),
             resumed_blocks=journal.blocks_restored if journal is not None else None,
+            transform=_transform_record(loaded, outcome),
         )
         if outcome.unquantized:
             note(f"kept in full precision (not a layer type cdq quantizes): {_patterns(outcome.unquantized)}")
@@ -307,6 +308,14 @@ def _follow(
             pass  # the leader reports the failure
     ranks.barrier()
     return Finished(plan.output, {})
+
+
+def _transform_record(loaded: Loaded, outcome: Any) -> dict[str, Any] | None:
+    """What --transform did: its description, and the choices made block by block (awq)."""
+    described = loaded.extra.get("transform")
+    if described is None:
+        return None
+    return {**described, **({"blocks": outcome.transform_log} if outcome.transform_log else {})}
 
 
 def _parallel_section(ranks: Ranks) -> dict[str, Any]:
@@ -454,6 +463,8 @@ def _check_kind(kind: ModelKind, plan: Plan) -> None:
         raise UsageError("--resume is for causal LMs, not vision models")
     if plan.ranks.active and not kind.resumable:
         raise UsageError("several processes (torchrun, --nproc) quantize causal LMs, not vision models")
+    if plan.settings.transform != "none" and not kind.transforms:
+        raise UsageError(f"--transform {plan.settings.transform} is for causal LMs, not vision models")
 
 
 def _export(plan: Plan, note: Any) -> dict[str, Any] | None:

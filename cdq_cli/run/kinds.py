@@ -77,6 +77,7 @@ class ModelKind(Protocol):
     name: str  # stored as the output folder's "kind"
     resumable: bool  # whether --resume is supported
     exports: bool  # whether --format gptq is supported
+    transforms: bool  # whether --transform is supported
 
     def read_data(self, plan: Plan) -> Any:
         """Open the calibration and evaluation sources (before the model is loaded: fail fast)."""

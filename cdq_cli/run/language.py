@@ -36,6 +36,7 @@ class LanguageModels:
     name = KIND
     resumable = True
     exports = True
+    transforms = True
 
     def read_data(self, plan: Plan) -> Texts:
         from ..calib import load_texts
@@ -49,7 +50,14 @@ class LanguageModels:
 
     def load(self, plan: Plan, note: Any) -> Loaded:
         note(f"loading {plan.request.target}")
-        return open_model(plan.request.target, plan.request.dtype, device=plan.device)
+        loaded = open_model(plan.request.target, plan.request.dtype, device=plan.device)
+        if plan.settings.transform != "none":
+            try:
+                apply_transform(loaded, plan.settings.transform, plan.request.seed, note)
+            except BaseException:
+                loaded.close()
+                raise
+        return loaded
 
     def preflight(self, plan: Plan, loaded: Loaded, layers: dict[str, nn.Module | torch.Tensor]) -> None:
         """What the export (--format) cannot hold is refused now, before any work."""
@@ -157,7 +165,11 @@ class LanguageModels:
 
     def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
         skipped = skipped_layers(loaded, plan)
-        return {"skipped": skipped} if skipped else {}
+        transform = loaded.extra.get("transform")
+        return {
+            **({"skipped": skipped} if skipped else {}),
+            **({"transform": transform} if transform else {}),
+        }
 
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:
         from ..evaluate.perplexity import default_seqlen
@@ -192,6 +204,35 @@ class LanguageModels:
             loaded.close()
         dtypes = {"dtype": _name(loaded.dtype), "compute_dtype": _name(loaded.compute_dtype)}
         return {"target": request.target, "data": request.data, **result, **dtypes}
+
+
+def apply_transform(loaded: Loaded, transform: str, seed: int, note: Any) -> None:
+    """``--transform`` on an opened model, before any work (a family that cannot take it is refused
+    in one line): ``hadamard`` rotates the weights as they are read (or in place when resident);
+    ``awq`` is searched block by block by the driver, so here its layout is only checked. The
+    description goes to ``loaded.extra["transform"]`` (report.json, quantization.json)."""
+    from ..transforms.awq import N_GRID, SEARCH_TOKENS
+    from ..transforms.rotation import TransformError, rotate_model, stream_of
+
+    family = getattr(loaded.adapter, "family", None)
+    if family is None:
+        raise TransformError(f"--transform {transform} is for causal LMs with a known layout")
+    stream_of(family, loaded.model.config, transform)
+    if transform == "hadamard":
+        blocks = [loaded.adapter.block_name(i) for i in range(len(loaded.adapter.blocks(loaded.model)))]
+        weights, described = rotate_model(loaded.model, family, blocks, loaded.weights, seed)
+        if weights is not None:
+            loaded.weights = weights
+        note(f"--transform hadamard: R1 {described['r1']['kind']}, R2 {described['r2']['kind']}")
+    else:
+        described = {
+            "name": "awq",
+            "grid": N_GRID,
+            "search_tokens": SEARCH_TOKENS,
+            "criterion": "squared error of the inspected module's output, readers rounded to the run's grid",
+            "runtime_ops": "none: folded into the weights",
+        }
+    loaded.extra["transform"] = described
 
 
 def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:

@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "QuantizeRequest",
     "SigmaDType",
+    "Transform",
     "UsageError",
     "check_compute_dtype",
     "compute_dtype",
@@ -65,6 +66,15 @@ class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+class Transform(str, Enum):
+    """``--transform``: an equivalence transform applied before quantization (exact in full
+    precision; :mod:`cdq_cli.transforms`)."""
+
+    none = "none"
+    hadamard = "hadamard"  # rotate the residual stream (R1) and each head's values (R2), merged
+    awq = "awq"  # activation-aware per-channel scales, searched per block, folded into norms/linears
 
 
 class SigmaDType(str, Enum):
@@ -110,6 +120,7 @@ class QuantizeRequest:
     batch_size: int = 8
     fp_inputs: bool = False
     true_sequential: bool = True
+    transform: str = "none"
     overwrite: bool = False
     resume: bool = False
     eval_data: str | None = None
@@ -185,6 +196,7 @@ def settle(request: QuantizeRequest) -> Plan:
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     choose("--format", request.export_format, OutputFormat)
+    choose("--transform", request.transform, Transform)
     device = resolve_device(request.device)
     check_compute_dtype(request.dtype, device)
     settings = make_settings(
@@ -201,6 +213,7 @@ def settle(request: QuantizeRequest) -> Plan:
         device=device,
         sigma_dtype=getattr(torch, choose("--sigma-dtype", request.sigma_dtype, SigmaDType)),
         offload_activations=choose("--offload-activations", request.offload_activations, Offload),
+        transform=request.transform,
     )
     try:
         max_shard_bytes = parse_size(request.max_shard_size)
@@ -213,6 +226,18 @@ def settle(request: QuantizeRequest) -> Plan:
         export_dest = default_dest(output, request.export_format)
         check_output_dir(
             export_dest, overwrite=request.overwrite, protect=[*plan_sources(request), output], kind=EXPORT
+        )
+    if settings.transform == Transform.awq and not settings.quantizing:
+        raise UsageError("--transform awq searches scales for the run's grid; --bits 16 quantizes nothing")
+    if settings.target == "fp" and settings.fp_inputs:
+        raise UsageError(
+            "-o target=fp quantizes each layer against its full-precision inputs and outputs; "
+            "--fp-inputs feeds every layer full-precision inputs instead: choose one"
+        )
+    if env_world() > 1 and settings.transform == Transform.awq:
+        raise UsageError(
+            "--transform awq runs in one process (its scale search would need the batches of every "
+            "process, and its choices must not depend on how they are split): drop --nproc/torchrun"
         )
     check_processes(request, env_world(), settings.device, hardware=False)  # before waiting for them
     ranks, device = from_environment(settings.device)  # torchrun: this rank's part and its device

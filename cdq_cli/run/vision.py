@@ -39,6 +39,7 @@ class VisionModels:
     name = "timm-classifier"
     resumable = False
     exports = False
+    transforms = False
 
     def read_data(self, plan: Plan) -> Images:
         from ..calib import NAMED_SOURCES

@@ -2,10 +2,13 @@
 
 Columns are quantized in order; each one's rounding error is spread over the columns not yet
 quantized through the upper factor ``U`` of H⁻¹ = Uᵀ U (H = Σ + damping), with lazy block updates.
-With ``act_order`` columns go by decreasing diag Σ; the group grids are then fitted up front from
-W ("static groups") so that every group keeps its natural columns, which is what a packed
-checkpoint with ``g_idx`` in natural order can hold. Without it, a group's grid is fitted when its
-first column is reached, on the error-updated weights (the reference behaviour).
+With ``act_order`` (the default, as GPTQModel and llm-compressor run GPTQ) columns go by
+decreasing diag Σ; the group grids are then fitted up front from W ("static groups": each group's
+grid comes from its columns in the original order, before the permuted pass) so that every group
+keeps its natural columns, which is what a packed checkpoint with ``g_idx`` in natural order
+(``column // group_size``, monotone) can hold. Without it (``act_order=False``), a group's grid is
+fitted when its first column is reached, on the error-updated weights (the reference behaviour).
+cdq's GPTQ starts (:mod:`.starts`) run this same function.
 
 How it is computed (same results as the textbook loop, to floating-point rounding). Only H's own
 Cholesky factor is formed: ``H = Ũ Ũᵀ`` with ``Ũ`` upper, so ``U = Ũ⁻¹``. The scaled errors
@@ -114,7 +117,7 @@ def solve_gptq(
     *,
     damping: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     fixed_grid: Grid | None = None,
 ) -> QuantResult:
     """GPTQ on ``spec``'s grid; ``fixed_grid`` forces a given grid (used to start CD from GPTQ)."""

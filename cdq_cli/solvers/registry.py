@@ -14,6 +14,7 @@ one line naming the option.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .quantease import PRESETS, solve_quantease
 from .result import QuantResult, check_problem
 from .rtn import solve_rtn
 from .starts import START_POINTS
+from .target import TARGETS
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class Option:
 
     ``low``/``high`` bound numbers (``open_low``/``open_high``: strict bounds); ``choices`` lists
     the allowed words; ``optional``: the value may be ``none`` (the solver then picks, e.g. from
-    its preset).
+    its preset); ``solver`` False: an option of the layer problem the driver builds (``target``),
+    checked here but not passed to the solve function, whose ``default`` it then declares.
     """
 
     label: str
@@ -50,6 +53,8 @@ class Option:
     open_high: bool = False
     choices: tuple[str, ...] = ()
     optional: bool = False
+    solver: bool = True
+    default: Any = None
 
     def describe(self) -> str:
         if self.kind in ("choice", "choices"):
@@ -100,6 +105,9 @@ class Method:
 _ORDER = Option("visiting order", "choice", choices=ORDERS)
 _BLOCK = Option("block size", "int", low=1)
 _DAMPING = Option("damping", "float", low=0)
+# -o target=fp: quantize against the full-precision model's outputs (solvers.target; the driver
+# captures the statistics and hands the solver W* in place of W)
+_TARGET = Option("objective target", "choice", choices=TARGETS, solver=False, default="quantized")
 
 # The solvers, in the order ``cdq methods`` lists them.
 METHODS: dict[str, Method] = {
@@ -116,6 +124,7 @@ METHODS: dict[str, Method] = {
                 "damping": _DAMPING,
                 "block_size": _BLOCK,
                 "act_order": Option("act order", "bool"),
+                "target": _TARGET,
             },
         ),
         Method(
@@ -131,6 +140,7 @@ METHODS: dict[str, Method] = {
                 "relaxed": Option("relaxed sweeps", "bool", optional=True),
                 "block_size": _BLOCK,
                 "damping": _DAMPING,
+                "target": _TARGET,
             },
         ),
         Method(
@@ -183,6 +193,7 @@ METHODS: dict[str, Method] = {
                 "damping": _DAMPING,
                 "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
                 "rounds": Option("rounds", "int", low=1),
+                "target": _TARGET,
             },
         ),
     )
@@ -199,6 +210,15 @@ def find_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}") from None
+
+
+def option_default(method: str, name: str) -> Any:
+    """The value option ``name`` of ``method`` takes when not given: the solve function's keyword
+    default, or the declared default of an option the driver consumes."""
+    option = find_method(method).options[name]
+    if not option.solver:
+        return option.default
+    return inspect.signature(find_method(method).solve).parameters[name].default
 
 
 def method_options(name: str) -> list[str]:
@@ -244,7 +264,13 @@ def solve(
         if bits is None:
             raise ValueError("solve needs a grid: pass spec=GridSpec(...) or bits=")
         spec = GridSpec(bits=bits, group_size=group_size, sym=sym, per_layer=per_layer)
-    return run_solver(method, weight, sigma, spec, check_options(method, options))
+    checked = check_options(method, options)
+    if checked.get("target", "quantized") != "quantized":
+        raise ValueError(
+            "target=fp needs the full-precision inputs' statistics: solve on "
+            "cdq_cli.solvers.target.fp_target(weight, sigma, cross) instead of the weight"
+        )
+    return run_solver(method, weight, sigma, spec, checked)
 
 
 def run_solver(
@@ -252,7 +278,9 @@ def run_solver(
 ) -> QuantResult:
     """:func:`solve` for options already returned by :func:`check_options` (the driver's path:
     options are checked once, when the run's settings are made)."""
-    solver = find_method(method).solve
+    declared = find_method(method)
+    solver = declared.solve
+    options = {key: value for key, value in options.items() if declared.options[key].solver}
     if not torch.is_floating_point(weight):
         raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
     check_problem(weight, sigma)

@@ -55,3 +55,60 @@ class SigmaAccumulator:
         rows = rows.to(self.sigma.device, self.sigma.dtype)
         self.sigma.addmm_(rows.T, rows)
         self.tokens += rows.shape[0]
+
+
+class PairedSigmaAccumulator:
+    """The statistics of the full-precision target (:mod:`.target`) for a layer that sees ``X`` in
+    the model being quantized and ``X̃`` in the full-precision model on the same tokens:
+    ``sigma`` = X Xᵀ, ``cross`` = X̃ Xᵀ and ``sigma_fp`` = X̃ X̃ᵀ, each (features, features), or
+    (groups, features, features) for a grouped convolution (``groups`` given)."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        groups: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (features, features) if groups is None else (groups, features, features)
+        self.sigma = torch.zeros(shape, device=device, dtype=dtype)
+        self.cross = torch.zeros_like(self.sigma)
+        self.sigma_fp = torch.zeros_like(self.sigma)
+        self.tokens = 0
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every accumulated tensor (what a distributed run relays)."""
+        return [self.sigma, self.cross, self.sigma_fp]
+
+    def add_pair(self, fp_inputs: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Fold in one batch of a Linear's inputs from both models (any shape ending in features)."""
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(self.sigma.device, self.sigma.dtype)
+        fp_rows = fp_inputs.reshape(-1, fp_inputs.shape[-1]).to(self.sigma.device, self.sigma.dtype)
+        if rows.shape != fp_rows.shape or rows.shape[1] != self.sigma.shape[-1]:
+            raise ValueError(
+                f"paired inputs must both have {self.sigma.shape[-1]} features and the same tokens, "
+                f"got {tuple(fp_rows.shape)} and {tuple(rows.shape)}"
+            )
+        self.sigma.addmm_(rows.T, rows)
+        self.cross.addmm_(fp_rows.T, rows)
+        self.sigma_fp.addmm_(fp_rows.T, fp_rows)
+        self.tokens += rows.shape[0]
+
+    def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
+        """Fold in grouped inputs, (groups, features, M) from each model."""
+        if (
+            self.sigma.dim() != 3
+            or columns.shape != fp_columns.shape
+            or columns.shape[:2] != self.sigma.shape[:2]
+        ):
+            raise ValueError(
+                f"grouped paired inputs must both be {tuple(self.sigma.shape[:2])} + (M,), "
+                f"got {tuple(fp_columns.shape)} and {tuple(columns.shape)}"
+            )
+        cols = columns.to(self.sigma.device, self.sigma.dtype)
+        fp_cols = fp_columns.to(self.sigma.device, self.sigma.dtype)
+        self.sigma.baddbmm_(cols, cols.transpose(1, 2))
+        self.cross.baddbmm_(fp_cols, cols.transpose(1, 2))
+        self.sigma_fp.baddbmm_(fp_cols, fp_cols.transpose(1, 2))
+        self.tokens += cols.shape[2]

@@ -28,8 +28,9 @@ Conventions (read from compressed-tensors' own compressor and ``QuantizationArgs
   older put 10 values in a word and leave 2 bits empty, and would misread it).
 * **Strategies.** Grouped grids are ``strategy: group``; per-channel and per-layer grids (one scale,
   written as equal per-channel scales, which is exact) are ``strategy: channel``.
-* **Act-order.** cdq's act-order GPTQ (``-o act_order=true``, and cdq's act-order start) keeps every
-  group on its natural columns ("static groups"), which is compressed-tensors' ``actorder: weight``:
+* **Act-order.** cdq's act-order GPTQ (``--method gptq`` unless ``-o act_order=false``, and cdq's
+  act-order starts) keeps every group on its natural columns ("static groups"), which is
+  compressed-tensors' ``actorder: weight``:
   the checkpoint needs no ``weight_g_idx`` (an identity permutation). The ``group`` ordering that
   stored one was removed in compressed-tensors 0.19; cdq never produces it.
 * **Which layers.** One grid for every quantized layer: ``targets: ["Linear"]`` and ``ignore``
@@ -101,6 +102,7 @@ from .exporting import (
     ExportError,
     ExportFormat,
     copy_companions,
+    merged_transform,
     read_json,
     refuse_same_folder,
     rounded_experts,
@@ -320,6 +322,7 @@ def export_compressed(
     check_output_dir(dest, overwrite=overwrite, protect=[source])
     tied = bool(config.get("tie_word_embeddings", False))
     report = read_json(source / REPORT)
+    transform = merged_transform(table, "compressed-tensors")
     dtype = stored.dtype
 
     rounding = 0.0
@@ -356,7 +359,7 @@ def export_compressed(
             write({key: tensor})
         shards.close()
         block = quantization_config(
-            packed, matrices, written + [f"{m}.weight" for m in matrices], report.get("run", {})
+            packed, matrices, written + [f"{m}.weight" for m in matrices], report.get("run", {}), transform
         )
         config["quantization_config"] = block
         write_json(tmp / "config.json", config)
@@ -396,13 +399,18 @@ def quantization_config(
     matrices: list[str],
     names: list[str],
     run: Mapping[str, Any],
+    transform: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """config.json's ``quantization_config`` block (the fields compressed-tensors itself writes)."""
+    """config.json's ``quantization_config`` block (the fields compressed-tensors itself writes,
+    plus ``cdq_transform``: the ``--transform`` merged into the weights, which compressed-tensors
+    ignores; its own ``transform_config`` is for transforms applied at inference, so it stays empty)."""
     by_grid: dict[tuple, list[str]] = {}
     for name, (spec, _, _) in specs.items():
         by_grid.setdefault(_grid_key(spec), []).append(name)
     options = run.get("options", {}) if isinstance(run, Mapping) else {}
-    actorder = "weight" if options.get("act_order") is True else None
+    # GPTQ runs act-order unless -o act_order=false (static groups: the stored order is natural)
+    gptq_order = run.get("method") == "gptq" and options.get("act_order", True) is True
+    actorder = "weight" if options.get("act_order") is True or gptq_order else None
     modules = sorted({name.rpartition(".")[0] for name in names} | set(specs))
     groups = {}
     for number, (key, members) in enumerate(sorted(by_grid.items(), key=lambda item: -len(item[1]))):
@@ -425,6 +433,7 @@ def quantization_config(
         "sparsity_config": {},
         "transform_config": {},
         "version": LAYOUT_VERSION,
+        "cdq_transform": dict(transform or {"name": "none"}),
     }
     if any(not sym for _bits, _group, sym in by_grid):
         block["dequantize"] = True  # transformers' compressed load cannot hold packed zero-points

@@ -77,6 +77,25 @@ class ExportFormat:
         return {key: checked.get(key, values[0]) for key, values in self.options.items()}
 
 
+def merged_transform(table: Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """The ``--transform`` the folder's quantization table records (``{"name": "none"}`` without
+    one), checked to be merged into the weights: a transform that needs operations at inference
+    time (an online rotation, say) is something no plain checkpoint of the architecture expresses,
+    so it is refused rather than written wrong. cdq's transforms (hadamard, awq) are all merged."""
+    transform = table.get("transform")
+    if transform is None:
+        return {"name": "none"}
+    runtime = transform.get("runtime_ops") if isinstance(transform, Mapping) else None
+    if not isinstance(transform, Mapping) or not isinstance(transform.get("name"), str):
+        raise ExportError(f"the folder's {MARKER} records a transform cdq cannot read: {transform!r}")
+    if not (isinstance(runtime, str) and runtime.startswith("none")):
+        raise ExportError(
+            f"the model was transformed with {transform['name']!r}, which needs operations at inference "
+            f"time ({runtime!r}); a {fmt} checkpoint cannot express them"
+        )
+    return dict(transform)
+
+
 def refuse_same_folder(source: Path, dest: Path, fmt: str) -> None:
     """Where an export may not go, whatever ``--overwrite`` says: its own source folder or a folder
     inside it, or a folder cdq wrote that is not an export (a ``cdq quantize`` output)."""

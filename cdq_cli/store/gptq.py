@@ -59,7 +59,15 @@ import torch
 from .. import __version__
 from ..solvers import GridSpec
 from ..solvers.packing import pack, packed_length, unpack
-from .exporting import ExportError, ExportFormat, copy_companions, read_json, refuse_same_folder, write_json
+from .exporting import (
+    ExportError,
+    ExportFormat,
+    copy_companions,
+    merged_transform,
+    read_json,
+    refuse_same_folder,
+    write_json,
+)
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .layer import QuantizedLayer, spec_of
@@ -257,7 +265,8 @@ def export_gptq(
         raise ExportError(f"{source} has no config.json; the GPTQ export needs the model's config")
     tied = bool(config.get("tie_word_embeddings", False))
     report = read_json(source / REPORT)
-    block = quantization_config(spec, method, report.get("run", {}), checkpoint_format)
+    transform = merged_transform(table, "GPTQ")
+    block = quantization_config(spec, method, report.get("run", {}), checkpoint_format, transform)
     config["quantization_config"] = block
 
     rounding = 0.0
@@ -293,7 +302,11 @@ def export_gptq(
 
 
 def quantization_config(
-    spec: GridSpec, method: str, run: Mapping[str, Any], checkpoint_format: str = "gptq"
+    spec: GridSpec,
+    method: str,
+    run: Mapping[str, Any],
+    checkpoint_format: str = "gptq",
+    transform: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json (also the body of quantize_config.json)."""
     grid = (
@@ -317,6 +330,8 @@ def quantization_config(
             "cdq_options": dict(run.get("options", {})),
             "cdq_grid": grid,
             "cdq_zero_point": "v1: qzeros hold z - 1" if checkpoint_format == "gptq" else "v2: qzeros hold z",
+            # --transform, merged into the weights: nothing for a loader to do
+            "cdq_transform": dict(transform or {"name": "none"}),
         },
     }
 

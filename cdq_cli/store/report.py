@@ -100,6 +100,8 @@ def render(record: RunRecord) -> dict[str, Any]:
         "options": _json_options(described["options"]),
         "true_sequential": described["true_sequential"],
         "fp_inputs": described["fp_inputs"],
+        "target": record.settings.target,
+        "transform": record.transform or {"name": "none"},
         "sigma_dtype": described["sigma_dtype"],
         "calibration": record.calibration,
         "versions": versions(),

@@ -1,0 +1,223 @@
+"""The full-precision target (-o target=fp, GPTAQ's objective ‖W X̃ − Ŵ X‖²): the reduction to a
+least-squares target W*, the paired statistics the driver captures from two activation streams,
+the report's error checked against the objective computed from the two models' real inputs, and
+the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import cli
+from tiny_lm import save_tiny
+
+from cdq_cli.models import load_causal_lm
+from cdq_cli.solvers import solve
+from cdq_cli.solvers.sigma import PairedSigmaAccumulator
+from cdq_cli.solvers.target import fp_energy, fp_objective, fp_target
+from cdq_cli.store.reopen import load_quantized
+
+FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
+
+
+def _streams(seed: int = 0, p: int = 12, n: int = 300, q: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, n, generator=gen, dtype=torch.float64)
+    x_fp = x + 0.2 * torch.randn(p, n, generator=gen, dtype=torch.float64)  # the FP model's inputs
+    w = torch.randn(q, p, generator=gen, dtype=torch.float64)
+    return w, x, x_fp, gen
+
+
+def test_the_solvers_objective_on_w_star_is_the_true_objective_up_to_a_constant() -> None:
+    w, x, x_fp, gen = _streams()
+    sigma, cross, sigma_fp = x @ x.T, x_fp @ x.T, x_fp @ x_fp.T
+    for damping in (0.0, 0.01):
+        target = fp_target(w, sigma, cross, damping)
+        lam = max(damping, 1e-10) * float(sigma.diagonal().mean())
+        offsets = []
+        for _ in range(4):
+            approx = w + 0.3 * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+            true = float(((w @ x_fp - approx @ x) ** 2).sum())
+            assert fp_objective(w, approx, sigma, cross, sigma_fp) == pytest.approx(true, rel=1e-12)
+            surrogate = float((((target - approx) @ x) ** 2).sum())
+            ridge = 2 * lam * float(((target - w) * (target - approx)).sum())
+            offsets.append(true - surrogate - ridge)
+        assert max(offsets) - min(offsets) <= 1e-9 * abs(offsets[0]), damping
+    assert fp_energy(w, sigma_fp) == pytest.approx(float(((w @ x_fp) ** 2).sum()), rel=1e-12)
+
+
+def test_w_star_is_w_when_the_streams_agree_and_the_minimiser_otherwise() -> None:
+    w, x, x_fp, _ = _streams(1)
+    sigma = x @ x.T
+    assert torch.equal(fp_target(w, sigma, sigma, 0.01), w)  # X̃ = X: nothing to correct
+    target = fp_target(w, sigma, x_fp @ x.T, 0.0)
+    exact = torch.linalg.lstsq(x.T, (w @ x_fp).T).solution.T  # argmin_V ‖W X̃ − V X‖²
+    torch.testing.assert_close(target, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_grouped_statistics_are_the_groups_problems_side_by_side() -> None:
+    gen = torch.Generator().manual_seed(2)
+    groups, c, m = 3, 4, 50
+    cols, fp_cols = torch.randn(groups, c, m, generator=gen), torch.randn(groups, c, m, generator=gen)
+    acc = PairedSigmaAccumulator(c, groups=groups)
+    acc.add_pair_columns(fp_cols, cols)
+    w = torch.randn(groups * 2, c, generator=gen)
+    approx = w.round()
+    target = fp_target(w, acc.sigma, acc.cross)
+    value = fp_objective(w, approx, acc.sigma, acc.cross, acc.sigma_fp)
+    for g in range(groups):
+        rows = slice(2 * g, 2 * g + 2)
+        one = PairedSigmaAccumulator(c)
+        one.add_pair(fp_cols[g].T, cols[g].T)
+        torch.testing.assert_close(target[rows], fp_target(w[rows], one.sigma, one.cross))
+    direct = sum(
+        float(((w[2 * g : 2 * g + 2] @ fp_cols[g] - approx[2 * g : 2 * g + 2] @ cols[g]) ** 2).sum())
+        for g in range(groups)
+    )
+    assert value == pytest.approx(direct, rel=1e-5)
+
+
+def test_the_python_api_refuses_target_fp_without_the_cross_term() -> None:
+    w, x, _, _ = _streams()
+    with pytest.raises(ValueError, match="target=fp needs the full-precision inputs"):
+        solve("cdq", w, x @ x.T, bits=3, target="fp")
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _model, tokenizer = load_causal_lm(str(data_dir / "models" / "stories260K"))
+    return save_tiny("llama", tmp_path_factory.mktemp("fp-target") / "llama", tokenizer)
+
+
+def _inputs(model: torch.nn.Module, name: str, batches: torch.Tensor) -> torch.Tensor:
+    """Every calibration token's input to layer ``name`` of ``model``, as (features, tokens)."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for batch in batches.split(8):
+            model(batch, use_cache=False)
+    handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).T.to(torch.float64)
+
+
+@pytest.mark.parametrize("method", ["cdq", "gptq", "quantease"])
+def test_the_reported_error_is_the_objective_on_the_two_models_inputs(method, llama, calib, tmp_path, capsys):
+    """The report's error for a layer of block 1 equals ‖W X̃ − Ŵ X‖² computed from scratch: X̃ from
+    the original model, X from the quantized model reloaded from the output folder (block 0 and
+    the earlier groups of block 1 quantized), Ŵ from the folder."""
+    from cdq_cli.calib import calibration_windows, load_texts
+
+    out = tmp_path / "q"
+    code, _, err = cli(capsys, "quantize", llama, "--method", method, "--bits", "3", "-o", "target=fp",
+                       "--calib", calib, *FAST, "--output", out)  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["target"] == "fp"
+    original, tokenizer = load_causal_lm(str(llama))
+    windows = calibration_windows(load_texts(calib), tokenizer, nsamples=4, seqlen=32, seed=0)
+    quantized, _ = load_quantized(out)
+    rows = {row["name"]: row for row in report["layers"]}
+    for name in ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        x_fp = _inputs(original, name, windows)
+        x = _inputs(quantized, name, windows)
+        w = original.get_submodule(name).weight.detach().to(torch.float64)
+        approx = quantized.get_submodule(name).weight.detach().to(torch.float64)
+        true = float(((w @ x_fp - approx @ x) ** 2).sum())
+        assert rows[name]["error"] == pytest.approx(true, rel=1e-4), name
+        assert rows[name]["solver_error"] is not None and rows[name]["rtn_error"] > 0
+        assert rows[name]["relative_error"] == pytest.approx(true / float(((w @ x_fp) ** 2).sum()), rel=1e-4)
+
+
+def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
+    llama, calib, tmp_path, capsys, monkeypatch
+):
+    from cdq_cli.store import journal as resume
+
+    args = ["quantize", llama, "--method", "gptq", "--bits", "3", "--calib", calib, *FAST]
+    assert cli(capsys, *args, "--output", tmp_path / "plain")[0] == 0
+    assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "whole")[0] == 0
+    weights = "model.safetensors"
+    assert (tmp_path / "plain" / weights).read_bytes() != (tmp_path / "whole" / weights).read_bytes()
+    real = resume.Journal.on_block_done
+
+    def stop(self, index, rows, layers):
+        real(self, index, rows, layers)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.Journal, "on_block_done", stop)
+        assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q")[0] == 130
+    assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q", "--resume")[0] == 0
+    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "q" / weights).read_bytes()
+
+
+def test_target_fp_with_fp_inputs_or_fused_experts_is_refused_before_any_work(
+    llama, data_dir, calib, tmp_path, capsys
+) -> None:
+    code, _, err = cli(
+        capsys, "quantize", llama, "-o", "target=fp", "--fp-inputs", "--output", tmp_path / "a"
+    )
+    assert code == 2 and "choose one" in err and len(err.strip().splitlines()) == 1
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    folder = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_causal_lm(str(data_dir / "models" / "stories260K"))[1].save_pretrained(folder)
+    capsys.readouterr()
+    code, _, err = cli(
+        capsys, "quantize", folder, "-o", "target=fp", "--calib", calib, *FAST, "--output", tmp_path / "m"
+    )
+    assert code == 2 and "does not support fused experts" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_target_is_an_option_of_the_three_methods_only(llama, tmp_path, capsys) -> None:
+    code, _, err = cli(
+        capsys, "quantize", llama, "--method", "comq", "-o", "target=fp", "--output", tmp_path / "c"
+    )
+    assert code == 2 and "unknown option(s) target" in err
+    code, out, _ = cli(capsys, "methods", "--json")
+    listed = json.loads(out)
+    assert {name for name, entry in listed.items() if "target" in entry["options"]} == {
+        "cdq",
+        "gptq",
+        "quantease",
+    }
+
+
+def test_convolutions_take_the_target_too() -> None:
+    """Dense and depthwise convs (EfficientNet-Lite layout): where both streams are still equal
+    (the first group of the first block) the cross term is Σ itself, W* = W and the result is the
+    usual one bit for bit; later layers (depthwise ones included) are solved for the other target."""
+    from tiny_vision import images, tiny_model
+
+    from cdq_cli.models.vision import vision_adapter_for
+    from cdq_cli.pipeline import quantize_model
+    from cdq_cli.run.plan import make_settings
+
+    outcomes = {}
+    for target in ("quantized", "fp"):
+        model = tiny_model("lite0-small")
+        adapter = vision_adapter_for(model)
+        x = images()
+        settings = make_settings(method="gptq", bits=4, device="cpu", options={"target": target})
+        outcomes[target] = quantize_model(model, adapter, [x[:3], x[3:]], settings)
+    plain, fp = ({row.name: row for row in o.rows} for o in outcomes.values())
+    first = outcomes["fp"].rows[0].name
+    assert torch.equal(outcomes["fp"].layers[first].qweight, outcomes["quantized"].layers[first].qweight)
+    assert fp[first].error == pytest.approx(plain[first].error, rel=1e-6)
+    grouped = [name for name in fp if "conv_dw" in name]
+    assert grouped and all(fp[name].solver_error is not None for name in grouped)
+    fp_layers, plain_layers = outcomes["fp"].layers, outcomes["quantized"].layers
+    changed = [name for name in fp if not torch.equal(fp_layers[name].qweight, plain_layers[name].qweight)]
+    assert changed  # later layers are solved for another target
