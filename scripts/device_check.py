@@ -100,7 +100,7 @@ def cdq(*args: str, timeout: int, probe: Path | None = None) -> tuple[dict, floa
             str(REPO / "scripts" / "probe_memory.py"),
             "--cuda",
             "--interval",
-            "0.01",
+            "0.05",  # each sample's GPU figure is the peak since the last one: none is missed
             "--json",
             str(probe),
             "--",
