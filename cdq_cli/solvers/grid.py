@@ -71,7 +71,9 @@ class Grid:
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         scale, zero, grouped = self._grouped(codes)
-        return (scale * (grouped.to(scale.dtype) - zero)).reshape(codes.shape)
+        # scale · (q − z), in place on one copy of the codes (no second full-size temporary)
+        values = grouped.to(scale.dtype, copy=True)
+        return values.sub_(zero).mul_(scale).reshape(codes.shape)
 
     def _grouped(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, groups, 1) scale and zero and the (rows, groups, group size) view of ``values``:
@@ -91,7 +93,7 @@ class Grid:
 
 def codes_of(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Float-valued integer codes of ``values`` for elementwise-broadcast ``scale``/``zero``."""
-    return torch.clamp(torch.round(values / scale) + zero, 0, maxq)
+    return (values / scale).round_().add_(zero).clamp_(0, maxq)  # in place: one full-size temporary
 
 
 def _minmax_params(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
