@@ -152,3 +152,24 @@ def test_peer_venvs_can_live_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path
     rows = run_all.rows([], None)
     assert rows["autoround-light-w3"].argv[0] == str(tmp_path / ".venv-peer-autoround" / "bin" / "python")
     assert rows["llmc-awq-w4"].argv[0] == str(tmp_path / ".venv-peer-llmcompressor" / "bin" / "python")
+
+
+def test_table_prints_each_row_with_its_rerun_command(capsys: pytest.CaptureFixture) -> None:
+    run_all = _load("run_all")
+    scores = {"wikitext2": {"ppl": 29.187}, "ptb": {"ppl": 57.5}}
+    records = [
+        {
+            "row": "llmc-awq-w3",
+            "tool": "llm-compressor",
+            "recipe": "awq",
+            "bits": 3,
+            "rerun": "B",
+            "failed": {"error": "RuntimeError: no driver"},
+        },
+        {"row": "fp", "tool": "full precision", "recipe": "-", "bits": None, "rerun": "A", "scores": scores},
+    ]
+    run_all.table(records)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| full precision | - | FP32 | 29.19 | 57.50 | - | - | `A` |"  # sorted: FP first
+    assert lines[3].startswith("| llm-compressor | awq | W3 | failed: RuntimeError: no driver |")
+    assert lines[3].endswith("| - | - | `B` |")

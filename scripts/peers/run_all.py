@@ -233,7 +233,7 @@ def table(records: list[dict]) -> None:
         else:
             wiki = fmt(scores.get("wikitext2", {}).get("ppl"), 2)
             ptb = fmt(scores.get("ptb", {}).get("ppl"), 2)
-        bits = "16" if r["bits"] is None else f"W{r['bits']}"
+        bits = "FP32" if r["bits"] is None else f"W{r['bits']}"  # the model is float32
         print(
             f"| {r['tool']} | {r['recipe']} | {bits} | {wiki} | {ptb} | {fmt(r.get('cpu_seconds'), 0)} "
             f"| {fmt(r.get('peak_rss_mib'), 0)} | `{r['rerun']}` |"
