@@ -108,6 +108,8 @@ def test_driver_rows_share_the_protocol(protocol) -> None:
             "--sym" in row.argv and row.argv[-2:] == ["-o", "target=fp"] and row.name.endswith("+fp-target")
         )
         assert row.rerun_flags == ["--cdq-extra", "-o target=fp", "--label", "fp-target"]
+    preset = rows["cdq-cdq-hadamard-w3+fp-target"].argv
+    assert preset[preset.index("--config") + 1] == str(REPO / "configs" / "cdq-hadamard.yaml")
     for row in peers:
         assert row.argv[row.argv.index("--calib") + 1] == str(protocol.CALIB_FILE)
         assert row.argv[row.argv.index("--bits") + 1] == str(row.bits)
