@@ -151,7 +151,9 @@ device-prep: setup
 # PEER_VENV_ROOT: the folder holding .venv-peer-autoround and .venv-peer-llmcompressor (default: this
 # checkout); venvs already installed there (their .installed stamp) are used as they are: after
 # changing a pin, `rm $(PEER_VENV_ROOT)/.venv-peer-*/.installed` to reinstall.
-ROWS ?= fp llmc-* cdq-* autoround-default-*
+# AutoRound's default recipe (200 iterations) takes about 10 h per row at one CPU thread: the light one
+# (50) is the default row here, as BENCHMARKS.md measured it; ROWS='autoround-default-*' runs the other.
+ROWS ?= fp llmc-* cdq-* autoround-light-*
 CDQ_EXTRA ?=
 LABEL ?=
 PEER_VENV_ROOT ?= .

@@ -11,11 +11,13 @@ result to the byte:
   broadcasts the total. Every ``addmm`` is the one the single-process run makes, in the same
   order, so Σ is bitwise that run's (an all-reduce would sum in an order the backend chooses and
   could not promise that). Only the Σ products are serialised; the forward passes are not.
-* **Layers** of a group are solved in parallel, assigned by estimated cost (the method's
-  :meth:`~cdq_cli.solvers.Method.cost`: rows × columns² per sweep, times its sweeps), largest
-  first onto the least-loaded rank (:func:`assign`); each solved layer is broadcast from its
-  rank, and every rank writes the same Ŵ into its copy of the block, so all run the same
-  quantized forward.
+* **Layers** of a group are solved in parallel, assigned by cost, largest first onto the
+  least-loaded rank (:func:`assign`). The cost of a layer is the measured time of the layers of
+  its shape solved so far (every rank knows them: each solved layer comes with its time), and
+  before a shape was timed the method's estimate (:meth:`~cdq_cli.solvers.Method.cost`) scaled to
+  seconds by the layers timed so far (:class:`Costs`). Every rank first solves all of its own
+  layers of the group, then each result is broadcast from its rank in layer order, and every rank
+  writes the same Ŵ into its copy of the block, so all run the same quantized forward.
 * One rank (0) keeps the resume journal and writes the output folder; the others compute.
 
 A rank that dies takes the run down: torchrun ends the other workers (SIGTERM, handled like
@@ -69,6 +71,7 @@ class Ranks:
     backend: str = ""
     solve_seconds: float = 0.0
     assignments: dict[str, int] = field(default_factory=dict)
+    balance: Balance = field(default_factory=lambda: Balance())
 
     @property
     def active(self) -> bool:
@@ -239,6 +242,67 @@ def test_hook(ranks: Ranks, block: int) -> None:
 def close(ranks: Ranks) -> None:
     if ranks.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass
+class Balance:
+    """How evenly the assignments spread the solves, summed over the groups solved so far:
+    ``predicted`` the slowest rank's estimated load and the mean load (so that
+    :attr:`predicted_imbalance` is what the estimates promised), ``critical`` the measured
+    seconds the slowest rank took per group (what the block loop waited for: the solve phase's
+    wall time) and ``total`` all solve seconds (one process's solve time)."""
+
+    predicted_max: float = 0.0
+    predicted_mean: float = 0.0
+    critical: float = 0.0
+    total: float = 0.0
+
+    def planned(self, costs: dict[str, float], owners: dict[str, int], world: int) -> None:
+        loads = loads_of(costs, owners, world)
+        self.predicted_max += max(loads)
+        self.predicted_mean += sum(loads) / world
+
+    def solved(self, seconds: dict[str, float], owners: dict[str, int], world: int) -> None:
+        self.critical += max(loads_of(seconds, owners, world))
+        self.total += sum(seconds.values())
+
+    @property
+    def predicted_imbalance(self) -> float:
+        """max / mean - 1 of the estimated loads, over all groups (0: perfectly even)."""
+        return self.predicted_max / self.predicted_mean - 1 if self.predicted_mean > 0 else 0.0
+
+
+def loads_of(costs: dict[str, float], owners: dict[str, int], world: int) -> list[float]:
+    """Each rank's summed cost under an assignment."""
+    loads = [0.0] * world
+    for name, cost in costs.items():
+        loads[owners[name]] += cost
+    return loads
+
+
+class Costs:
+    """A layer's solve cost by its shape: the mean measured seconds of the layers of that shape
+    solved so far, else the method's estimate (``estimate(rows, columns)``, arbitrary units)
+    times the seconds per unit of everything measured so far (the estimate alone before any
+    layer was timed). Fed the same timings in the same order, every rank gets the same costs."""
+
+    def __init__(self, estimate: Callable[[int, int], float]) -> None:
+        self.estimate = estimate
+        self.seconds: dict[tuple[int, int], list[float]] = {}
+        self._units = 0.0
+        self._measured = 0.0
+
+    def cost(self, shape: tuple[int, int]) -> float:
+        times = self.seconds.get(shape)
+        if times:
+            return sum(times) / len(times)
+        guess = self.estimate(*shape)
+        return guess * self._measured / self._units if self._units > 0 else guess
+
+    def record(self, shape: tuple[int, int], seconds: float) -> None:
+        self.seconds.setdefault(shape, []).append(seconds)
+        self._units += self.estimate(*shape)
+        self._measured += seconds
 
 
 def assign(costs: dict[str, float], world: int) -> dict[str, int]:

@@ -15,6 +15,7 @@ of :mod:`cdq_cli.records` are used, so any family with an adapter runs through t
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .capture import ExpertsCapture, conv_groups, layer_pair_sigma, layer_sigma
+from .memory import OutOfMemory, naming, release
 from .models.base import (
     FUSED_PROJECTIONS,
     Adapter,
@@ -35,11 +37,13 @@ from .models.base import (
     quantizable_layers,
     unquantized_weights,
 )
-from .parallel import Deferred, Ranks, assign, test_hook, timed
+from .parallel import Costs, Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
 from .records import Event, LayerRow, Progress, Settings, silent
 from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
+from .solvers.grid import all_finite
 from .solvers.grouped import energy, group_spec, solve_grouped
+from .solvers.result import working_energy
 from .solvers.target import fp_energy, fp_objective, fp_target
 from .store.journal import Journal, ResumeState
 from .store.layer import QuantizedLayer, matrix_shape
@@ -226,7 +230,7 @@ def quantize_model(
         run.emit("block", index)
         restored = saved is not None and index < saved.blocks_done
         done = set(run.stored)
-        with placement.using([block]):
+        with in_block(adapter.block_name(index)), placement.using([block]):
             if restored:
                 run.restore(block, index, acts, saved)
             elif settings.quantizing:
@@ -253,6 +257,7 @@ def quantize_model(
                 writer.add_state(block.state_dict(prefix=f"{prefix}.", keep_vars=True).items(), new)
                 for name in new:  # written out: packed layers are not held for the whole model
                     run.stored.pop(name)
+        release()  # what the block's transients freed goes back to the system
         test_hook(ranks, index)
     run.emit("done", len(blocks))
     return Outcome(
@@ -273,9 +278,21 @@ def capture(
     acts = Activations(placement.device, policy, len(batches))
     if verify and not placement.lazy:
         adapter.verify(model, batches[0])
-    with placement.using(adapter.preamble(model)):
+    preamble = adapter.preamble(model)
+    with in_block("the embeddings (capturing block 0's inputs)"), placement.using(preamble, lean=True):
         acts.inputs = adapter.capture_block_inputs(model, batches, placement.device, keep=acts.keep)
     return acts
+
+
+@contextmanager
+def in_block(where: str) -> Iterator[None]:
+    """An allocation that fails inside the ``with`` is reported as out of memory in ``where`` (a
+    block's name), saying what did not fit (:func:`cdq_cli.memory.naming`)."""
+    try:
+        with naming("its work"):
+            yield
+    except OutOfMemory as exc:
+        raise OutOfMemory(f"out of memory in {where}: {exc}") from exc.__cause__
 
 
 @torch.no_grad()
@@ -289,10 +306,11 @@ def forward_blocks(
     """The model's outputs (its head applied to the last block's output) for every batch, computed
     block by block: peak memory is one block plus the activations, whatever the model's size."""
     acts = capture(model, adapter, placement, batches, policy)
-    for block in adapter.blocks(model):
-        with placement.using([block]):
+    for index, block in enumerate(adapter.blocks(model)):
+        with in_block(adapter.block_name(index)), placement.using([block]):
             _forward(adapter, block, acts)
-    with placement.using(adapter.head_modules(model)):
+        release()
+    with in_block("the head"), placement.using(adapter.head_modules(model), lean=True):
         for i in range(len(acts)):
             hidden, _, _ = acts.batch(i)
             yield adapter.head(model, hidden)
@@ -311,8 +329,13 @@ class _Run:
     rows: list[LayerRow] = field(default_factory=list)
     stored: dict[str, QuantizedLayer] = field(default_factory=dict)
     unquantized: list[str] = field(default_factory=list)
+    costs: Costs = field(init=False)
     fp_acts: Activations | None = None  # -o target=fp: the full-precision model's stream
     transform_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        method, options = find_method(self.settings.method), self.settings.options
+        self.costs = Costs(lambda rows, columns: method.cost(rows, columns, options))
 
     def emit(self, kind: str, block: int, row: LayerRow | None = None) -> None:
         if self.ranks.leader:
@@ -397,34 +420,63 @@ class _Run:
         self.transform_log.append({"block": prefix, "tokens": seen, "groups": chosen})
 
     def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
-        """Solve ``names`` (each on its rank, in parallel when several run) and put every result
-        into every rank's block, in ``names`` order."""
+        """Solve ``names`` and put every result into every rank's block, in ``names`` order.
+
+        With several ranks each layer goes to one of them by cost (:class:`cdq_cli.parallel.Costs`);
+        every rank first solves all of its own layers, then each result is broadcast from its rank
+        (the layers of a group are independent: their Σ's were all collected before)."""
+        ranks = self.ranks
+        shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
         owners = {name: 0 for name in names}
-        if self.ranks.active:
-            method, options = find_method(self.settings.method), self.settings.options
-            shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
-            costs = {name: method.cost(*shape, options) for name, shape in shapes.items()}
-            owners = assign(costs, self.ranks.world)
+        if ranks.active:
+            costs = {name: self.costs.cost(shape) for name, shape in shapes.items()}
+            owners = assign(costs, ranks.world)
+            ranks.balance.planned(costs, owners, ranks.world)
+        solved: dict[str, tuple[list[LayerRow], QuantizedLayer, float]] = {}
         for name in names:
-            full = join_name(self.adapter.block_name(index), name)
             acc = sigmas.pop(name)
-            result = None
-            if owners[name] == self.ranks.rank:
-                result = timed(
-                    self.ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
-                )
-            if self.ranks.active:
-                result = self.ranks.broadcast(result, src=owners[name])
-                if owners[name] != self.ranks.rank:
-                    rows, record = result
-                    weight = layer_weight(block, name)
-                    weight.data.copy_(record.dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
-            rows, record = result
-            self.stored[full] = record
-            self.ranks.assignments[full] = owners[name]
-            for row in rows:
-                self.rows.append(row)
-                self.emit("layer", index, row)
+            if owners[name] == ranks.rank:
+                full = join_name(self.adapter.block_name(index), name)
+                with naming(
+                    lambda name=name, full=full: f"solving {_sized(full, layer_weight(block, name))}"
+                ):
+                    began = time.perf_counter()
+                    rows, record = timed(
+                        ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
+                    )
+                    solved[name] = (rows, record, time.perf_counter() - began)
+            del acc  # this layer's Σ is not needed again (its memory goes now, not after the group)
+            if not ranks.active:
+                self._take(index, name, solved.pop(name), shapes[name])
+        if not ranks.active:
+            return
+        seconds = {}
+        for name in names:
+            result = ranks.broadcast(solved.pop(name, None), src=owners[name])
+            if owners[name] != ranks.rank:
+                weight = layer_weight(block, name)
+                weight.data.copy_(result[1].dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
+            seconds[name] = result[2]
+            ranks.assignments[join_name(self.adapter.block_name(index), name)] = owners[name]
+            self._take(index, name, result, shapes[name])
+        ranks.balance.solved(seconds, owners, ranks.world)
+
+    def _take(
+        self,
+        index: int,
+        name: str,
+        result: tuple[list[LayerRow], QuantizedLayer, float],
+        shape: tuple[int, int],
+    ) -> None:
+        """Keep a solved layer's record and report rows; time it for the costs of later layers."""
+        rows, record, seconds = result
+        self.stored[join_name(self.adapter.block_name(index), name)] = record
+        self.costs.record(shape, seconds)
+        if not self.ranks.active:
+            self.ranks.balance.solved({name: seconds}, {name: 0}, 1)
+        for row in rows:
+            self.rows.append(row)
+            self.emit("layer", index, row)
 
     def _solve_one(
         self, block: nn.Module, name: str, full: str, acc: Any
@@ -487,10 +539,13 @@ def _solve_matrix(
     spec = settings.grid_for(name)  # the run's grid, or a --layer rule's
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     sigma = acc.sigma
-    if not torch.isfinite(sigma).all():
+    if not all_finite(sigma):
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     weight = matrix.to(sigma.dtype)
     paired = settings.target == "fp"
+    # RTN is deterministic: with --method rtn (on W itself) its own result is the comparison
+    same = settings.method == "rtn" and not paired
+    compare = settings.compare_rtn and not same
     try:
         # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
         # objective ‖W X̃ − Ŵ X‖² up to a constant
@@ -499,13 +554,15 @@ def _solve_matrix(
         )
         if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
             result = solve_grouped(settings.method, target, sigma, spec, settings.options)
-            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
         else:
             result = run_solver(settings.method, target, sigma, spec, settings.options)
-            rtn = run_solver("rtn", weight, sigma, spec, {}) if settings.compare_rtn else None
+            rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
-    if not torch.isfinite(result.weight).all() or not math.isfinite(result.objective):
+    if settings.compare_rtn and same:
+        rtn = result
+    if not all_finite(result.weight) or not math.isfinite(result.objective):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
     if paired:  # the report's errors are the true objective ‖W X̃ − Ŵ X‖², RTN's on the same terms
         cross, sigma_fp = acc.cross, acc.sigma_fp
@@ -517,7 +574,7 @@ def _solve_matrix(
         if rtn is not None:
             row.rtn_error = fp_objective(weight, rtn.weight, sigma, cross, sigma_fp)
         return row, result
-    reference = energy(weight, sigma)
+    reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
     row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
     return row, result
 
@@ -669,14 +726,17 @@ def _collect(
         if name in experts:
             continue
         layer = block.get_submodule(name)
-        if fp is not None:
-            acc, add_pair = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
+        with naming(
+            lambda name=name, layer=layer: f"Σ of {name} ({_sigma_size(layer, settings.sigma_dtype)})"
+        ):
+            if fp is not None:
+                acc, add_pair = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
 
-            def add(module: nn.Module, args: tuple, name: str = name, add_pair=add_pair) -> None:
-                add_pair(module, args, fp_inputs[name])
+                def add(module: nn.Module, args: tuple, name: str = name, add_pair=add_pair) -> None:
+                    add_pair(module, args, fp_inputs[name])
 
-        else:
-            acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d sees them
+            else:
+                acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d has them
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
@@ -742,7 +802,25 @@ def _stored_name(model: nn.Module, adapter: Adapter, index: int, block: nn.Modul
 
 def _forward_batch(adapter: Adapter, block: nn.Module, acts: Activations, i: int) -> torch.Tensor:
     hidden, args, kwargs = acts.batch(i)
-    return adapter.run_block(block, hidden, args, kwargs)
+    with naming(lambda: f"its forward pass on calibration batch {i} (hidden states {_dims(hidden.shape)})"):
+        return adapter.run_block(block, hidden, args, kwargs)
+
+
+def _dims(shape: tuple[int, ...] | torch.Size) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _sized(name: str, weight: torch.Tensor) -> str:
+    return f"{name} ({_dims(weight.shape)})"
+
+
+def _sigma_size(layer: nn.Module, dtype: torch.dtype) -> str:
+    """What a layer's Σ takes: ``8192x8192 float32, 256.0 MiB`` (per conv group: G of them)."""
+    groups = conv_groups(layer)
+    columns = layer.weight[0].numel()
+    size = groups * columns * columns * torch.empty(0, dtype=dtype).element_size()
+    shape = f"{groups}x{columns}x{columns}" if groups > 1 else f"{columns}x{columns}"
+    return f"{shape} {str(dtype).removeprefix('torch.')}, {size / 2**20:.1f} MiB"
 
 
 def _forward(adapter: Adapter, block: nn.Module, acts: Activations) -> None:

@@ -7,16 +7,23 @@ to run visit the compute device through :meth:`Placement.using`: the preamble wh
 are captured, one block while it is solved, the head while logits are computed. A lazy part is read
 from its source on entry and dropped back to the meta device on exit, so peak memory is about one
 block, whatever the depth. Adapters, the driver and evaluators never move modules themselves.
+
+A lazy model keeps its checkpoint's dtype at rest (the meta skeleton says which, tensor by tensor);
+its floating tensors are read in the compute dtype (``dtype``) as they visit, converted slice by
+slice while they are read, so no second full-size copy is made, and the skeleton is given back its
+stored dtype when they leave.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .memory import describe, naming
 from .records import Weights
 
 Placeable = nn.Module | torch.Tensor
@@ -65,6 +72,47 @@ def _move_real(items: Sequence[Placeable], device: torch.device) -> None:
                         tensor.data = tensor.data.to(device)
 
 
+# What a lean visit keeps stored: plain embeddings and linears only. A subclass may compute with
+# its weight in its own forward (Gemma's scaled embedding multiplies in the weight's dtype), where a
+# stored weight would change the computed values.
+LEAN = (nn.Embedding, nn.Linear)
+SLICE_BYTES = 64 << 20  # how much of a stored head a sliced_linear converts at a time
+
+
+def sliced_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, budget: int = SLICE_BYTES
+) -> torch.Tensor:
+    """``F.linear(x, weight.to(x.dtype), bias)`` converting ``weight`` a slice of output rows at a
+    time (at most ``budget`` bytes converted at once): each output is the same dot product."""
+    rows = weight.shape[0]
+    out = x.new_empty(*x.shape[:-1], rows)
+    step = max(1, budget // max(1, weight.shape[1] * x.element_size()))
+    for start in range(0, rows, step):
+        part = slice(start, min(start + step, rows))
+        out[..., part] = F.linear(
+            x, weight[part].to(x.dtype), None if bias is None else bias[part].to(x.dtype)
+        )
+    return out
+
+
+def _compute_in(module: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
+    """Make ``module`` (an Embedding or Linear whose weight stays stored) compute in ``dtype``; the
+    function returned undoes it."""
+    if isinstance(module, nn.Embedding):
+        handle = module.register_forward_hook(lambda _m, _args, out: out.to(dtype))
+        return handle.remove
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return sliced_linear(x, module.weight, module.bias)
+
+    module.forward = forward  # an instance attribute: nn.Module.__call__ runs it
+
+    def undo() -> None:
+        del module.forward
+
+    return undo
+
+
 class Placement:
     """The tensors of one model: resident (``weights`` None) or lazy (a meta skeleton + a source).
 
@@ -73,13 +121,21 @@ class Placement:
     with several owners, filled and dropped together.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, weights: Weights | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        weights: Weights | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.model = model
         self.device = device
         self.weights = weights
+        self.dtype = dtype  # the compute dtype of a lazy model's floating tensors (None: as stored)
         self.home = torch.device("cpu") if weights is not None else home_of(model)
         # id(meta tensor) -> (the state-dict name it is read by, [(module, leaf, is_param)])
         self._slots: dict[int, tuple[str, list[tuple[nn.Module, str, bool]]]] = {}
+        self._parked: dict[int, torch.Tensor] = {}  # a filled slot's key -> its meta tensor
         if weights is None:
             return
         stored = set(weights.names())
@@ -102,8 +158,22 @@ class Placement:
         return self.weights is not None
 
     @contextmanager
-    def using(self, items: Sequence[Placeable], device: torch.device | None = None) -> Iterator[None]:
-        """``items`` on ``device`` (default: the compute device) for the body of the ``with``.
+    def using(
+        self,
+        items: Sequence[Placeable],
+        device: torch.device | None = None,
+        *,
+        stored: bool = False,
+        lean: bool = False,
+    ) -> Iterator[None]:
+        """``items`` on ``device`` (default: the compute device) for the body of the ``with``, in
+        the compute dtype (``stored``: in the dtype they are stored in, e.g. to write them out).
+
+        ``lean`` (the embeddings, the head): their vocabulary-sized matrices stay in the stored
+        dtype and are computed in the compute dtype where they are used: an embedding's rows are
+        looked up, then converted (the same values as a converted table gives), a Linear's
+        weight is converted a slice of outputs at a time (:func:`sliced_linear`), so a float32
+        computation of a bf16 head holds one slice in float32, not the whole matrix.
 
         Lazy slots are read from the source (once per slot, however many owners) and dropped back
         to meta afterwards; resident tensors move there and back home.
@@ -113,14 +183,33 @@ class Placement:
             with visiting(items, device, self.home):
                 yield
             return
-        filled = self._fill(items, device)
+        kept = self._lean_modules(items) if lean and not stored else []
+        keep = {id(module.weight) for module in kept}
+        filled = self._fill(items, device, stored, keep)
         _move_real(items, device)
+        undo = [_compute_in(module, self.dtype) for module in kept]  # type: ignore[arg-type]
         try:
             yield
         finally:
+            for restore in undo:
+                restore()
             for key in filled:
                 self._drop(key)
             _move_real(items, self.home)
+
+    def _lean_modules(self, items: Sequence[Placeable]) -> list[nn.Module]:
+        """The Embedding and Linear modules of ``items`` whose weight is a lazy slot stored in
+        another dtype than the compute dtype (those a lean visit keeps as stored)."""
+        if self.dtype is None:
+            return []
+        found = []
+        for item in items:
+            for module in item.modules() if isinstance(item, nn.Module) else []:
+                weight = module._parameters.get("weight") if type(module) in LEAN else None
+                if weight is not None and id(weight) in self._slots and weight.device == META:
+                    if weight.dtype.is_floating_point and weight.dtype != self.dtype:
+                        found.append(module)
+        return found
 
     def meta_tensors(self, items: Sequence[Placeable]) -> list[int]:
         """Keys of the lazy slots owned by ``items`` that are still on the meta device."""
@@ -135,11 +224,27 @@ class Placement:
             keys.extend(id(t) for t in tensors if id(t) in self._slots and t.device == META)
         return list(dict.fromkeys(keys))
 
-    def _fill(self, items: Sequence[Placeable], device: torch.device) -> list[int]:
+    def _fill(
+        self,
+        items: Sequence[Placeable],
+        device: torch.device,
+        stored: bool = False,
+        keep: set[int] = frozenset(),
+    ) -> list[int]:
+        """Read the meta slots of ``items`` (in the compute dtype; as stored when ``stored``, and
+        the slots whose keys are in ``keep``)."""
         keys = self.meta_tensors(items)
         for key in keys:
             name, owners = self._slots[key]
-            value = self.weights.tensor(name).to(device)  # type: ignore[union-attr]
+            module, leaf, is_param = owners[0]
+            meta = module._parameters[leaf] if is_param else module._buffers[leaf]
+            assert meta is not None
+            self._parked[key] = meta  # put back on drop: the slot keeps its key, its stored dtype
+            dtype = meta.dtype
+            if not stored and key not in keep and self.dtype is not None and dtype.is_floating_point:
+                dtype = self.dtype
+            with naming(lambda name=name, meta=meta, dtype=dtype: describe(name, meta.shape, dtype)):
+                value = self.weights.tensor(name, dtype).to(device)  # type: ignore[union-attr]
             param = nn.Parameter(value, requires_grad=False)  # one object for all owners: ties hold
             for module, leaf, is_param in owners:
                 if is_param:
@@ -149,24 +254,12 @@ class Placement:
         return keys
 
     def _drop(self, key: int) -> None:
-        name, owners = self._slots[key]
+        """Give every owner of slot ``key`` its meta tensor back (the very object it had: ties
+        share it again, and its id stays the slot's key)."""
+        _, owners = self._slots[key]
+        meta = self._parked.pop(key)
         for module, leaf, is_param in owners:
-            current = module._parameters[leaf] if is_param else module._buffers[leaf]
-            if current is None or current.device == META:
-                continue
-            meta = torch.empty_like(current, device=META)
             if is_param:
-                meta = nn.Parameter(meta, requires_grad=False)
-                module._parameters[leaf] = meta
+                module._parameters[leaf] = meta  # type: ignore[assignment]
             else:
                 module._buffers[leaf] = meta
-        # the slot now points at the new meta tensor (its id changes): re-key it
-        module, leaf, is_param = owners[0]
-        new = module._parameters[leaf] if is_param else module._buffers[leaf]
-        self._slots.pop(key)
-        self._slots[id(new)] = (name, owners)
-        for module, leaf, is_param in owners[1:]:  # ties share the one meta tensor again
-            if is_param:
-                module._parameters[leaf] = new  # type: ignore[assignment]
-            else:
-                module._buffers[leaf] = new

@@ -280,8 +280,9 @@ class Weights(Protocol):
     """Where a lazily loaded model's tensors come from, by state-dict name (a checkpoint's shards,
     a cdq output folder); implemented in :mod:`cdq_cli.models.lazy` and :mod:`cdq_cli.store.folder`."""
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` in the model's dtype, on the CPU, read now."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` on the CPU, read now, in ``dtype`` (None: the model's dtype),
+        converted as it is read."""
         ...
 
     def names(self) -> list[str]:
@@ -296,10 +297,12 @@ class RunRecord:
 
     ``sections`` are the model kind's own top-level entries (``skipped``, ``vision``);
     ``unquantized`` the matrices in blocks that no quantizable layer type covers (routers...);
-    ``parallel`` how the processes shared the work; ``transform`` what ``--transform`` did (its
-    rotations, the head it untied, the scales it chose); ``peak_memory`` the device's (or the
-    process's) peak while quantizing; ``resumed_blocks`` how many blocks came from the journal
-    (None: the run cannot resume); ``evaluation`` the before/after scores (``--eval``), None without.
+    ``dtype`` the dtype the model is stored in (and the output keeps), ``compute_dtype`` the one
+    its blocks were computed in; ``parallel`` how the processes shared the work; ``transform`` what
+    ``--transform`` did (its rotations, the head it untied, the scales it chose); ``peak_memory``
+    the device's (or the process's) peak while quantizing; ``resumed_blocks`` how many blocks came
+    from the journal (None: the run cannot resume); ``evaluation`` the before/after scores
+    (``--eval``), None without.
     """
 
     model: str
@@ -321,4 +324,5 @@ class RunRecord:
     peak_memory: dict[str, Any]
     resumed_blocks: int | None = None
     evaluation: dict[str, Any] | None = None
+    compute_dtype: str | None = None  # what blocks were computed in (None: ``dtype``)
     transform: dict[str, Any] | None = None  # what --transform did (None: no transform)

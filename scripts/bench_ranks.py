@@ -4,13 +4,19 @@ Each run is its own ``cdq`` process tree (torchrun's workers for ``--nproc``), e
 ``--threads`` threads (default one: on a 2-core machine, two ranks of one thread each against one
 process of one thread). Printed per world size:
 
-* end-to-end wall seconds of the command (loading, calibration forwards, solves, writing);
-* solve seconds: the sum of the per-layer solver times in report.json for one process; for N ranks
-  each rank's own solve time (``run.parallel.solve_seconds``) and the largest of them, which is
-  what the block loop waits for;
+* end-to-end wall seconds of the command (loading, calibration forwards, Σ, solves, writing);
+* the solve phase: per group of layers, the slowest rank's solve seconds, summed over the run
+  (report.json's ``run.parallel.solve_phase_seconds``: what the block loop waits for; one
+  process: every layer's solve seconds);
+* each rank's own solve seconds (``run.parallel.solve_seconds``);
+* the imbalance the assignments predicted (``run.parallel.predicted_imbalance``: the slowest
+  rank's estimated load over the mean load, minus one, summed over groups);
 * whether the safetensors files have the same bytes as the single-process run's.
 
-    CDQ_DATA_DIR=../shared/data .venv/bin/python scripts/bench_ranks.py --nproc 2
+    CDQ_DATA_DIR=../shared/data .venv/bin/python scripts/bench_ranks.py --nproc 2,4
+
+The model is SmolLM2-135M (scripts/_bench_common.py ``load_smollm2``: expanded once from its GGUF
+into ``~/.cache/cdq``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CDQ_DATA_DIR", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from _bench_common import CACHE, data_dir, load_smollm2  # noqa: E402
 
 
 def sha256(folder: Path) -> str:
@@ -54,50 +62,58 @@ def run(args, world: int) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"world {world} failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
     report = json.loads((out / "report.json").read_text())
-    parallel = report["run"].get("parallel")
-    per_rank = parallel["solve_seconds"] if parallel else [sum(row["seconds"] for row in report["layers"])]
+    parallel = report["run"]["parallel"]
     return {
         "world": world,
         "wall": seconds,
-        "per_rank": per_rank,
-        "solve": max(per_rank),
+        "per_rank": parallel["solve_seconds"],
+        "solve": parallel["solve_phase_seconds"],
+        "imbalance": parallel["predicted_imbalance"],
         "digest": sha256(out),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(Path.home() / ".cache/cdq/smollm2-135m-instruct"))
-    parser.add_argument("--calib", default=str(DATA / "text/c4-sample.jsonl"))
+    parser.add_argument("--model", default=str(CACHE / "smollm2-135m-instruct"))
+    parser.add_argument("--calib", default=None, help="Calibration text (default: the C4 sample).")
     parser.add_argument("--method", default="cdq")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nproc", default="2", help="World sizes to compare with one process: 2 or 2,4.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--extra", default="--no-true-sequential", help="More `cdq quantize` arguments, one string."
     )
     parser.add_argument("--work", default="/tmp/cdq-bench-ranks")
     args = parser.parse_args()
+    args.calib = args.calib or str(data_dir() / "text" / "c4-sample.jsonl")
+    if not (Path(args.model) / "config.json").is_file() and args.model == str(
+        CACHE / "smollm2-135m-instruct"
+    ):
+        load_smollm2()  # expands the GGUF into the cache once
     print(
-        f"# bench_ranks: {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) per process"
+        f"# bench_ranks: {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) per process, "
+        f"load average {os.getloadavg()[0]:.1f} at the start"
     )
     print(f"# argv: {' '.join(sys.argv[1:])}")
-    rows = [run(args, 1), run(args, args.nproc)]
+    rows = [run(args, 1)] + [run(args, int(world)) for world in args.nproc.split(",")]
     base = rows[0]
     print(
-        "| processes | end-to-end s | solve s (slowest rank) | solve s per rank | speed-up end-to-end "
-        "| speed-up solve | same bytes as 1 |"
+        "| processes | end-to-end s | solve phase s | solve s per rank | predicted imbalance "
+        "| speed-up end-to-end | speed-up solve phase | same bytes as 1 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         ranks = " / ".join(f"{value:.1f}" for value in row["per_rank"])
         same = "yes" if row["digest"] == base["digest"] else "NO"
         print(
             f"| {row['world']} | {row['wall']:.1f} | {row['solve']:.1f} | {ranks} "
+            f"| {100 * row['imbalance']:.1f}% "
             f"| {base['wall'] / row['wall']:.2f}× | {base['solve'] / row['solve']:.2f}× | {same} |"
         )
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
 3. End to end on CUDA: ``cdq quantize`` with gptq and cdq, then ``--eval`` perplexity, of
    SmolLM2-135M (real weights when ``--smollm2-gguf`` is given, else a synthetic model of its
    exact architecture) and of a 1.5B-parameter synthetic Llama in bf16 shards (lazy loading,
-   sharded output): wall time, peak GPU memory, perplexity.
+   sharded output): wall time, peak GPU memory, perplexity, the dtype the blocks were computed in
+   (``--dtype auto``: the checkpoint's bf16 on a GPU that computes it natively). The big model's
+   runs go through scripts/probe_memory.py ``--cuda``: the GPU memory peak of every block (and of
+   the embeddings and the head) and the process's peak resident memory, per phase.
 
 Every figure goes to stdout as a table and to ``$OUT/device_check.json`` (or ``--json PATH``).
 Run through scripts/device_check.sh, which sets up the carried data (see that file).
@@ -87,11 +90,24 @@ def solver_agreement(data: Path, device: torch.device) -> list[dict]:
     return rows
 
 
-def cdq(*args: str, timeout: int) -> tuple[dict, float]:
+def cdq(*args: str, timeout: int, probe: Path | None = None) -> tuple[dict, float]:
+    """Run ``cdq ARGS --json --quiet`` (under scripts/probe_memory.py --cuda, writing its samples to
+    ``probe``, when given); its JSON and wall seconds."""
     began = time.perf_counter()
+    runner = ["-m", "cdq_cli"]
+    if probe is not None:
+        runner = [
+            str(REPO / "scripts" / "probe_memory.py"),
+            "--cuda",
+            "--interval",
+            "0.05",  # each sample's GPU figure is the peak since the last one: none is missed
+            "--json",
+            str(probe),
+            "--",
+        ]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "cdq_cli", *args, "--json", "--quiet"],
+            [sys.executable, *runner, *args, "--json", "--quiet"],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -131,13 +147,19 @@ def end_to_end(data: Path, work: Path, gguf: str | None, budget: int, device: st
                 rows.append({"model": label, "method": method, "error": "skipped: out of time"})
                 continue
             out = work / f"{Path(source).name}-{method}"
+            probe = work / f"probe-{method}.json" if source == str(big) else None
             result, seconds = cdq(
                 "quantize", source, "--method", method, "--bits", "3", "--device", device,
                 "--calib", calib, "--nsamples", samples, "--seqlen", "512", "--eval", wikitext,
                 "--eval-seqlen", "512", "--eval-max-windows", windows, "--output", str(out), "--overwrite",
-                timeout=left,
+                timeout=left, probe=probe,
             )  # fmt: skip
             evaluation = result.get("evaluation", {})
+            report = out / "report.json"
+            run = json.loads(report.read_text())["run"] if report.is_file() else {}
+            phases = (
+                json.loads(probe.read_text())["phases"] if probe is not None and probe.is_file() else None
+            )
             rows.append(
                 {
                     "model": label,
@@ -148,6 +170,9 @@ def end_to_end(data: Path, work: Path, gguf: str | None, budget: int, device: st
                     "fp_ppl": evaluation.get("fp_ppl"),
                     "ppl": evaluation.get("ppl"),
                     "layers": result.get("layers"),
+                    "dtype": run.get("dtype"),
+                    "compute_dtype": run.get("compute_dtype"),
+                    "phases": phases,  # per block: largest GPU allocated bytes and VmRSS (probe_memory)
                     "error": result.get("error"),
                 }
             )
@@ -210,9 +235,17 @@ def main() -> int:
             f"{row['model']:45} {row['method']:5} "
             + (f"error {row['error']}" if row.get("error") else
                f"{row['wall_seconds']:7.1f}s peak GPU {peak / 2**30 if peak else float('nan'):6.2f} GiB "
-               f"ppl {row['fp_ppl']:.3f} -> {row['ppl']:.3f}"),
+               f"ppl {row['fp_ppl']:.3f} -> {row['ppl']:.3f} "
+               f"({row['dtype']} computed in {row['compute_dtype']})"),
             flush=True,
         )  # fmt: skip
+        for phase, entry in (row.get("phases") or {}).items():
+            gpu = entry.get("cuda")
+            print(
+                f"    {phase:28} GPU peak {gpu / 2**30 if gpu else float('nan'):6.2f} GiB, "
+                f"VmRSS {entry['rss'] / 2**30:6.2f} GiB, {entry['s']:6.1f}s",
+                flush=True,
+            )
     report["seconds"] = round(time.perf_counter() - began, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")

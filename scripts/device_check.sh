@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issues "Big models" and "CD at GEMM speed", for a lent device machine (H200).
+# The GPU check of issues "Big models", "CD at GEMM speed" and "Big checkpoints as they ship" (the
+# 1.5B bf16 model computed in bf16 on the GPU, its GPU memory peak per block), for a lent device machine.
 #
 # Here, once:   make device-prep      (copies the shared data, the gguf wheel and SmolLM2's GGUF in two
 #                                      halves into .device/, which git ignores)

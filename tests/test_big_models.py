@@ -52,38 +52,53 @@ def peak_rss(command: list[str]) -> tuple[int, float, str]:
 
 
 @pytest.mark.slow
-def test_sharded_model_quantizes_and_evaluates_in_bounded_memory(
-    tokenizer, calib, wikitext, tmp_path
-) -> None:
-    """663M parameters (a 262,144-token vocabulary makes most of them cheap to compute with): 2.6 GB
-    in fp32, 1.3 GB as bf16 shards. cdq quantize --eval and cdq eval each stay below the fp32 size
-    (importing torch alone takes ~0.9 GB here); held whole, the model alone would take all of it."""
+def test_quantize_and_eval_peak_memory_is_bounded_by_the_model_size(
+    tokenizer, small, calib, wikitext, tmp_path
+):
+    """scripts/bench_big.py's runs (cdq quantize --method rtn --eval, then cdq eval of the output,
+    each its own process) on a 12-block Llama in bf16 shards (245M parameters, 0.49 GB): each
+    peaks below what the same command costs on the 4-block toy model ``small`` (the process
+    itself: torch, transformers, the tokenizer) plus 0.6x the checkpoint's size. Holding the model
+    whole, even in bf16, would not fit; computed in float32 (the default on a CPU) it would take
+    2x. The process's own cost is measured, not assumed, so the bound holds on any torch build."""
     source = tmp_path / "synthetic"
-    params = write_synthetic_llama(
-        source, hidden=1024, intermediate=2048, layers=12, heads=8, kv_heads=4, vocab=262144,
-        tokenizer=tokenizer, max_shard_bytes=300 * 2**20,
+    write_synthetic_llama(
+        source, hidden=1024, intermediate=4096, layers=12, heads=8, kv_heads=4, vocab=32000,
+        tokenizer=tokenizer, max_shard_bytes=150 * 2**20,
     )  # fmt: skip
-    fp32 = params * 4
+    size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     assert len(list(source.glob("model-*-of-*.safetensors"))) >= 3
+
+    def runs(model: Path, out: Path) -> tuple[float, float]:
+        code, quantize, stderr = peak_rss(
+            ["quantize", str(model), "--method", "rtn", "--bits", "4", "--calib", calib, *FAST,
+             "--eval", wikitext, "--eval-seqlen", "64", "--eval-max-windows", "2",
+             "--max-shard-size", "100MB", "--output", str(out), "--json"]
+        )  # fmt: skip
+        assert code == 0, stderr
+        code, evaluate, stderr = peak_rss(
+            ["eval", str(out), "--data", wikitext, "--seqlen", "64", "--max-windows", "2", "--json"]
+        )
+        assert code == 0, stderr
+        return quantize, evaluate
+
+    own = runs(small, tmp_path / "toy")
+    print("PEAKS own", [x / 2**20 for x in own])
+    peaks = runs(source, tmp_path / "q")
+    print("PEAKS big", [x / 2**20 for x in peaks], size / 2**20)
+    for label, peak, base in zip(("quantize", "eval"), peaks, own, strict=True):
+        bound = base + 0.6 * size
+        assert peak < bound, (
+            f"{label} peak RSS {peak / 2**30:.2f} GiB >= {base / 2**30:.2f} GiB (the process on a toy model) "
+            f"+ 0.6 x {size / 2**30:.2f} GiB"
+        )
     out = tmp_path / "q"
-    code, rss, stderr = peak_rss(
-        ["quantize", str(source), "--method", "rtn", "--bits", "4", "--calib", calib, *FAST,
-         "--eval", wikitext, "--eval-seqlen", "64", "--eval-max-windows", "2", "--max-shard-size", "100MB",
-         "--output", str(out), "--json"]
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert rss < fp32, f"quantize peak RSS {rss / 2**30:.2f} GiB >= fp32 size {fp32 / 2**30:.2f} GiB"
     report = json.loads((out / "report.json").read_text())
-    assert report["run"]["dtype"] == "bfloat16"  # auto keeps the checkpoint's dtype
+    assert (report["run"]["dtype"], report["run"]["compute_dtype"]) == ("bfloat16", "float32")
     assert (
         len(list(out.glob("model-*-of-*.safetensors"))) >= 3
         and (out / "model.safetensors.index.json").is_file()
     )
-    code, rss, stderr = peak_rss(
-        ["eval", str(out), "--data", wikitext, "--seqlen", "64", "--max-windows", "2", "--json"]
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert rss < fp32, f"eval peak RSS {rss / 2**30:.2f} GiB >= fp32 size {fp32 / 2**30:.2f} GiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,16 +116,18 @@ def small(tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
-def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer) -> None:
-    """Block-by-block perplexity of the lazily opened model = whole-model perplexity of it held in
-    memory (same windows, same loss), and bf16 stays bf16."""
+@pytest.mark.parametrize(("choice", "compute"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer, choice, compute) -> None:
+    """Block-by-block perplexity of the lazily opened bf16 model, computed in ``compute`` (auto on
+    a CPU: float32), = whole-model perplexity of it loaded in that dtype (same windows, same loss),
+    while the skeleton stays bf16 at rest."""
     from cdq_cli.calib import evaluation_ids
     from cdq_cli.run.language import evaluation_texts
 
-    lazy = open_model(str(small), "auto")
+    lazy = open_model(str(small), choice, device=torch.device("cpu"))
     try:
         assert lazy.weights is not None and next(lazy.model.parameters()).device.type == "meta"
-        assert lazy.dtype == torch.bfloat16
+        assert lazy.dtype == torch.bfloat16 and lazy.compute_dtype == compute
         blockwise = perplexity_of(
             lazy,
             evaluation_texts(wikitext),
@@ -119,9 +136,11 @@ def test_lazy_model_equals_the_resident_one(small, wikitext, tokenizer) -> None:
             max_windows=3,
             batch_size=2,
         )
+        assert {p.dtype for p in lazy.model.parameters()} == {torch.bfloat16}  # given back as stored
+        assert {p.device.type for p in lazy.model.parameters()} == {"meta"}
     finally:
         lazy.close()
-    whole = AutoModelForCausalLM.from_pretrained(small, dtype=torch.bfloat16).eval()
+    whole = AutoModelForCausalLM.from_pretrained(small, dtype=compute).eval()
     ids = evaluation_ids(evaluation_texts(wikitext), tokenizer)
     reference = perplexity(whole, ids, seqlen=64, max_windows=3, batch_size=2).to_dict()
     assert blockwise == reference
@@ -143,7 +162,7 @@ def test_sharded_output_round_trip_and_resume_across_shards(small, calib, wikite
     code, out, _ = cli(
         capsys, "eval", reference, "--data", wikitext, "--seqlen", "64", "--max-windows", "2", "--json"
     )
-    model, tokenizer = load_quantized(reference)
+    model, tokenizer = load_quantized(reference, torch.float32)  # what cdq eval computes in on a CPU
     from cdq_cli.calib import evaluation_ids
     from cdq_cli.run.language import evaluation_texts
 

@@ -116,3 +116,27 @@ def test_grouped_energy_equals_float64():
     expected = sum(parts)
     assert energy(grouped_weight, grouped_sigma) == pytest.approx(expected, rel=1e-13)
     assert energy(weight, sigma) == _whole_float64(weight, torch.zeros_like(weight), sigma)
+
+
+@pytest.mark.parametrize("rows_per_tile", [1, 5, 24])
+def test_working_products_in_row_tiles(monkeypatch, rows_per_tile):
+    """The working-dtype objective and energy taken a row tile at a time (1, 5, all 24 rows) are the
+    single float32 product's values to float32 rounding, and exactly it when the layer is one tile."""
+    weight, sigma = _problem(3, 24, 40)
+    approx = solve("rtn", weight, sigma, bits=3).weight
+    err = weight - approx
+    whole = (
+        float((err @ sigma).mul_(err).sum(dtype=torch.float64)),
+        float((weight @ sigma).mul_(weight).sum(dtype=torch.float64)),
+    )
+    monkeypatch.setattr(result, "TILE_BYTES", rows_per_tile * 40 * 4)
+    tiled = (result.working_objective(weight, approx, sigma), result.working_energy(weight, sigma))
+    if rows_per_tile == 24:
+        assert tiled == whole
+    for value, reference, exact in zip(
+        tiled,
+        whole,
+        (_whole_float64(weight, approx, sigma), _whole_float64(weight, 0 * weight, sigma)),
+        strict=True,
+    ):
+        assert value == pytest.approx(reference, rel=1e-5) and value == pytest.approx(exact, rel=1e-5)

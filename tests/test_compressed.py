@@ -21,6 +21,7 @@ import pytest
 import torch
 from cli_runner import cli
 from safetensors import safe_open
+from safetensors.torch import save_file
 from test_export import quantized_folder, reference_unpack, round_scales
 
 from cdq_cli.solvers import GridSpec
@@ -302,17 +303,41 @@ def test_every_configuration_loads_in_transformers_and_scores_as_the_folder(
     assert scores[0] == scores[1]
 
 
+def bfloat16_copy(source: Path, dest: Path) -> Path:
+    """``source`` (a float32 safetensors checkpoint) stored in bf16, as models ship: every floating
+    tensor rounded to bf16, the config saying so, the tokenizer files copied."""
+    dest.mkdir()
+    for item in source.iterdir():
+        if item.name not in ("model.safetensors", "config.json"):
+            shutil.copy(item, dest / item.name)
+    tensors = {}
+    with safe_open(str(source / "model.safetensors"), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = fh.get_tensor(name)
+            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = "bfloat16"
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dest
+
+
 def test_eval_of_a_bfloat16_export_equals_the_folder(data_dir, calib, tmp_path, capsys) -> None:
-    """A bf16 model's export stores its scales in bf16 (the model's dtype, as llm-compressor does;
-    cdq keeps them in float32), so "equal" means: with the folder's scales rounded to bf16 in place
-    (its export stays byte-for-byte the same), `cdq eval` of the export prints exactly the folder's
-    perplexity, because the two then hold the same codes, zero-points and scales."""
+    """A model stored in bf16 (stories260K rounded to bf16, as models ship; computed in float32,
+    the default on a CPU) is exported with its scales in bf16 (the model's dtype, as llm-compressor
+    does; cdq keeps them in float32), so "equal" means: with the folder's scales rounded to bf16 in
+    place (its export stays byte-for-byte the same), `cdq eval` of the export prints exactly the
+    folder's perplexity, because the two then hold the same codes, zero-points and scales."""
+    model = bfloat16_copy(data_dir / "models" / "stories260K", tmp_path / "bf16")
     out = tmp_path / "q"
     code, _, err = cli(
-        capsys, "quantize", data_dir / "models" / "stories260K", *FAST, "--calib", calib, "--bits", "4",
-        "--group-size", "32", "--skip", "down_proj", "--dtype", "bfloat16", "--output", out,
+        capsys, "quantize", model, *FAST, "--calib", calib, "--bits", "4",
+        "--group-size", "32", "--skip", "down_proj", "--output", out,
     )  # fmt: skip
     assert code == 0, err
+    run = json.loads((out / "report.json").read_text())["run"]
+    assert (run["dtype"], run["compute_dtype"]) == ("bfloat16", "float32")
     before = export_compressed(out, tmp_path / "before")
     assert before.scale_dtype == "bfloat16" and before.max_scale_rounding > 0
     round_scales(out, torch.bfloat16)

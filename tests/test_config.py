@@ -29,6 +29,7 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
         "vit-4bit-comq.yaml",
         "smollm2-3bit-cdq.yaml",
         "stories260k-4bit-demo.yaml",
+        "cdq-hadamard.yaml",
         "cdq-hadamard-fp.yaml",
     } <= names
     for preset in PRESETS:  # --help runs after the eager --config: every key and type is checked
@@ -36,32 +37,27 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
         assert code == 0 and err == "" and "--config" in out, (preset.name, err)
 
 
-def test_the_best_recipe_preset_is_its_flags(llama, calib, tmp_path, capsys) -> None:
-    """configs/cdq-hadamard-fp.yaml (issue 19's best recipe) runs exactly what its flags run."""
+@pytest.mark.parametrize(
+    ("preset", "flags", "target"),
+    [
+        ("cdq-hadamard.yaml", ["--method", "cdq", "--transform", "hadamard"], "quantized"),
+        ("cdq-hadamard-fp.yaml", ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp"], "fp"),
+    ],
+)
+def test_the_recipe_presets_are_their_flags(preset, flags, target, llama, calib, tmp_path, capsys) -> None:
+    """The recipe presets of issue 19 (BENCHMARKS.md measured them by their flags) run exactly those."""
     common = [llama, "--bits", "3", "--sym", "--calib", calib, "--nsamples", "4", "--seqlen", "32"]
     common += ["--quiet", "--json"]
-    preset, flags = tmp_path / "preset", tmp_path / "flags"
     code, _, err = run(
-        capsys, "quantize", "--config", REPO / "configs" / "cdq-hadamard-fp.yaml", *common, "--output", preset
+        capsys, "quantize", "--config", REPO / "configs" / preset, *common, "--output", tmp_path / "preset"
     )
     assert code == 0, err
-    code, _, err = run(
-        capsys,
-        "quantize",
-        *common,
-        "--method",
-        "cdq",
-        "--transform",
-        "hadamard",
-        "-o",
-        "target=fp",
-        "--output",
-        flags,
-    )
+    code, _, err = run(capsys, "quantize", *common, *flags, "--output", tmp_path / "flags")
     assert code == 0, err
-    report = json.loads((preset / "report.json").read_text())["run"]
-    assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", "fp", "hadamard")
-    assert (preset / "model.safetensors").read_bytes() == (flags / "model.safetensors").read_bytes()
+    report = json.loads((tmp_path / "preset" / "report.json").read_text())["run"]
+    assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", target, "hadamard")
+    written = [(tmp_path / run_ / "model.safetensors").read_bytes() for run_ in ("preset", "flags")]
+    assert written[0] == written[1]
 
 
 def test_file_fills_defaults_and_the_command_line_wins(llama, calib, tmp_path, capsys) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cdq_cli.parallel import KILL_RANK_ENV, Ranks, assign
+from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign
 from cdq_cli.solvers import METHODS
 from cdq_cli.store.names import journal_folder
 
@@ -141,6 +141,31 @@ def test_layers_go_largest_first_to_the_least_loaded_rank() -> None:
     assert assign(costs, 1) == dict.fromkeys(costs, 0)
     assert METHODS["gptq"].cost(4096, 11008, {}) > METHODS["gptq"].cost(4096, 4096, {})
     assert METHODS["quantease"].cost(4096, 4096, {}) > METHODS["gptq"].cost(4096, 4096, {})
+
+
+def test_costs_are_the_measured_seconds_of_a_shape_once_one_was_timed() -> None:
+    costs = Costs(lambda rows, columns: rows * columns**2)
+    assert costs.cost((2, 4)) == 32  # nothing timed: the estimate
+    costs.record((2, 4), 3.0)  # 32 units took 3 s
+    assert costs.cost((2, 4)) == 3.0
+    assert costs.cost((1, 4)) == 16 * 3.0 / 32  # not timed yet: the estimate, in seconds
+    costs.record((2, 4), 5.0)
+    assert costs.cost((2, 4)) == 4.0  # the mean of its timings
+    # cdq's GPTQ starts factor Σ: a wide layer costs more than rows x columns² says
+    cdq = METHODS["cdq"]
+    assert cdq.cost(576, 1536, {}) / cdq.cost(1536, 576, {}) > 1536 / 576
+    assert cdq.cost(576, 1536, {"starts": ["rtn"]}) < cdq.cost(576, 1536, {"starts": ["gptq", "rtn"]})
+
+
+def test_balance_adds_up_the_slowest_rank_of_every_group() -> None:
+    balance = Balance()
+    owners = {"a": 0, "b": 1, "c": 1}
+    balance.planned({"a": 4.0, "b": 2.0, "c": 1.0}, owners, 2)  # loads 4 and 3: max 4, mean 3.5
+    balance.solved({"a": 5.0, "b": 1.0, "c": 1.0}, owners, 2)  # the group took 5 s
+    balance.planned({"a": 1.0, "b": 1.0, "c": 0.0}, owners, 2)
+    balance.solved({"a": 1.0, "b": 2.0, "c": 0.5}, owners, 2)
+    assert balance.critical == 5.0 + 2.5 and balance.total == 7.0 + 3.5
+    assert balance.predicted_imbalance == (4.0 + 1.0) / (3.5 + 1.0) - 1
 
 
 def test_batches_are_split_into_contiguous_ranges() -> None:

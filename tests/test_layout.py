@@ -40,6 +40,7 @@ FORBIDDEN = {
     "placement": _DRIVER | _MIDDLE - {"placement"} | {"solvers"},
     "trust": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "offline"},
     "offline": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust"},
+    "memory": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
     # what a process removes or says on any exit: used by models and store, imports nothing of cdq
     "cleanup": _DRIVER | _MIDDLE | {"records", "solvers", "kernels", "trust", "offline"},
 }

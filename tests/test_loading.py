@@ -99,3 +99,34 @@ def test_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.delenv("CDQ_DATA_DIR")
     found = find_data_dir()
     assert found is None or (found / "text").is_dir()
+
+
+def test_a_pickled_checkpoint_opens_resident_and_quantizes(stories_dir: Path, tmp_path: Path, capsys) -> None:
+    """A folder with only pytorch_model.bin is held whole (not lazily): it opens, in float32, and
+    quantizes to the same layers as the same weights stored as safetensors."""
+    import json
+
+    from cli_runner import cli
+    from safetensors.torch import load_file
+    from tiny_lm import save_tiny
+
+    from cdq_cli.run.language import open_model
+
+    tokenizer = load_causal_lm(str(stories_dir))[1]
+    lazy = Path(save_tiny("llama", tmp_path / "lazy", tokenizer))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lazy, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    opened = open_model(str(pickled), "auto")
+    assert opened.weights is None and opened.dtype == opened.compute_dtype == torch.float32
+    calib = str(find_data_dir() / "text" / "c4-sample.jsonl")
+    outs = []
+    for source in (lazy, pickled):
+        out = tmp_path / f"q-{source.name}"
+        args = ["quantize", source, "--method", "gptq", "--calib", calib, "--nsamples", "4", "--seqlen", "32"]
+        code, _, stderr = cli(capsys, *args, "--quiet", "--output", out)
+        assert code == 0, stderr
+        outs.append(out)
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    assert json.loads((outs[1] / "report.json").read_text())["run"]["dtype"] == "float32"

@@ -92,3 +92,34 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="64 codes of 3 bits pack into 6 words, not 9"):
         unpack(torch.zeros(9, dtype=torch.int32), 3, 64)  # room for 96 codes: too many words is wrong too
     assert unpack(torch.zeros(6, dtype=torch.int32), 3, 64).shape == (64,)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_a_few_rows_at_a_time_gives_the_same_words(bits, monkeypatch):
+    """Rows are packed and unpacked in pieces (bounded int64 working memory): a piece of one row
+    gives exactly the words and codes of one piece for everything."""
+    from cdq_cli.solvers import packing
+
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (2, 7, 45), generator=gen).to(torch.uint8)
+    whole = pack(codes, bits)
+    back = unpack(whole, bits, 45, torch.uint8)
+    monkeypatch.setattr(packing, "PIECE_BYTES", 1)
+    assert torch.equal(pack(codes, bits), whole)
+    assert torch.equal(unpack(whole, bits, 45, torch.uint8), back)
+    assert back.dtype == torch.uint8 and torch.equal(back, codes)
+    assert torch.equal(unpack(whole, bits, 45), codes.to(torch.int64))
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_every_width_matches_the_bitstream_oracle(bits):
+    """Every width from 1 to 16 bits (straddling or not), random and extreme codes: the words equal
+    the independent big-integer bit stream and unpack back to the codes."""
+    gen = torch.Generator().manual_seed(bits)
+    for codes in (
+        torch.randint(0, 2**bits, (3, 70), generator=gen),
+        torch.full((1, 64), 2**bits - 1),
+    ):
+        words = pack(codes, bits)
+        assert words.tolist() == [_reference_pack(row, bits) for row in codes.tolist()]
+        assert torch.equal(unpack(words, bits, codes.shape[-1]), codes)

@@ -108,6 +108,8 @@ def test_driver_rows_share_the_protocol(protocol) -> None:
             "--sym" in row.argv and row.argv[-2:] == ["-o", "target=fp"] and row.name.endswith("+fp-target")
         )
         assert row.rerun_flags == ["--cdq-extra", "-o target=fp", "--label", "fp-target"]
+    preset = rows["cdq-cdq-hadamard-w3+fp-target"].argv
+    assert preset[preset.index("--config") + 1] == str(REPO / "configs" / "cdq-hadamard.yaml")
     for row in peers:
         assert row.argv[row.argv.index("--calib") + 1] == str(protocol.CALIB_FILE)
         assert row.argv[row.argv.index("--bits") + 1] == str(row.bits)
@@ -152,3 +154,24 @@ def test_peer_venvs_can_live_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path
     rows = run_all.rows([], None)
     assert rows["autoround-light-w3"].argv[0] == str(tmp_path / ".venv-peer-autoround" / "bin" / "python")
     assert rows["llmc-awq-w4"].argv[0] == str(tmp_path / ".venv-peer-llmcompressor" / "bin" / "python")
+
+
+def test_table_prints_each_row_with_its_rerun_command(capsys: pytest.CaptureFixture) -> None:
+    run_all = _load("run_all")
+    scores = {"wikitext2": {"ppl": 29.187}, "ptb": {"ppl": 57.5}}
+    records = [
+        {
+            "row": "llmc-awq-w3",
+            "tool": "llm-compressor",
+            "recipe": "awq",
+            "bits": 3,
+            "rerun": "B",
+            "failed": {"error": "RuntimeError: no driver"},
+        },
+        {"row": "fp", "tool": "full precision", "recipe": "-", "bits": None, "rerun": "A", "scores": scores},
+    ]
+    run_all.table(records)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| full precision | - | FP32 | 29.19 | 57.50 | - | - | `A` |"  # sorted: FP first
+    assert lines[3].startswith("| llm-compressor | awq | W3 | failed: RuntimeError: no driver |")
+    assert lines[3].endswith("| - | - | `B` |")

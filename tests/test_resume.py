@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_lm import save_tiny
 
 from cdq_cli.cli import main
@@ -29,6 +30,7 @@ TIMING = {
     "seconds",
     "solve_seconds",
     "layers_per_rank",
+    "solve_phase_seconds",
     "command",
     "resumed_blocks",
 }
@@ -154,4 +156,72 @@ def test_resume_without_state_starts_fresh(argv, reference, tmp_path, capsys) ->
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "no saved state for q (nothing to resume): starting fresh" in captured.err
+    same_output(reference, out)
+
+
+CPU_FAILURE = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4096 bytes. Error code 12"
+
+
+@pytest.mark.parametrize("where", ["sigma", "solve", "read"])
+def test_out_of_memory_names_the_block_and_tensor_then_resume_continues(
+    where, argv, reference, tmp_path, capsys, monkeypatch
+) -> None:
+    """A simulated allocation failure in block 1 (its Σ, a solve on a GPU, reading a weight): one
+    line naming the block and what did not fit, the finished block kept, and --resume ends with
+    the uninterrupted run's bytes."""
+    from cdq_cli import capture, pipeline
+    from cdq_cli.store import checkpoint
+
+    out = tmp_path / "q"
+    with monkeypatch.context() as patch:
+        if where == "sigma":  # block 1's first Σ (7 accumulators per block: q, k, v, o, gate, up, down)
+            made = []
+            real_sigma = capture.SigmaAccumulator
+
+            def sigma(*args, **kwargs):
+                made.append(1)
+                if len(made) == 8:
+                    raise RuntimeError(CPU_FAILURE)
+                return real_sigma(*args, **kwargs)
+
+            patch.setattr(capture, "SigmaAccumulator", sigma)
+            expected = (
+                "out of memory in model.layers.1: Σ of self_attn.q_proj (32x32 float32, 0.0 MiB) did not fit"
+            )
+        elif where == "solve":
+            real_solve = pipeline.solve_layer
+
+            def solve(name, *args, **kwargs):
+                if name == "model.layers.1.mlp.down_proj":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+                return real_solve(name, *args, **kwargs)
+
+            patch.setattr(pipeline, "solve_layer", solve)
+            expected = (
+                "out of memory in model.layers.1: solving model.layers.1.mlp.down_proj (32x64) did not fit "
+                "(CUDA out of memory. Tried to allocate 20.00 MiB)"
+            )
+        else:
+            real_read = checkpoint.CheckpointWeights.tensor
+
+            def read(self, name, dtype=None):
+                if name == "model.layers.1.mlp.up_proj.weight":
+                    raise MemoryError
+                return real_read(self, name, dtype)
+
+            patch.setattr(checkpoint.CheckpointWeights, "tensor", read)
+            expected = (
+                "out of memory in model.layers.1: model.layers.1.mlp.up_proj.weight (64x32 float32, 0.0 MiB) "
+                "did not fit (MemoryError)"
+            )
+        code = main([*argv, "--output", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {expected}"), lines[0]
+    assert lines[0].endswith(
+        f"1 finished block(s) are saved in {work_folder(out)}: run the same command with --resume to continue"
+    )
+    assert not out.exists()
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "report.json").read_text())["run"]["resumed_blocks"] == 1
     same_output(reference, out)

@@ -27,6 +27,9 @@ from . import (
     errors,
     quiet_torch,  # noqa: F401 (first: before torch is imported)
 )
+
+# isort: split
+from ..memory import tune_allocator
 from .evaluate import evaluate
 from .folders import compare, export, report
 from .methods import methods
@@ -78,6 +81,7 @@ app.command("methods")(stoppable(methods))
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turn every failure into one stderr line and an exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
+    tune_allocator()  # large tensors go back to the system when freed (cdq_cli.memory)
     errors.begin(as_json="--json" in args)
     previous = _on_sigterm()
     unwatch = _watchdog()
@@ -119,7 +123,7 @@ def _main(args: list[str]) -> int:
             raise
         errors.error(str(exc), exc, code=2)
         return 2
-    except OSError as exc:
+    except (OSError, MemoryError) as exc:  # the machine, not the input: a full disk, out of memory
         if _debug():
             raise
         errors.error(str(exc), exc, code=1)

@@ -45,7 +45,9 @@ def evaluate(
         None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
     ),
     dtype: DType = typer.Option(
-        DType.auto, help="Model dtype for plain models (auto: the checkpoint's own)."
+        DType.auto,
+        help="Compute dtype of the blocks (auto: float32 on a CPU, the stored dtype on a GPU that runs it "
+        "natively).",
     ),
     batch_size: int = typer.Option(8, help="Windows per forward (does not change the result)."),
     offload_activations: Offload = typer.Option(

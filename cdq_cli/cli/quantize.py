@@ -65,7 +65,11 @@ def quantize(
     device: str | None = typer.Option(
         None, metavar="DEVICE", help="cpu, cuda, cuda:N (default: cuda if available)."
     ),
-    dtype: DType = typer.Option(DType.auto, help="Model dtype (auto: the checkpoint's own; GGUF: float32)."),
+    dtype: DType = typer.Option(
+        DType.auto,
+        help="Compute dtype of the blocks (auto: float32 on a CPU, the checkpoint's on a GPU that runs it "
+        "natively); weights stay in the checkpoint's dtype at rest and in the output.",
+    ),
     sigma_dtype: SigmaDType = typer.Option(SigmaDType.float32, help="Σ accumulation dtype."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward."),
     fp_inputs: bool = typer.Option(

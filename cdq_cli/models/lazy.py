@@ -55,7 +55,9 @@ def open_causal_lm(
     """A :class:`LazyModel` for a safetensors folder or hub id, or ``(model, tokenizer)`` held
     resident for GGUF and pickled (``.bin``) checkpoints.
 
-    ``dtype`` "auto" keeps the checkpoint's dtype (bf16 stays bf16). ``scratch`` is where a
+    A lazily opened model keeps its checkpoint's dtype at rest (bf16 stays bf16; the placement
+    converts each block to the compute dtype as it visits the device); ``dtype`` is the dtype a
+    resident model is loaded in ("auto": float32). ``scratch`` is where a
     temporary folder of converted weights may be made (default: the system's temporary folder,
     ``$TMPDIR``; a mixture-of-experts model needs room there for its converted experts).
     """
@@ -82,7 +84,7 @@ def open_causal_lm(
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder,
-            dtype=dtype,
+            dtype="auto",
             device_map={"": "disk"},
             offload_folder=str(offload),
             trust_remote_code=False,

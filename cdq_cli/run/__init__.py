@@ -35,6 +35,7 @@ from .plan import (
     Plan,
     QuantizeRequest,
     UsageError,
+    check_compute_dtype,
     check_processes,
     plan_sources,
     resolve_device,
@@ -158,7 +159,7 @@ def _quantize_loaded(
     from ..placement import Placement
     from ..store import report as reports
     from ..store.files import make_work_folder
-    from ..store.folder import OutputBuilder, tied_names
+    from ..store.folder import OutputBuilder, stored_dtypes, tied_names
     from ..store.journal import open_journal
 
     request, ranks, started = plan.request, plan.ranks, reports.now()
@@ -200,13 +201,18 @@ def _quantize_loaded(
             batch_size=request.batch_size,
             resume=request.resume,
             note=note,
+            compute_dtype=loaded.compute_dtype,
         )
-    placement = Placement(loaded.model, plan.device, loaded.weights)
+    placement = Placement(loaded.model, plan.device, loaded.weights, dtype=loaded.compute)
     if not ranks.leader:  # the other ranks compute; the leader writes
         return _follow(plan, kind, data, loaded, calibration, fp, placement)
     work = journal.output_folder() if journal is not None else make_work_folder(plan.output)
     builder = OutputBuilder(
-        work, dest=plan.output, ties=tied_names(loaded.model), max_shard_bytes=plan.max_shard_bytes
+        work,
+        dest=plan.output,
+        ties=tied_names(loaded.model),
+        max_shard_bytes=plan.max_shard_bytes,
+        dtypes=stored_dtypes(loaded.model),
     )
     try:
         with _guarded(journal, bad_input_discards=True):
@@ -231,6 +237,7 @@ def _quantize_loaded(
             model=request.target,
             family=loaded.adapter.name,
             dtype=str(loaded.dtype).removeprefix("torch."),
+            compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
             settings=plan.settings,
             seed=request.seed,
             batch_size=request.batch_size,
@@ -351,14 +358,19 @@ def _transform_record(loaded: Loaded, outcome: Any) -> dict[str, Any] | None:
 
 
 def _parallel_section(ranks: Ranks) -> dict[str, Any]:
-    """For report.json: the world, its backend, each rank's solve time and layers."""
+    """For report.json: the world, its backend, each rank's solve time and layers, the solve
+    phase's wall time and the imbalance the assignments predicted (max / mean load - 1)."""
     seconds = ranks.gather_values(ranks.solve_seconds)
     layers = [sum(1 for r in ranks.assignments.values() if r == rank) for rank in range(ranks.world)]
+    balance = ranks.balance
     return {
         "world_size": ranks.world,
         "backend": ranks.backend or "none",
         "solve_seconds": [round(value, 3) for value in seconds],
         "layers_per_rank": layers,
+        # the slowest rank's solve time per group, summed: what the block loop waited for
+        "solve_phase_seconds": round(balance.critical, 3),
+        "predicted_imbalance": round(balance.predicted_imbalance, 4),
     }
 
 
@@ -380,6 +392,7 @@ def evaluate(request: EvalRequest) -> dict[str, Any]:
     if request.trust_task_code and request.tasks is None:
         raise UsageError("--trust-task-code is for --tasks (it lets local task files run their own code)")
     device = resolve_device(request.device)
+    check_compute_dtype(request.dtype, device)
     kind = kind_of(request.target, request.checkpoint)
     return kind.evaluate_target(request, device)
 
@@ -434,7 +447,7 @@ def _write_remaining(model: nn.Module, placement: Any, builder: Any, layers: dic
     """Write what the blocks did not (embeddings, final norm, head; everything of a model whose
     units are not its own submodules), one owning module at a time (read from disk when lazy)."""
     for prefix, owner, names in _remaining(model, builder.written, builder.ties):
-        with placement.using([owner], device=placement.home):
+        with placement.using([owner], device=placement.home, stored=True):
             state = owner.state_dict(prefix=f"{prefix}." if prefix else "", keep_vars=True)
             builder.add_state(((name, state[name]) for name in names), layers)
     builder.add_state(((name, None) for name in builder.ties), {})  # tied: recorded as aliases
@@ -464,15 +477,16 @@ def _patterns(names: list[str]) -> str:
 
 @contextmanager
 def _guarded(journal: Any, *, bad_input_discards: bool) -> Iterator[None]:
-    """Keep the resume journal where resuming helps (a full disk, Ctrl-C, SIGTERM: the error then
-    says ``--resume``); drop it when the run failed on bad input, which resuming would repeat."""
+    """Keep the resume journal where resuming helps (a full disk, out of memory, Ctrl-C, SIGTERM:
+    the error then says ``--resume``); drop it when the run failed on bad input, which resuming
+    would repeat."""
     try:
         yield
     except ValueError:
         if journal is not None and bad_input_discards:
             journal.discard()
         raise
-    except (OSError, KeyboardInterrupt) as exc:
+    except (OSError, MemoryError, KeyboardInterrupt) as exc:  # a full disk, out of memory, Ctrl-C
         hint = journal.resume_hint() if journal is not None else None
         if hint is not None:
             exc.cdq_hint = hint  # type: ignore[union-attr]

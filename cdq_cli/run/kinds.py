@@ -32,11 +32,18 @@ class Loaded:
     tokenizer: Any = None
     weights: Weights | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    compute: torch.dtype | None = None  # what blocks are computed in (None: the stored dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the model is stored and run in (the checkpoint's, unless --dtype says)."""
+        """The dtype the model is stored in (a lazily opened checkpoint's own dtype; a model held
+        whole: the dtype it was loaded in), which the output keeps."""
         return next(self.model.parameters()).dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype its blocks are computed in (:func:`cdq_cli.run.plan.compute_dtype`)."""
+        return self.compute or self.dtype
 
     def close(self) -> None:
         close = getattr(self.weights, "close", None)

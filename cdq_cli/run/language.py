@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .kinds import Calibration, Loaded, Score, override_sections, skipped_layers
-from .plan import EvalRequest, Plan, UsageError, model_dtype
+from .plan import EvalRequest, Plan, UsageError, compute_dtype, model_dtype
 
 KIND = "causal-lm"
 
@@ -50,7 +50,7 @@ class LanguageModels:
 
     def load(self, plan: Plan, note: Any) -> Loaded:
         note(f"loading {plan.request.target}")
-        loaded = open_model(plan.request.target, plan.request.dtype)
+        loaded = open_model(plan.request.target, plan.request.dtype, device=plan.device)
         if plan.settings.transform != "none":
             try:
                 apply_transform(loaded, plan.settings.transform, plan.request.seed, note)
@@ -134,7 +134,7 @@ class LanguageModels:
 
         assert data.evaluation is not None
         request = plan.request
-        model = open_output(written) if written is not None else loaded
+        model = open_output(written, compute=loaded.compute_dtype) if written is not None else loaded
         try:
             metrics = perplexity_of(
                 model,
@@ -186,12 +186,12 @@ class LanguageModels:
         texts = evaluation_texts(request.data)
         if is_quantized_folder(request.target) or is_quantized_checkpoint(request.target):
             opener = open_output if is_quantized_folder(request.target) else open_exported
-            loaded = opener(Path(request.target))
+            loaded = opener(Path(request.target), choice=request.dtype, device=device)
             if loaded.tokenizer is None:
                 loaded.close()
                 raise UsageError(f"{request.target} holds no tokenizer")
         else:
-            loaded = open_model(request.target, request.dtype)
+            loaded = open_model(request.target, request.dtype, device=device)
         try:
             result = perplexity_of(
                 loaded,
@@ -205,7 +205,8 @@ class LanguageModels:
             )
         finally:
             loaded.close()
-        return {"target": request.target, "data": request.data, **result}
+        dtypes = {"dtype": _name(loaded.dtype), "compute_dtype": _name(loaded.compute_dtype)}
+        return {"target": request.target, "data": request.data, **result, **dtypes}
 
 
 def apply_transform(loaded: Loaded, transform: str, seed: int, note: Any) -> None:
@@ -244,7 +245,7 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     from ..evaluate.zeroshot import build_tasks, evaluate_tasks, parse_tasks
     from ..models import load_causal_lm
     from ..offline import hub_offline
-    from ..store.folder import is_quantized_folder
+    from ..store.folder import is_quantized_folder, read_table, table_dtype
     from ..store.reopen import is_quantized_checkpoint, load_quantized, load_whole
 
     if request.seqlen is not None or request.max_windows is not None:
@@ -253,10 +254,12 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     tasks = parse_tasks(request.tasks or "", offline=hub_offline, trust_code=trust)
     built = build_tasks(tasks, trust_code=trust)
     if is_quantized_folder(request.target):
-        model, tokenizer = load_quantized(request.target)
+        stored = table_dtype(read_table(request.target))
+        model, tokenizer = load_quantized(request.target, compute_dtype(request.dtype, device, stored))
         held = "the quantized layers dequantized from the output folder, held whole in memory"
     elif is_quantized_checkpoint(request.target):
-        model, tokenizer = load_whole(open_exported(Path(request.target)))
+        exported = open_exported(Path(request.target), choice=request.dtype, device=device)
+        model, tokenizer = load_whole(exported, exported.compute_dtype)
         held = "the quantized layers decoded from the checkpoint, held whole in memory"
     else:
         refuse_orphaned_output(request.target)
@@ -277,8 +280,13 @@ def zero_shot(request: EvalRequest, device: torch.device) -> dict[str, Any]:
     return {"target": request.target, "task_sources": tasks.shown, **result, "model": held}
 
 
-def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
-    """A causal LM opened lazily when it can (see the module doc), with its adapter."""
+def open_model(
+    target: str, dtype: str, scratch: Path | None = None, device: torch.device = torch.device("cpu")
+) -> Loaded:
+    """A causal LM opened lazily when it can (see the module doc), with its adapter: kept in its
+    checkpoint's dtype, computed in the ``--dtype`` choice's dtype for ``device``
+    (:func:`~cdq_cli.run.plan.compute_dtype`). A model held whole (GGUF, pickled checkpoints) is
+    loaded in the compute dtype (auto: float32)."""
     from ..models import adapter_for
     from ..models.lazy import LazyModel, open_causal_lm
     from ..store.checkpoint import CheckpointWeights
@@ -290,20 +298,35 @@ def open_model(target: str, dtype: str, scratch: Path | None = None) -> Loaded:
         return Loaded(model, adapter_for(model), tokenizer)
     weights = CheckpointWeights(opened.index, opened.loader, opened.offload)
     try:
-        return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, weights)
+        stored = next(opened.model.parameters()).dtype
+        compute = compute_dtype(dtype, device, stored)
+        return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, weights, compute=compute)
     except BaseException:
         weights.close()
         raise
 
 
-def open_output(folder: Path | str) -> Loaded:
-    """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its adapter."""
+def open_output(
+    folder: Path | str,
+    *,
+    compute: torch.dtype | None = None,
+    choice: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> Loaded:
+    """A cdq output folder opened lazily (:func:`cdq_cli.store.reopen.open_output`), with its
+    adapter, computed in ``compute`` (default: the ``--dtype`` ``choice``'s dtype for ``device``)."""
     from ..store.reopen import open_output as reopen
 
-    return _with_adapter(reopen(folder))
+    return _with_adapter(reopen(folder), compute=compute, choice=choice, device=device)
 
 
-def open_exported(folder: Path | str) -> Loaded:
+def open_exported(
+    folder: Path | str,
+    *,
+    compute: torch.dtype | None = None,
+    choice: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> Loaded:
     """A GPTQ or compressed-tensors checkpoint opened lazily, decoded by cdq block by block
     (:func:`cdq_cli.store.reopen.open_exported`); any other quantized checkpoint, which cdq cannot
     decode, loaded whole through transformers."""
@@ -314,13 +337,21 @@ def open_exported(folder: Path | str) -> Loaded:
     if opened is None:
         model, tokenizer = load_causal_lm(str(folder), dtype=torch.float32)
         return Loaded(model, adapter_for(model), tokenizer)
-    return _with_adapter(opened)
+    return _with_adapter(opened, compute=compute, choice=choice, device=device)
 
 
-def _with_adapter(opened: Any) -> Loaded:
+def _with_adapter(
+    opened: Any,
+    *,
+    compute: torch.dtype | None = None,
+    choice: str = "auto",
+    device: torch.device = torch.device("cpu"),
+) -> Loaded:
     from ..models import adapter_for
 
-    return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights)
+    if compute is None:
+        compute = compute_dtype(choice, device, opened.weights.dtype)
+    return Loaded(opened.model, adapter_for(opened.model), opened.tokenizer, opened.weights, compute=compute)
 
 
 def perplexity_of(
@@ -341,7 +372,7 @@ def perplexity_of(
     from ..pipeline import forward_blocks
     from ..placement import Placement
 
-    placement = Placement(loaded.model, device, loaded.weights)
+    placement = Placement(loaded.model, device, loaded.weights, dtype=loaded.compute)
 
     def forward(batches: list[torch.Tensor]) -> Any:
         return forward_blocks(loaded.model, loaded.adapter, placement, batches, policy)
@@ -356,6 +387,10 @@ def perplexity_of(
         source=source,
         ranks=ranks,
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def refuse_orphaned_output(target: str) -> None:

@@ -47,6 +47,8 @@ __all__ = [
     "SigmaDType",
     "Transform",
     "UsageError",
+    "check_compute_dtype",
+    "compute_dtype",
     "make_settings",
     "settle",
 ]
@@ -58,7 +60,9 @@ def _choices(name: str, values: Sequence[str]) -> type[Enum]:
 
 
 class DType(str, Enum):
-    """``--dtype``: the dtype a model is loaded and computed in (auto: the checkpoint's own)."""
+    """``--dtype``: the dtype blocks are computed in (:func:`compute_dtype`). Weights stay in the
+    checkpoint's dtype at rest; auto is float32 on a CPU and the checkpoint's dtype on a GPU that
+    computes it natively."""
 
     auto = "auto"
     float32 = "float32"
@@ -196,10 +200,11 @@ def settle(request: QuantizeRequest) -> Plan:
     ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
-    choose("--dtype", request.dtype, DType)
     choose("--format", request.export_format, OutputFormat)
     check_gguf(request)
     choose("--transform", request.transform, Transform)
+    device = resolve_device(request.device)
+    check_compute_dtype(request.dtype, device)
     settings = make_settings(
         method=request.method,
         bits=request.bits,
@@ -211,7 +216,7 @@ def settle(request: QuantizeRequest) -> Plan:
         options=request.options,
         true_sequential=request.true_sequential,
         fp_inputs=request.fp_inputs,
-        device=resolve_device(request.device),
+        device=device,
         sigma_dtype=getattr(torch, choose("--sigma-dtype", request.sigma_dtype, SigmaDType)),
         offload_activations=choose("--offload-activations", request.offload_activations, Offload),
         gguf_type=request.gguf_type,
@@ -410,9 +415,61 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def model_dtype(choice: str) -> torch.dtype | str:
-    """The dtype a model is loaded in: ``auto`` keeps the checkpoint's (bf16 stays bf16)."""
+    """The dtype a model held whole in memory is loaded in (``auto``: the loader's default)."""
     choose("--dtype", choice, DType)
     return "auto" if choice == DType.auto.value else getattr(torch, choice)
+
+
+def compute_dtype(choice: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype a model stored in ``stored`` is computed in on ``device``: ``--dtype`` when given;
+    ``auto``: float32 on a CPU (its bf16 and fp16 GEMMs run several times slower than float32
+    ones), and on a GPU the stored dtype when the GPU computes it natively (bf16 needs compute
+    capability 8.0), else float32. Σ is accumulated in float32 (``--sigma-dtype``) whatever this is."""
+    choose("--dtype", choice, DType)
+    if choice != DType.auto.value:
+        return getattr(torch, choice)
+    if device.type != "cuda" or not stored.is_floating_point:
+        return torch.float32
+    if stored == torch.bfloat16 and not _native_bf16(device):
+        return torch.float32
+    return stored if stored in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def check_compute_dtype(choice: str, device: torch.device) -> None:
+    """A ``--dtype`` that ``device`` cannot compute in, refused before any work (one line): bf16
+    on a GPU without native bf16, or any dtype whose basic operations (a matrix product, softmax
+    attention) the device does not implement."""
+    choose("--dtype", choice, DType)
+    if choice == DType.auto.value:
+        return
+    dtype = getattr(torch, choice)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _native_bf16(device):
+        raise UsageError(
+            f"--dtype bfloat16: {device} ({torch.cuda.get_device_name(device)}) does not compute in "
+            "bfloat16; use --dtype float16 or float32"
+        )
+    problem = _computes(device, dtype)
+    if problem is not None:
+        raise UsageError(f"--dtype {choice}: {device} cannot compute in {choice} ({problem})")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device has bf16 tensor cores (compute capability 8.0 and later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _computes(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when a tiny matrix product and causal attention run in ``dtype`` on ``device``; else
+    the first line of the error."""
+    import torch.nn.functional as F
+
+    try:
+        x = torch.ones(1, 1, 4, 8, dtype=dtype, device=device)
+        F.scaled_dot_product_attention(F.linear(x, torch.ones(8, 8, dtype=dtype, device=device)), x, x)
+    except (RuntimeError, TypeError) as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0][:160] if text else type(exc).__name__
+    return None
 
 
 def default_output(request: QuantizeRequest) -> str:

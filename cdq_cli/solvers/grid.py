@@ -112,7 +112,8 @@ class Grid:
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         scale, zero, grouped = self._grouped(codes)
-        values = scale * (grouped.to(scale.dtype) - zero)
+        # scale · (q − z), in place on one copy of the codes (no second full-size temporary)
+        values = grouped.to(scale.dtype, copy=True).sub_(zero).mul_(scale)
         if self.offset is not None:  # GGUF's d·q − dmin·m: one float32 rounding, whatever the dtype
             values = (values.float() + self.offset.float().unsqueeze(-1)).to(values.dtype)
         return values.reshape(codes.shape)
@@ -148,7 +149,7 @@ class Grid:
 
 def codes_of(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Float-valued integer codes of ``values`` for elementwise-broadcast ``scale``/``zero``."""
-    return torch.clamp(torch.round(values / scale) + zero, 0, maxq)
+    return (values / scale).round_().add_(zero).clamp_(0, maxq)  # in place: one full-size temporary
 
 
 def _minmax_params(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,33 +19,67 @@ def packed_length(length: int, bits: int) -> int:
     return -(-length // _WORD) * bits
 
 
+# int64 working memory one piece of rows may take (packing widens codes to int64 words): a
+# 2048 x 8192 layer is packed a few hundred rows at a time, not as 128 MB of int64 at once.
+PIECE_BYTES = 8 << 20
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative codes (< 2**bits) along the last dim into int32 words."""
+    """Pack non-negative codes (< 2**bits) along the last dim into int32 words (a few rows at a
+    time: the int64 working memory stays within :data:`PIECE_BYTES`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot pack {bits}-bit codes")
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits")
+    *lead, length = codes.shape
+    if codes.numel() == 0:
+        return _pack_rows(codes, bits)
+    rows = codes.reshape(-1, length)
+    out = torch.empty(rows.shape[0], packed_length(length, bits), dtype=torch.int32, device=codes.device)
+    for piece in _pieces(rows.shape[0], -(-length // _WORD) * _WORD * 8 * 2):
+        out[piece] = _pack_rows(rows[piece], bits)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 32 values of a chunk: the word each starts in, its shift there, and for each of
+    the chunk's ``bits`` words the index of the last value starting in it (every word holds the
+    start of at least one value, as values are at most 16 bits apart)."""
+    starts = torch.arange(_WORD, device=device) * bits
+    word, shift = starts // _WORD, starts % _WORD
+    last = torch.searchsorted(word, torch.arange(bits, device=device), right=True) - 1
+    return word, shift, last
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack one piece of rows, all 32 positions of a chunk at once.
+
+    With ``s_k`` the shift of value ``k`` in its word ``w_k``, the word sums
+    ``S_w = Σ_{k: w_k = w} c_k · 2^{s_k}`` (< 2^{32+bits}: exact in int64) hold, disjoint bit fields
+    being added, word ``w``'s own bits in bits 0..31 and, above them, the start of the value that
+    straddles into word ``w+1``; so ``word_w = (S_w mod 2^32) + ⌊S_{w-1} / 2^32⌋``. ``S`` is a
+    difference of a cumulative sum taken at each word's last value."""
+    codes = codes.to(torch.int64)
     *lead, length = codes.shape
     padded = -(-length // _WORD) * _WORD
     if padded != length:
         codes = torch.nn.functional.pad(codes, (0, padded - length))
+    word, shift, last = _layout(bits, codes.device)
     chunks = codes.reshape(*lead, padded // _WORD, _WORD)
-    words = torch.zeros(*lead, padded // _WORD, bits, dtype=torch.int64, device=codes.device)
-    for k in range(_WORD):
-        start = k * bits
-        word, shift = divmod(start, _WORD)
-        value = chunks[..., k]
-        words[..., word] |= (value << shift) & 0xFFFFFFFF
-        if shift + bits > _WORD:  # straddles into the next word
-            words[..., word + 1] |= value >> (_WORD - shift)
+    sums = (chunks << shift).cumsum_(-1)
+    per_word = sums.index_select(-1, last)
+    per_word[..., 1:] -= sums.index_select(-1, last[:-1])
+    del sums
+    words = per_word & 0xFFFFFFFF
+    words[..., 1:] += per_word[..., :-1] >> _WORD
     words = words.reshape(*lead, padded // _WORD * bits)
     # Reinterpret unsigned 32-bit words as int32 (two's complement), the dtype safetensors stores.
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``length`` codes along the last dim, as int64."""
+def unpack(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``length`` codes along the last dim, as ``dtype`` (a few
+    rows at a time: the int64 working memory stays within :data:`PIECE_BYTES`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot unpack {bits}-bit codes")
     *lead, n_words = words.shape
@@ -53,16 +87,29 @@ def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         raise ValueError(
             f"{length} codes of {bits} bits pack into {packed_length(length, bits)} words, not {n_words}"
         )
+    if words.numel() == 0:
+        return _unpack_rows(words, bits, length).to(dtype)
+    rows = words.reshape(-1, n_words)
+    out = torch.empty(rows.shape[0], length, dtype=dtype, device=words.device)
+    for piece in _pieces(rows.shape[0], n_words // bits * _WORD * 8 * 3):
+        out[piece] = _unpack_rows(rows[piece], bits, length)
+    return out.reshape(*lead, length)
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Unpack one piece of rows, all 32 values of a chunk at once: each word joined with the next
+    one as a 64-bit pair, value ``k`` is bits ``s_k .. s_k+bits−1`` of its word's pair."""
+    *lead, n_words = words.shape
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
     chunks = unsigned.reshape(*lead, n_words // bits, bits)
-    mask = (1 << bits) - 1
-    values = []
-    for k in range(_WORD):
-        start = k * bits
-        word, shift = divmod(start, _WORD)
-        value = chunks[..., word] >> shift
-        if shift + bits > _WORD:
-            value = value | (chunks[..., word + 1] << (_WORD - shift))
-        values.append(value & mask)
-    out = torch.stack(values, dim=-1).reshape(*lead, n_words // bits * _WORD)
-    return out[..., :length]
+    pairs = chunks.clone()
+    pairs[..., :-1] |= chunks[..., 1:] << _WORD  # the top bits may wrap the sign: never read
+    del unsigned, chunks
+    word, shift, _ = _layout(bits, words.device)
+    values = pairs.index_select(-1, word).bitwise_right_shift_(shift).bitwise_and_((1 << bits) - 1)
+    return values.reshape(*lead, n_words // bits * _WORD)[..., :length]
+
+
+def _pieces(rows: int, row_bytes: int) -> list[slice]:
+    step = max(1, PIECE_BYTES // max(1, row_bytes))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]

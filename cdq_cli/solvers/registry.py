@@ -77,9 +77,11 @@ class Method:
     """One layer solver, declared once: ``name`` (``--method``), ``solve`` (the pure function),
     ``options`` (every keyword option a user may set, and nothing internal), ``summary`` (one
     line for ``cdq methods`` and ``--help``), ``sweeps``: how many passes over the layer it
-    typically makes, the factor of its cost estimate (:meth:`cost`), and ``fixed_grid``: the
-    keyword through which ``solve`` takes a fixed grid (a GGUF block type's, :func:`run_solver`;
-    None: the method cannot solve on one, e.g. it keeps full-precision outliers)."""
+    typically makes, and ``factorizations``: how many columns x columns Cholesky factorizations
+    and inverses it makes (GPTQ: one per GPTQ start); both are factors of its cost estimate
+    (:meth:`cost`). ``fixed_grid``: the keyword through which ``solve`` takes a fixed grid (a GGUF
+    block type's, :func:`run_solver`; None: the method cannot solve on one, e.g. it keeps
+    full-precision outliers)."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -87,12 +89,21 @@ class Method:
     sweeps: float
     options: Mapping[str, Option] = field(default_factory=dict)
     fixed_grid: str | None = None
+    factorizations: float = 0.0
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
-        """Estimated solve time of one layer, in arbitrary units: rows × columns² per sweep,
-        times the sweeps (``-o sweeps`` when given), plus one for the RTN comparison."""
+        """Estimated solve time of one layer, in arbitrary units (the rank assignment's estimate
+        before a layer of that shape was timed; :class:`cdq_cli.parallel.Costs`): rows x columns²
+        per sweep, times the sweeps (``-o sweeps`` when given) plus one for the RTN comparison,
+        plus columns³ per factorization (which is why a wide down_proj costs more than its
+        rows x columns² says: 576 x 1536 factors a 1536² Σ twice in cdq)."""
         sweeps = float(options.get("sweeps") or self.sweeps)
-        return rows * columns**2 * (1.0 + sweeps)
+        starts = options.get("starts")
+        if starts is not None:  # cdq's -o starts: each GPTQ start factors Σ once
+            factorizations = float(sum("gptq" in start for start in starts))
+        else:
+            factorizations = self.factorizations
+        return rows * columns**2 * (1.0 + sweeps) + factorizations * columns**3
 
 
 _ORDER = Option("visiting order", "choice", choices=ORDERS)
@@ -113,6 +124,7 @@ METHODS: dict[str, Method] = {
             "GPTQ baseline",
             sweeps=1.0,
             fixed_grid="fixed_grid",
+            factorizations=1.0,
             options={
                 "damping": _DAMPING,
                 "block_size": _BLOCK,
@@ -177,6 +189,7 @@ METHODS: dict[str, Method] = {
             "cdq's own (default): best of GPTQ starts, then CD sweeps with grid refits",
             sweeps=8.0,
             fixed_grid="grid",
+            factorizations=2.0,  # its two default GPTQ starts
             options={
                 "starts": Option(
                     "start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")

@@ -32,13 +32,14 @@ class CheckpointWeights:
     def names(self) -> list[str]:
         return list(self._loader)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         entry = self._index.get(name, {})
         try:
             if entry.get("safetensors_file") and entry.get("dtype") in DTYPES:
                 file, key = entry["safetensors_file"], entry.get("weight_name", name)
-                return read_tensor(file, key, DTYPES[entry["dtype"]])
-            return self._loader[name]
+                return read_tensor(file, key, dtype or DTYPES[entry["dtype"]])
+            loaded = self._loader[name]
+            return loaded if dtype is None else loaded.to(dtype)
         except KeyError:
             raise CheckpointReadError(f"the checkpoint holds no tensor {name}") from None
         except Exception as exc:

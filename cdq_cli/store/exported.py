@@ -220,14 +220,17 @@ class ExportedWeights:
             names.append(self._model(key))
         return names
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` in ``dtype`` (None: the checkpoint's); a packed layer is decoded (in
+        float32) and converted once."""
+        dtype = dtype or self.dtype
         if name in self.experts:
-            return self.fused(name).to(self.dtype)
+            return self.fused(name).to(dtype)
         if name in self.params:
-            return self.layer(self.params[name]).to(self.dtype)
+            return self.layer(self.params[name]).to(dtype)
         key = self.layout.checkpoint_name(name) if self.layout is not None else name
         tensor = self._read(key)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def fused(self, param: str) -> torch.Tensor:
         """Fused experts ``param`` (E, out, in) from the checkpoint's per-expert matrices: each

@@ -69,7 +69,9 @@ class OutputBuilder:
     Quantized layers are written as their packed record (:meth:`add_layer`), everything else as
     it is (:meth:`add_tensor`); ``ties`` ({name: name it is tied to}, from :func:`tied_names`)
     are recorded as aliases instead of being written twice. Shards hold at most
-    ``max_shard_bytes`` (None: one file).
+    ``max_shard_bytes`` (None: one file). ``dtypes`` ({name: dtype}, from :func:`stored_dtypes`)
+    is what each tensor is stored in: a tensor handed over in another floating dtype (a block
+    computed in float32, say, from a bf16 checkpoint) is written back in its own.
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class OutputBuilder:
         dest: Path | None = None,
         ties: Mapping[str, str] | None = None,
         max_shard_bytes: int | None = None,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         self.dest = Path(dest) if dest is not None else Path(work)  # named in error messages
+        self.dtypes = dict(dtypes or {})
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.shards = ShardWriter(self.work, max_shard_bytes)
@@ -104,6 +108,9 @@ class OutputBuilder:
         elif tensor is None:
             raise ValueError(f"no tensor for {name}")
         else:
+            stored = self.dtypes.get(name, tensor.dtype)
+            if tensor.is_floating_point() and stored.is_floating_point:
+                tensor = tensor.to(stored)
             self._write({name: tensor.detach()})
         self.written.add(name)
 
@@ -337,12 +344,14 @@ class OutputWeights:
             names.append(key)
         return names + [alias for alias in self.aliases if alias not in names]
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` in ``dtype`` (None: the stored model's); a quantized layer is
+        dequantized straight into it (Ŵ in float32 is exact, not rounded to the stored dtype first)."""
         if name in self.aliases:
-            return self.tensor(self.aliases[name])
+            return self.tensor(self.aliases[name], dtype)
         if name in self.params:
-            return self.layer(self.params[name]).dequantize().to(self.dtype)
-        return self._read(name)
+            return self.layer(self.params[name]).dequantize().to(dtype or self.dtype)
+        return self._read(name, dtype)
 
     def layer(self, name: str) -> QuantizedLayer:
         """Layer ``name``'s packed record, its sizes checked exactly."""
@@ -362,12 +371,12 @@ class OutputWeights:
     def layers(self) -> dict[str, QuantizedLayer]:
         return {name: self.layer(name) for name in self.layer_meta}
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.files:
             raise CheckpointError(f"{self._where()} holds no tensor {name}")
         path = self.folder / self.files[name]
         try:
-            return read_tensor(path, name)  # slice by slice: no whole memory map on top of the copy
+            return read_tensor(path, name, dtype)  # slice by slice: no whole memory map on top of the copy
         except Exception as exc:
             raise CheckpointError(f"cannot read {path}: {_first_line(exc)}") from None
 
@@ -425,6 +434,12 @@ def quantized_state_dict(folder: Path | str, dtype: torch.dtype | None = None) -
     weights = OutputWeights(folder)
     state = {name: weights.tensor(name) for name in weights.names()}
     return {name: t.to(dtype) for name, t in state.items()} if dtype is not None else state
+
+
+def stored_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """{state-dict name: dtype} of ``model`` as it is stored (call it before any block is placed:
+    a lazy skeleton's meta tensors carry the checkpoint's dtypes)."""
+    return {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:

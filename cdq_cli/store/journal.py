@@ -331,12 +331,18 @@ def open_journal(
     batch_size: int,
     resume: bool,
     note: Callable[[str], None],
+    compute_dtype: torch.dtype | None = None,
 ) -> Journal | None:
-    """The run's journal (None for ``--bits 16``, which has nothing to save)."""
+    """The run's journal (None for ``--bits 16``, which has nothing to save); ``compute_dtype``:
+    what the blocks are computed in, part of the fingerprint (their outputs depend on it)."""
     if not settings.quantizing:
         if resume:
             note("--resume: nothing to resume without quantization (--bits 16)")
         return None
+    extra = {"compute_dtype": str(compute_dtype)} if compute_dtype is not None else {}
     return Journal(
-        output, fingerprint(model, lm, windows, settings, batch_size=batch_size), resume=resume, note=note
+        output,
+        fingerprint(model, lm, windows, settings, batch_size=batch_size, **extra),
+        resume=resume,
+        note=note,
     )

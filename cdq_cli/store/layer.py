@@ -91,7 +91,7 @@ class QuantizedLayer:
         )
 
     def codes(self) -> torch.Tensor:
-        return unpack(self.qweight, self.spec.bits, self.columns).to(torch.uint8)
+        return unpack(self.qweight, self.spec.bits, self.columns, torch.uint8)
 
     def dequantize(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Ŵ = grid.dequantize(codes) + outliers, in the scales' dtype, shaped like the layer weight."""

@@ -85,14 +85,19 @@ def open_exported(folder: Path | str) -> Reopened | None:
     return _lazy(folder, model, weights, ties=tied_names(model))
 
 
-def load_whole(opened: Any) -> tuple[nn.Module, Any]:
+def load_whole(opened: Any, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """A lazily opened model (a :class:`Reopened`, or anything with ``model``, ``tokenizer``,
-    ``weights`` and ``close``) with every tensor read from its source (ties re-made), on the CPU:
-    (model, tokenizer or None); one already held whole (``weights`` None) as it is."""
+    ``weights`` and ``close``) with every tensor read from its source (ties re-made), on the CPU,
+    floating-point tensors in ``dtype`` (None: as stored; quantized layers are decoded straight
+    into it): (model, tokenizer or None); one already held whole (``weights`` None) as it is."""
     if opened.weights is None:
         return opened.model.eval(), opened.tokenizer
     stored = set(opened.weights.names())
-    state = {name: opened.weights.tensor(name) for name in opened.model.state_dict() if name in stored}
+    state = {
+        name: opened.weights.tensor(name, dtype if tensor.is_floating_point() else None)
+        for name, tensor in opened.model.state_dict().items()
+        if name in stored
+    }
     ties = {name: target for name, target in tied_names(opened.model).items() if name not in stored}
     opened.model.load_state_dict(state, assign=True, strict=False)
     opened.model.tie_weights()
@@ -103,9 +108,10 @@ def load_whole(opened: Any) -> tuple[nn.Module, Any]:
     return opened.model.eval(), opened.tokenizer
 
 
-def load_quantized(folder: Path | str) -> tuple[nn.Module, Any]:
-    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None)."""
-    return load_whole(open_output(folder))
+def load_quantized(folder: Path | str, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild a causal LM from a cdq output folder, whole, on the CPU: (model, tokenizer or None),
+    in ``dtype`` (None: the stored dtype; quantized layers are dequantized straight into it)."""
+    return load_whole(open_output(folder), dtype)
 
 
 def _skeleton(folder: Path, dtype: torch.dtype | None) -> nn.Module:

@@ -92,6 +92,7 @@ def render(record: RunRecord) -> dict[str, Any]:
         "model": record.model,
         "family": record.family,
         "dtype": record.dtype,
+        "compute_dtype": record.compute_dtype or record.dtype,
         **table_entries(record.settings),
         "per_layer": described["per_layer"],
         "overrides": described.get("overrides", []),  # --skip / --layer, in order

@@ -313,8 +313,10 @@ class RotatedWeights:
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self.inner.names(), *self._alias]))
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.plan.transform(name, self._read)
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rotated tensor in the checkpoint's dtype (what the output stores), then in ``dtype``."""
+        value = self.plan.transform(name, self._read)
+        return value if dtype is None else value.to(dtype)
 
     def _read(self, name: str) -> torch.Tensor:
         return self.inner.tensor(self._alias.get(name, name))
