@@ -20,8 +20,23 @@ GPTQ_SITE ?= .gptq-site
 GPTQ_PKGS := gptqmodel==7.7.0 optimum==2.3.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 \
 	pypcre==0.6.4 tokenicer==0.0.14 torchao==0.18.0 threadpoolctl==3.8.0
 
-.PHONY: setup lock test test-export test-latest lint format demo bench-quality bench-speed device-prep clean \
-	peers-setup peers-calib peers peers-cdq peers-table
+# llama.cpp itself, for `make test-gguf` and scripts/bench_gguf.py: llama-cpp-python built from its
+# source distribution (CPU, its own venv), with llama.cpp's tools (llama-quantize, llama-imatrix)
+# kept in the build folder. About 37 minutes on the shared 2-core machine (measured), once; not in
+# `make test` nor CI for that reason. An existing build is reused with LLAMA=/path (its venv/,
+# build/bin/ and src/), or with LLAMA_PY, LLAMA_BIN and LLAMA_SRC pointing at each part.
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA ?= build/llama-cpp
+LLAMA_PY ?= $(LLAMA)/venv/bin/python
+LLAMA_BIN ?= $(LLAMA)/build/bin
+LLAMA_SRC ?= $(LLAMA)/src/vendor/llama.cpp
+# built only when no llama-quantize is found where LLAMA_BIN points
+LLAMA_READY = $(if $(wildcard $(LLAMA_BIN)/llama-quantize),,$(LLAMA)/.built)
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_OPENMP=OFF
+
+.PHONY: setup lock test test-export test-gguf bench-gguf test-latest lint format demo bench-quality bench-speed \
+	device-prep clean peers-setup peers-calib peers peers-cdq peers-table
 
 # Development and CI install the exact versions of requirements/lock.txt (`make lock` refreshes it);
 # pyproject.toml keeps loose ranges for users. torch 2.14.1 / torchvision 0.29.1 (pinned in
@@ -76,6 +91,28 @@ test: lint $(GPTQ_SITE)/.installed
 # transformers + compressed-tensors.
 test-export: $(GPTQ_SITE)/.installed
 	CDQ_GPTQ_SITE=$(abspath $(GPTQ_SITE)) $(BIN)/python -m pytest -q tests/test_export.py tests/test_compressed.py tests/test_moe_export.py
+
+$(LLAMA)/.built: | $(STAMP)
+	rm -rf $(LLAMA)/src $(LLAMA)/sdist && mkdir -p $(LLAMA)/src $(LLAMA)/sdist
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA)/sdist \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar xzf $(LLAMA)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA)/src --strip-components=1
+	$(PYTHON) -m venv $(LLAMA)/venv
+	$(LLAMA)/venv/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMA)/venv/bin/python -m pip install --quiet \
+		-C build-dir=$(abspath $(LLAMA)/build) $(LLAMA)/src
+	touch $@
+
+LLAMA_ENV = CDQ_LLAMA_PYTHON=$(abspath $(LLAMA_PY)) CDQ_LLAMA_BIN=$(abspath $(LLAMA_BIN)) \
+	CDQ_LLAMA_SRC=$(abspath $(LLAMA_SRC))
+
+# GGUF files checked by llama.cpp itself (not in `make test`: the build takes about 37 minutes here).
+test-gguf: setup $(LLAMA_READY)
+	$(LLAMA_ENV) $(BIN)/python -m pytest -q tests/test_gguf_llama_cpp.py tests/test_gguf_export.py
+
+# cdq's GGUF files against llama.cpp's round-to-nearest and importance-matrix files (BENCHMARKS.md).
+bench-gguf: setup $(LLAMA_READY)
+	$(BIN)/python scripts/bench_gguf.py --llama-bin $(LLAMA_BIN) --llama-src $(LLAMA_SRC) --llama-python $(LLAMA_PY)
 
 # The main job on a real model: quantize stories260K (a real trained Llama) to 4 bits with cdq's
 # default method, then WikiText-2 perplexity of the full-precision and the quantized model.

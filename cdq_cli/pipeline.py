@@ -590,6 +590,7 @@ def _row(
 ) -> LayerRow:
     spec = result.grid.spec  # the grid this layer was solved on (per-layer rules included)
     return LayerRow(
+        block_type=spec.block_type,
         name=name,
         shape=shape,
         bits=spec.bits,

@@ -32,6 +32,11 @@ class Settings:
     method's solver options, already typed and range-checked (:func:`cdq_cli.solvers.check_options`);
     ``device`` where blocks are solved (this process's device under torchrun). Made by
     :func:`cdq_cli.run.plan.make_settings` from flag-like values; everything downstream trusts it.
+
+    ``gguf_type``: a ``--format gguf --type T`` run's type (``grid`` is then its default block
+    type's); ``gguf_layers``: every layer's own GGUF block type (None: kept in full precision),
+    resolved once the model's layers are known (:func:`cdq_cli.run.gguf.resolve`: llama.cpp's
+    per-tensor rules, ``--layer``, width fallbacks), which :meth:`grid_for` then follows.
     """
 
     method: str = "cdq"
@@ -44,6 +49,8 @@ class Settings:
     compare_rtn: bool = True
     offload_activations: str = "auto"
     overrides: tuple[LayerRule, ...] = ()
+    gguf_type: str | None = None
+    gguf_layers: dict[str, str | None] | None = None
     transform: str = "none"  # --transform: an equivalence transform before quantization
 
     def grid_for(self, name: str) -> GridSpec | None:
@@ -53,6 +60,9 @@ class Settings:
         if self.grid is None:
             return None
         layer = name.split("[", 1)[0]
+        if self.gguf_layers is not None and layer in self.gguf_layers:
+            kind = self.gguf_layers[layer]
+            return None if kind is None else GridSpec.of_type(kind)
         chosen: GridSpec | None = self.grid
         for rule in self.overrides:
             if rule.spec is not None and rule.matches(layer):
@@ -137,6 +147,7 @@ class Settings:
             "compare_rtn": self.compare_rtn,
             # only when given, so runs without overrides keep their resume fingerprints
             **({"overrides": [rule.describe() for rule in self.overrides]} if self.overrides else {}),
+            **({"gguf_type": self.gguf_type, "gguf_layers": self.gguf_layers} if self.gguf_type else {}),
             **({"transform": self.transform} if self.transform != "none" else {}),
         }
 
@@ -189,6 +200,7 @@ class LayerRule:
                 "group_size": grid.group_size,
                 "sym": grid.sym,
                 "per_layer": grid.per_layer,
+                **({"block_type": grid.block_type} if grid.block_type is not None else {}),
             },
         }
 
@@ -224,6 +236,7 @@ class LayerRow:
     outliers: int
     tokens: int
     note: str | None = None  # e.g. an expert that got no calibration tokens, rounded instead
+    block_type: str | None = None  # a GGUF type's grid (only written when set)
     # -o target=fp: ``error``/``rtn_error`` are the true ‖W X̃ − Ŵ X‖²; this is the solver's own
     # ‖(W* − Ŵ) X‖² (solvers.target), the scale ``objective_start`` is on
     solver_error: float | None = None
@@ -234,7 +247,10 @@ class LayerRow:
         return self.name.split("[", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        if row["block_type"] is None:
+            del row["block_type"]
+        return row
 
 
 @dataclass

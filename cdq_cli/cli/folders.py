@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from ..run.plan import CheckpointFormat, ExportTarget
+from ..run.plan import CheckpointFormat, ExportTarget, GGUFType
 from ..store.exports import FORMATS
 from ..store.names import REPORT_PLOT
 from .printing import print_json
@@ -33,7 +33,15 @@ def export(
         "--output",
         "--dest",
         metavar="FOLDER",
-        help="Export folder (default: <OUTPUT_DIR>-gptq, <OUTPUT_DIR>-ct).",
+        help="Export folder (default: "
+        + ", ".join(f"<OUTPUT_DIR>{fmt.suffix}" for fmt in FORMATS.values())
+        + ").",
+    ),
+    gguf_type: GGUFType | None = typer.Option(  # type: ignore[valid-type]
+        None,
+        "--type",
+        metavar="T",
+        help="GGUF only: the run's --type (the default; another is refused).",
     ),
     checkpoint_format: CheckpointFormat | None = typer.Option(
         None,
@@ -43,8 +51,9 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Write the quantized model in another checkpoint layout: GPTQ (qweight/qzeros/scales/g_idx) or
-    compressed-tensors pack-quantized (what llm-compressor writes and vLLM serves)."""
+    """Write the quantized model in another checkpoint layout: GPTQ (qweight/qzeros/scales/g_idx),
+    compressed-tensors pack-quantized (what llm-compressor writes and vLLM serves) or GGUF (one file
+    for llama.cpp, Ollama, LM Studio; from a cdq quantize --format gguf --type T run)."""
     from ..store.exports import export as run_export
 
     summary = run_export(
@@ -52,7 +61,10 @@ def export(
         output_dir,
         dest,
         overwrite=overwrite,
-        options={"checkpoint_format": checkpoint_format.value if checkpoint_format is not None else None},
+        options={
+            "checkpoint_format": checkpoint_format.value if checkpoint_format is not None else None,
+            "type": gguf_type.value if gguf_type is not None else None,
+        },
     )
     show_export(summary.to_dict(), as_json=as_json)
 

@@ -89,9 +89,10 @@ def _headline(finished: Finished) -> str:
         f"error vs RTN (geometric mean) {summary['geomean_error_vs_rtn']:.3f}x"
     )
     group = f"g{run['group_size']}" if run["group_size"] else ""
+    grid = f"GGUF {run['gguf_type']}" if run.get("gguf_type") else f"w{run['bits']}{group}"
     return (
         f"quantized {summary['layers']} layers of {run['model']} ({run['family']}) with {run['method']} "
-        f"w{run['bits']}{group} in {summary['wall_seconds']:.1f}s: {errors}"
+        f"{grid} in {summary['wall_seconds']:.1f}s: {errors}"
     )
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ..run import QuantizeRequest, UsageError
 from ..run import quantize as run_quantize
-from ..run.plan import DType, Method, Offload, OutputFormat, SigmaDType, Transform
+from ..run.plan import DType, GGUFType, Method, Offload, OutputFormat, SigmaDType, Transform
 from ..solvers import DEFAULT_METHOD
 from ..store.exports import FORMATS
 from .launch import launch_run, rank, under_torchrun
@@ -119,6 +119,13 @@ def quantize(
         help=f"{' / '.join(FORMATS)}: also export to "
         f"{' / '.join('<output>' + fmt.suffix for fmt in FORMATS.values())} (docs/results.md).",
     ),
+    gguf_type: GGUFType | None = typer.Option(  # type: ignore[valid-type]
+        None,
+        "--type",
+        metavar="T",
+        help="With --format gguf: Q4_K_M, Q5_K_M, Q3_K_M, Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K "
+        "(llama.cpp's per-tensor rules) or Q3_K, Q4_K, Q5_K (every tensor); --layer PATTERN=TYPE overrides.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last saved block."),
     nproc: int = typer.Option(
         1,
@@ -146,6 +153,7 @@ def quantize(
         true_sequential=true_sequential, transform=transform.value, overwrite=overwrite, resume=resume,
         eval_data=eval_data,
         eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, export_format=out_format.value,
+        gguf_type=gguf_type.value if gguf_type is not None else None,
         max_shard_size=max_shard_size, offload_activations=offload_activations.value,
         checkpoint=checkpoint, model_args=model_arg, quantize_embed=quantize_embed,
         quantize_head=quantize_head, augment=augment,

@@ -76,6 +76,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     grid = f"w{run.get('bits')}" + (f"g{run['group_size']}" if run.get("group_size") else "")
     grid += " sym" if run.get("sym") else " asym"
     grid += " per-layer" if run.get("per_layer") else ""
+    if run.get("gguf_type"):
+        grid = f"GGUF {run['gguf_type']} (llama.cpp's per-tensor types)"
     lines = [
         f"model: {run.get('model')} ({run.get('family', '?')}, {run.get('dtype', '?')})",
         f"method: {run.get('method')} {grid}" + (f" options {run['options']}" if run.get("options") else ""),

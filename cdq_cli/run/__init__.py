@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..parallel import Ranks, close
@@ -158,7 +159,7 @@ def _quantize_loaded(
     from ..placement import Placement
     from ..store import report as reports
     from ..store.files import make_work_folder
-    from ..store.folder import OutputBuilder, stored_dtypes, tied_names, write_companions
+    from ..store.folder import OutputBuilder, stored_dtypes, tied_names
     from ..store.journal import open_journal
 
     request, ranks, started = plan.request, plan.ranks, reports.now()
@@ -166,8 +167,18 @@ def _quantize_loaded(
     problem = ranks.broadcast(problem)
     if problem is not None:
         raise UsageError(problem)
+    gguf_notes: list[str] = []
+    if plan.settings.gguf_type is not None:  # every layer's GGUF type, before validate checks its grid
+        from . import gguf as gguf_run
+
+        settings, gguf_notes = gguf_run.resolve(plan.settings, _shapes(loaded))
+        plan = replace(plan, settings=settings)
     layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, loaded, layers)
+    if plan.settings.gguf_type is not None:  # the family and its tokenizer, as llama.cpp reads them
+        gguf_run.preflight(loaded.model, loaded.tokenizer)
+        for text in gguf_notes:
+            note(text)
     calibration = kind.calibrate(loaded, data, plan, note)
     warnings = [
         *plan.settings.shadowed(quantizable_layers(loaded.adapter, loaded.model)),
@@ -216,6 +227,12 @@ def _quantize_loaded(
                 writer=builder,
                 ranks=ranks,
             )
+            if plan.settings.gguf_type is not None:  # embeddings and head: as llama.cpp quantizes them
+                records, rows, texts = gguf_run.quantize_embeddings(loaded.model, placement, plan.settings)
+                outcome.layers.update(records)
+                outcome.rows.extend(rows)
+                for text in texts:
+                    note(text)
         record = RunRecord(
             model=request.target,
             family=loaded.adapter.name,
@@ -251,7 +268,7 @@ def _quantize_loaded(
                 },
                 kind=kind.name,
                 dtype=loaded.dtype,
-                extras=lambda folder: write_companions(folder, loaded.model, loaded.tokenizer),
+                extras=lambda folder: _companions(folder, loaded, plan),
                 order=list(dict.fromkeys(row.layer for row in outcome.rows)),
             )
             failed = None
@@ -280,6 +297,28 @@ def _quantize_loaded(
     exported = _export(plan, note)
     ranks.barrier()
     return Finished(plan.output, report, exported)
+
+
+def _shapes(loaded: Loaded) -> dict[str, tuple[int, ...]]:
+    """The weight shape of every quantizable layer, by full name (fused experts: (E, out, in))."""
+    from ..models.base import quantizable_layers
+
+    return {
+        name: tuple(layer.shape if isinstance(layer, torch.Tensor) else layer.weight.shape)
+        for name, layer in quantizable_layers(loaded.adapter, loaded.model).items()
+    }
+
+
+def _companions(folder: Path, loaded: Loaded, plan: Plan) -> None:
+    """Tokenizer and configs beside the weights; a GGUF run adds the sentencepiece model, which
+    llama.cpp's converter (and the GGUF export) read the pieces' scores from."""
+    from ..store.folder import write_companions
+
+    write_companions(folder, loaded.model, loaded.tokenizer)
+    if plan.settings.gguf_type is not None:
+        from .gguf import add_sentencepiece_model
+
+        add_sentencepiece_model(folder, loaded.tokenizer)
 
 
 def _follow(

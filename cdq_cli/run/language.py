@@ -164,11 +164,14 @@ class LanguageModels:
         return override_sections(loaded, plan)
 
     def table_info(self, loaded: Loaded, plan: Plan) -> dict[str, Any]:
+        from .gguf import table_info
+
         skipped = skipped_layers(loaded, plan)
         transform = loaded.extra.get("transform")
         return {
             **({"skipped": skipped} if skipped else {}),
             **({"transform": transform} if transform else {}),
+            **table_info(plan.settings),
         }
 
     def evaluate_target(self, request: EvalRequest, device: torch.device) -> dict[str, Any]:

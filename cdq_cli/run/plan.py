@@ -27,8 +27,9 @@ import torch
 from ..parallel import Ranks
 from ..pipeline import Offload
 from ..records import NO_QUANTIZATION, LayerRule, Settings
-from ..solvers import DEFAULT_METHOD, METHODS, SUPPORTED_BITS, GridSpec, check_options
+from ..solvers import DEFAULT_METHOD, METHODS, SUPPORTED_BITS, GridSpec, check_options, find_method
 from ..store.exports import FORMATS
+from ..store.gguf_mix import FILE_TYPES, check_type, default_type
 from ..store.gptq import CHECKPOINT_FORMATS
 from ..store.shards import DEFAULT_SHARD_SIZE, parse_size
 
@@ -37,6 +38,7 @@ __all__ = [
     "DType",
     "EvalRequest",
     "ExportTarget",
+    "GGUFType",
     "Method",
     "Offload",
     "OutputFormat",
@@ -88,7 +90,9 @@ Method = _choices("Method", list(METHODS))  # --method: every declared solver
 ExportTarget = _choices("ExportTarget", list(FORMATS))  # cdq export --format
 OutputFormat = _choices("OutputFormat", ["native", *FORMATS])  # cdq quantize --format
 CheckpointFormat = _choices("CheckpointFormat", CHECKPOINT_FORMATS)  # cdq export --checkpoint-format
+GGUFType = _choices("GGUFType", list(FILE_TYPES))  # --type, with --format gguf
 NATIVE = "native"
+GGUF = "gguf"
 
 
 class UsageError(ValueError):
@@ -127,6 +131,7 @@ class QuantizeRequest:
     eval_max_windows: int | None = None
     eval_seqlen: int | None = None
     export_format: str = NATIVE
+    gguf_type: str | None = None  # --type T, with --format gguf (the grid is then the type's)
     max_shard_size: str = DEFAULT_SHARD_SIZE
     offload_activations: str = Offload.auto.value
     checkpoint: str | None = None
@@ -196,6 +201,7 @@ def settle(request: QuantizeRequest) -> Plan:
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     choose("--format", request.export_format, OutputFormat)
+    check_gguf(request)
     choose("--transform", request.transform, Transform)
     device = resolve_device(request.device)
     check_compute_dtype(request.dtype, device)
@@ -213,6 +219,7 @@ def settle(request: QuantizeRequest) -> Plan:
         device=device,
         sigma_dtype=getattr(torch, choose("--sigma-dtype", request.sigma_dtype, SigmaDType)),
         offload_activations=choose("--offload-activations", request.offload_activations, Offload),
+        gguf_type=request.gguf_type,
         transform=request.transform,
     )
     try:
@@ -254,19 +261,58 @@ def make_settings(
     device: torch.device | str = "cpu",
     skip: Sequence[str] = (),
     layer: Sequence[str] = (),
+    gguf_type: str | None = None,
     **rest: Any,
 ) -> Settings:
     """Settings from flag-like values: the grid built by :func:`grid_spec`, the ``--skip`` /
     ``--layer`` rules by :func:`layer_rules`, the options typed and checked by
-    :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input)."""
-    grid = grid_spec(bits, group_size, sym, per_layer)
+    :func:`cdq_cli.solvers.check_options` (``ValueError``, one line, on bad input).
+    ``gguf_type``: a GGUF ``--type`` (the run's grid is then its default block type's, and a
+    ``--layer`` SPEC is a block type)."""
+    if gguf_type is not None:
+        gguf_type = check_type(gguf_type)
+        grid: GridSpec | None = GridSpec.of_type(default_type(gguf_type))
+    else:
+        grid = grid_spec(bits, group_size, sym, per_layer)
     checked = check_options(method, options or {}) if grid is not None else dict(options or {})
     if grid is None and (skip or layer):
         raise ValueError("--skip and --layer choose layers to quantize differently; --bits 16 quantizes none")
     rules = layer_rules(grid, skip, layer) if grid is not None else ()
     return Settings(
-        method=method, grid=grid, options=checked, device=torch.device(device), overrides=rules, **rest
+        method=method,
+        grid=grid,
+        options=checked,
+        device=torch.device(device),
+        overrides=rules,
+        gguf_type=gguf_type,
+        **rest,
     )
+
+
+def check_gguf(request: QuantizeRequest) -> None:
+    """``--format gguf`` takes its grid from ``--type`` alone, and ``--type`` means nothing without it."""
+    if request.export_format != GGUF:
+        if request.gguf_type is not None:
+            raise UsageError("--type is a GGUF type: use it with --format gguf")
+        return
+    if request.gguf_type is None:
+        raise UsageError(f"--format gguf needs --type T: one of {', '.join(FILE_TYPES)}")
+    try:
+        check_type(request.gguf_type)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if request.bits != 4 or request.group_size is not None or request.sym or request.per_layer:
+        raise UsageError(
+            "--format gguf takes its grid from --type: drop --bits/--group-size/--sym/--per-layer"
+        )
+    if find_method(request.method).fixed_grid is None:
+        raise UsageError(
+            f"--method {request.method} keeps full-precision outliers, which a GGUF file cannot hold"
+        )
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UsageError("--format gguf needs the gguf package: pip install 'cdq[gguf]'") from None
 
 
 def grid_spec(bits: int, group_size: int | None, sym: bool, per_layer: bool) -> GridSpec | None:
@@ -306,7 +352,13 @@ def layer_rules(default: GridSpec, skip: Sequence[str], layer: Sequence[str]) ->
 
 def parse_layer_spec(spec: str, default: GridSpec) -> GridSpec:
     """The grid a ``--layer`` SPEC gives (see :data:`SPEC_GRAMMAR`); what the SPEC leaves out comes
-    from ``default`` (the run's --group-size, --sym, --per-layer)."""
+    from ``default`` (the run's --group-size, --sym, --per-layer). In a GGUF run (``default`` on a
+    block type) a SPEC is a GGUF block type (``Q6_K``...)."""
+    if default.block_type is not None:
+        try:
+            return GridSpec.of_type(spec)
+        except ValueError as exc:
+            raise ValueError(f"--layer SPEC {spec!r} in a --format gguf run: {exc}") from None
     found = LAYER_SPEC.match(spec.lower())
     if not found:
         raise ValueError(f"--layer SPEC {spec!r} is not {SPEC_GRAMMAR}")
@@ -423,6 +475,8 @@ def _computes(device: torch.device, dtype: torch.dtype) -> str | None:
 def default_output(request: QuantizeRequest) -> str:
     base = Path(request.target.rstrip("/")).name
     base = base.removesuffix(".gguf") or "model"
+    if request.gguf_type is not None:
+        return f"{base}-{request.method}-{request.gguf_type.upper()}"
     group = f"g{request.group_size}" if request.group_size else ""
     return f"{base}-{request.method}-w{request.bits}{group}"
 

@@ -114,14 +114,34 @@ def cd_sweeps(
     little, so this bounds the cost without moving uphill. Columns with Σ_jj = 0 do not affect the
     objective; they are set to the grid rounding of W.
 
-    ``start_objective``: ``f(start)`` when the caller knows it (the log's objectives then cost no
-    extra product). ``backend``: the in-block kernel (``torch``, ``numba``, ``triton``; default
-    ``$CDQ_KERNEL`` or automatic, see :mod:`cdq_cli.kernels`).
+    A grid with an offset (GGUF types with a minimum) is swept as ``W − offset`` on its
+    offset-free grid. ``start_objective``: ``f(start)`` when the caller knows it (the log's
+    objectives then cost no extra product). ``backend``: the in-block kernel (``torch``,
+    ``numba``, ``triton``; default ``$CDQ_KERNEL`` or automatic, see :mod:`cdq_cli.kernels`).
     """
     if tolerance < 0:
         raise ValueError("tolerance must be >= 0")
     if sweeps < 0:
         raise ValueError("sweeps must be >= 0")
+    if grid.offset is not None:
+        # ŵ = s·(c − z) + M: sweep W − M on the offset-free grid (same objective, same rounding
+        # formula in every kernel), then add M back.
+        shift = grid.expand_offset(weight.shape[1])
+        approx, log = cd_sweeps(
+            weight - shift,
+            sigma,
+            grid.without_offset(),
+            start - shift,
+            sweeps=sweeps,
+            order=order,
+            relaxed=relaxed,
+            block_size=block_size,
+            stop_at_fixed_point=stop_at_fixed_point,
+            tolerance=tolerance,
+            start_objective=start_objective,
+            backend=backend,
+        )
+        return approx + shift, log
     relaxed = list(relaxed) if relaxed is not None else [False] * sweeps
     relaxed = (relaxed + [False] * sweeps)[:sweeps]
     name = resolve(weight, backend)

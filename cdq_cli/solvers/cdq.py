@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import gguf
 from .cd import cd_sweeps, order_permutation
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
@@ -93,7 +94,10 @@ def descend(
         if refit == "none":
             break
         codes = state.grid.quantize(state.approx)
-        fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
+        if state.grid.spec.block_type is not None:  # a GGUF type: its own refit, stored widths kept
+            fitter = gguf.refit
+        else:
+            fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
         wsigma = weight @ sigma if wsigma is None else wsigma  # the same for every refit
         new_grid = fitter(weight, sigma, state.grid, codes, wsigma=wsigma)
         candidate = new_grid.dequantize(codes)
@@ -157,8 +161,12 @@ def solve_cdq(
     damping: float = 0.01,
     tolerance: float = 1e-3,
     rounds: int = 1,
+    grid: Grid | None = None,
 ) -> QuantResult:
     """cdq: best of ``starts``, then ``descend`` with at most ``sweeps`` sweeps in ``order``.
+
+    ``grid``: a fixed start grid for every start (a GGUF block type's; its refits keep the type's
+    stored widths, and either refit option turns them on).
 
     The default starts are plain GPTQ (so the result is never above GPTQ's) and GPTQ in act-order
     on a range-clipped grid, which on real SmolLM2 layers was below plain, act-order and clipped
@@ -176,7 +184,7 @@ def solve_cdq(
     began = time.perf_counter()
     if isinstance(starts, str):
         starts = tuple(s for s in starts.split(",") if s)
-    approx, grid, start_value, _ = best_start(starts, weight, sigma, spec, damping=damping)
+    approx, grid, start_value, _ = best_start(starts, weight, sigma, spec, grid, damping=damping)
     perm = order_permutation(order, weight, sigma)
 
     def run(approx: torch.Tensor, grid: Grid, value: float) -> Descent:

@@ -120,8 +120,26 @@ def solve_gptq(
     act_order: bool = True,
     fixed_grid: Grid | None = None,
 ) -> QuantResult:
-    """GPTQ on ``spec``'s grid; ``fixed_grid`` forces a given grid (used to start CD from GPTQ)."""
+    """GPTQ on ``spec``'s grid; ``fixed_grid`` forces a given grid (used to start CD from GPTQ).
+
+    A fixed grid with an offset (GGUF types with a minimum) runs on ``W − offset`` with its
+    offset-free grid; the codes are then dequantized on the grid itself (exact values)."""
     began = time.perf_counter()
+    if fixed_grid is not None and fixed_grid.offset is not None:
+        shifted = solve_gptq(
+            weight - fixed_grid.expand_offset(weight.shape[1]),
+            sigma,
+            spec,
+            damping=damping,
+            block_size=block_size,
+            act_order=act_order,
+            fixed_grid=fixed_grid.without_offset(),
+        )
+        approx = fixed_grid.dequantize(shifted.codes)
+        value = shifted.objective
+        return QuantResult(
+            "gptq", approx, shifted.codes, fixed_grid, value, value, seconds=time.perf_counter() - began
+        )
     rows, columns = weight.shape
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None

@@ -6,6 +6,11 @@ belong to the row's group containing ``j``. Scales and zero-points are always st
 ``(rows, n_groups)`` tensors (``n_groups = 1`` per channel; a per-layer grid repeats one value), so
 every solver and the checkpoint see one shape convention. Zero-points are integer-valued floats,
 which is what packed formats such as GPTQ's can hold.
+
+A grid of a GGUF block type (``GridSpec.block_type``, see :mod:`.gguf_types`) has the same
+form per sub-block plus an optional ``offset`` (``s · (c − z) + offset``, the types that store a
+minimum) and keeps the type's stored scales in ``parts`` (:mod:`.gguf`). Uniform grids have
+neither, and their arithmetic is untouched.
 """
 
 from __future__ import annotations
@@ -14,19 +19,42 @@ from dataclasses import dataclass
 
 import torch
 
+from .gguf_types import block_type as _block_type
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
 class GridSpec:
-    """How a layer's grid is shaped: width, grouping along the input dimension, symmetry."""
+    """How a layer's grid is shaped: width, grouping along the input dimension, symmetry.
+
+    ``block_type``: a GGUF block type (``Q4_K``...); bits, group size and symmetry are then the
+    type's own (:meth:`of_type`) and the width must be a multiple of the type's block.
+    """
 
     bits: int
     group_size: int | None = None
     sym: bool = False
     per_layer: bool = False
+    block_type: str | None = None
+
+    @classmethod
+    def of_type(cls, name: str) -> GridSpec:
+        """The grid of GGUF block type ``name`` (one-line ``ValueError`` for an unknown name)."""
+        found = _block_type(name)
+        return cls(found.bits, found.group, found.symmetric, False, found.name)
 
     def __post_init__(self) -> None:
+        if self.block_type is not None:
+            found = _block_type(self.block_type)
+            if (self.bits, self.group_size, self.sym, self.per_layer) != (
+                found.bits,
+                found.group,
+                found.symmetric,
+                False,
+            ):
+                raise ValueError(f"a {found.name} grid is {found.bits}-bit in groups of {found.group}")
+            return
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"unsupported bit width {self.bits}: choose one of {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size <= 0:
@@ -39,6 +67,13 @@ class GridSpec:
         return 2**self.bits - 1
 
     def n_groups(self, columns: int) -> int:
+        if self.block_type is not None:
+            block = _block_type(self.block_type).block
+            if columns % block:
+                raise ValueError(
+                    f"{self.block_type} needs an input width that is a multiple of {block}; "
+                    f"this layer's is {columns}"
+                )
         if self.group_size is None:
             return 1
         if columns % self.group_size:
@@ -50,11 +85,15 @@ class GridSpec:
 
 @dataclass
 class Grid:
-    """A fitted grid: ``scale`` and ``zero`` of shape (rows, n_groups)."""
+    """A fitted grid: ``scale`` and ``zero`` of shape (rows, n_groups); ``offset`` (same shape) is
+    added to every value (GGUF types with a stored minimum); ``parts`` are a GGUF grid's stored
+    scales, from which ``scale``/``offset`` were computed (:func:`cdq_cli.solvers.gguf.grid_of`)."""
 
     spec: GridSpec
     scale: torch.Tensor
     zero: torch.Tensor
+    offset: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] | None = None
 
     def expand(self, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-entry (rows, columns) scale and zero."""
@@ -67,13 +106,28 @@ class Grid:
     def quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``weight`` (as uint8) on this grid."""
         scale, zero, grouped = self._grouped(weight)
+        if self.offset is not None:
+            grouped = grouped - self.offset.unsqueeze(-1)
         return codes_of(grouped, scale, zero, self.spec.maxq).to(torch.uint8).reshape(weight.shape)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         scale, zero, grouped = self._grouped(codes)
         # scale · (q − z), in place on one copy of the codes (no second full-size temporary)
-        values = grouped.to(scale.dtype, copy=True)
-        return values.sub_(zero).mul_(scale).reshape(codes.shape)
+        values = grouped.to(scale.dtype, copy=True).sub_(zero).mul_(scale)
+        if self.offset is not None:  # GGUF's d·q − dmin·m: one float32 rounding, whatever the dtype
+            values = (values.float() + self.offset.float().unsqueeze(-1)).to(values.dtype)
+        return values.reshape(codes.shape)
+
+    def without_offset(self) -> Grid:
+        """The same scales and zeros with no offset: the grid of ``W − offset`` (what the solvers'
+        kernels round to, whose rounding formula has no offset)."""
+        return Grid(self.spec, self.scale, self.zero)
+
+    def expand_offset(self, columns: int) -> torch.Tensor | None:
+        """The per-entry (rows, columns) offset, or None."""
+        if self.offset is None:
+            return None
+        return self.offset.repeat_interleave(columns // self.offset.shape[1], dim=1)
 
     def _grouped(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, groups, 1) scale and zero and the (rows, groups, group size) view of ``values``:
@@ -88,7 +142,9 @@ class Grid:
         return self.dequantize(self.quantize(weight))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Grid:
-        return Grid(self.spec, self.scale.to(device, dtype), self.zero.to(device, dtype))
+        offset = None if self.offset is None else self.offset.to(device, dtype)
+        parts = None if self.parts is None else {k: v.to(device) for k, v in self.parts.items()}
+        return Grid(self.spec, self.scale.to(device, dtype), self.zero.to(device, dtype), offset, parts)
 
 
 def codes_of(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

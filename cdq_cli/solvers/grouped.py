@@ -119,6 +119,9 @@ def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:
             [r.outliers if r.outliers is not None else torch.zeros_like(r.weight) for r in results]
         )
     grid = Grid(stored, torch.cat([r.grid.scale for r in results]), torch.cat([r.grid.zero for r in results]))
+    if results[0].grid.parts is not None:  # a GGUF type: rows of stored scales and offsets stack too
+        grid.offset = None if results[0].grid.offset is None else torch.cat([r.grid.offset for r in results])
+        grid.parts = {key: torch.cat([r.grid.parts[key] for r in results]) for key in results[0].grid.parts}
     return QuantResult(
         method=results[0].method,
         weight=approx,

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .cd import cd_sweeps, order_permutation
-from .grid import GridSpec
+from .grid import Grid, GridSpec
 from .result import QuantResult, check_finite, working_objective
 from .starts import start_point
 
@@ -37,8 +37,10 @@ def solve_quantease(
     relaxed: bool | None = None,
     block_size: int = 128,
     damping: float = 0.01,
+    grid: Grid | None = None,
 ) -> QuantResult:
-    """QuantEase; explicit options override the preset's (``damping`` only affects a GPTQ start)."""
+    """QuantEase; explicit options override the preset's (``damping`` only affects a GPTQ start).
+    ``grid``: a fixed grid to work on (a GGUF block type's) instead of the start's own."""
     if preset not in PRESETS:
         raise ValueError(f"unknown QuantEase preset {preset!r}: choose one of {', '.join(PRESETS)}")
     began = time.perf_counter()
@@ -46,7 +48,7 @@ def solve_quantease(
     sweeps = sweeps if sweeps is not None else (30 if paper else 4)
     start = start if start is not None else ("weight" if paper else "gptq")
     relaxed = relaxed if relaxed is not None else paper
-    approx, grid = start_point(start, weight, sigma, spec, damping=damping)
+    approx, grid = start_point(start, weight, sigma, spec, grid, damping=damping)
     start_value = working_objective(weight, grid.round(approx) if start == "weight" else approx, sigma)
     schedule = paper_relaxed_schedule(sweeps) if relaxed else [False] * sweeps
     approx, log = cd_sweeps(

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import gguf
 from .cd import ORDERS
 from .cdq import REFITS, solve_cdq
 from .comq import solve_comq
@@ -78,13 +79,16 @@ class Method:
     line for ``cdq methods`` and ``--help``), ``sweeps``: how many passes over the layer it
     typically makes, and ``factorizations``: how many columns x columns Cholesky factorizations
     and inverses it makes (GPTQ: one per GPTQ start); both are factors of its cost estimate
-    (:meth:`cost`)."""
+    (:meth:`cost`). ``fixed_grid``: the keyword through which ``solve`` takes a fixed grid (a GGUF
+    block type's, :func:`run_solver`; None: the method cannot solve on one, e.g. it keeps
+    full-precision outliers)."""
 
     name: str
     solve: Callable[..., QuantResult]
     summary: str
     sweeps: float
     options: Mapping[str, Option] = field(default_factory=dict)
+    fixed_grid: str | None = None
     factorizations: float = 0.0
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
@@ -113,12 +117,13 @@ _TARGET = Option("objective target", "choice", choices=TARGETS, solver=False, de
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("rtn", solve_rtn, "round-to-nearest baseline", sweeps=0.0),
+        Method("rtn", solve_rtn, "round-to-nearest baseline", sweeps=0.0, fixed_grid="grid"),
         Method(
             "gptq",
             solve_gptq,
             "GPTQ baseline",
             sweeps=1.0,
+            fixed_grid="fixed_grid",
             factorizations=1.0,
             options={
                 "damping": _DAMPING,
@@ -132,6 +137,7 @@ METHODS: dict[str, Method] = {
             solve_quantease,
             "QuantEase: cyclic coordinate descent on a fixed min-max grid",
             sweeps=30.0,
+            fixed_grid="grid",
             options={
                 "preset": Option("QuantEase preset", "choice", choices=PRESETS),
                 "sweeps": Option("sweeps", "int", low=0, optional=True),
@@ -165,6 +171,7 @@ METHODS: dict[str, Method] = {
             solve_comq,
             "COMQ: CD over codes and scales in greedy order",
             sweeps=3.0,
+            fixed_grid="grid",
             options={
                 "scalar": Option("COMQ scalar λ", "float", low=0, open_low=True),
                 "iterations": Option("outer iterations", "int", low=1),
@@ -181,6 +188,7 @@ METHODS: dict[str, Method] = {
             solve_cdq,
             "cdq's own (default): best of GPTQ starts, then CD sweeps with grid refits",
             sweeps=8.0,
+            fixed_grid="grid",
             factorizations=2.0,  # its two default GPTQ starts
             options={
                 "starts": Option(
@@ -286,7 +294,18 @@ def run_solver(
     check_problem(weight, sigma)
     spec.n_groups(weight.shape[1])
     sigma = sigma.to(weight.device, weight.dtype)
-    return solver(weight, sigma, spec, **options)
+    if spec.block_type is None:
+        return solver(weight, sigma, spec, **options)
+    # A GGUF block type: every solver works on the type's exact grid, starting from llama.cpp's own
+    # choice of the stored scales weighted by diag Σ (solvers.gguf).
+    if declared.fixed_grid is None:
+        able = ", ".join(name for name, m in METHODS.items() if m.fixed_grid is not None)
+        raise ValueError(
+            f"method {method} keeps full-precision outliers, which a GGUF file cannot hold: "
+            f"choose one of {able}"
+        )
+    grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
+    return solver(weight, sigma, spec, **options, **{declared.fixed_grid: grid})
 
 
 def _value(method: str, name: str, option: Option, value: Any) -> Any:

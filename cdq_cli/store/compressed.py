@@ -104,6 +104,7 @@ from .exporting import (
     copy_companions,
     merged_transform,
     read_json,
+    refuse_gguf_grids,
     refuse_same_folder,
     rounded_experts,
     rounded_note,
@@ -184,6 +185,7 @@ def preflight(
         raise ExportError(
             f"--method {method} keeps full-precision outliers, which compressed-tensors cannot hold"
         )
+    refuse_gguf_grids({name: spec for name, (_, spec) in layers.items()}, "compressed-tensors")
     plain = [name for name in kept if is_fused_name(name)]
     if plain:
         raise ExportError(

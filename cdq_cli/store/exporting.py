@@ -77,6 +77,15 @@ class ExportFormat:
         return {key: checked.get(key, values[0]) for key, values in self.options.items()}
 
 
+def refuse_gguf_grids(specs: Mapping[str, GridSpec], fmt: str) -> None:
+    """A layer on a GGUF type's grid (block scales, offsets) fits no other export format."""
+    for name, spec in specs.items():
+        if spec.block_type is not None:
+            raise ExportError(
+                f"{name} is on the GGUF grid {spec.block_type}: {fmt} cannot hold it (--format gguf)"
+            )
+
+
 def merged_transform(table: Mapping[str, Any], fmt: str) -> dict[str, Any]:
     """The ``--transform`` the folder's quantization table records (``{"name": "none"}`` without
     one), checked to be merged into the weights: a transform that needs operations at inference

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import compressed, gptq
+from . import compressed, gguf, gptq
 from .exporting import ExportError, ExportFormat, ExportSummary, PlannedLayers
 
 __all__ = ["FORMATS", "ExportError", "ExportFormat", "default_dest", "export", "find_format", "preflight"]
 
-FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (gptq.FORMAT, compressed.FORMAT)}
+FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (gptq.FORMAT, compressed.FORMAT, gguf.FORMAT)}
 
 
 def find_format(name: str) -> ExportFormat:

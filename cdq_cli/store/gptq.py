@@ -65,6 +65,7 @@ from .exporting import (
     copy_companions,
     merged_transform,
     read_json,
+    refuse_gguf_grids,
     refuse_same_folder,
     write_json,
 )
@@ -155,6 +156,7 @@ def preflight(
     will quantize (name -> (shape, grid)), ``skipped`` the run's --skip patterns; one grid for all
     of them, none kept in full precision (``model_type`` and ``kept``, which the formats share,
     change nothing here: fused experts are refused whatever the family)."""
+    refuse_gguf_grids({name: spec for name, (_, spec) in layers.items()}, "GPTQ")
     if skipped:
         raise ExportError(f"--skip {skipped[0]!r} keeps layers in full precision, which {MIXED}")
     specs = {spec for _, spec in layers.values()}
@@ -251,6 +253,7 @@ def export_gptq(
     if not stored.layer_meta:
         raise ExportError(f"{source} has no quantized layers (--bits 16?); nothing to export")
     specs = {name: spec_of(name, meta) for name, meta in stored.layer_meta.items()}
+    refuse_gguf_grids({name: spec for name, (spec, _, _) in specs.items()}, "GPTQ")
     if len({spec for spec, _, _ in specs.values()}) != 1:
         raise ExportError(f"layers use different grids (--layer), which {MIXED}")
     skipped = table.get("skipped") or []

@@ -4,6 +4,12 @@ Output folders and resume journals store a layer ``NAME`` the same way: ``NAME.q
 codes packed along the input dim), ``NAME.scales``, ``NAME.zeros`` and, when outliers were kept,
 ``NAME.outliers_idx`` / ``NAME.outliers_val`` (COO).
 
+A layer on a GGUF block type's grid (its table entry names the ``block_type``) stores, instead of
+``scales``/``zeros``, the type's own stored scales: ``NAME.gguf_d`` (float16 per block) and, as
+the type has them, ``NAME.gguf_dmin``, ``NAME.gguf_m`` (float16 per block) and
+``NAME.gguf_scales``, ``NAME.gguf_mins`` (int16 per sub-block); its grid is
+:func:`cdq_cli.solvers.gguf.grid_of` of those, bit for bit what llama.cpp computes from the file.
+
 The pipeline writes ``QuantizedLayer.dequantize()`` into the model and the checkpoint reader calls
 the same function on the stored tensors, so the reloaded weights are bit-for-bit the ones the
 in-memory model used.
@@ -18,9 +24,21 @@ from typing import Any
 import torch
 
 from ..solvers import SUPPORTED_BITS, Grid, GridSpec, QuantResult
+from ..solvers.gguf import grid_of
+from ..solvers.gguf_types import BLOCK_TYPES
 from ..solvers.packing import pack, packed_length, unpack
 
-LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val")
+# A GGUF layer's stored scales, by part name (solvers.gguf): leaf, dtype, one per block or sub-block.
+GGUF_PARTS = {
+    "d": ("gguf_d", torch.float16, "block"),
+    "dmin": ("gguf_dmin", torch.float16, "block"),
+    "m": ("gguf_m", torch.float16, "block"),
+    "scales": ("gguf_scales", torch.int16, "group"),
+    "mins": ("gguf_mins", torch.int16, "group"),
+}
+LEAVES = ("qweight", "scales", "zeros", "outliers_idx", "outliers_val") + tuple(
+    leaf for leaf, _, _ in GGUF_PARTS.values()
+)
 
 
 @dataclass
@@ -35,6 +53,7 @@ class QuantizedLayer:
     zeros: torch.Tensor  # (out, n_groups), integer-valued, same dtype as scales
     outliers_idx: torch.Tensor | None = None  # int64 (2, nnz): row, column
     outliers_val: torch.Tensor | None = None  # (nnz,), scales' dtype
+    parts: dict[str, torch.Tensor] | None = None  # a GGUF type's stored scales (scales/zeros derive)
 
     @property
     def rows(self) -> int:
@@ -56,6 +75,9 @@ class QuantizedLayer:
             dense = result.outliers.detach().cpu()
             idx = dense.nonzero().T.contiguous()
             val = dense[idx[0], idx[1]].contiguous()
+        parts = None
+        if result.grid.parts is not None:
+            parts = {key: value.detach().cpu().contiguous() for key, value in result.grid.parts.items()}
         return cls(
             name=name,
             spec=result.grid.spec,
@@ -65,6 +87,7 @@ class QuantizedLayer:
             zeros=result.grid.zero.detach().cpu().contiguous(),
             outliers_idx=idx,
             outliers_val=val,
+            parts=parts,
         )
 
     def codes(self) -> torch.Tensor:
@@ -72,7 +95,7 @@ class QuantizedLayer:
 
     def dequantize(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Ŵ = grid.dequantize(codes) + outliers, in the scales' dtype, shaped like the layer weight."""
-        grid = Grid(self.spec, self.scales.to(device), self.zeros.to(device))
+        grid = self.grid().to(device)
         weight = grid.dequantize(self.codes().to(device))
         if self.outliers_idx is not None and self.outliers_val is not None:
             dense = torch.zeros_like(weight)
@@ -82,10 +105,18 @@ class QuantizedLayer:
             weight = weight + dense
         return weight.reshape(self.shape)
 
+    def grid(self) -> Grid:
+        """The layer's grid (a GGUF type's from its stored scales)."""
+        if self.parts is not None:
+            return grid_of(self.spec, self.parts)
+        return Grid(self.spec, self.scales, self.zeros)
+
     def metadata(self) -> dict:
         """JSON description for the checkpoint's quantization table (stacked experts also name
-        the 3-D parameter they replace)."""
+        the 3-D parameter they replace; a GGUF layer its ``block_type``)."""
         extra = {"param": self.name} if len(self.shape) == 3 else {}
+        if self.spec.block_type is not None:
+            extra["block_type"] = self.spec.block_type
         return {
             **extra,
             "bits": self.spec.bits,
@@ -128,7 +159,7 @@ def spec_of(name: str, meta: Any) -> tuple[GridSpec, tuple[int, ...], int]:
         raise fail("its description is not a mapping")
     bits, group, sym, per_layer = (meta.get(k) for k in ("bits", "group_size", "sym", "per_layer"))
     shape, outliers = meta.get("shape"), meta.get("outliers", 0)
-    if type(bits) is not int or bits not in SUPPORTED_BITS:
+    if type(bits) is not int or (bits not in SUPPORTED_BITS and meta.get("block_type") is None):
         raise fail(f"bits {bits!r} is not one of {', '.join(map(str, SUPPORTED_BITS))}")
     if (
         not isinstance(shape, list)
@@ -145,6 +176,17 @@ def spec_of(name: str, meta: Any) -> tuple[GridSpec, tuple[int, ...], int]:
         raise fail(f"sym {sym!r} / per_layer {per_layer!r} are not a valid pair of booleans")
     if type(outliers) is not int or outliers < 0:
         raise fail(f"outlier count {outliers!r} is not a non-negative integer")
+    kind = meta.get("block_type")
+    if kind is not None:
+        found = BLOCK_TYPES.get(kind) if isinstance(kind, str) else None
+        if found is None:
+            raise fail(f"block type {kind!r} is not one of {', '.join(BLOCK_TYPES)}")
+        spec = GridSpec.of_type(found.name)
+        if (bits, group, sym, bool(per_layer)) != (spec.bits, spec.group_size, spec.sym, False):
+            raise fail(f"bits/group_size/sym do not describe a {found.name} grid")
+        if width % found.block or outliers:
+            raise fail(f"a {found.name} layer needs a width divisible by {found.block} and no outliers")
+        return spec, tuple(shape), outliers
     return GridSpec(bits, group, sym, bool(per_layer)), tuple(shape), outliers
 
 
@@ -152,6 +194,9 @@ def check_record(layer: QuantizedLayer, outliers: int) -> None:
     """The layer's tensors have exactly the sizes its grid and shape imply, and valid values."""
     rows, columns, spec = layer.rows, layer.columns, layer.spec
     groups = spec.n_groups(columns)
+    if spec.block_type is not None:
+        _check_gguf_record(layer)
+        return
     expected = {
         "qweight": ((rows, packed_length(columns, spec.bits)), (torch.int32,)),
         "scales": ((rows, groups), _FLOATS),
@@ -183,10 +228,60 @@ def check_record(layer: QuantizedLayer, outliers: int) -> None:
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def gguf_part_names(block_type: str) -> tuple[str, ...]:
+    """The stored-scale parts of a GGUF type (see the module docstring)."""
+    kind = BLOCK_TYPES[block_type]
+    names = ["d"]
+    if kind.k_quant:
+        names += ["scales"] if kind.symmetric else ["dmin", "scales", "mins"]
+    elif not kind.symmetric:
+        names.append("m")
+    return tuple(names)
+
+
+def _check_gguf_record(layer: QuantizedLayer) -> None:
+    """A GGUF layer's codes and stored scales have the type's sizes, dtypes and ranges."""
+    kind = BLOCK_TYPES[layer.spec.block_type]
+    rows, columns = layer.rows, layer.columns
+    where = f"layer {layer.name}"
+    if (
+        tuple(layer.qweight.shape) != (rows, packed_length(columns, kind.bits))
+        or layer.qweight.dtype != torch.int32
+    ):
+        raise LayerRecordError(
+            f"{where}: qweight does not hold {kind.bits}-bit codes of a {list(layer.shape)} weight"
+        )
+    parts = layer.parts or {}
+    if set(parts) != set(gguf_part_names(kind.name)):
+        raise LayerRecordError(f"{where}: a {kind.name} layer stores {', '.join(gguf_part_names(kind.name))}")
+    for key, value in parts.items():
+        _, dtype, per = GGUF_PARTS[key]
+        count = columns // (kind.block if per == "block" else kind.group)
+        if tuple(value.shape) != (rows, count) or value.dtype != dtype:
+            raise LayerRecordError(
+                f"{where}: {key} must be {dtype} ({rows}, {count}), got {value.dtype} {tuple(value.shape)}"
+            )
+        if dtype == torch.float16 and not bool(torch.isfinite(value).all()):
+            raise LayerRecordError(f"{where}: {key} has non-finite values")
+    if kind.k_quant:
+        if kind.signed_scales:
+            low, high = -(2 ** (kind.scale_bits - 1)), 2 ** (kind.scale_bits - 1) - 1
+        else:
+            low, high = 0, 2**kind.scale_bits - 1
+        for key in ("scales", "mins"):
+            if key in parts and not bool(((parts[key] >= low) & (parts[key] <= high)).all()):
+                raise LayerRecordError(f"{where}: {key} outside [{low}, {high}], the {kind.name} width")
+
+
 def write_layer_tensors(layer: QuantizedLayer, tensors: dict[str, torch.Tensor]) -> None:
     """Add ``layer``'s stored tensors to a safetensors dict (outliers only when kept)."""
     name = layer.name
     tensors[f"{name}.qweight"] = layer.qweight.contiguous()
+    if layer.parts is not None:
+        for key, value in layer.parts.items():
+            leaf, dtype, _ = GGUF_PARTS[key]
+            tensors[f"{name}.{leaf}"] = value.to(dtype).contiguous()
+        return
     tensors[f"{name}.scales"] = layer.scales.contiguous()
     tensors[f"{name}.zeros"] = layer.zeros.contiguous()
     if layer.outliers_idx is not None and layer.outliers_val is not None:
@@ -198,6 +293,18 @@ def read_packed_layer(
     fh: Any, name: str, spec: GridSpec, shape: tuple[int, ...], keys: set[str]
 ) -> QuantizedLayer:
     """One layer's packed tensors from an open safetensors file (``keys``: the file's keys)."""
+    if spec.block_type is not None:
+        parts = {}
+        for key in gguf_part_names(spec.block_type):
+            leaf = f"{name}.{GGUF_PARTS[key][0]}"
+            if leaf not in keys:
+                raise LayerRecordError(f"layer {name}: {leaf} is missing")
+            parts[key] = fh.get_tensor(leaf)
+        layer = QuantizedLayer(name, spec, shape, fh.get_tensor(f"{name}.qweight"), None, None, parts=parts)
+        _check_gguf_record(layer)
+        grid = layer.grid()
+        layer.scales, layer.zeros = grid.scale, grid.zero
+        return layer
     has_outliers = f"{name}.outliers_idx" in keys
     return QuantizedLayer(
         name=name,

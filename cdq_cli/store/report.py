@@ -135,9 +135,13 @@ def render(record: RunRecord) -> dict[str, Any]:
 
 def table_entries(settings: Settings) -> dict[str, Any]:
     """What the report's run section and the output folder's quantization table both say of the
-    grid: method, bits, group size, symmetry (from :meth:`Settings.describe`)."""
+    grid: method, bits, group size, symmetry (from :meth:`Settings.describe`), and a GGUF run's
+    ``--type``."""
     described = settings.describe()
-    return {key: described[key] for key in ("method", "bits", "group_size", "sym")}
+    entries = {key: described[key] for key in ("method", "bits", "group_size", "sym")}
+    if settings.gguf_type is not None:
+        entries["gguf_type"] = settings.gguf_type
+    return entries
 
 
 def write(folder: Path, report: dict[str, Any]) -> None:
