@@ -99,6 +99,7 @@ from .experts import (
     layout_for,
 )
 from .exporting import (
+    OUTLIER_METHODS,
     ExportError,
     ExportFormat,
     copy_companions,
@@ -119,7 +120,6 @@ from .shards import ShardWriter
 FORMAT_LAYOUT = "pack-quantized"
 # The compressed-tensors release whose layout this is (3-bit: dense packing since 0.18).
 LAYOUT_VERSION = "0.18.0"
-OUTLIER_METHODS = ("quantease-outlier",)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # what vLLM runs as one matrix
 VLLM_PLAIN = ".shared_expert_gate"  # vLLM's Qwen2-MoE builds it as torch.nn.Linear: never quantized
 

@@ -19,6 +19,8 @@ from ..solvers import GridSpec
 from .names import MARKER, WEIGHTS, WEIGHTS_INDEX
 
 _NOT_COPIED = {WEIGHTS, MARKER, "config.json"}
+# Methods that keep full-precision outliers beside the grid: no export format holds them.
+OUTLIER_METHODS = ("quantease-outlier",)
 
 # layer full name -> (its weight's shape, the grid it will be solved on)
 PlannedLayers = Mapping[str, tuple[tuple[int, ...], GridSpec]]

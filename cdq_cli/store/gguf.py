@@ -39,7 +39,14 @@ from ..solvers.gguf import codes_of, grid_of
 from ..solvers.gguf_types import BLOCK_TYPES
 from ..solvers.llama_fit import fit_parts
 from . import gguf_mix
-from .exporting import ExportError, ExportFormat, merged_transform, read_json, refuse_same_folder
+from .exporting import (
+    OUTLIER_METHODS,
+    ExportError,
+    ExportFormat,
+    merged_transform,
+    read_json,
+    refuse_same_folder,
+)
 from .files import atomic_folder, check_output_dir
 from .folder import OutputWeights
 from .gguf_blocks import pack
@@ -133,7 +140,7 @@ def preflight(
     """Refuse, before any work, what a GGUF file cannot hold (``skipped``/``kept`` layers are
     written in F16, as llama.cpp keeps them; the family is checked from the model's config by the
     run, :func:`check_family`)."""
-    if method == "quantease-outlier":
+    if method in OUTLIER_METHODS:
         raise ExportError(f"--method {method} keeps full-precision outliers, which a GGUF file cannot hold")
     for name, (shape, spec) in layers.items():
         if len(shape) == 4:

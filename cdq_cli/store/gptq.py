@@ -60,6 +60,7 @@ from .. import __version__
 from ..solvers import GridSpec
 from ..solvers.packing import pack, packed_length, unpack
 from .exporting import (
+    OUTLIER_METHODS,
     ExportError,
     ExportFormat,
     copy_companions,
@@ -82,7 +83,6 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # per channel (group_size −1) too. Marlin kernels (vLLM, SGLang, TGI) take 32, 64, 128 or −1.
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 MARLIN_GROUP_SIZES = (None, 32, 64, 128)
-OUTLIER_METHODS = ("quantease-outlier",)
 MIXED = (
     "GPTQ's quantization_config describes one grid for every Linear of every block (transformers' "
     "GPTQ loader, optimum, ignores GPTQModel's per-layer 'dynamic' field): use --format compressed-tensors"
