@@ -277,18 +277,25 @@ def test_hadamard_run_records_the_transform_and_loads_in_transformers(
         _close(rotated(batch).logits, original(batch).logits)
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "gguf"])
 def test_every_export_records_the_transform_and_refuses_one_it_cannot_express(
     fmt, tokenizer, calib, tmp_path, capsys
 ) -> None:
     folder = saved("llama", tmp_path / "llama", tokenizer)
     out = tmp_path / "q"
-    code, _, err = cli(capsys, "quantize", folder, "--method", "rtn", "--bits", "4", "--sym", "--transform",
-                       "hadamard", "--calib", calib, *FAST, "--output", out, "--format", fmt)  # fmt: skip
+    grid = ["--type", "Q8_0"] if fmt == "gguf" else ["--bits", "4", "--sym"]
+    code, _, err = cli(capsys, "quantize", folder, "--method", "rtn", *grid, "--transform", "hadamard",
+                       "--calib", calib, *FAST, "--output", out, "--format", fmt)  # fmt: skip
     assert code == 0, err
-    suffix = "-gptq" if fmt == "gptq" else "-ct"
-    block = json.loads((tmp_path / f"q{suffix}" / "config.json").read_text())["quantization_config"]
-    recorded = block["meta"]["cdq_transform"] if fmt == "gptq" else block["cdq_transform"]
+    if fmt == "gguf":
+        import gguf
+
+        field = gguf.GGUFReader(tmp_path / "q-gguf" / "model-Q8_0.gguf").get_field("cdq.transform")
+        recorded = json.loads(field.contents())
+    else:
+        suffix = "-gptq" if fmt == "gptq" else "-ct"
+        block = json.loads((tmp_path / f"q{suffix}" / "config.json").read_text())["quantization_config"]
+        recorded = block["meta"]["cdq_transform"] if fmt == "gptq" else block["cdq_transform"]
     assert recorded["name"] == "hadamard" and recorded["untied_head"] is not None
     table_path = out / "quantization.json"
     table = json.loads(table_path.read_text())
@@ -297,6 +304,27 @@ def test_every_export_records_the_transform_and_refuses_one_it_cannot_express(
     code, _, err = cli(capsys, "export", out, "--format", fmt, "--output", tmp_path / "again")
     assert code == 2 and "needs operations at inference time" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("transform", ["hadamard", "awq"])
+def test_a_transformed_gguf_file_loads_in_transformers_equal_to_cdqs_folder(
+    transform, tokenizer, calib, tmp_path, capsys
+) -> None:
+    """``--transform T --format gguf``: the file transformers reads (its own dequantizer) holds
+    cdq's folder's weights bit for bit, so it computes the same model."""
+    folder = saved("llama", tmp_path / "llama", tokenizer)
+    out = tmp_path / "q"
+    code, _, err = cli(capsys, "quantize", folder, "--method", "cdq", "--transform", transform, "--calib",
+                       calib, *FAST, "--output", out, "--format", "gguf", "--type", "Q4_0")  # fmt: skip
+    assert code == 0, err
+    from cdq_cli.store.reopen import load_quantized
+
+    native, _ = load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q-gguf", gguf_file="model-Q4_0.gguf", dtype=torch.float32
+    ).state_dict()
+    for name, tensor in native.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
 
 
 def test_lazy_and_resident_models_give_the_same_transformed_output(

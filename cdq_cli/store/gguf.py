@@ -17,7 +17,9 @@ re-rounded. Everything else is written as llama.cpp's converter and quantizer wr
   type llama.cpp's quantizer gives it (:mod:`.gguf_mix`), quantized as llama.cpp quantizes
   without an importance matrix (the embeddings and head of a ``--format gguf`` run are already
   quantized that way by the run itself, so the file and the folder hold the same numbers), or F16
-  where llama.cpp falls back to F16 (a width not a multiple of 32).
+  where llama.cpp falls back to F16 (a width not a multiple of 32);
+* a ``--transform`` (merged into the weights) as the key ``cdq.transform`` (its JSON), as the other
+  exports record it in their configs; one that needs operations at inference time is refused.
 
 Refused before anything is written (one line): a folder that is not a causal LM of one of those
 families, a layer on a uniform grid (not a GGUF type), a ``--type`` other than the run's, a
@@ -26,6 +28,7 @@ tokenizer llama.cpp would read differently (:class:`~.gguf_vocab.VocabError`), o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +211,7 @@ def export_gguf(
         raise ExportError(f"{source} holds a {table.get('kind')!r} model; GGUF is for causal LMs")
     config = read_json(source / "config.json")
     family = check_family(config)
-    merged_transform(table, "GGUF")  # --transform: merged into the weights, or refused
+    transform = merged_transform(table, "GGUF")  # --transform: merged into the weights, or refused
     recorded = table.get("gguf_type")
     if gguf_type in (None, AS_RUN):
         gguf_type = recorded
@@ -234,6 +237,8 @@ def export_gguf(
     with atomic_folder(dest, overwrite=overwrite, protect=[source]) as tmp:
         writer = gguf.GGUFWriter(tmp / name, family.arch)
         _metadata(writer, config, gguf_type, source, family)
+        if transform.get("name", "none") != "none":  # what the weights went through (readers ignore it)
+            writer.add_string(TRANSFORM_KEY, json.dumps(transform, sort_keys=True))
         vocab.add_to(writer)
         for item in plan:
             quantized = item.qtype not in ("F16", "F32")
@@ -384,6 +389,11 @@ def _tensor_data(stored: OutputWeights, plan: list[_Tensor]) -> Iterator[np.ndar
             parts = {key: value[index] for key, value in parts.items()}
         blocks = pack(item.qtype, codes, parts)
         yield blocks.reshape(*item.shape[:-1], blocks.shape[-1])
+
+
+# The --transform the weights went through (hadamard, awq: merged, nothing added at run time), as
+# JSON; llama.cpp and transformers ignore keys outside their architectures' names.
+TRANSFORM_KEY = "cdq.transform"
 
 
 def _metadata(
