@@ -67,13 +67,19 @@ class GGUFFamily:
     permute_qk: bool
 
 
-# model_type -> family, as convert_hf_to_gguf.py's LlamaModel and Qwen3MoeModel write them
+# model_type -> family, as convert_hf_to_gguf.py's LlamaModel (Mixtral: a Llama with experts),
+# Qwen2MoeModel and Qwen3MoeModel write them
 FAMILIES = {
     "llama": GGUFFamily(("LlamaForCausalLM", "LLaMAForCausalLM"), "llama", "LLAMA", True),
     "mistral": GGUFFamily(("MistralForCausalLM",), "llama", "LLAMA", True),
+    "mixtral": GGUFFamily(("MixtralForCausalLM",), "llama", "LLAMA", True),
+    "qwen2_moe": GGUFFamily(("Qwen2MoeForCausalLM",), "qwen2moe", "QWEN2MOE", False),
     "qwen3_moe": GGUFFamily(("Qwen3MoeForCausalLM",), "qwen3moe", "QWEN3MOE", False),
 }
 GGML_QUANT_VERSION = 2
+# 2-D tensors the converter writes in F32 and llama-quantize leaves so: norms, the experts' router,
+# Qwen2-MoE's shared-expert gate (converter: FFN_GATE_INP, FFN_GATE_INP_SHEXP)
+_F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 ENGINES = (
     "llama.cpp, Ollama, LM Studio (any llama.cpp-based runtime); transformers (gguf_file=..., dequantized)"
 )
@@ -126,7 +132,33 @@ def check_family(config: Mapping[str, Any]) -> GGUFFamily:
             "llama.cpp's qwen3moe always renormalizes the top-k routing weights, and this model does not "
             "(norm_topk_prob false): its GGUF file would compute something else"
         )
+    if family.arch == "qwen2moe":
+        _check_qwen2moe(config)
     return family
+
+
+def _check_qwen2moe(config: Mapping[str, Any]) -> None:
+    """What llama.cpp's qwen2moe graph computes (src/models/qwen2moe.cpp): every block a MoE block
+    with a shared expert, the top-k routing weights not renormalized, full attention everywhere."""
+    n_layers = int(config["num_hidden_layers"])
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    dense |= {i for i in range(n_layers) if step <= 0 or (i + 1) % step}
+    if dense:
+        raise ExportError(
+            f"llama.cpp's qwen2moe has experts in every block, and this model's blocks {sorted(dense)} "
+            "are dense (decoder_sparse_step / mlp_only_layers): its GGUF file would not load"
+        )
+    if config.get("norm_topk_prob", False):
+        raise ExportError(
+            "llama.cpp's qwen2moe never renormalizes the top-k routing weights, and this model does "
+            "(norm_topk_prob true): its GGUF file would compute something else"
+        )
+    if config.get("use_sliding_window", False):
+        raise ExportError(
+            "llama.cpp's qwen2moe attends to the whole context, and this model uses sliding-window "
+            "attention (use_sliding_window true): its GGUF file would compute something else"
+        )
 
 
 def preflight(
@@ -285,10 +317,14 @@ def _plan(
                     continue
                 raise ExportError(f"{source} has no GGUF name in llama.cpp's {family.arch} layout")
             gguf_name = f"{mapped}.weight" if target != module else f"{mapped}.{suffix}"
+            if layer is None and len(out_shape) == 2 and out_shape[0] == 1:
+                # one row (Qwen2-MoE's shared-expert gate): llama-quantize writes it 1-D, as ggml
+                # counts dimensions (ggml_n_dims), and transformers' reader expects that
+                out_shape = out_shape[1:]
             if layer is not None:
                 qtype = _block_type_of(stored, layer)
-            elif len(out_shape) == 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")):
-                qtype = "F32"  # as the converter: 1-D tensors, norms, the experts' router
+            elif len(out_shape) == 1 or gguf_name.endswith(_F32_NAMES):
+                qtype = "F32"  # as the converter: 1-D tensors, norms, the routers
             elif recorded.get(module) == gguf_mix.F16:  # --skip, or a width no type fits: as the run kept it
                 qtype = gguf_mix.F16
             else:

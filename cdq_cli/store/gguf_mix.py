@@ -93,7 +93,15 @@ _CATEGORIES = (
     # fused experts: gate/up become ffn_gate_exps and ffn_up_exps (the same rules), down ffn_down_exps
     (re.compile(r"\.mlp\.experts\.gate_up_proj$"), "ffn_gate"),
     (re.compile(r"\.mlp\.experts\.down_proj$"), "ffn_down"),
+    # Qwen2-MoE's shared expert: ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp (llama.cpp's category is
+    # a substring match, so they take the rules of ffn_gate, ffn_up and ffn_down)
+    (re.compile(r"\.mlp\.shared_expert\.gate_proj$"), "ffn_gate"),
+    (re.compile(r"\.mlp\.shared_expert\.up_proj$"), "ffn_up"),
+    (re.compile(r"\.mlp\.shared_expert\.down_proj$"), "ffn_down"),
 )
+# llama.cpp never quantizes these: Qwen2-MoE's shared-expert gate (1, H), ffn_gate_inp_shexp, one row
+# (ggml_n_dims 1: tensor_allows_quantization says no, whatever the mix or --tensor-type); F32 in the file
+_NEVER = re.compile(r"\.mlp\.shared_expert_gate$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -103,6 +111,12 @@ def category(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
+
+
+def never_quantized(name: str) -> bool:
+    """Whether llama.cpp keeps layer ``name`` (full Hugging Face module name) in F32 whatever the
+    type: Qwen2-MoE's shared-expert gate."""
+    return bool(_NEVER.search(name))
 
 
 def layer_index(name: str) -> int | None:
