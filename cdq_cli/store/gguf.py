@@ -6,13 +6,17 @@ solver's own codes and stored scales, packed as ggml's blocks (:mod:`.gguf_block
 re-rounded. Everything else is written as llama.cpp's converter and quantizer write it:
 
 * the metadata of ``convert_hf_to_gguf.py`` for the families in :data:`FAMILIES` (the Llama family:
-  ``LlamaForCausalLM``, ``MistralForCausalLM``; Qwen3-MoE): the ``<arch>.*`` hyperparameters,
+  ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``MixtralForCausalLM``, a Llama with experts;
+  Qwen2-MoE; Qwen3-MoE): the ``<arch>.*`` hyperparameters,
   ``general.file_type`` of ``T``, the tokenizer (:mod:`.gguf_vocab`); tensor names from the gguf
   package's map (``blk.N.attn_q.weight``...); for the Llama family the converter's row permutation
   of ``q_proj``/``k_proj`` for llama.cpp's rotary embedding (``LlamaModel.permute``: every row keeps
   its blocks, so the codes move with their rows); fused experts (E, 2I, H) / (E, H, I) as the
   converter splits them (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``: the rows of each
   expert, so again the codes move with their rows), the router (``ffn_gate_inp``) in F32;
+  Qwen2-MoE's shared expert as ``ffn_{gate,up,down}_shexp`` and its one-row gate
+  (``ffn_gate_inp_shexp``) in F32, 1-D as llama-quantize writes it (never quantized, by the run
+  either: :func:`.gguf_mix.never_quantized`);
 * norms and other 1-D tensors as F32; a 2-D weight the folder holds in full precision gets the
   type llama.cpp's quantizer gives it (:mod:`.gguf_mix`), quantized as llama.cpp quantizes
   without an importance matrix (the embeddings and head of a ``--format gguf`` run are already
@@ -20,7 +24,8 @@ re-rounded. Everything else is written as llama.cpp's converter and quantizer wr
   where llama.cpp falls back to F16 (a width not a multiple of 32).
 
 Refused before anything is written (one line): a folder that is not a causal LM of one of those
-families, a layer on a uniform grid (not a GGUF type), a ``--type`` other than the run's, a
+families (or a Qwen3-MoE / Qwen2-MoE whose routing, dense blocks or attention llama.cpp computes
+otherwise), a layer on a uniform grid (not a GGUF type), a ``--type`` other than the run's, a
 tokenizer llama.cpp would read differently (:class:`~.gguf_vocab.VocabError`), outliers.
 """
 
@@ -426,7 +431,8 @@ def _metadata(
     writer: Any, config: Mapping[str, Any], gguf_type: str, source: Path, family: GGUFFamily
 ) -> None:
     """The converter's general.* and <arch>.* keys (TextModel.set_gguf_parameters, with
-    LlamaModel's and Qwen2MoeModel's additions)."""
+    LlamaModel's and Qwen2MoeModel's additions; Mixtral's expert width is its intermediate_size,
+    written as feed_forward_length)."""
     n_layers, n_head, n_kv = _hf_config(config)
     writer.add_type("model")
     writer.add_name(source.name)

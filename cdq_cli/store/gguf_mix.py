@@ -19,7 +19,11 @@ Llama (no experts, not Falcon):
   size as llama.cpp's importance-matrix file);
 * ``attn_output``: Q2_K → Q3_K; Q3_K_M → Q4_K;
 * a model with exactly 8 experts: ``attn_v`` and ``attn_k`` Q8_0, ``attn_output`` Q5_K for Q2_K,
-  Q3_K_M and Q4_K_M (llama.cpp's Mixtral rules).
+  Q3_K_M and Q4_K_M (llama.cpp's Mixtral rules);
+* experts (``ffn_*_exps``) and Qwen2-MoE's shared expert (``ffn_*_shexp``) take the rules of
+  ``ffn_gate``/``ffn_up``/``ffn_down`` in their block (llama.cpp's category is a substring match and,
+  with experts, the layer is read from the name); the shared expert's one-row gate is never
+  quantized (:func:`never_quantized`).
 
 A ``--layer`` rule (llama.cpp's ``--tensor-type``) replaces these for the layers it matches. Then,
 for every tensor, llama.cpp's fallback: a row width that is not a multiple of the type's block
