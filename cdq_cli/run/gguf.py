@@ -47,7 +47,8 @@ def resolve(settings: Settings, shapes: dict[str, tuple[int, ...]]) -> tuple[Set
     for name, shape in shapes.items():
         columns = shape[-1]
         layer = name.split("[", 1)[0]
-        if any(rule.spec is None and rule.matches(layer) for rule in settings.overrides):
+        skipped = any(rule.spec is None and rule.matches(layer) for rule in settings.overrides)
+        if skipped or gguf_mix.never_quantized(layer):
             resolved[layer] = None
             continue
         wanted = gguf_mix.mix_type(settings.gguf_type, layer, columns, model)

@@ -6,13 +6,17 @@ solver's own codes and stored scales, packed as ggml's blocks (:mod:`.gguf_block
 re-rounded. Everything else is written as llama.cpp's converter and quantizer write it:
 
 * the metadata of ``convert_hf_to_gguf.py`` for the families in :data:`FAMILIES` (the Llama family:
-  ``LlamaForCausalLM``, ``MistralForCausalLM``; Qwen3-MoE): the ``<arch>.*`` hyperparameters,
+  ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``MixtralForCausalLM``, a Llama with experts;
+  Qwen2-MoE; Qwen3-MoE): the ``<arch>.*`` hyperparameters,
   ``general.file_type`` of ``T``, the tokenizer (:mod:`.gguf_vocab`); tensor names from the gguf
   package's map (``blk.N.attn_q.weight``...); for the Llama family the converter's row permutation
   of ``q_proj``/``k_proj`` for llama.cpp's rotary embedding (``LlamaModel.permute``: every row keeps
   its blocks, so the codes move with their rows); fused experts (E, 2I, H) / (E, H, I) as the
   converter splits them (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``: the rows of each
   expert, so again the codes move with their rows), the router (``ffn_gate_inp``) in F32;
+  Qwen2-MoE's shared expert as ``ffn_{gate,up,down}_shexp`` and its one-row gate
+  (``ffn_gate_inp_shexp``) in F32, 1-D as llama-quantize writes it (never quantized, by the run
+  either: :func:`.gguf_mix.never_quantized`);
 * norms and other 1-D tensors as F32; a 2-D weight the folder holds in full precision gets the
   type llama.cpp's quantizer gives it (:mod:`.gguf_mix`), quantized as llama.cpp quantizes
   without an importance matrix (the embeddings and head of a ``--format gguf`` run are already
@@ -22,7 +26,8 @@ re-rounded. Everything else is written as llama.cpp's converter and quantizer wr
   exports record it in their configs; one that needs operations at inference time is refused.
 
 Refused before anything is written (one line): a folder that is not a causal LM of one of those
-families, a layer on a uniform grid (not a GGUF type), a ``--type`` other than the run's, a
+families (or a Qwen3-MoE / Qwen2-MoE whose routing, dense blocks or attention llama.cpp computes
+otherwise), a layer on a uniform grid (not a GGUF type), a ``--type`` other than the run's, a
 tokenizer llama.cpp would read differently (:class:`~.gguf_vocab.VocabError`), outliers.
 """
 
@@ -70,13 +75,19 @@ class GGUFFamily:
     permute_qk: bool
 
 
-# model_type -> family, as convert_hf_to_gguf.py's LlamaModel and Qwen3MoeModel write them
+# model_type -> family, as convert_hf_to_gguf.py's LlamaModel (Mixtral: a Llama with experts),
+# Qwen2MoeModel and Qwen3MoeModel write them
 FAMILIES = {
     "llama": GGUFFamily(("LlamaForCausalLM", "LLaMAForCausalLM"), "llama", "LLAMA", True),
     "mistral": GGUFFamily(("MistralForCausalLM",), "llama", "LLAMA", True),
+    "mixtral": GGUFFamily(("MixtralForCausalLM",), "llama", "LLAMA", True),
+    "qwen2_moe": GGUFFamily(("Qwen2MoeForCausalLM",), "qwen2moe", "QWEN2MOE", False),
     "qwen3_moe": GGUFFamily(("Qwen3MoeForCausalLM",), "qwen3moe", "QWEN3MOE", False),
 }
 GGML_QUANT_VERSION = 2
+# 2-D tensors the converter writes in F32 and llama-quantize leaves so: norms, the experts' router,
+# Qwen2-MoE's shared-expert gate (converter: FFN_GATE_INP, FFN_GATE_INP_SHEXP)
+_F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 ENGINES = (
     "llama.cpp, Ollama, LM Studio (any llama.cpp-based runtime); transformers (gguf_file=..., dequantized)"
 )
@@ -129,7 +140,33 @@ def check_family(config: Mapping[str, Any]) -> GGUFFamily:
             "llama.cpp's qwen3moe always renormalizes the top-k routing weights, and this model does not "
             "(norm_topk_prob false): its GGUF file would compute something else"
         )
+    if family.arch == "qwen2moe":
+        _check_qwen2moe(config)
     return family
+
+
+def _check_qwen2moe(config: Mapping[str, Any]) -> None:
+    """What llama.cpp's qwen2moe graph computes (src/models/qwen2moe.cpp): every block a MoE block
+    with a shared expert, the top-k routing weights not renormalized, full attention everywhere."""
+    n_layers = int(config["num_hidden_layers"])
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    dense |= {i for i in range(n_layers) if step <= 0 or (i + 1) % step}
+    if dense:
+        raise ExportError(
+            f"llama.cpp's qwen2moe has experts in every block, and this model's blocks {sorted(dense)} "
+            "are dense (decoder_sparse_step / mlp_only_layers): its GGUF file would not load"
+        )
+    if config.get("norm_topk_prob", False):
+        raise ExportError(
+            "llama.cpp's qwen2moe never renormalizes the top-k routing weights, and this model does "
+            "(norm_topk_prob true): its GGUF file would compute something else"
+        )
+    if config.get("use_sliding_window", False):
+        raise ExportError(
+            "llama.cpp's qwen2moe attends to the whole context, and this model uses sliding-window "
+            "attention (use_sliding_window true): its GGUF file would compute something else"
+        )
 
 
 def preflight(
@@ -290,10 +327,14 @@ def _plan(
                     continue
                 raise ExportError(f"{source} has no GGUF name in llama.cpp's {family.arch} layout")
             gguf_name = f"{mapped}.weight" if target != module else f"{mapped}.{suffix}"
+            if layer is None and len(out_shape) == 2 and out_shape[0] == 1:
+                # one row (Qwen2-MoE's shared-expert gate): llama-quantize writes it 1-D, as ggml
+                # counts dimensions (ggml_n_dims), and transformers' reader expects that
+                out_shape = out_shape[1:]
             if layer is not None:
                 qtype = _block_type_of(stored, layer)
-            elif len(out_shape) == 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")):
-                qtype = "F32"  # as the converter: 1-D tensors, norms, the experts' router
+            elif len(out_shape) == 1 or gguf_name.endswith(_F32_NAMES):
+                qtype = "F32"  # as the converter: 1-D tensors, norms, the routers
             elif recorded.get(module) == gguf_mix.F16:  # --skip, or a width no type fits: as the run kept it
                 qtype = gguf_mix.F16
             else:
@@ -400,7 +441,8 @@ def _metadata(
     writer: Any, config: Mapping[str, Any], gguf_type: str, source: Path, family: GGUFFamily
 ) -> None:
     """The converter's general.* and <arch>.* keys (TextModel.set_gguf_parameters, with
-    LlamaModel's and Qwen2MoeModel's additions)."""
+    LlamaModel's and Qwen2MoeModel's additions; Mixtral's expert width is its intermediate_size,
+    written as feed_forward_length)."""
     n_layers, n_head, n_kv = _hf_config(config)
     writer.add_type("model")
     writer.add_name(source.name)

@@ -19,7 +19,11 @@ Llama (no experts, not Falcon):
   size as llama.cpp's importance-matrix file);
 * ``attn_output``: Q2_K → Q3_K; Q3_K_M → Q4_K;
 * a model with exactly 8 experts: ``attn_v`` and ``attn_k`` Q8_0, ``attn_output`` Q5_K for Q2_K,
-  Q3_K_M and Q4_K_M (llama.cpp's Mixtral rules).
+  Q3_K_M and Q4_K_M (llama.cpp's Mixtral rules);
+* experts (``ffn_*_exps``) and Qwen2-MoE's shared expert (``ffn_*_shexp``) take the rules of
+  ``ffn_gate``/``ffn_up``/``ffn_down`` in their block (llama.cpp's category is a substring match and,
+  with experts, the layer is read from the name); the shared expert's one-row gate is never
+  quantized (:func:`never_quantized`).
 
 A ``--layer`` rule (llama.cpp's ``--tensor-type``) replaces these for the layers it matches. Then,
 for every tensor, llama.cpp's fallback: a row width that is not a multiple of the type's block
@@ -93,7 +97,15 @@ _CATEGORIES = (
     # fused experts: gate/up become ffn_gate_exps and ffn_up_exps (the same rules), down ffn_down_exps
     (re.compile(r"\.mlp\.experts\.gate_up_proj$"), "ffn_gate"),
     (re.compile(r"\.mlp\.experts\.down_proj$"), "ffn_down"),
+    # Qwen2-MoE's shared expert: ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp (llama.cpp's category is
+    # a substring match, so they take the rules of ffn_gate, ffn_up and ffn_down)
+    (re.compile(r"\.mlp\.shared_expert\.gate_proj$"), "ffn_gate"),
+    (re.compile(r"\.mlp\.shared_expert\.up_proj$"), "ffn_up"),
+    (re.compile(r"\.mlp\.shared_expert\.down_proj$"), "ffn_down"),
 )
+# llama.cpp never quantizes these: Qwen2-MoE's shared-expert gate (1, H), ffn_gate_inp_shexp, one row
+# (ggml_n_dims 1: tensor_allows_quantization says no, whatever the mix or --tensor-type); F32 in the file
+_NEVER = re.compile(r"\.mlp\.shared_expert_gate$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -103,6 +115,12 @@ def category(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
+
+
+def never_quantized(name: str) -> bool:
+    """Whether llama.cpp keeps layer ``name`` (full Hugging Face module name) in F32 whatever the
+    type: Qwen2-MoE's shared-expert gate."""
+    return bool(_NEVER.search(name))
 
 
 def layer_index(name: str) -> int | None:
