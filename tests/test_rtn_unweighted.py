@@ -255,3 +255,37 @@ def test_cli_output_files_equal_the_sigma_path(
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
             elif key != "seconds":
                 assert a[key] == b[key], key
+
+
+def test_killed_rtn_run_resumes_to_the_same_bytes(data_dir: Path, tmp_path: Path) -> None:
+    """The Σ-free block hands the journal its rows and records like the Σ path: a run killed after
+    block 0 resumes (block 0 restored, block 1 rounded) to the uninterrupted run's bytes and rows."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from cdq_cli.cli import main
+    from cdq_cli.store.journal import KILL_ENV
+
+    _model, tokenizer = load_causal_lm(str(data_dir / "models" / "stories260K"))
+    source = save_tiny("llama", tmp_path / "llama", tokenizer)
+    calib = data_dir / "text" / "c4-sample.jsonl"
+    argv = ["quantize", str(source), "--method", "rtn", "--bits", "3", "--calib", str(calib)]
+    argv += ["--nsamples", "4", "--seqlen", "32", "--quiet"]
+    reference, out = tmp_path / "reference", tmp_path / "q"
+    assert main([*argv, "--output", str(reference)]) == 0
+    env = {**os.environ, KILL_ENV: "0", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-m", "cdq_cli", *argv, "--output", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert main([*argv, "--output", str(out), "--resume"]) == 0
+    for name in ("model.safetensors", "quantization.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (out, reference)]
+    assert reports[0]["run"]["resumed_blocks"] == 1
+    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in r["layers"]] for r in reports]
+    assert rows[0] == rows[1]
