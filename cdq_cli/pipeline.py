@@ -3,7 +3,10 @@
 For each block: hooks on its layers fold their inputs into Σ (streamed, no activation store;
 :mod:`cdq_cli.capture`; layers fed the same tensor, such as q/k/v, share one Σ), each layer is
 solved on its Σ, the dequantized Ŵ replaces the weight, the finished block is handed to a sink
-(the output folder being written) and run again to produce the next block's inputs.
+(the output folder being written) and run again to produce the next block's inputs. The model stays
+at home (in memory, or on the meta device when loaded lazily); one block at a time is placed on the
+device (:mod:`cdq_cli.placement`), so peak memory is one block, its Σ's and the activations, which
+live on the device or, when they do not fit, on the CPU (:class:`Activations`).
 
 A method whose Ŵ does not depend on Σ (``Method.needs_sigma`` False: RTN) collects none when one
 process runs it on Linear/Conv2d layers: every layer of the block is rounded first, and the block's
@@ -11,10 +14,7 @@ one forward pass that produces the next block's inputs also measures each layer'
 objective ‖(W − Ŵ)X‖² and energy ‖WX‖², from the inputs X as they pass (:meth:`_Run.unweighted`):
 one block forward per batch instead of one per layer group plus one, and no Σ or trace (columns²
 per token and 2·rows·columns² per layer). The values are the Σ path's to float rounding and the
-stored layers its bytes. The model stays
-at home (in memory, or on the meta device when loaded lazily); one block at a time is placed on the
-device (:mod:`cdq_cli.placement`), so peak memory is one block, its Σ's and the activations, which
-live on the device or, when they do not fit, on the CPU (:class:`Activations`).
+stored layers its bytes. Several ranks keep the Σ path (it is what they relay).
 
 Only :mod:`cdq_cli.solvers` (math), an :class:`~cdq_cli.models.Adapter` (layout) and the records
 of :mod:`cdq_cli.records` are used, so any family with an adapter runs through this same code.
