@@ -237,6 +237,71 @@ class ExpertsCapture:
         return out
 
 
+class OutputErrors:
+    """What Σ would give a quantized ``layer``'s report, measured from its inputs X instead: the
+    objective ``‖(W − Ŵ) X‖²`` = tr((W − Ŵ) Σ (W − Ŵ)ᵀ) and the energy ``‖W X‖²`` = tr(W Σ Wᵀ),
+    summed in float64 over every call of the layer while this forward hook is registered, and
+    ``tokens``, the columns of X (Linear input rows, conv output positions: Σ's count).
+
+    ``layer`` is an ``nn.Linear`` or ``nn.Conv2d`` with Ŵ in place; ``original`` is W as it was
+    before, ``approx`` Ŵ in ``dtype`` (Σ's dtype, the one the report is computed in), both shaped
+    like the layer's weight. Per call, with E = W − Ŵ in ``dtype`` (the Σ path's very difference):
+    E x is the layer's own functional forward with weight E and no bias
+    (``torch.func.functional_call``: padding, stride, dilation, groups and timm's ``Conv2dSame``
+    exactly as the layer applies them), Ŵ x is the layer's output less its bias when the layer
+    computes in ``dtype`` (else its functional forward with ``approx``), and W x = Ŵ x + E x. That is
+    rows·columns per token, one more product of the layer's own size, where Σ costs columns² per
+    token and the two traces 2·rows·columns² per layer.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        original: torch.Tensor,
+        approx: torch.Tensor,
+        dtype: torch.dtype,
+        seen: Callable[[torch.Tensor], None] = lambda x: None,
+    ) -> None:
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"cannot measure the output error of a {type(layer).__name__}")
+        self.layer = layer
+        self.original = original
+        self.approx = approx
+        self.dtype = dtype
+        self.seen = seen  # called with every input the layer is fed (the driver's group check)
+        self.objective = 0.0
+        self.energy = 0.0
+        self.tokens = 0
+        self._inside = False
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._inside:  # the functional forwards below run the layer itself
+            return
+        self.seen(args[0])
+        self._inside = True
+        try:
+            self._add(module, args[0], output)
+        finally:
+            self._inside = False
+
+    def _add(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> None:
+        from torch.func import functional_call
+
+        conv = isinstance(module, nn.Conv2d)
+        x = x.to(self.dtype)
+        error = self.original.to(self.dtype) - self.approx
+        ex = functional_call(module, {"weight": error, "bias": None}, (x,))
+        del error
+        if module.weight.dtype == self.dtype and output.dtype == self.dtype:
+            bias = module.bias
+            wx = output if bias is None else output - (bias.view(-1, 1, 1) if conv else bias)
+        else:
+            wx = functional_call(module, {"weight": self.approx, "bias": None}, (x,))
+        self.objective += float(ex.square().sum(dtype=torch.float64))
+        self.energy += float((wx + ex).square_().sum(dtype=torch.float64))
+        self.tokens += output.numel() // output.shape[-3 if conv else -1]
+
+
 def _positions(layer: nn.Conv2d, size: torch.Size, padding: tuple[int, int]) -> int:
     count = 1
     for dim in range(2):

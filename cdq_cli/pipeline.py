@@ -8,6 +8,14 @@ at home (in memory, or on the meta device when loaded lazily); one block at a ti
 device (:mod:`cdq_cli.placement`), so peak memory is one block, its Σ's and the activations, which
 live on the device or, when they do not fit, on the CPU (:class:`Activations`).
 
+A method whose Ŵ does not depend on Σ (``Method.needs_sigma`` False: RTN) collects none when one
+process runs it on Linear/Conv2d layers: every layer of the block is rounded first, and the block's
+one forward pass that produces the next block's inputs also measures each layer's report, its
+objective ‖(W − Ŵ)X‖² and energy ‖WX‖², from the inputs X as they pass (:meth:`_Run.unweighted`):
+one block forward per batch instead of one per layer group plus one, and no Σ or trace (columns²
+per token and 2·rows·columns² per layer). The values are the Σ path's to float rounding and the
+stored layers its bytes. Several ranks keep the Σ path (it is what they relay).
+
 Only :mod:`cdq_cli.solvers` (math), an :class:`~cdq_cli.models.Adapter` (layout) and the records
 of :mod:`cdq_cli.records` are used, so any family with an adapter runs through this same code.
 """
@@ -25,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .capture import ExpertsCapture, conv_groups, layer_pair_sigma, layer_sigma
+from .capture import ExpertsCapture, OutputErrors, conv_groups, layer_pair_sigma, layer_sigma
 from .memory import OutOfMemory, naming, release
 from .models.base import (
     FUSED_PROJECTIONS,
@@ -40,9 +48,9 @@ from .models.base import (
 from .parallel import Costs, Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
 from .records import Event, LayerRow, Progress, Settings, silent
-from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver
+from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver, run_unweighted
 from .solvers.grid import all_finite
-from .solvers.grouped import energy, group_spec, solve_grouped
+from .solvers.grouped import energy, group_spec, solve_grouped, solve_grouped_unweighted
 from .solvers.result import working_energy
 from .solvers.target import fp_energy, fp_objective, fp_target
 from .store.journal import Journal, ResumeState
@@ -374,6 +382,8 @@ class _Run:
             self.awq(block, index, acts)
         groups = _groups(self.adapter, block, index, self.settings)
         everything = [name for group in groups for name in group]
+        if self._unweighted(block, index, everything) and self.unweighted(block, index, groups, acts):
+            return
         fp = None
         if self.fp_acts is not None:  # the block's full-precision weights run the other stream
             fp = (FullPrecision(block, everything), self.fp_acts)
@@ -396,6 +406,106 @@ class _Run:
         if fp is not None:
             with fp[0].active():
                 _forward(self.adapter, block, fp[1])
+
+    def _unweighted(self, block: nn.Module, index: int, names: list[str]) -> bool:
+        """Whether this block's layers may be solved without Σ (:meth:`unweighted`): the method
+        declares ``needs_sigma`` False (RTN) and nothing else needs Σ. Σ stays for ``-o target=fp``
+        (its paired statistics), ``--fp-inputs`` and runs that are not true-sequential (Σ from the
+        full-precision block, not the inputs of the quantized one), an RTN comparison that is not
+        the result itself, several ranks (each rank holds only its batches: Σ is what they relay,
+        :mod:`cdq_cli.parallel`), a GGUF block type (its grid is fitted on diag Σ) and any layer
+        that is not an ``nn.Linear`` or ``nn.Conv2d`` module (fused experts: per-expert Σ)."""
+        settings = self.settings
+        if find_method(settings.method).needs_sigma or self.ranks.active:
+            return False
+        if settings.target == "fp" or settings.fp_inputs or not settings.true_sequential:
+            return False
+        if settings.compare_rtn and not _rtn_is_result(settings):
+            return False
+        prefix = self.adapter.block_name(index)
+        for name in names:
+            try:
+                layer = block.get_submodule(name)
+            except AttributeError:  # a fused experts' parameter, not a module
+                return False
+            spec = settings.grid_for(join_name(prefix, name))
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)) or spec is None or spec.block_type is not None:
+                return False
+        return True
+
+    def unweighted(self, block: nn.Module, index: int, groups: list[list[str]], acts: Activations) -> bool:
+        """Solve the block's layers without Σ, then run the block once over every batch with Ŵ in
+        place, the pass that advances ``acts`` to the next block's inputs, measuring each layer's
+        objective ‖(W − Ŵ)X‖² and energy ‖WX‖² from its inputs X on the way
+        (:class:`cdq_cli.capture.OutputErrors`): one block forward per batch, no Σ, no trace.
+
+        X there comes from the block with all its layers quantized. True-sequential's Σ of a
+        group sees the earlier groups quantized and its own in full precision: the same inputs
+        whenever a group's layers do not feed one another. That holds when they are all fed the
+        very same tensor (q/k/v, gate/up; a one-layer group), which is checked on the first batch:
+        a group that fails it (layers chained inside a group, as in the generic adapter's single
+        group, or a layer called twice) puts the block's weights back and returns False before
+        anything is advanced, and the Σ path runs. Rows and records come in the Σ path's order.
+        Single-process only (:meth:`_unweighted`)."""
+        prefix = self.adapter.block_name(index)
+        dtype = self.settings.sigma_dtype
+        names = [name for group in groups for name in group]
+        solved: dict[str, tuple[QuantResult, QuantizedLayer, float]] = {}
+        meters: dict[str, OutputErrors] = {}
+        group_of = {name: g for g, group in enumerate(groups) for name in group}
+        fed: dict[int, torch.Tensor] = {}  # this batch's input of each group (held: identity is safe)
+        first = [True]
+
+        def seen(name: str, x: torch.Tensor) -> None:
+            if fed.setdefault(group_of[name], x) is not x:
+                if first[0]:
+                    raise _Chained(name)
+                raise RuntimeError(f"{name}: its input changed identity between batches (a cdq bug)")
+
+        for name in names:
+            layer = block.get_submodule(name)
+            full = join_name(prefix, name)
+            with naming(lambda full=full, layer=layer: f"solving {_sized(full, layer.weight)}"):
+                began = time.perf_counter()
+                original = layer.weight.detach().clone()
+                result, record = round_layer(full, layer, self.settings)
+                solved[name] = (result, record, time.perf_counter() - began)
+            weight = layer.weight.detach()
+            if weight.dtype == dtype:  # Ŵ is the layer's own weight: no second copy is kept
+                result.weight = weight.reshape(result.weight.shape)
+            approx = result.weight.reshape(weight.shape)
+            meters[name] = OutputErrors(layer, original, approx, dtype, lambda x, name=name: seen(name, x))
+        handles = [block.get_submodule(name).register_forward_hook(meters[name]) for name in names]
+        try:
+            for i in range(len(acts)):
+                fed.clear()
+                out = _forward_batch(self.adapter, block, acts, i)
+                acts.inputs.hidden[i] = acts.keep(out)
+                first[0] = False
+        except _Chained:
+            for name in names:
+                layer_weight(block, name).data.copy_(meters[name].original)
+            return False
+        finally:
+            fed.clear()
+            for handle in handles:
+                handle.remove()
+        for name in names:
+            result, record, seconds = solved.pop(name)
+            meter = meters.pop(name)
+            full = join_name(prefix, name)
+            if meter.tokens == 0:
+                raise ValueError(f"{full}: the layer saw no calibration inputs")
+            if not (math.isfinite(meter.objective) and math.isfinite(meter.energy)):
+                raise ValueError(
+                    f"{full}: its calibration inputs have NaN/Inf entries (activations overflowed?)"
+                )
+            result.objective = result.objective_start = meter.objective
+            rtn = result if self.settings.compare_rtn else None
+            shape = list(layer_weight(block, name).shape)
+            row = _row(full, shape, self.settings, result, meter.energy, rtn, meter.tokens)
+            self._take(index, name, ([row], record, seconds), matrix_shape(tuple(shape)))
+        return True
 
     def awq(self, block: nn.Module, index: int, acts: Activations) -> None:
         """``--transform awq``: search and fold this block's scales on its first calibration
@@ -501,6 +611,29 @@ def solve_layer(
     return row, record
 
 
+def round_layer(name: str, layer: nn.Module, settings: Settings) -> tuple[QuantResult, QuantizedLayer]:
+    """Solve one layer without Σ (a method that declares ``needs_sigma`` False), write Ŵ into it
+    and return the result, its objective NaN until the block's pass measures it
+    (:meth:`_Run.unweighted`), and its stored record: the same as :func:`solve_layer` stores."""
+    spec = settings.grid_for(name)
+    assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
+    shape = tuple(layer.weight.shape)
+    weight = layer.weight.detach().reshape(shape[0], -1).to(settings.sigma_dtype)
+    groups = conv_groups(layer)
+    try:
+        if groups > 1:
+            result = solve_grouped_unweighted(settings.method, weight, groups, spec, settings.options)
+        else:
+            result = run_unweighted(settings.method, weight, spec, settings.options)
+    except (ValueError, FloatingPointError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if not all_finite(result.weight):
+        raise ValueError(f"{name}: {settings.method} produced non-finite weights")
+    record = QuantizedLayer.from_result(name, result, shape)
+    _write_back(name, layer.weight, record, result)
+    return result, record
+
+
 def solve_experts(
     name: str, weight: torch.Tensor, sigmas: ExpertSigmas, settings: Settings
 ) -> tuple[list[LayerRow], QuantizedLayer]:
@@ -543,8 +676,7 @@ def _solve_matrix(
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     weight = matrix.to(sigma.dtype)
     paired = settings.target == "fp"
-    # RTN is deterministic: with --method rtn (on W itself) its own result is the comparison
-    same = settings.method == "rtn" and not paired
+    same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
         # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
@@ -577,6 +709,12 @@ def _solve_matrix(
     reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
     row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
     return row, result
+
+
+def _rtn_is_result(settings: Settings) -> bool:
+    """RTN is deterministic: with ``--method rtn`` (on W itself, not ``-o target=fp``'s W*) its
+    own result is the RTN comparison."""
+    return settings.method == "rtn" and settings.target != "fp"
 
 
 def _row(
@@ -657,6 +795,12 @@ class FullPrecision:
         finally:
             for weight, data in zip(self.weights, current, strict=True):
                 weight.data = data
+
+
+class _Chained(Exception):
+    """A group's layers were fed different tensors on the block's first batch: one may feed
+    another, so the one pass of :meth:`_Run.unweighted` cannot see the inputs true-sequential Σ
+    would (raised from a layer's hook, caught by the driver, which then collects Σ)."""
 
 
 class ExpertSigmas:

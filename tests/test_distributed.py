@@ -56,12 +56,14 @@ def single(quantize, tmp_path_factory) -> dict[str, Path]:
     return outputs
 
 
-# The runs compared: the two GPTQ-started solvers, and the full-precision target (two activation
-# streams, three accumulators per layer relayed in batch order).
+# The runs compared: the two GPTQ-started solvers, the full-precision target (two activation
+# streams, three accumulators per layer relayed in batch order), and rtn (one process solves it
+# without Σ, measuring its report in the block's pass; several ranks relay Σ as for any method).
 RECIPES = {
     "cdq": ["--method", "cdq"],
     "gptq": ["--method", "gptq"],
     "gptq-fp": ["--method", "gptq", "-o", "target=fp"],
+    "rtn": ["--method", "rtn"],
 }
 
 
@@ -85,6 +87,11 @@ def test_two_processes_write_the_single_process_bytes(method, quantize, single, 
     assert parallel["world_size"] == 2 and parallel["backend"] == "gloo"
     assert len(parallel["solve_seconds"]) == 2 and sum(parallel["layers_per_rank"]) == 35
     assert min(parallel["layers_per_rank"]) > 0  # both ranks solved layers
+    rows = [json.loads((folder / "report.json").read_text())["layers"] for folder in (single[method], two)]
+    for one, other in zip(*rows, strict=True):
+        assert one["name"] == other["name"] and one["tokens"] == other["tokens"]
+        assert one["error"] == pytest.approx(other["error"], rel=1e-5)
+        assert one["relative_error"] == pytest.approx(other["relative_error"], rel=1e-5)
 
 
 def test_two_nodes_on_localhost_write_the_same_bytes(quantize, single, tmp_path) -> None:

@@ -194,14 +194,14 @@ def test_unwritable_output_is_refused_before_any_work(llama, calib, tmp_path, ca
 
 
 def test_bad_input_found_mid_run_leaves_no_journal(llama, calib, tmp_path, capsys, monkeypatch) -> None:
-    real = pipeline.solve_layer
+    real = pipeline.round_layer  # rtn's layers are solved without Σ (pipeline._Run.unweighted)
 
     def second_block_is_bad(name, *args, **kwargs):
         if ".layers.1." in name:
             raise ValueError(f"{name}: activations overflowed")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "solve_layer", second_block_is_bad)
+    monkeypatch.setattr(pipeline, "round_layer", second_block_is_bad)
     out = tmp_path / "q"
     code, _, stderr = cli(
         capsys, "quantize", llama, "--method", "rtn", "--calib", calib, *FAST, "--output", out
@@ -212,14 +212,14 @@ def test_bad_input_found_mid_run_leaves_no_journal(llama, calib, tmp_path, capsy
 
 
 def test_interrupt_keeps_the_journal_and_says_resume(llama, calib, tmp_path, capsys, monkeypatch) -> None:
-    real = pipeline.solve_layer
+    real = pipeline.round_layer  # rtn's layers are solved without Σ (pipeline._Run.unweighted)
 
     def interrupted(name, *args, **kwargs):
         if ".layers.1." in name:
             raise KeyboardInterrupt
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "solve_layer", interrupted)
+    monkeypatch.setattr(pipeline, "round_layer", interrupted)
     out = tmp_path / "q"
     code, _, stderr = cli(
         capsys, "quantize", llama, "--method", "rtn", "--calib", calib, *FAST, "--output", out

@@ -20,6 +20,7 @@ from .registry import (
     find_method,
     method_options,
     run_solver,
+    run_unweighted,
     solve,
 )
 from .result import QuantResult, objective
@@ -41,5 +42,6 @@ __all__ = [
     "method_options",
     "objective",
     "run_solver",
+    "run_unweighted",
     "solve",
 ]

@@ -92,9 +92,8 @@ def solve_grouped(
     spec = group_spec(spec, columns, groups)
     per = rows // groups
     sigma = sigma.to(weight.device, weight.dtype)
-    if method == "rtn" and not spec.per_layer and not options:
-        # RTN never reads Σ and its grid is per row: one call on the whole layer is the same result.
-        result = solve_rtn(weight, weight.new_zeros(columns, columns), spec)
+    if _whole(method, spec, options):
+        result = solve_rtn(weight, None, spec)
         value = energy(weight - result.weight, sigma)
         result.objective = result.objective_start = value
         return result
@@ -106,6 +105,33 @@ def solve_grouped(
         else:
             results.append(solve_rtn(w, s, spec))
     return stack_results(results, spec)
+
+
+def solve_grouped_unweighted(
+    method: str, weight: torch.Tensor, groups: int, spec: GridSpec, options: dict
+) -> QuantResult:
+    """:func:`solve_grouped` without Σ, for a method that declares ``needs_sigma`` False
+    (:func:`cdq_cli.solvers.registry.run_unweighted`): the same Ŵ, codes and grid, with the
+    objective NaN (the caller measures it from the layer's inputs). Every group is solved by the
+    method itself; :func:`solve_grouped` rounds a group whose Σ is all zero to nearest instead,
+    which for RTN is the same."""
+    from .registry import run_unweighted
+
+    rows, columns = weight.shape
+    if rows % groups:
+        raise ValueError(f"{groups} groups must divide the {rows} rows")
+    spec = group_spec(spec, columns, groups)
+    if _whole(method, spec, options):
+        return run_unweighted(method, weight, spec, options)
+    per = rows // groups
+    results = [run_unweighted(method, weight[g * per : (g + 1) * per], spec, options) for g in range(groups)]
+    return stack_results(results, spec)
+
+
+def _whole(method: str, spec: GridSpec, options: dict) -> bool:
+    """RTN never reads Σ and its grid is per row (unless ``per_layer``): one call on the whole
+    layer gives the same result as one per group."""
+    return method == "rtn" and not spec.per_layer and not options
 
 
 def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:

@@ -27,7 +27,7 @@ from .cd import ORDERS
 from .cdq import REFITS, solve_cdq
 from .comq import solve_comq
 from .gptq import solve_gptq
-from .grid import GridSpec
+from .grid import GridSpec, check_weight
 from .outliers import INNER_SOLVERS, solve_quantease_outlier
 from .quantease import PRESETS, solve_quantease
 from .result import QuantResult, check_problem
@@ -81,7 +81,9 @@ class Method:
     and inverses it makes (GPTQ: one per GPTQ start); both are factors of its cost estimate
     (:meth:`cost`). ``fixed_grid``: the keyword through which ``solve`` takes a fixed grid (a GGUF
     block type's, :func:`run_solver`; None: the method cannot solve on one, e.g. it keeps
-    full-precision outliers)."""
+    full-precision outliers). ``needs_sigma`` False: its Ŵ does not depend on Σ (RTN), so it
+    can be solved without one (:func:`run_unweighted`) and the driver measures the report's
+    objective from the layer's inputs instead of collecting Σ (:mod:`cdq_cli.pipeline`)."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -90,6 +92,7 @@ class Method:
     options: Mapping[str, Option] = field(default_factory=dict)
     fixed_grid: str | None = None
     factorizations: float = 0.0
+    needs_sigma: bool = True
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
         """Estimated solve time of one layer, in arbitrary units (the rank assignment's estimate
@@ -117,7 +120,9 @@ _TARGET = Option("objective target", "choice", choices=TARGETS, solver=False, de
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("rtn", solve_rtn, "round-to-nearest baseline", sweeps=0.0, fixed_grid="grid"),
+        Method(
+            "rtn", solve_rtn, "round-to-nearest baseline", sweeps=0.0, fixed_grid="grid", needs_sigma=False
+        ),
         Method(
             "gptq",
             solve_gptq,
@@ -306,6 +311,28 @@ def run_solver(
         )
     grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
     return solver(weight, sigma, spec, **options, **{declared.fixed_grid: grid})
+
+
+def run_unweighted(
+    method: str, weight: torch.Tensor, spec: GridSpec, options: Mapping[str, Any]
+) -> QuantResult:
+    """:func:`run_solver` without Σ, for a method that declares ``needs_sigma`` False: the same
+    Ŵ, codes and grid as :func:`run_solver` gives on any Σ, with ``objective`` and
+    ``objective_start`` NaN (not measured: the caller measures ``‖(W − Ŵ) X‖²`` from the layer's
+    inputs). A GGUF block type is refused: its grid is fitted weighted by diag Σ (:mod:`.gguf`)."""
+    declared = find_method(method)
+    if declared.needs_sigma:
+        raise ValueError(f"method {method} needs Σ: solve it with run_solver")
+    if spec.block_type is not None:
+        raise ValueError(
+            f"a GGUF block type ({spec.block_type}) fits its grid on diag Σ: solve it with run_solver"
+        )
+    options = {key: value for key, value in options.items() if declared.options[key].solver}
+    if not torch.is_floating_point(weight):
+        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    check_weight(weight)
+    spec.n_groups(weight.shape[1])
+    return declared.solve(weight, None, spec, **options)
 
 
 def _value(method: str, name: str, option: Option, value: Any) -> Any:

@@ -1,8 +1,14 @@
 """Streaming accumulation of the layer Gram matrix Σ = Σ_batches X Xᵀ.
 
-Σ is all every solver needs from the calibration data: the objective ``‖(W − Ŵ) X‖²`` equals
+Σ is all a solver needs from the calibration data: the objective ``‖(W − Ŵ) X‖²`` equals
 ``tr((W − Ŵ) Σ (W − Ŵ)ᵀ)``. Batches are folded in as they arrive, so no activations are stored.
 Σ is a sum (not a mean); ``tokens`` counts the columns of X seen.
+
+RTN needs not even Σ (its method declares ``needs_sigma`` False): its Ŵ is fixed by W alone, and
+the driver measures its reported objective from X directly, in the block pass it runs anyway: one
+more product of each layer's size per token, where Σ costs columns² per token, its traces
+2·rows·columns² per layer, and true-sequential Σ one block forward per layer group
+(:mod:`cdq_cli.pipeline`, :class:`cdq_cli.capture.OutputErrors`).
 """
 
 from __future__ import annotations
