@@ -147,12 +147,16 @@ def test_report_plot_never_overwrites_a_file_cdq_did_not_write(quantized, tmp_pa
     assert cli(capsys, "report", folder)[0] == 0  # ...so it may be replaced next time
 
 
-@pytest.mark.parametrize("where", ["model.norm.weight", "model.layers.1.self_attn.v_proj.weight"])
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("model.norm.weight", "nan"), ("model.layers.1.self_attn.v_proj.weight", "nan"),
+     ("model.layers.0.mlp.down_proj.weight", "-inf")],
+)  # fmt: skip
 def test_nan_anywhere_in_the_model_is_refused_before_any_work(
-    where, llama, calib, tmp_path, capsys, monkeypatch
+    where, value, llama, calib, tmp_path, capsys, monkeypatch
 ):
     weights = load_file(str(llama / "model.safetensors"))
-    weights[where][0] = float("nan")
+    weights[where][0] = float(value)
     save_file(weights, str(llama / "model.safetensors"), metadata={"format": "pt"})
 
     def never(*args, **kwargs):

@@ -404,6 +404,8 @@ def _scan_weights(loaded: Loaded, target: str) -> str | None:
     error message, or None."""
     import torch
 
+    from ..solvers.grid import all_finite
+
     expected = loaded.model.state_dict(keep_vars=True)
     if loaded.weights is None:
         parts = ((name, [t]) for name, t in expected.items())
@@ -423,7 +425,7 @@ def _scan_weights(loaded: Loaded, target: str) -> str | None:
                 shape, floating = tuple(piece.shape), torch.is_floating_point(piece)
             elif piece.dim():
                 shape = (shape[0] + piece.shape[0], *shape[1:])
-            finite = finite and (not floating or bool(torch.isfinite(piece).all()))
+            finite = finite and (not floating or all_finite(piece))  # aminmax: one cheap pass
         model = expected.get(name)
         if model is not None and loaded.weights is not None and shape is not None:
             found = f" in {where(name)}" if where(name) else ""

@@ -9,6 +9,8 @@ also the layout of GPTQ's ``qweight`` along its packed dimension.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _WORD = 32
@@ -34,11 +36,48 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, length = codes.shape
     if codes.numel() == 0:
         return _pack_rows(codes, bits)
+    if bits in (2, 4, 8):
+        return _pack_bytes(codes.reshape(-1, length), bits).reshape(*lead, packed_length(length, bits))
     rows = codes.reshape(-1, length)
     out = torch.empty(rows.shape[0], packed_length(length, bits), dtype=torch.int32, device=codes.device)
     for piece in _pieces(rows.shape[0], -(-length // _WORD) * _WORD * 8 * 2):
         out[piece] = _pack_rows(rows[piece], bits)
     return out.reshape(*lead, out.shape[-1])
+
+
+def _pack_bytes(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` for 2-, 4- and 8-bit codes, in bytes: ``8/bits`` values fill each byte from its
+    low bits up, and four bytes read little-endian are the int32 word that holds them (the stream
+    layout above, without a wider integer: a few passes over one byte per code)."""
+    length = rows.shape[1]
+    padded = -(-length // _WORD) * _WORD
+    data = rows.to(torch.uint8)
+    if padded != length:
+        data = torch.nn.functional.pad(data, (0, padded - length))
+    per = 8 // bits
+    fields = data.reshape(rows.shape[0], padded // per, per)
+    packed = fields[..., 0].clone()
+    for j in range(1, per):
+        packed |= fields[..., j] << (j * bits)
+    return _as_words(packed)
+
+
+def _as_words(data: torch.Tensor) -> torch.Tensor:
+    """Bytes (rows, 4·n) as the little-endian int32 words (rows, n) they spell."""
+    if sys.byteorder == "little":
+        return data.contiguous().view(torch.int32)
+    four = data.reshape(data.shape[0], -1, 4).to(torch.int64)
+    words = four[..., 0] | four[..., 1] << 8 | four[..., 2] << 16 | four[..., 3] << 24
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _as_bytes(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_as_words`: int32 words (rows, n) as their little-endian bytes."""
+    if sys.byteorder == "little":
+        return words.contiguous().view(torch.uint8)
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(4, device=words.device) * 8
+    return ((unsigned.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(words.shape[0], -1)
 
 
 def _layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,6 +129,12 @@ def unpack(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype = tor
     if words.numel() == 0:
         return _unpack_rows(words, bits, length).to(dtype)
     rows = words.reshape(-1, n_words)
+    if bits in (2, 4, 8):  # byte by byte, as _pack_bytes wrote them
+        data = _as_bytes(rows)
+        per = 8 // bits
+        shifts = torch.arange(per, device=words.device, dtype=torch.uint8) * bits
+        fields = (data.unsqueeze(-1) >> shifts).bitwise_and_((1 << bits) - 1)
+        return fields.reshape(rows.shape[0], -1)[:, :length].to(dtype).reshape(*lead, length)
     out = torch.empty(rows.shape[0], length, dtype=dtype, device=words.device)
     for piece in _pieces(rows.shape[0], n_words // bits * _WORD * 8 * 3):
         out[piece] = _unpack_rows(rows[piece], bits, length)
