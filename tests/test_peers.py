@@ -94,6 +94,26 @@ def test_grid_check_passes_fake_quant_weights_and_refuses_full_precision(protoco
     assert not protocol.grid_report(tmp_path / "q3", 3, len(names) + 1)["ok"]
 
 
+def test_grid_check_finds_the_scale_of_a_row_that_uses_few_codes(protocol, tmp_path: Path) -> None:
+    """A row on a symmetric grid that uses no two adjacent codes (llm-compressor's AWQ W4 wrote one:
+    {0, 5s, 7s}, smallest gap 2s) is on its grid at scale s; a row that is not stays refused, and so
+    does a code beyond a B-bit grid's range."""
+    s = 4.2552
+    w = torch.tensor(
+        [[0.0, 5 * s, 7 * s, 5 * s, 0.0, 7 * s], [-8.0, -1.0, 0.0, 3.0, 7.0, 2.0]], dtype=torch.float64
+    )
+    scale, off = protocol.row_scales(w, 4)
+    assert scale[0, 0].item() == pytest.approx(s) and scale[1, 0].item() == 1.0 and float(off.max()) < 1e-9
+    names = [f"model.layers.0.mlp.{p}.weight" for p in ("down_proj", "up_proj")]
+    ok = protocol.grid_report(_folder(tmp_path / "few", {names[0]: w, names[1]: w}), 4, 2)
+    assert ok["ok"] and ok["max_code"] == 8.0
+    off_grid = torch.tensor([[0.0, 1.0, 1.37, 2.0]], dtype=torch.float64)
+    assert float(protocol.row_scales(off_grid, 4)[1].max()) > 0.02
+    wide = {names[0]: w, names[1]: torch.tensor([[0.0, 9.0, -3.0, 1.0]])}  # code 9 on a 4-bit grid
+    report = protocol.grid_report(_folder(tmp_path / "wide", wide), 4, 2)
+    assert not report["ok"] and report["off_grid"][0]["layer"] == names[1]
+
+
 def test_driver_rows_share_the_protocol(protocol) -> None:
     run_all = _load("run_all")
     rows = run_all.rows(["-o", "target=fp"], "fp-target")

@@ -97,17 +97,48 @@ def read_calib(path: Path) -> tuple[torch.Tensor, str]:
     return ids, recorded
 
 
+def row_scales(w: torch.Tensor, bits: int, tol: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w`` (float64): the scale ``s`` of a symmetric grid its values lie on, and the
+    largest distance of a value from an integer multiple of ``s`` (in units of ``s``).
+
+    A row's smallest gap between distinct values is ``j·s`` for some integer ``1 <= j < 2^B`` (two
+    grid values differ by a whole number of steps); ``j = 1`` whenever the row uses two adjacent
+    codes, the usual case. A row that uses only a few codes, none adjacent (e.g. ``{0, 5s, 7s}``:
+    gaps ``5s`` and ``2s``), is tried at ``gap / j`` for ``j = 2, 3, ...``, the first ``j`` that puts
+    every value within ``tol`` of the grid winning (the largest scale that does)."""
+    sorted_rows = w.sort(dim=1).values
+    new = torch.ones_like(sorted_rows, dtype=torch.bool)
+    new[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    gaps = torch.where(new[:, 1:], sorted_rows[:, 1:] - sorted_rows[:, :-1], torch.inf)
+    gap = gaps.min(dim=1, keepdim=True).values.clamp_min(1e-30)
+    scale = gap.clone()
+    k = w / scale
+    off = (k - k.round()).abs().max(dim=1).values
+    for j in range(2, 2**bits):
+        rows = off > tol
+        if not bool(rows.any()):
+            break
+        trial = gap[rows] / j
+        k = w[rows] / trial
+        trial_off = (k - k.round()).abs().max(dim=1).values
+        better = trial_off <= tol
+        index = rows.nonzero().squeeze(1)[better]
+        scale[index] = trial[better]
+        off[index] = trial_off[better]
+    return scale, off
+
+
 def grid_report(folder: Path, bits: int, expected_layers: int = 7 * 30) -> dict:
-    """Per quantized Linear: distinct values per row and the largest distance (in units of the
-    row's scale) of any weight from an integer multiple of that scale. The scale is estimated as
-    the smallest gap between distinct values of the row (a symmetric grid's values are k·s)."""
+    """Per quantized Linear: distinct values per row, the largest distance (in units of the row's
+    scale) of any weight from an integer multiple of that scale (:func:`row_scales`), and the largest
+    code ``|w| / s``, which a symmetric ``B``-bit grid keeps within ``2^(B-1)``."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"{folder}: no .safetensors files")
     levels = 2**bits
-    worst_distinct, worst_offgrid, layers, off = 0, 0.0, 0, []
+    worst_distinct, worst_offgrid, worst_code, layers, off = 0, 0.0, 0.0, 0, []
     for file in files:
         with safe_open(str(file), "pt") as handle:
             for name in handle.keys():
@@ -119,14 +150,21 @@ def grid_report(folder: Path, bits: int, expected_layers: int = 7 * 30) -> dict:
                 new = torch.ones_like(sorted_rows, dtype=torch.bool)
                 new[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
                 distinct = int(new.sum(dim=1).max())
-                gaps = torch.where(new[:, 1:], sorted_rows[:, 1:] - sorted_rows[:, :-1], torch.inf)
-                scale = gaps.min(dim=1, keepdim=True).values.clamp_min(1e-30)
-                k = w / scale
-                offgrid = float((k - k.round()).abs().max())
+                scale, row_off = row_scales(w, bits)
+                offgrid = float(row_off.max())
+                code = float((w.abs() / scale).max())
                 worst_distinct = max(worst_distinct, distinct)
                 worst_offgrid = max(worst_offgrid, offgrid)
-                if distinct > levels or offgrid > 0.02:
-                    off.append({"layer": name, "distinct": distinct, "offgrid": round(offgrid, 4)})
+                worst_code = max(worst_code, code)
+                if distinct > levels or offgrid > 0.02 or code > 2 ** (bits - 1) + 0.02:
+                    off.append(
+                        {
+                            "layer": name,
+                            "distinct": distinct,
+                            "offgrid": round(offgrid, 4),
+                            "code": round(code, 3),
+                        }
+                    )
     return {
         "folder": str(folder),
         "bits": bits,
@@ -134,6 +172,7 @@ def grid_report(folder: Path, bits: int, expected_layers: int = 7 * 30) -> dict:
         "expected_layers": expected_layers,
         "max_distinct_per_row": worst_distinct,
         "max_offgrid_in_scales": round(worst_offgrid, 6),
+        "max_code": round(worst_code, 4),
         "off_grid": off[:10],
         "ok": not off and layers == expected_layers,
     }

@@ -171,6 +171,40 @@ def evaluate(folder: Path, work: Path) -> dict[str, dict]:
     return scores
 
 
+def check_and_score(row: Row, record: dict) -> dict:
+    """A peer's written model: the grid check, then the scores (the record gets ``grid`` and
+    ``scores``, or ``failed``)."""
+    work = RESULTS / row.name
+    out = work / "model"
+    code, _, grid = run_logged(
+        [sys.executable, str(HERE / "protocol.py"), "grid", str(out), "--bits", str(row.bits)],
+        work / "grid.log",
+    )
+    record["grid"] = last_json(grid)
+    if code != 0:
+        record["failed"] = {"exit": code, "error": "weights are not on a symmetric per-channel grid"}
+        return record
+    record["scores"] = evaluate(out, work)
+    return record
+
+
+def rescore(row: Row, saved: Path) -> dict:
+    """``--rescore``: a peer row whose quantization finished (its saved record has the quantize
+    command, CPU seconds and peak RSS, and its model folder exists) is checked and scored again,
+    its quantization measurements kept: for a row the grid check or the scoring failed on."""
+    path = saved / f"{row.name}.json"
+    out = RESULTS / row.name / "model"
+    if row.kind != "peer" or not path.is_file():
+        raise SystemExit(f"{row.name}: --rescore needs a peer row with a saved record")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("cpu_seconds") is None or not (out / "peer.json").is_file():
+        raise SystemExit(f"{row.name}: its quantization did not finish; run it again without --rescore")
+    record.pop("failed", None)
+    record.pop("scores", None)
+    record["rescored"] = dt.datetime.now().isoformat(timespec="seconds")
+    return check_and_score(row, record)
+
+
 def run_row(row: Row, calib_sha: str) -> dict:
     work = RESULTS / row.name
     out = work / "model"
@@ -203,21 +237,13 @@ def run_row(row: Row, calib_sha: str) -> dict:
     )
     if row.kind == "peer":
         record["peer"] = json.loads((out / "peer.json").read_text(encoding="utf-8"))
-        code, _, grid = run_logged(
-            [sys.executable, str(HERE / "protocol.py"), "grid", str(out), "--bits", str(row.bits)],
-            work / "grid.log",
-        )
-        record["grid"] = last_json(grid)
-        if code != 0:
-            record["failed"] = {"exit": code, "error": "weights are not on a symmetric per-channel grid"}
-            return record
-    else:
-        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-        used = report.get("run", {}).get("calibration", {}).get("windows_sha256")
-        record["calibration_check"] = used == calib_sha
-        if used != calib_sha:
-            record["failed"] = {"exit": 1, "error": f"cdq drew other windows ({used} != {calib_sha})"}
-            return record
+        return check_and_score(row, record)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    used = report.get("run", {}).get("calibration", {}).get("windows_sha256")
+    record["calibration_check"] = used == calib_sha
+    if used != calib_sha:
+        record["failed"] = {"exit": 1, "error": f"cdq drew other windows ({used} != {calib_sha})"}
+        return record
     record["scores"] = evaluate(out, work)
     return record
 
@@ -295,6 +321,9 @@ def main() -> int:
     parser.add_argument("--label", help="suffix of cdq rows run with --cdq-extra (their own results)")
     parser.add_argument("--table", action="store_true", help="print the table of saved results only")
     parser.add_argument("--list", action="store_true", help="list the rows")
+    parser.add_argument(
+        "--rescore", action="store_true", help="peer rows: grid check and scores again, quantization kept"
+    )
     args = parser.parse_args()
     extra = shlex.split(args.cdq_extra)
     if extra and not args.label:
@@ -325,7 +354,7 @@ def main() -> int:
     done = []
     for name in chosen:
         print(f"# {name}: started {dt.datetime.now():%H:%M:%S}", flush=True)
-        record = run_row(available[name], calib_sha)
+        record = rescore(available[name], saved) if args.rescore else run_row(available[name], calib_sha)
         partial = saved / f"{name}.json.partial"
         partial.write_text(json.dumps(record, indent=1), encoding="utf-8")
         partial.replace(saved / f"{name}.json")
