@@ -5,12 +5,17 @@ result to the byte:
 
 * **Calibration batches** are split into contiguous ranges, rank r taking the r-th range, so the
   forward passes of every block run data-parallel (:meth:`Ranks.batches`).
-* **Σ** is reduced in batch order. A rank records the inputs its hooks see (the very tensors the
-  single-process run folds in), then the accumulators are relayed rank to rank: rank r receives
-  the sum of ranks 0..r-1, folds in its own batches in order, passes it on; the last rank
-  broadcasts the total. Every ``addmm`` is the one the single-process run makes, in the same
-  order, so Σ is bitwise that run's (an all-reduce would sum in an order the backend chooses and
-  could not promise that). Only the Σ products are serialised; the forward passes are not.
+* **Σ** is made of the very products the single-process run makes, in the same order, so it is
+  bitwise that run's (an all-reduce would sum in an order the backend chooses and could not
+  promise that). A rank records the inputs its hooks see (the tensors the single-process run
+  folds in). A plain Σ (:class:`~cdq_cli.solvers.SigmaAccumulator`) is accumulated a band of rows
+  at a time (:func:`~cdq_cli.solvers.sigma.bands`), and the bands are split between the ranks:
+  every batch's inputs are broadcast from the rank that computed them, in batch order, each rank
+  adds them into its own bands, and then each band is broadcast from its rank
+  (:meth:`Ranks._by_bands`). The products run in parallel; only the copies are extra. The other
+  statistics (the paired ones of ``-o target=fp``, grouped convolutions' per-group Σ) are relayed
+  rank to rank: rank r receives the sum of ranks 0..r-1, folds in its own batches in order and
+  passes it on; the last rank broadcasts the total (:meth:`Ranks._relay`).
 * **Layers** of a group are solved in parallel, assigned by cost, largest first onto the
   least-loaded rank (:func:`assign`). The cost of a layer is the measured time of the layers of
   its shape solved so far (every rank knows them: each solved layer comes with its time), and
@@ -113,9 +118,44 @@ class Ranks:
         return sum(self.gather_values(value))
 
     def reduce_in_order(self, accumulators: Sequence[Deferred]) -> None:
-        """Relay every accumulator through the ranks in rank (= batch) order (see the module doc)."""
+        """Every accumulator's recorded additions made in batch order, the same on every rank (see
+        the module doc): plain Σ's band by band across the ranks, the others relayed."""
+        from .solvers.sigma import SigmaAccumulator
+
+        plain = [acc for acc in accumulators if type(acc.real) is SigmaAccumulator]
+        relayed = [acc for acc in accumulators if type(acc.real) is not SigmaAccumulator]
         with _collective("the Σ reduction"):
-            self._relay(accumulators)
+            if self.active:
+                self._by_bands(plain)
+            else:
+                relayed = list(accumulators)
+            self._relay(relayed)
+
+    def _by_bands(self, accumulators: Sequence[Deferred]) -> None:
+        """Plain Σ's: band ``i`` is rank ``i mod world``'s; every batch's inputs go to every rank in
+        batch order (rank order, then each rank's order), each rank adds them into its bands, then
+        each band goes from its rank to all (and the token count is every rank's sum)."""
+        from .solvers.sigma import bands
+
+        shapes: list[Any] = [None] * self.world
+        dist.all_gather_object(shapes, [acc.row_shapes() for acc in accumulators])
+        for index, acc in enumerate(accumulators):
+            real = acc.real
+            every = bands(real.sigma.shape[0])
+            mine = [i for i in range(len(every)) if i % self.world == self.rank]
+            own = acc.recorded_rows()
+            for src in range(self.world):
+                for k, shape in enumerate(shapes[src][index]):
+                    if src == self.rank:
+                        rows = real.rows_of(own[k]).contiguous()
+                    else:
+                        rows = torch.empty(shape, dtype=real.sigma.dtype, device=real.sigma.device)
+                    dist.broadcast(rows, src=src)
+                    real.add_bands(rows, mine)
+                    real.tokens += int(shape[0])
+            acc.clear()
+            for i, band in enumerate(every):
+                dist.broadcast(real.sigma[band], src=i % self.world)
 
     def _relay(self, accumulators: Sequence[Deferred]) -> None:
         for acc in accumulators:
@@ -345,6 +385,21 @@ class Deferred:
 
     def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
         self._record("add_pair_columns", fp_columns, columns)
+
+    def row_shapes(self) -> list[tuple[int, int]]:
+        """The (tokens, features) shape of each recorded batch of a plain Σ, in order."""
+        return [tuple(self._rows(tensors).shape) for _, tensors in self._calls]
+
+    def recorded_rows(self) -> list[torch.Tensor]:
+        """The recorded inputs of a plain Σ as (tokens, features) rows, in order."""
+        return [self._rows(tensors) for _, tensors in self._calls]
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+    def _rows(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        (inputs,) = tensors
+        return inputs.reshape(-1, inputs.shape[-1])
 
     def replay(self) -> None:
         for method, tensors in self._calls:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign
 from cdq_cli.solvers import METHODS
@@ -140,6 +141,27 @@ def test_a_killed_rank_ends_every_rank_then_resume_finishes_the_same(quantize, s
     assert resumed.returncode == 0, resumed.stderr
     assert weights(out) == weights(single["gptq"])
     assert json.loads((out / "report.json").read_text())["run"]["resumed_blocks"] >= 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sigma_split_by_bands_across_ranks_is_the_single_process_sigma(world, tmp_path) -> None:
+    """Σ's of 64, 256 and 600 features (one band, one full band, three bands of which the last is
+    partial), reduced across 2 or 3 ranks (band i on rank i mod world, batches of uneven sizes), and
+    a paired accumulator relayed alongside: bitwise the single-process totals."""
+    worker = str(Path(__file__).parent / "sigma_bands_worker.py")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), ENV.get("PYTHONPATH", "")])}
+    alone = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    done = subprocess.run([*launch, worker, str(tmp_path / "many.pt")], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, many = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "many.pt")
+    assert one.keys() == many.keys()
+    for key in one:
+        assert torch.equal(one[key], many[key]), key
+    assert int(one["tokens600"]) == 2 * sum(17 + 5 * i for i in range(7))
 
 
 def test_layers_go_largest_first_to_the_least_loaded_rank() -> None:

@@ -16,6 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Σ is accumulated a band of rows at a time, ``Σ[I] += X[:, I]ᵀ X`` for I = rows 0..255, 256..511, ...
+# (one product per band; on the BLAS here the bands give the very bits of the whole product). The
+# bands are the same whichever process computes them, so ranks split them (parallel.Ranks) and
+# still give the single-process Σ to the bit.
+BAND = 256
+
+
+def bands(features: int) -> list[slice]:
+    """The row bands of a ``features`` × ``features`` Σ, in order."""
+    return [slice(start, min(start + BAND, features)) for start in range(0, features, BAND)]
+
 
 class SigmaAccumulator:
     """Accumulates Σ for a layer with ``features`` inputs (``in_features`` or ``C·kh·kw``)."""
@@ -56,11 +67,23 @@ class SigmaAccumulator:
         self._add_rows(rows)
 
     def _add_rows(self, rows: torch.Tensor) -> None:
-        if rows.shape[1] != self.sigma.shape[0]:
-            raise ValueError(f"inputs have {rows.shape[1]} features, Σ expects {self.sigma.shape[0]}")
-        rows = rows.to(self.sigma.device, self.sigma.dtype)
-        self.sigma.addmm_(rows.T, rows)
+        rows = self.rows_of(rows)
+        self.add_bands(rows, range(len(bands(self.sigma.shape[0]))))
         self.tokens += rows.shape[0]
+
+    def rows_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (tokens × features) checked and in Σ's device and dtype."""
+        if rows.dim() != 2 or rows.shape[1] != self.sigma.shape[0]:
+            raise ValueError(f"inputs have {rows.shape[-1]} features, Σ expects {self.sigma.shape[0]}")
+        return rows.to(self.sigma.device, self.sigma.dtype)
+
+    def add_bands(self, rows: torch.Tensor, which: range | list[int]) -> None:
+        """``Σ[I] += rows[:, I]ᵀ rows`` for the bands ``which`` (indices into :func:`bands`) of
+        checked rows (:meth:`rows_of`); the token count is the caller's."""
+        every = bands(self.sigma.shape[0])
+        for index in which:
+            band = every[index]
+            self.sigma[band].addmm_(rows[:, band].T, rows)
 
 
 class PairedSigmaAccumulator:
