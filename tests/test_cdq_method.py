@@ -235,3 +235,25 @@ def test_more_rounds_never_worse_and_monotone(config, seed):
     assert three.objective == pytest.approx(objective(weight, three.weight, sigma), rel=1e-12)
     with pytest.raises(ValueError, match="rounds"):
         solve("cdq", weight, sigma, rounds=0, **config)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shrink_solves_on_the_shrunk_sigma_and_reports_on_sigma(seed):
+    """``-o shrink=α``: the same weights as solving on an explicit copy of Σ + α·Diag(Σ), Σ put
+    back bit for bit, and the reported objectives (final and start) on Σ itself; α = 0 is the
+    default to the bit."""
+    weight, sigma = _problem(seed)[:2]
+    kept = sigma.clone()
+    spec = GridSpec(bits=3)
+    shrunk = sigma.clone()
+    shrunk.diagonal().mul_(1.3)  # Σ + 0.3·Diag(Σ), computed as the solver does
+    reference = solve("cdq", weight, shrunk, spec)
+    result = solve("cdq", weight, sigma, spec, shrink=0.3)
+    assert torch.equal(sigma, kept)
+    assert torch.equal(result.weight, reference.weight) and torch.equal(result.codes, reference.codes)
+    assert result.objective == pytest.approx(objective(weight, result.weight, sigma), rel=1e-5)
+    assert result.objective_start >= result.objective * (1 - 1e-6)
+    plain = solve("cdq", weight, sigma, spec)
+    assert torch.equal(solve("cdq", weight, sigma, spec, shrink=0.0).weight, plain.weight)
+    with pytest.raises(ValueError, match="shrink"):
+        solve("cdq", weight, sigma, spec, shrink=-0.1)

@@ -161,9 +161,17 @@ def solve_cdq(
     damping: float = 0.01,
     tolerance: float = 1e-3,
     rounds: int = 1,
+    shrink: float = 0.0,
     grid: Grid | None = None,
 ) -> QuantResult:
     """cdq: best of ``starts``, then ``descend`` with at most ``sweeps`` sweeps in ``order``.
+
+    ``shrink`` = α > 0 solves on ``Σ + α·Diag(Σ)`` (Σ shrunk toward its diagonal) and reports the
+    objective on Σ itself. Σ is estimated from a few thousand tokens, and its smallest directions
+    are estimated worst: on SmolLM2's ``down_proj`` (1,536 columns, 16k calibration tokens) the full
+    solution's error on held-out WikiText-2 inputs was 1.04× round-to-nearest's while it was 0.72×
+    on the calibration; α = 0.3 gave 0.95× held out for 0.72× on the calibration. Only the diagonal
+    changes, in place, and is put back bit for bit.
 
     ``grid``: a fixed start grid for every start (a GGUF block type's; its refits keep the type's
     stored widths, and either refit option turns them on).
@@ -181,6 +189,40 @@ def solve_cdq(
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not shrink >= 0:
+        raise ValueError(f"shrink must be >= 0, got {shrink}")
+    if shrink == 0:
+        return _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping, tolerance,
+                          rounds, grid)[0]  # fmt: skip
+    diagonal = sigma.diagonal().clone()
+    sigma.diagonal().mul_(1.0 + shrink)
+    try:
+        result = _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping, tolerance,
+                            rounds, grid)  # fmt: skip
+    finally:
+        sigma.diagonal().copy_(diagonal)
+    result, start = result
+    # the report's objectives are on Σ (the history stays the solver's own, on the shrunk Σ)
+    result.objective = working_objective(weight, result.weight, sigma)
+    result.objective_start = working_objective(weight, start, sigma)
+    return result
+
+
+def _solve_cdq(
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    spec: GridSpec,
+    starts: tuple[str, ...] | list[str] | str,
+    order: str,
+    sweeps: int,
+    refit: str,
+    block_size: int,
+    damping: float,
+    tolerance: float,
+    rounds: int,
+    grid: Grid | None,
+) -> tuple[QuantResult, torch.Tensor]:
+    """:func:`solve_cdq` on ``sigma`` as given; also the start point it descended from."""
     began = time.perf_counter()
     if isinstance(starts, str):
         starts = tuple(s for s in starts.split(",") if s)
@@ -218,7 +260,7 @@ def solve_cdq(
     # is already known (from a sweep's log or a refit's product); recompute only if it did not.
     same = torch.equal(final, state.approx)
     value = state.value if same else working_objective(weight, final, sigma)
-    return QuantResult(
+    result = QuantResult(
         "cdq",
         final,
         codes,
@@ -229,3 +271,4 @@ def solve_cdq(
         seconds=time.perf_counter() - began,
         history=state.history,
     )
+    return result, approx

@@ -206,6 +206,7 @@ METHODS: dict[str, Method] = {
                 "damping": _DAMPING,
                 "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
                 "rounds": Option("rounds", "int", low=1),
+                "shrink": Option("Σ shrinkage toward its diagonal", "float", low=0),
                 "target": _TARGET,
             },
         ),
