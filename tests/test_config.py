@@ -31,6 +31,7 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
         "stories260k-4bit-demo.yaml",
         "cdq-hadamard.yaml",
         "cdq-hadamard-fp.yaml",
+        "cdq-gguf.yaml",
     } <= names
     for preset in PRESETS:  # --help runs after the eager --config: every key and type is checked
         code, out, err = run(capsys, "quantize", "--config", preset, "--help")
@@ -58,6 +59,22 @@ def test_the_recipe_presets_are_their_flags(preset, flags, target, llama, calib,
     assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", target, "hadamard")
     written = [(tmp_path / run_ / "model.safetensors").read_bytes() for run_ in ("preset", "flags")]
     assert written[0] == written[1]
+
+
+def test_the_gguf_preset_is_its_flags(llama, calib, tmp_path, capsys) -> None:
+    """configs/cdq-gguf.yaml (issue 20's recipe) writes the bytes of ``--method cdq --format gguf -o
+    shrink=0.3``, and that is not the default's file (the option reaches the solver)."""
+    common = [llama, "--type", "Q4_0", "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--quiet"]
+    runs = {
+        "preset": ["--config", REPO / "configs" / "cdq-gguf.yaml"],
+        "flags": ["--method", "cdq", "--format", "gguf", "-o", "shrink=0.3"],
+        "default": ["--method", "cdq", "--format", "gguf"],
+    }
+    for name, flags in runs.items():
+        code, _, err = run(capsys, "quantize", *flags, *common, "--output", tmp_path / name / "q")
+        assert code == 0, err  # the same folder name: the file's general.name is the folder's
+    written = {name: (tmp_path / name / "q-gguf" / "model-Q4_0.gguf").read_bytes() for name in runs}
+    assert written["preset"] == written["flags"] != written["default"]
 
 
 def test_file_fills_defaults_and_the_command_line_wins(llama, calib, tmp_path, capsys) -> None:
