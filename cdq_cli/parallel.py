@@ -8,8 +8,8 @@ result to the byte:
 * **Σ** is made of the very products the single-process run makes, in the same order, so it is
   bitwise that run's (an all-reduce would sum in an order the backend chooses and could not
   promise that). A rank records the inputs its hooks see (the tensors the single-process run
-  folds in). A plain Σ (:class:`~cdq_cli.solvers.SigmaAccumulator`) is accumulated a band of rows
-  at a time (:func:`~cdq_cli.solvers.sigma.bands`), and the bands are split between the ranks:
+  folds in). A plain Σ (:class:`~cdq_cli.solvers.SigmaAccumulator`: it has ``bands`` and
+  ``add_bands``) is accumulated a band of rows at a time, and the bands are split between the ranks:
   every batch's inputs are broadcast from the rank that computed them, in batch order, each rank
   adds them into its own bands, and then each band is broadcast from its rank
   (:meth:`Ranks._by_bands`). The products run in parallel; only the copies are extra. The other
@@ -120,10 +120,8 @@ class Ranks:
     def reduce_in_order(self, accumulators: Sequence[Deferred]) -> None:
         """Every accumulator's recorded additions made in batch order, the same on every rank (see
         the module doc): plain Σ's band by band across the ranks, the others relayed."""
-        from .solvers.sigma import SigmaAccumulator
-
-        plain = [acc for acc in accumulators if type(acc.real) is SigmaAccumulator]
-        relayed = [acc for acc in accumulators if type(acc.real) is not SigmaAccumulator]
+        plain = [acc for acc in accumulators if acc.banded]
+        relayed = [acc for acc in accumulators if not acc.banded]
         with _collective("the Σ reduction"):
             if self.active:
                 self._by_bands(plain)
@@ -135,13 +133,11 @@ class Ranks:
         """Plain Σ's: band ``i`` is rank ``i mod world``'s; every batch's inputs go to every rank in
         batch order (rank order, then each rank's order), each rank adds them into its bands, then
         each band goes from its rank to all (and the token count is every rank's sum)."""
-        from .solvers.sigma import bands
-
         shapes: list[Any] = [None] * self.world
         dist.all_gather_object(shapes, [acc.row_shapes() for acc in accumulators])
         for index, acc in enumerate(accumulators):
             real = acc.real
-            every = bands(real.sigma.shape[0])
+            every = real.bands()
             mine = [i for i in range(len(every)) if i % self.world == self.rank]
             own = acc.recorded_rows()
             for src in range(self.world):
@@ -385,6 +381,11 @@ class Deferred:
 
     def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
         self._record("add_pair_columns", fp_columns, columns)
+
+    @property
+    def banded(self) -> bool:
+        """Whether the accumulator is a plain Σ made of row bands (``add_bands``, ``bands``)."""
+        return hasattr(self.real, "add_bands") and hasattr(self.real, "bands")
 
     def row_shapes(self) -> list[tuple[int, int]]:
         """The (tokens, features) shape of each recorded batch of a plain Σ, in order."""

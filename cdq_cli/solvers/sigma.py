@@ -68,8 +68,12 @@ class SigmaAccumulator:
 
     def _add_rows(self, rows: torch.Tensor) -> None:
         rows = self.rows_of(rows)
-        self.add_bands(rows, range(len(bands(self.sigma.shape[0]))))
+        self.add_bands(rows, range(len(self.bands())))
         self.tokens += rows.shape[0]
+
+    def bands(self) -> list[slice]:
+        """Σ's row bands, in order (:func:`bands`)."""
+        return bands(self.sigma.shape[0])
 
     def rows_of(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` (tokens × features) checked and in Σ's device and dtype."""
@@ -80,7 +84,7 @@ class SigmaAccumulator:
     def add_bands(self, rows: torch.Tensor, which: range | list[int]) -> None:
         """``Σ[I] += rows[:, I]ᵀ rows`` for the bands ``which`` (indices into :func:`bands`) of
         checked rows (:meth:`rows_of`); the token count is the caller's."""
-        every = bands(self.sigma.shape[0])
+        every = self.bands()
         for index in which:
             band = every[index]
             self.sigma[band].addmm_(rows[:, band].T, rows)
