@@ -15,6 +15,8 @@ values closer than ``CLOSE`` is re-made in float64 (:func:`lower`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -191,21 +193,27 @@ def solve_cdq(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not shrink >= 0:
         raise ValueError(f"shrink must be >= 0, got {shrink}")
-    if shrink == 0:
-        return _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping, tolerance,
-                          rounds, grid)[0]  # fmt: skip
+    with _shrunk(sigma, shrink):
+        result, start = _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping,
+                                   tolerance, rounds, grid)  # fmt: skip
+    if shrink:  # the report's objectives are on Σ (the history stays the solver's own, on the shrunk Σ)
+        result.objective = working_objective(weight, result.weight, sigma)
+        result.objective_start = working_objective(weight, start, sigma)
+    return result
+
+
+@contextmanager
+def _shrunk(sigma: torch.Tensor, shrink: float) -> Iterator[None]:
+    """Σ's diagonal scaled by ``1 + shrink`` (Σ + shrink·Diag(Σ)) inside, put back bit for bit after."""
+    if not shrink:
+        yield
+        return
     diagonal = sigma.diagonal().clone()
     sigma.diagonal().mul_(1.0 + shrink)
     try:
-        result = _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping, tolerance,
-                            rounds, grid)  # fmt: skip
+        yield
     finally:
         sigma.diagonal().copy_(diagonal)
-    result, start = result
-    # the report's objectives are on Σ (the history stays the solver's own, on the shrunk Σ)
-    result.objective = working_objective(weight, result.weight, sigma)
-    result.objective_start = working_objective(weight, start, sigma)
-    return result
 
 
 def _solve_cdq(
