@@ -35,7 +35,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -351,6 +351,27 @@ def assign(costs: dict[str, float], world: int) -> dict[str, int]:
         owner[name] = rank
         load[rank] += costs[name]
     return owner
+
+
+def replay(
+    groups: Sequence[Mapping[str, tuple[tuple[int, int], float]]],
+    estimate: Callable[[int, int], float],
+    world: int,
+) -> Balance:
+    """The balance ``world`` ranks would have had on a run whose layers took the given seconds:
+    ``groups`` in solve order, each {name: (matrix shape, measured seconds)}. Each group is
+    assigned as the driver assigns it (:class:`Costs` fed the earlier groups' times, then
+    :func:`assign`), so ``predicted_imbalance`` is what such a run would report; ``critical`` is its
+    solve phase had every layer taken the time it took in the run measured (one process)."""
+    costs, balance = Costs(estimate), Balance()
+    for group in groups:
+        estimated = {name: costs.cost(shape) for name, (shape, _) in group.items()}
+        owners = assign(estimated, world)
+        balance.planned(estimated, owners, world)
+        balance.solved({name: seconds for name, (_, seconds) in group.items()}, owners, world)
+        for shape, seconds in group.values():
+            costs.record(shape, seconds)
+    return balance
 
 
 class Deferred:

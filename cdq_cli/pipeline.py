@@ -467,8 +467,8 @@ class _Run:
             full = join_name(prefix, name)
             with naming(lambda full=full, layer=layer: f"solving {_sized(full, layer.weight)}"):
                 began = time.perf_counter()
-                original = layer.weight.detach().clone()
-                result, record = round_layer(full, layer, self.settings)
+                original = layer.weight.detach()  # W itself: Ŵ gets a tensor of its own below
+                result, record = round_layer(full, layer, self.settings, rebind=True)
                 solved[name] = (result, record, time.perf_counter() - began)
             weight = layer.weight.detach()
             if weight.dtype == dtype:  # Ŵ is the layer's own weight: no second copy is kept
@@ -611,10 +611,14 @@ def solve_layer(
     return row, record
 
 
-def round_layer(name: str, layer: nn.Module, settings: Settings) -> tuple[QuantResult, QuantizedLayer]:
+def round_layer(
+    name: str, layer: nn.Module, settings: Settings, *, rebind: bool = False
+) -> tuple[QuantResult, QuantizedLayer]:
     """Solve one layer without Σ (a method that declares ``needs_sigma`` False), write Ŵ into it
     and return the result, its objective NaN until the block's pass measures it
-    (:meth:`_Run.unweighted`), and its stored record: the same as :func:`solve_layer` stores."""
+    (:meth:`_Run.unweighted`), and its stored record: the same as :func:`solve_layer` stores.
+    ``rebind``: Ŵ becomes the weight's own tensor and W's tensor is left as it was (the caller
+    holds it: no copy of W is made to keep it)."""
     spec = settings.grid_for(name)
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     shape = tuple(layer.weight.shape)
@@ -630,7 +634,7 @@ def round_layer(name: str, layer: nn.Module, settings: Settings) -> tuple[QuantR
     if not all_finite(result.weight):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
     record = QuantizedLayer.from_result(name, result, shape)
-    _write_back(name, layer.weight, record, result)
+    _write_back(name, layer.weight, record, result, rebind=rebind)
     return result, record
 
 
@@ -746,12 +750,19 @@ def _row(
     )
 
 
-def _write_back(name: str, weight: torch.Tensor, record: QuantizedLayer, result: QuantResult) -> None:
-    """Put the stored form's Ŵ into the model, after checking it reproduces the solver's."""
+def _write_back(
+    name: str, weight: torch.Tensor, record: QuantizedLayer, result: QuantResult, *, rebind: bool = False
+) -> None:
+    """Put the stored form's Ŵ into the model, after checking it reproduces the solver's: copied
+    into the weight's tensor, or with ``rebind`` made the weight's tensor (W's is left intact)."""
     chosen = record.dequantize(result.weight.device)
     if not torch.equal(chosen.reshape(result.weight.shape), result.weight):
         raise RuntimeError(f"{name}: stored codes do not reproduce the solver's weights (a cdq bug)")
-    weight.data.copy_(chosen.reshape(weight.shape).to(weight.dtype))
+    value = chosen.reshape(weight.shape).to(weight.dtype)
+    if rebind:
+        weight.data = value
+    else:
+        weight.data.copy_(value)
 
 
 def _no_sigma(matrix: torch.Tensor, settings: Settings) -> torch.Tensor:

@@ -15,6 +15,12 @@ process of one thread). Printed per world size:
 
     CDQ_DATA_DIR=../shared/data .venv/bin/python scripts/bench_ranks.py --nproc 2,4
 
+``--predict 4`` (or ``2,4,8``) also replays the one-process run's measured layer times through the
+driver's assignment for that many ranks (:func:`cdq_cli.parallel.replay`): the imbalance such a
+run would predict, and its solve phase had every layer taken the time it took in one process. It
+needs ``--no-true-sequential`` (each block's layers are then one group, as the report's rows can
+say); ``--report FOLDER/report.json`` does only that, on a finished one-process run.
+
 The model is SmolLM2-135M (scripts/_bench_common.py ``load_smollm2``: expanded once from its GGUF
 into ``~/.cache/cdq``).
 """
@@ -73,6 +79,46 @@ def run(args, world: int) -> dict:
     }
 
 
+def replayed(report: dict, worlds: list[int]) -> list[dict]:
+    """:func:`cdq_cli.parallel.replay` of a one-process report for each world size."""
+    from cdq_cli.parallel import replay
+    from cdq_cli.solvers import find_method
+    from cdq_cli.store.layer import matrix_shape
+
+    run = report["run"]
+    if run.get("true_sequential", True):
+        raise SystemExit("--predict needs a run made with --no-true-sequential (one group per block)")
+    method = find_method(run["method"])
+    options = run.get("options") or {}
+    groups: dict[str, dict] = {}
+    for row in report["layers"]:
+        block = row["name"].rsplit(".", 2)[0]  # model.layers.N.self_attn.q_proj -> model.layers.N
+        groups.setdefault(block, {})[row["name"]] = (matrix_shape(row["shape"]), row["seconds"])
+    total = sum(seconds for group in groups.values() for _, seconds in group.values())
+    rows = []
+    for world in worlds:
+        balance = replay(list(groups.values()), lambda r, c: method.cost(r, c, options), world)
+        rows.append(
+            {
+                "world": world,
+                "imbalance": balance.predicted_imbalance,
+                "critical": balance.critical,
+                "speedup": total / balance.critical,
+            }
+        )
+    return rows
+
+
+def print_replayed(rows: list[dict]) -> None:
+    print("| ranks (replayed) | predicted imbalance | solve phase s (one-process layer times) | speed-up |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['world']} | {100 * row['imbalance']:.1f}% | {row['critical']:.1f} "
+            f"| {row['speedup']:.2f}× |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(CACHE / "smollm2-135m-instruct"))
@@ -87,7 +133,19 @@ def main() -> None:
         "--extra", default="--no-true-sequential", help="More `cdq quantize` arguments, one string."
     )
     parser.add_argument("--work", default="/tmp/cdq-bench-ranks")
+    parser.add_argument(
+        "--predict", default="", help="World sizes to replay the one-process run for: 4 or 2,4,8."
+    )
+    parser.add_argument(
+        "--report", type=Path, help="Only replay this one-process report.json (with --predict)."
+    )
     args = parser.parse_args()
+    worlds = [int(world) for world in args.predict.split(",") if world]
+    if args.report is not None:
+        sys.path.insert(0, str(REPO))
+        print(f"# replay of {args.report}")
+        print_replayed(replayed(json.loads(args.report.read_text()), worlds or [2, 4]))
+        return
     args.calib = args.calib or str(data_dir() / "text" / "c4-sample.jsonl")
     if not (Path(args.model) / "config.json").is_file() and args.model == str(
         CACHE / "smollm2-135m-instruct"
@@ -114,6 +172,11 @@ def main() -> None:
             f"| {base['wall'] / row['wall']:.2f}× | {base['solve'] / row['solve']:.2f}× | {same} |"
         )
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+    if worlds:
+        sys.path.insert(0, str(REPO))
+        print_replayed(
+            replayed(json.loads((Path(args.work) / "ranks-1" / "report.json").read_text()), worlds)
+        )
 
 
 if __name__ == "__main__":

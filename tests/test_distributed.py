@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign
+from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign, replay
 from cdq_cli.solvers import METHODS
 from cdq_cli.store.names import journal_folder
 
@@ -195,6 +195,33 @@ def test_balance_adds_up_the_slowest_rank_of_every_group() -> None:
     balance.solved({"a": 1.0, "b": 2.0, "c": 0.5}, owners, 2)
     assert balance.critical == 5.0 + 2.5 and balance.total == 7.0 + 3.5
     assert balance.predicted_imbalance == (4.0 + 1.0) / (3.5 + 1.0) - 1
+
+
+def test_replay_assigns_each_group_as_the_driver_would() -> None:
+    """replay (bench_ranks --predict) = Costs fed the earlier groups' times, then assign, group
+    after group: the same figures as driving Costs/assign/Balance by hand."""
+    groups = [
+        {"q": ((4, 4), 1.0), "up": ((8, 4), 2.0), "down": ((4, 8), 6.0)},
+        {"q": ((4, 4), 1.5), "up": ((8, 4), 2.5), "down": ((4, 8), 5.0)},
+    ]
+
+    def estimate(rows: int, columns: int) -> float:
+        return rows * columns**2
+
+    for world in (1, 2, 3):
+        costs, balance = Costs(estimate), Balance()
+        for group in groups:
+            estimated = {name: costs.cost(shape) for name, (shape, _) in group.items()}
+            owners = assign(estimated, world)
+            balance.planned(estimated, owners, world)
+            balance.solved({name: seconds for name, (_, seconds) in group.items()}, owners, world)
+            for shape, seconds in group.values():
+                costs.record(shape, seconds)
+        assert replay(groups, estimate, world) == balance
+    one = replay(groups, estimate, 1)
+    assert one.predicted_imbalance == 0 and one.critical == one.total == 18.0
+    # the second group is assigned on the first one's times: down (6 s) alone on one rank of two
+    assert replay(groups, estimate, 2).critical == 6.0 + 5.0
 
 
 def test_batches_are_split_into_contiguous_ranges() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cdq_cli.solvers import SUPPORTED_BITS, Grid, GridSpec, fit_minmax
+from cdq_cli.solvers.grid import cast
 
 LAYOUTS = {
     "channel": {},
@@ -134,3 +135,32 @@ def test_spec_rejects_bad_grouping():
         GridSpec(bits=4, group_size=8, per_layer=True)
     with pytest.raises(ValueError, match="divide"):
         fit_minmax(torch.randn(3, 12), GridSpec(bits=4, group_size=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cast_equals_torch_conversion(dtype: torch.dtype) -> None:
+    """The numpy route of ``cast`` gives torch's own conversion bit for bit, both ways, on every
+    code 0..255 and on non-contiguous views (a grouped reshape, a transpose)."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (33, 64), generator=gen, dtype=torch.uint8)
+    codes[1:5].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    for view in (codes, codes.reshape(33, 4, 16), codes.T, codes[:, ::3]):
+        floats = cast(view, dtype)
+        assert floats.dtype == dtype and torch.equal(floats, view.to(dtype))
+        back = cast(floats, torch.uint8)
+        assert back.dtype == torch.uint8 and torch.equal(back, view)
+    floats = codes.to(dtype)
+    assert cast(floats, dtype).data_ptr() != floats.data_ptr()  # always a new tensor
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_quantize_and_dequantize_equal_the_formula(bits: int) -> None:
+    """Grid.quantize/dequantize (numpy casts on the CPU) equal the module doc's formula computed
+    with torch's own conversions, bit for bit, in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        w = _weights(bits, rows=7, columns=64).to(dtype)
+        grid = fit_minmax(w, GridSpec(bits, group_size=16))
+        scale, zero = grid.expand(64)
+        codes = (w / scale).round().add(zero).clamp(0, grid.spec.maxq).to(torch.uint8)
+        assert torch.equal(grid.quantize(w), codes)
+        assert torch.equal(grid.dequantize(codes), (codes.to(dtype) - zero) * scale)

@@ -31,8 +31,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     time: the int64 working memory stays within :data:`PIECE_BYTES`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"cannot pack {bits}-bit codes")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes out of range for {bits} bits")
+    if codes.numel():
+        low, high = torch.aminmax(codes)  # one pass
+        if int(low) < 0 or int(high) >= 2**bits:
+            raise ValueError(f"codes out of range for {bits} bits")
     *lead, length = codes.shape
     if codes.numel() == 0:
         return _pack_rows(codes, bits)
