@@ -63,18 +63,26 @@ def test_the_recipe_presets_are_their_flags(preset, flags, target, llama, calib,
 
 def test_the_gguf_preset_is_its_flags(llama, calib, tmp_path, capsys) -> None:
     """configs/cdq-gguf.yaml (issue 20's recipe) writes the bytes of ``--method cdq --format gguf -o
-    shrink=0.3``, and that is not the default's file (the option reaches the solver)."""
+    shrink=0.3``; that is also what cdq does on a GGUF grid by default (the same tensors), and
+    ``-o shrink=0`` gives other tensors (the option reaches the solver)."""
+    gguf = pytest.importorskip("gguf")
     common = [llama, "--type", "Q4_0", "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--quiet"]
     runs = {
         "preset": ["--config", REPO / "configs" / "cdq-gguf.yaml"],
         "flags": ["--method", "cdq", "--format", "gguf", "-o", "shrink=0.3"],
         "default": ["--method", "cdq", "--format", "gguf"],
+        "off": ["--method", "cdq", "--format", "gguf", "-o", "shrink=0"],
     }
     for name, flags in runs.items():
         code, _, err = run(capsys, "quantize", *flags, *common, "--output", tmp_path / name / "q")
         assert code == 0, err  # the same folder name: the file's general.name is the folder's
-    written = {name: (tmp_path / name / "q-gguf" / "model-Q4_0.gguf").read_bytes() for name in runs}
-    assert written["preset"] == written["flags"] != written["default"]
+    files = {name: tmp_path / name / "q-gguf" / "model-Q4_0.gguf" for name in runs}
+    assert files["preset"].read_bytes() == files["flags"].read_bytes()
+
+    def tensors(path):
+        return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+    assert tensors(files["default"]) == tensors(files["flags"]) != tensors(files["off"])
 
 
 def test_file_fills_defaults_and_the_command_line_wins(llama, calib, tmp_path, capsys) -> None:

@@ -30,6 +30,10 @@ from .starts import START_POINTS, scored_start_point
 
 REFITS = ("none", "scales", "scales+zeros")
 DEFAULT_STARTS = ("gptq", "gptq-actorder-clip")
+# ``shrink`` when not given, on a GGUF block type's grid (uniform grids: 0). Chosen from
+# scripts/bench_heldout.py's held-out layer errors, then measured in llama.cpp at Q4_K_M, Q3_K_M,
+# Q4_0 and Q2_K (BENCHMARKS.md, "GGUF"); at W4 per channel it did not help (issue 19).
+GGUF_SHRINK = 0.3
 
 
 @dataclass
@@ -163,7 +167,7 @@ def solve_cdq(
     damping: float = 0.01,
     tolerance: float = 1e-3,
     rounds: int = 1,
-    shrink: float = 0.0,
+    shrink: float | None = None,
     grid: Grid | None = None,
 ) -> QuantResult:
     """cdq: best of ``starts``, then ``descend`` with at most ``sweeps`` sweeps in ``order``.
@@ -173,7 +177,8 @@ def solve_cdq(
     are estimated worst: on SmolLM2's ``down_proj`` (1,536 columns, 16k calibration tokens) the full
     solution's error on held-out WikiText-2 inputs was 1.04× round-to-nearest's while it was 0.72×
     on the calibration; α = 0.3 gave 0.95× held out for 0.72× on the calibration. Only the diagonal
-    changes, in place, and is put back bit for bit.
+    changes, in place, and is put back bit for bit. Not given (None): :data:`GGUF_SHRINK` on a
+    GGUF block type's grid, whose small blocks of 16–32 weights follow Σ most closely, else 0.
 
     ``grid``: a fixed start grid for every start (a GGUF block type's; its refits keep the type's
     stored widths, and either refit option turns them on).
@@ -191,6 +196,8 @@ def solve_cdq(
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if shrink is None:
+        shrink = GGUF_SHRINK if spec.block_type is not None else 0.0
     if not shrink >= 0:
         raise ValueError(f"shrink must be >= 0, got {shrink}")
     with _shrunk(sigma, shrink):

@@ -206,7 +206,11 @@ METHODS: dict[str, Method] = {
                 "damping": _DAMPING,
                 "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
                 "rounds": Option("rounds", "int", low=1),
-                "shrink": Option("Σ shrinkage toward its diagonal", "float", low=0),
+                "shrink": Option(
+                    "Σ shrinkage toward its diagonal (none: 0.3 on a GGUF type's grid, else 0)",
+                    "float",
+                    low=0,
+                ),
                 "target": _TARGET,
             },
         ),
