@@ -164,3 +164,28 @@ def test_quantize_and_dequantize_equal_the_formula(bits: int) -> None:
         codes = (w / scale).round().add(zero).clamp(0, grid.spec.maxq).to(torch.uint8)
         assert torch.equal(grid.quantize(w), codes)
         assert torch.equal(grid.dequantize(codes), (codes.to(dtype) - zero) * scale)
+
+
+def test_numpy_route_equals_torch_route_with_zero_scales_and_nan() -> None:
+    """codes_of/dequantized through numpy (CPU) equal torch's own ops, including the inf/NaN a
+    zero scale or a NaN weight gives (silently, as torch: no numpy warning escapes)."""
+    import warnings
+
+    from cdq_cli.solvers.grid import codes_of, dequantized
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        w = torch.randn(6, 40, generator=gen, dtype=dtype)
+        w[0, 3] = float("nan")
+        scale = torch.rand(6, 1, generator=gen, dtype=dtype) + 0.01
+        scale[2] = 0.0
+        zero = torch.full((6, 1), 7.0, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fast = codes_of(w, scale, zero, 15)
+            slow = (w / scale).round_().add_(zero).clamp_(0, 15)
+            assert torch.equal(fast.isnan(), slow.isnan()) and torch.equal(
+                fast.nan_to_num(), slow.nan_to_num()
+            )
+            codes = torch.randint(0, 16, (6, 40), generator=gen, dtype=torch.uint8)
+            assert torch.equal(dequantized(codes, scale, zero), codes.to(dtype).sub_(zero).mul_(scale))

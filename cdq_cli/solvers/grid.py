@@ -113,8 +113,7 @@ class Grid:
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         scale, zero, grouped = self._grouped(codes)
-        # scale · (q − z), in place on one copy of the codes (no second full-size temporary)
-        values = cast(grouped, scale.dtype).sub_(zero).mul_(scale)
+        values = dequantized(grouped, scale, zero)
         if self.offset is not None:  # GGUF's d·q − dmin·m: one float32 rounding, whatever the dtype
             values = (values.float() + self.offset.float().unsqueeze(-1)).to(values.dtype)
         return values.reshape(codes.shape)
@@ -148,29 +147,53 @@ class Grid:
         return Grid(self.spec, self.scale.to(device, dtype), self.zero.to(device, dtype), offset, parts)
 
 
-# dtypes numpy converts between as torch does (exactly, for codes: integers 0..255 and their floats)
+# On the CPU the elementwise steps of rounding run through numpy (same IEEE operations, same bits):
+# with one thread torch took 2-3x longer for them (2048 x 8192: division by the row scales 39 ms,
+# uint8 <-> float 31-75 ms; numpy's whole rounding 33 ms, its dequantization 16 ms). Measured by
+# scripts/bench_rtn.py, whose time is mostly these steps besides the forwards.
 _NUMPY = {torch.uint8: np.uint8, torch.float32: np.float32, torch.float64: np.float64}
 
 
+def _numpy(*tensors: torch.Tensor) -> bool:
+    """Whether ``tensors`` can take the numpy route: CPU, numpy dtypes, nothing needing grad."""
+    return all(t.device.type == "cpu" and t.dtype in _NUMPY and not t.requires_grad for t in tensors)
+
+
 def cast(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``values.to(dtype)`` as a new tensor: through numpy for CPU tensors of uint8, float32 and
-    float64, where torch's elementwise conversion between uint8 and float is about 3x slower (one
-    thread, 2048 x 8192 codes: 75 ms against 22 ms). Codes are integers 0..255, exact both ways,
-    so the result is the same bit for bit (tests/test_grid.py)."""
-    if (
-        values.device.type == "cpu"
-        and values.dtype in _NUMPY
-        and dtype in _NUMPY
-        and not values.requires_grad
-    ):
+    """``values.to(dtype)`` as a new tensor (through numpy on the CPU). Codes are integers 0..255,
+    exact in every float dtype and back, so the result is the same bit for bit (tests/test_grid.py)."""
+    if _numpy(values) and dtype in _NUMPY:
         with np.errstate(invalid="ignore"):  # a NaN has no code either way; the caller checks finiteness
             return torch.from_numpy(values.numpy().astype(_NUMPY[dtype]))
     return values.to(dtype, copy=True)
 
 
 def codes_of(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Float-valued integer codes of ``values`` for elementwise-broadcast ``scale``/``zero``."""
-    return (values / scale).round_().add_(zero).clamp_(0, maxq)  # in place: one full-size temporary
+    """Float-valued integer codes of ``values`` for elementwise-broadcast ``scale``/``zero``:
+    ``clamp(round(values / scale) + zero, 0, maxq)``, round half to even, in place on one temporary."""
+    if (
+        _numpy(values, scale, zero)
+        and values.dtype == scale.dtype == zero.dtype
+        and values.is_floating_point()
+    ):
+        with np.errstate(all="ignore"):  # as torch: a zero scale gives inf/NaN codes, silently
+            out = np.divide(values.numpy(), scale.numpy())
+            np.rint(out, out=out)
+            np.add(out, zero.numpy(), out=out)
+            np.clip(out, 0, maxq, out=out)
+        return torch.from_numpy(out)
+    return (values / scale).round_().add_(zero).clamp_(0, maxq)
+
+
+def dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale · (codes − zero)`` in ``scale``'s dtype for elementwise-broadcast ``scale``/``zero``
+    (the codes converted as the subtraction reads them: one full-size result, no other temporary)."""
+    if _numpy(codes, scale, zero) and scale.dtype == zero.dtype and scale.is_floating_point():
+        with np.errstate(all="ignore"):
+            out = np.subtract(codes.numpy(), zero.numpy(), dtype=_NUMPY[scale.dtype])
+            np.multiply(out, scale.numpy(), out=out)
+        return torch.from_numpy(out)
+    return codes.to(scale.dtype, copy=True).sub_(zero).mul_(scale)
 
 
 def _minmax_params(lo: torch.Tensor, hi: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
