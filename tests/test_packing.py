@@ -137,3 +137,19 @@ def test_byte_paths_do_not_depend_on_the_machines_byte_order(bits, monkeypatch):
     monkeypatch.setattr(packing.sys, "byteorder", "big")
     assert torch.equal(pack(codes, bits), native)
     assert torch.equal(unpack(native, bits, 45), codes)
+
+
+@pytest.mark.parametrize("length", [7, 32, 45, 96])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_torch_byte_path_equals_the_numpy_one(bits, length, monkeypatch):
+    """On the CPU 2/4/8-bit codes pack through numpy; elsewhere (a GPU) through torch's ops: both
+    give the oracle's words and the codes back."""
+    from cdq_cli.solvers import packing
+
+    gen = torch.Generator().manual_seed(bits + length)
+    codes = torch.randint(0, 2**bits, (4, length), generator=gen, dtype=torch.uint8)
+    native = pack(codes, bits)
+    assert native.flatten().tolist() == sum((_reference_pack(row, bits) for row in codes.tolist()), [])
+    monkeypatch.setattr(packing, "_numpy_route", lambda data: False)
+    assert torch.equal(pack(codes, bits), native)
+    assert torch.equal(unpack(native, bits, length, torch.uint8), codes)
