@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .capture import ExpertsCapture, OutputErrors, conv_groups, layer_pair_sigma, layer_sigma
+from .capture import ExpertsCapture, OutputErrors, Scratch, conv_groups, layer_pair_sigma, layer_sigma
 from .memory import OutOfMemory, naming, release
 from .models.base import (
     FUSED_PROJECTIONS,
@@ -454,6 +454,7 @@ class _Run:
         meters: dict[str, OutputErrors] = {}
         group_of = {name: g for g, group in enumerate(groups) for name in group}
         fed: dict[int, torch.Tensor] = {}  # this batch's input of each group (held: identity is safe)
+        scratch = Scratch()  # every layer's E = W − Ŵ, one at a time, in one buffer
         first = [True]
 
         def seen(name: str, x: torch.Tensor) -> None:
@@ -468,13 +469,15 @@ class _Run:
             with naming(lambda full=full, layer=layer: f"solving {_sized(full, layer.weight)}"):
                 began = time.perf_counter()
                 original = layer.weight.detach()  # W itself: Ŵ gets a tensor of its own below
-                result, record = round_layer(full, layer, self.settings, rebind=True)
+                result, record = round_layer(full, layer, self.settings)
                 solved[name] = (result, record, time.perf_counter() - began)
             weight = layer.weight.detach()
             if weight.dtype == dtype:  # Ŵ is the layer's own weight: no second copy is kept
                 result.weight = weight.reshape(result.weight.shape)
             approx = result.weight.reshape(weight.shape)
-            meters[name] = OutputErrors(layer, original, approx, dtype, lambda x, name=name: seen(name, x))
+            meters[name] = OutputErrors(
+                layer, original, approx, dtype, lambda x, name=name: seen(name, x), scratch=scratch
+            )
         handles = [block.get_submodule(name).register_forward_hook(meters[name]) for name in names]
         try:
             for i in range(len(acts)):
@@ -611,14 +614,17 @@ def solve_layer(
     return row, record
 
 
-def round_layer(
-    name: str, layer: nn.Module, settings: Settings, *, rebind: bool = False
-) -> tuple[QuantResult, QuantizedLayer]:
-    """Solve one layer without Σ (a method that declares ``needs_sigma`` False), write Ŵ into it
-    and return the result, its objective NaN until the block's pass measures it
+def round_layer(name: str, layer: nn.Module, settings: Settings) -> tuple[QuantResult, QuantizedLayer]:
+    """Solve one layer without Σ (a method that declares ``needs_sigma`` False), put Ŵ in and
+    return the result, its objective NaN until the block's pass measures it
     (:meth:`_Run.unweighted`), and its stored record: the same as :func:`solve_layer` stores.
-    ``rebind``: Ŵ becomes the weight's own tensor and W's tensor is left as it was (the caller
-    holds it: no copy of W is made to keep it)."""
+
+    Ŵ becomes the weight's own tensor and W's tensor is left as it was (the caller holds it: no
+    copy of W is made). The stored form is checked by its codes: RTN's Ŵ is ``grid.dequantize(codes)``
+    by construction (:func:`cdq_cli.solvers.rtn.solve_rtn`) and the record keeps that grid's scales
+    and zeros as they are, so stored codes that unpack to the solver's reproduce Ŵ (the Σ path's
+    :func:`_write_back` dequantizes the record instead; its solvers' Ŵ come out of longer
+    computations). tests/test_rtn_unweighted.py checks the output bytes against the Σ path's."""
     spec = settings.grid_for(name)
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     shape = tuple(layer.weight.shape)
@@ -634,7 +640,14 @@ def round_layer(
     if not all_finite(result.weight):
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
     record = QuantizedLayer.from_result(name, result, shape)
-    _write_back(name, layer.weight, record, result, rebind=rebind)
+    stored = record.codes().reshape(result.codes.shape)
+    if (
+        record.outliers_idx is not None
+        or record.parts is not None
+        or not torch.equal(stored, result.codes.cpu())
+    ):
+        raise RuntimeError(f"{name}: stored codes do not reproduce the solver's weights (a cdq bug)")
+    layer.weight.data = result.weight.reshape(shape).to(layer.weight.dtype)
     return result, record
 
 
@@ -750,19 +763,12 @@ def _row(
     )
 
 
-def _write_back(
-    name: str, weight: torch.Tensor, record: QuantizedLayer, result: QuantResult, *, rebind: bool = False
-) -> None:
-    """Put the stored form's Ŵ into the model, after checking it reproduces the solver's: copied
-    into the weight's tensor, or with ``rebind`` made the weight's tensor (W's is left intact)."""
+def _write_back(name: str, weight: torch.Tensor, record: QuantizedLayer, result: QuantResult) -> None:
+    """Put the stored form's Ŵ into the model, after checking it reproduces the solver's."""
     chosen = record.dequantize(result.weight.device)
     if not torch.equal(chosen.reshape(result.weight.shape), result.weight):
         raise RuntimeError(f"{name}: stored codes do not reproduce the solver's weights (a cdq bug)")
-    value = chosen.reshape(weight.shape).to(weight.dtype)
-    if rebind:
-        weight.data = value
-    else:
-        weight.data.copy_(value)
+    weight.data.copy_(chosen.reshape(weight.shape).to(weight.dtype))
 
 
 def _no_sigma(matrix: torch.Tensor, settings: Settings) -> torch.Tensor:

@@ -109,6 +109,19 @@ def test_llama_report_and_layers_equal_the_sigma_path(flags: dict, monkeypatch: 
     assert (fast.rows[0].rtn_error is None) == (not settings.compare_rtn)
 
 
+def test_stored_codes_that_differ_from_the_solvers_stop_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Σ-free path checks the record by its codes: a packing that does not give the solver's
+    codes back is a cdq bug, raised before the weight is touched."""
+    from cdq_cli.store.layer import QuantizedLayer
+
+    data = [torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))]
+    model = tiny_model("llama")
+    original = QuantizedLayer.codes
+    monkeypatch.setattr(QuantizedLayer, "codes", lambda self: original(self) ^ 1)
+    with pytest.raises(RuntimeError, match="stored codes do not reproduce"):
+        quantize_model(model, adapter_for(model), data, make_settings(method="rtn", bits=4, device="cpu"))
+
+
 def test_depthwise_vision_model_equals_the_sigma_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """EfficientNet-Lite (timm "SAME" convs, depthwise groups, 1x1 convs, a Linear head unit)."""
     x = images()
