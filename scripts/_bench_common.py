@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -117,3 +119,25 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     for row in cells[1:]:
         print(line(row))
     print()
+
+
+def measured_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path) -> dict:
+    """Run ``argv`` alone and wait for it: exit code, peak RSS (bytes), CPU seconds (user + system)
+    and wall seconds from its own ``wait4`` rusage, and its stdout and stderr (through temporary
+    files, so a chatty child never blocks on a full pipe)."""
+    began = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    return {
+        "code": proc.returncode,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "wall": time.perf_counter() - began,
+        "stdout": stdout,
+        "stderr": stderr,
+    }

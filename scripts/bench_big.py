@@ -29,39 +29,31 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from _bench_common import data_dir, print_table  # noqa: E402
+from _bench_common import data_dir, measured_process, print_table  # noqa: E402
 from synthetic_lm import write_synthetic_llama  # noqa: E402
 
 
 def measured(command: list[str]) -> dict:
     """Run ``python -m cdq_cli COMMAND`` alone; its exit code, peak RSS, CPU and wall seconds, JSON."""
-    began = time.perf_counter()
-    proc = subprocess.Popen(
+    run = measured_process(
         [sys.executable, "-m", "cdq_cli", *command, "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
     return {
-        "code": os.waitstatus_to_exitcode(status),
-        "peak_rss": usage.ru_maxrss * 1024,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "wall_seconds": time.perf_counter() - began,
-        "json": json.loads(out) if out.strip() else None,
-        "stderr": err[-800:],
+        "code": run["code"],
+        "peak_rss": run["peak_rss"],
+        "cpu_seconds": run["cpu"],
+        "wall_seconds": run["wall"],
+        "json": json.loads(run["stdout"]) if run["stdout"].strip() else None,
+        "stderr": run["stderr"][-800:],
     }
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,27 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from _bench_common import data_dir, print_table  # noqa: E402
+from _bench_common import data_dir, measured_process, print_table  # noqa: E402
 
 
 def measured(argv: list[str], threads: str) -> dict:
     """Run ``python ARGV`` alone; its exit code, peak RSS, CPU and wall seconds, last stdout line."""
-    began = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads}
-    proc = subprocess.Popen(
-        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    lines = out.strip().splitlines()
-    return {
-        "code": os.waitstatus_to_exitcode(status),
-        "peak_rss": usage.ru_maxrss * 1024,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "wall": time.perf_counter() - began,
-        "last": lines[-1] if lines else "",
-        "stderr": err[-800:],
-    }
+    run = measured_process([sys.executable, *argv], env=env, cwd=REPO)
+    lines = run["stdout"].strip().splitlines()
+    return {**run, "last": lines[-1] if lines else "", "stderr": run["stderr"][-800:]}
 
 
 def forward(source: str, calib: str, nsamples: int, seqlen: int, batch_size: int) -> None:
