@@ -198,30 +198,27 @@ def test_balance_adds_up_the_slowest_rank_of_every_group() -> None:
 
 
 def test_replay_assigns_each_group_as_the_driver_would() -> None:
-    """replay (bench_ranks --predict) = Costs fed the earlier groups' times, then assign, group
-    after group: the same figures as driving Costs/assign/Balance by hand."""
+    """replay (bench_ranks --predict): each group assigned on Costs fed the earlier groups' times,
+    largest first onto the least-loaded rank; figures worked out by hand."""
     groups = [
         {"q": ((4, 4), 1.0), "up": ((8, 4), 2.0), "down": ((4, 8), 6.0)},
         {"q": ((4, 4), 1.5), "up": ((8, 4), 2.5), "down": ((4, 8), 5.0)},
     ]
 
     def estimate(rows: int, columns: int) -> float:
-        return rows * columns**2
+        return rows * columns**2  # q 64, up 128, down 256 units before any time is known
 
-    for world in (1, 2, 3):
-        costs, balance = Costs(estimate), Balance()
-        for group in groups:
-            estimated = {name: costs.cost(shape) for name, (shape, _) in group.items()}
-            owners = assign(estimated, world)
-            balance.planned(estimated, owners, world)
-            balance.solved({name: seconds for name, (_, seconds) in group.items()}, owners, world)
-            for shape, seconds in group.values():
-                costs.record(shape, seconds)
-        assert replay(groups, estimate, world) == balance
     one = replay(groups, estimate, 1)
     assert one.predicted_imbalance == 0 and one.critical == one.total == 18.0
-    # the second group is assigned on the first one's times: down (6 s) alone on one rank of two
-    assert replay(groups, estimate, 2).critical == 6.0 + 5.0
+    # 2 ranks. Group 1 on estimates: down -> 0 (256), up -> 1 (128), q -> 1 (192): max 256, mean 224.
+    # Group 2 on group 1's seconds (q 1, up 2, down 6): down -> 0 (6), up, q -> 1 (3): max 6, mean 4.5.
+    two = replay(groups, estimate, 2)
+    assert two.predicted_imbalance == pytest.approx((256 + 6) / (224 + 4.5) - 1)
+    assert two.critical == 6.0 + 5.0 and two.total == 18.0  # measured: rank 0's down, both times
+    # 3 ranks: one layer each: max 256 then 6, means 448/3 and 3; solve phase still down's
+    three = replay(groups, estimate, 3)
+    assert three.predicted_imbalance == pytest.approx((256 + 6) / (448 / 3 + 3) - 1)
+    assert three.critical == 11.0
 
 
 def test_batches_are_split_into_contiguous_ranges() -> None:
