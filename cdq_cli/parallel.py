@@ -410,7 +410,7 @@ class Deferred:
 
     def row_shapes(self) -> list[tuple[int, int]]:
         """The (tokens, features) shape of each recorded batch of a plain Σ, in order."""
-        return [tuple(self._rows(tensors).shape) for _, tensors in self._calls]
+        return [tuple(rows.shape) for rows in self.recorded_rows()]
 
     def recorded_rows(self) -> list[torch.Tensor]:
         """The recorded inputs of a plain Σ as (tokens, features) rows, in order."""

@@ -81,6 +81,7 @@ def run(args, world: int) -> dict:
 
 def replayed(report: dict, worlds: list[int]) -> list[dict]:
     """:func:`cdq_cli.parallel.replay` of a one-process report for each world size."""
+    sys.path.insert(0, str(REPO))  # this checkout's cdq_cli
     from cdq_cli.parallel import replay
     from cdq_cli.solvers import find_method
     from cdq_cli.store.layer import matrix_shape
@@ -142,7 +143,6 @@ def main() -> None:
     args = parser.parse_args()
     worlds = [int(world) for world in args.predict.split(",") if world]
     if args.report is not None:
-        sys.path.insert(0, str(REPO))
         print(f"# replay of {args.report}")
         print_replayed(replayed(json.loads(args.report.read_text()), worlds or [2, 4]))
         return
@@ -173,7 +173,6 @@ def main() -> None:
         )
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     if worlds:
-        sys.path.insert(0, str(REPO))
         print_replayed(
             replayed(json.loads((Path(args.work) / "ranks-1" / "report.json").read_text()), worlds)
         )

@@ -109,8 +109,7 @@ class Grid:
         scale, zero, grouped = self._grouped(weight)
         if self.offset is not None:
             grouped = grouped - self.offset.unsqueeze(-1)
-        numpy = _numpy(grouped, scale, zero) and grouped.dtype == scale.dtype == zero.dtype
-        if numpy and scale.shape[0] == zero.shape[0] == grouped.shape[0]:
+        if _numpy(grouped, scale, zero) and grouped.dtype == scale.dtype == zero.dtype:
             return _codes_in_pieces(grouped, scale, zero, self.spec.maxq).reshape(weight.shape)
         return cast(codes_of(grouped, scale, zero, self.spec.maxq), torch.uint8).reshape(weight.shape)
 
@@ -197,20 +196,18 @@ PIECE_ELEMENTS = 1 << 20
 def _codes_in_pieces(
     values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 ) -> torch.Tensor:
-    """uint8 :func:`codes_of` (the numpy route) a piece of rows at a time: the same operations on
+    """uint8 :func:`codes_of` (its numpy route) a piece of rows at a time: the same operations on
     each element, so the same codes, with one small float temporary instead of a full-size one."""
     rows = values.shape[0]
     out = np.empty(tuple(values.shape), dtype=np.uint8)
     step = max(1, PIECE_ELEMENTS // max(1, values[0].numel()))
-    source, scales, zeros = values.numpy(), scale.numpy(), zero.numpy()
-    with np.errstate(all="ignore"):
-        for start in range(0, rows, step):
-            piece = slice(start, start + step)
-            tmp = np.divide(source[piece], scales[piece])
-            np.rint(tmp, out=tmp)
-            np.add(tmp, zeros[piece], out=tmp)
-            np.clip(tmp, 0, maxq, out=tmp)
-            out[piece] = tmp  # exact: integer-valued floats in 0..maxq (NaN: unspecified, as torch's)
+    for start in range(0, rows, step):
+        piece = slice(start, start + step)
+        # a scale or zero of one row broadcasts over every piece whole
+        scales, zeros = (t[piece] if t.shape[0] == rows else t for t in (scale, zero))
+        # exact: integer-valued floats in 0..maxq (NaN: unspecified, as torch's own cast)
+        with np.errstate(invalid="ignore"):
+            out[piece] = codes_of(values[piece], scales, zeros, maxq).numpy()
     return torch.from_numpy(out)
 
 
