@@ -139,6 +139,30 @@ def test_resume_with_changed_inputs_is_refused(change, message, argv, tmp_path, 
     assert not work_folder(out).exists()
 
 
+@pytest.mark.parametrize("saved", [None, "quantease revision 0"])
+def test_a_state_from_another_solver_revision_is_refused(saved, argv, tmp_path, capsys, monkeypatch) -> None:
+    """A method's results can change between releases for the same options (a new default): a
+    state saved by the other revision (or by a cdq that did not record one: None) is not finished
+    by this one."""
+    out = tmp_path / "q"
+    with monkeypatch.context() as patch:
+        interrupt_after_first_block(patch)
+        assert main([*argv, "--output", str(out)]) == 130
+    path = work_folder(out) / "state.json"
+    state = json.loads(path.read_text())
+    assert state["fingerprint"]["versions"]["solver"] == "quantease revision 1"
+    if saved is None:
+        del state["fingerprint"]["versions"]["solver"]
+    else:
+        state["fingerprint"]["versions"]["solver"] = saved
+    path.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*argv, "--output", str(out), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cdq/torch/solver version changed" in lines[0], lines
+    assert not out.exists()
+
+
 def test_fp_inputs_run_resumes_identically(argv, tmp_path, monkeypatch) -> None:
     """COMQ's setting (next block fed full-precision outputs) restores the FP activations too."""
     args = [*argv, "--fp-inputs"]

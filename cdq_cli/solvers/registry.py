@@ -83,7 +83,10 @@ class Method:
     block type's, :func:`run_solver`; None: the method cannot solve on one, e.g. it keeps
     full-precision outliers). ``needs_sigma`` False: its Ŵ does not depend on Σ (RTN), so it
     can be solved without one (:func:`run_unweighted`) and the driver measures the report's
-    objective from the layer's inputs instead of collecting Σ (:mod:`cdq_cli.pipeline`)."""
+    objective from the layer's inputs instead of collecting Σ (:mod:`cdq_cli.pipeline`).
+    ``revision``: raised whenever the method's result for the same W, Σ, grid and options changes
+    (a new default, a changed rule); it is part of ``--resume``'s fingerprint, so that a run is
+    never finished by a solver that would have solved its first blocks differently."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -93,6 +96,7 @@ class Method:
     fixed_grid: str | None = None
     factorizations: float = 0.0
     needs_sigma: bool = True
+    revision: int = 1
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
         """Estimated solve time of one layer, in arbitrary units (the rank assignment's estimate
@@ -195,6 +199,7 @@ METHODS: dict[str, Method] = {
             sweeps=8.0,
             fixed_grid="grid",
             factorizations=2.0,  # its two default GPTQ starts
+            revision=2,  # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0)
             options={
                 "starts": Option(
                     "start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")

@@ -15,8 +15,9 @@ model.safetensors is byte-identical. On success the work folder is removed.
 
 The fingerprint is what must not change between the interrupted run and ``--resume``: the model
 (path, config, and the size and mtime of its files), the calibration windows and batching, the
-quantization settings (method options included), and the cdq and torch versions. A mismatch is
-refused with a line naming what changed.
+quantization settings (method options included), the cdq and torch versions and the method's
+revision (:class:`~cdq_cli.solvers.registry.Method`: raised when its results change for the same
+options, e.g. a new default). A mismatch is refused with a line naming what changed.
 
 Test hooks: ``CDQ_TEST_KILL_AFTER_BLOCK=N`` makes the process SIGKILL itself right after block N's
 state (0-based) is on disk, ``CDQ_TEST_TERM_AFTER_BLOCK=N`` sends it SIGTERM there, so tests can
@@ -44,6 +45,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..cleanup import set_resume_hint
 from ..records import LayerRow, Settings
+from ..solvers import find_method
 from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
 from .names import JOURNAL_OUTPUT as OUTPUT
 from .names import JOURNAL_STATE as STATE
@@ -91,7 +93,11 @@ def fingerprint(
         "model": _digest(model_id),
         "calibration": _digest(calibration),
         "settings": json.loads(json.dumps(run, sort_keys=True, default=str)),
-        "versions": {"cdq": __version__, "torch": torch.__version__},
+        "versions": {
+            "cdq": __version__,
+            "torch": torch.__version__,
+            "solver": f"{settings.method} revision {find_method(settings.method).revision}",
+        },
     }
 
 
@@ -203,7 +209,7 @@ class Journal:
         for part, label in (
             ("model", "model"),
             ("calibration", "calibration data"),
-            ("versions", "cdq/torch version"),
+            ("versions", "cdq/torch/solver version"),
         ):
             if saved.get(part) != self.fingerprint[part]:
                 changed.append(label)
