@@ -75,6 +75,19 @@ def load_smollm2():
 MODELS = {"stories260K": load_stories260k, "smollm2": load_smollm2}
 
 
+def smollm2_sigmas(wanted: set[str]) -> dict:
+    """Σ of the SmolLM2-135M Linears named in ``wanted`` from their full-precision inputs on the
+    peer protocol's calibration windows (32 x 512 of the C4 sample, seed 0, as ``cdq quantize``
+    draws them; batches of 8): {name: (layer, Σ accumulator)}."""
+    from cdq_cli.calib import calibration_windows, load_texts
+    from cdq_cli.capture import linear_sigmas
+
+    model, tokenizer = load_smollm2()
+    texts = load_texts(str(data_dir() / "text" / "c4-sample.jsonl"))
+    windows = calibration_windows(texts, tokenizer, nsamples=32, seqlen=512, seed=0)
+    return linear_sigmas(model, windows.split(8), include=lambda name, _module: name in wanted)
+
+
 def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` random ``seqlen``-token windows (seed ``seed``) from the C4 sample.
 

@@ -23,10 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cdq_cli
 
-from _bench_common import data_dir, load_smollm2, print_table  # noqa: E402
+from _bench_common import print_table, smollm2_sigmas  # noqa: E402
 
-from cdq_cli.calib import calibration_windows, load_texts  # noqa: E402
-from cdq_cli.capture import linear_sigmas  # noqa: E402
 from cdq_cli.solvers import run_solver  # noqa: E402
 from cdq_cli.solvers.grid import GridSpec  # noqa: E402
 
@@ -42,12 +40,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = load_smollm2()
-    texts = load_texts(str(data_dir() / "text" / "c4-sample.jsonl"))
-    windows = calibration_windows(texts, tokenizer, nsamples=32, seqlen=512, seed=0)
-    wanted = {f"model.layers.{args.block}.{layer}" for layer in LAYERS}
-    with torch.no_grad():
-        found = linear_sigmas(model, windows.split(8), include=lambda name, _m: name in wanted)
+    found = smollm2_sigmas({f"model.layers.{args.block}.{layer}" for layer in LAYERS})
     spec = GridSpec(args.bits, None, True)
     run_solver(args.method, torch.randn(8, 64), torch.eye(64), spec, {})  # compile the kernels first
     rows = []

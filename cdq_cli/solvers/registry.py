@@ -24,7 +24,7 @@ import torch
 
 from . import gguf
 from .cd import ORDERS
-from .cdq import REFITS, solve_cdq
+from .cdq import GGUF_SHRINK, REFITS, solve_cdq
 from .comq import solve_comq
 from .gptq import solve_gptq
 from .grid import GridSpec, check_weight
@@ -212,7 +212,7 @@ METHODS: dict[str, Method] = {
                 "tolerance": Option("tolerance", "float", low=0, high=1, open_high=True),
                 "rounds": Option("rounds", "int", low=1),
                 "shrink": Option(
-                    "Σ shrinkage toward its diagonal (none: 0.3 on a GGUF type's grid, else 0)",
+                    f"Σ shrinkage toward its diagonal (none: {GGUF_SHRINK:g} on a GGUF type's grid, else 0)",
                     "float",
                     low=0,
                 ),

@@ -22,10 +22,8 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))  # this checkout's cdq_cli
 
-from _bench_common import data_dir, load_smollm2, print_table  # noqa: E402
+from _bench_common import print_table, smollm2_sigmas  # noqa: E402
 
-from cdq_cli.calib import calibration_windows, load_texts  # noqa: E402
-from cdq_cli.capture import linear_sigmas  # noqa: E402
 from cdq_cli.solvers import cdq as cdq_module  # noqa: E402
 from cdq_cli.solvers import run_solver  # noqa: E402
 from cdq_cli.solvers.grid import Grid, GridSpec  # noqa: E402
@@ -59,12 +57,7 @@ def _row(bits: int, label: str, per_layer: float, per_row: float) -> list[str]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    model, tokenizer = load_smollm2()
-    texts = load_texts(str(data_dir() / "text" / "c4-sample.jsonl"))
-    windows = calibration_windows(texts, tokenizer, nsamples=32, seqlen=512, seed=0)
-    wanted = {f"model.layers.{block}.{layer}" for block in BLOCKS for layer in LAYERS}
-    with torch.no_grad():
-        found = linear_sigmas(model, windows.split(8), include=lambda name, _m: name in wanted)
+    found = smollm2_sigmas({f"model.layers.{block}.{layer}" for block in BLOCKS for layer in LAYERS})
     per_layer = cdq_module.best_start
     rows = []
     for bits in (4, 3):
