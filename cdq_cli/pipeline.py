@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -49,8 +50,9 @@ from .parallel import Costs, Deferred, Ranks, assign, test_hook, timed
 from .placement import Placement
 from .records import Event, LayerRow, Progress, Settings, silent
 from .solvers import QuantResult, SigmaAccumulator, find_method, run_solver, run_unweighted
+from .solvers.bands import row_bands, shared
 from .solvers.grid import all_finite
-from .solvers.grouped import energy, group_spec, solve_grouped, solve_grouped_unweighted
+from .solvers.grouped import energy, group_spec, solve_grouped, solve_grouped_unweighted, stack_results
 from .solvers.result import working_energy
 from .solvers.target import fp_energy, fp_objective, fp_target
 from .store.journal import Journal, ResumeState
@@ -324,6 +326,21 @@ def forward_blocks(
             yield adapter.head(model, hidden)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A unit of a group's work for the ranks: a whole layer, or a band ``rows`` of its rows."""
+
+    name: str  # the layer, in its block
+    key: str  # the unit, in its block (``NAME[rows LO:HI]`` for a band)
+    shape: tuple[int, int]  # what it solves (the cost model's key)
+    label: str  # for messages
+    rows: tuple[int, int] | None  # None: the whole layer
+
+    @property
+    def whole(self) -> bool:
+        return self.rows is None
+
+
 @dataclass
 class _Run:
     """State of one quantization run: settings, report rows so far, stored layers, progress."""
@@ -507,7 +524,9 @@ class _Run:
             rtn = result if self.settings.compare_rtn else None
             shape = list(layer_weight(block, name).shape)
             row = _row(full, shape, self.settings, result, meter.energy, rtn, meter.tokens)
-            self._take(index, name, ([row], record, seconds), matrix_shape(tuple(shape)))
+            self._take(index, name, [row], record)
+            self.costs.record(matrix_shape(tuple(shape)), seconds)
+            self.ranks.balance.solved({name: seconds}, {name: 0}, 1)
         return True
 
     def awq(self, block: nn.Module, index: int, acts: Activations) -> None:
@@ -535,58 +554,90 @@ class _Run:
     def solve(self, block: nn.Module, index: int, names: list[str], sigmas: dict[str, Any]) -> None:
         """Solve ``names`` and put every result into every rank's block, in ``names`` order.
 
-        With several ranks each layer goes to one of them by cost (:class:`cdq_cli.parallel.Costs`);
-        every rank first solves all of its own layers, then each result is broadcast from its rank
-        (the layers of a group are independent: their Σ's were all collected before)."""
+        With several ranks the units of work are the layers' bands of rows (a layer solved whole
+        is one unit; :func:`layer_bands`), each going to one rank by cost
+        (:class:`cdq_cli.parallel.Costs`): every rank first solves all of its own units, then each
+        is broadcast from its rank and every rank stacks a layer's bands as one process does (the
+        layers of a group are independent: their Σ's were all collected before)."""
         ranks = self.ranks
-        shapes = {name: matrix_shape(tuple(layer_weight(block, name).shape)) for name in names}
-        owners = {name: 0 for name in names}
-        if ranks.active:
-            costs = {name: self.costs.cost(shape) for name, shape in shapes.items()}
-            owners = assign(costs, ranks.world)
-            ranks.balance.planned(costs, owners, ranks.world)
-        solved: dict[str, tuple[list[LayerRow], QuantizedLayer, float]] = {}
+        prefix = self.adapter.block_name(index)
+        if not ranks.active:
+            for name in names:
+                acc = sigmas.pop(name)
+                full = join_name(prefix, name)
+                began = time.perf_counter()
+                sized = _sized(full, layer_weight(block, name))
+                with naming(lambda sized=sized: f"solving {sized}"):
+                    rows, record = self._solve_one(block, name, full, acc)
+                seconds = time.perf_counter() - began
+                del acc  # this layer's Σ is not needed again (its memory goes now, not after the group)
+                self._take(index, name, rows, record)
+                self.costs.record(matrix_shape(tuple(layer_weight(block, name).shape)), seconds)
+                ranks.balance.solved({name: seconds}, {name: 0}, 1)
+            return
+        units = {name: self._units(block, name, join_name(prefix, name), sigmas[name]) for name in names}
+        costs = {unit.key: self.costs.cost(unit.shape) for pieces in units.values() for unit in pieces}
+        owners = assign(costs, ranks.world)
+        ranks.balance.planned(costs, owners, ranks.world)
+        solved: dict[str, tuple[Any, float]] = {}
         for name in names:
             acc = sigmas.pop(name)
-            if owners[name] == ranks.rank:
-                full = join_name(self.adapter.block_name(index), name)
-                with naming(
-                    lambda name=name, full=full: f"solving {_sized(full, layer_weight(block, name))}"
-                ):
+            full = join_name(prefix, name)
+            for unit in units[name]:
+                if owners[unit.key] != ranks.rank:
+                    continue
+                with naming(lambda unit=unit: f"solving {unit.label}"):
                     began = time.perf_counter()
-                    rows, record = timed(
-                        ranks, lambda name=name, full=full, acc=acc: self._solve_one(block, name, full, acc)
-                    )
-                    solved[name] = (rows, record, time.perf_counter() - began)
-            del acc  # this layer's Σ is not needed again (its memory goes now, not after the group)
-            if not ranks.active:
-                self._take(index, name, solved.pop(name), shapes[name])
-        if not ranks.active:
-            return
+                    done = timed(ranks, partial(self._solve_unit, block, unit, full, acc))
+                    solved[unit.key] = (done, time.perf_counter() - began)
+            del acc
         seconds = {}
         for name in names:
-            result = ranks.broadcast(solved.pop(name, None), src=owners[name])
-            if owners[name] != ranks.rank:
-                weight = layer_weight(block, name)
-                weight.data.copy_(result[1].dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
-            seconds[name] = result[2]
-            ranks.assignments[join_name(self.adapter.block_name(index), name)] = owners[name]
-            self._take(index, name, result, shapes[name])
+            full = join_name(prefix, name)
+            parts = []
+            for unit in units[name]:
+                done, seconds[unit.key] = ranks.broadcast(solved.pop(unit.key, None), src=owners[unit.key])
+                ranks.assignments[join_name(prefix, unit.key)] = owners[unit.key]
+                parts.append(done)
+            if units[name][0].whole:
+                (rows, record), owner = parts[0], owners[units[name][0].key]
+                if owner != ranks.rank:
+                    weight = layer_weight(block, name)
+                    weight.data.copy_(record.dequantize(weight.device).reshape(weight.shape).to(weight.dtype))
+            else:
+                row, record = finish_layer(full, block.get_submodule(name), parts, self.settings)
+                rows = [row]
+            self._take(index, name, rows, record)
+            for unit in units[name]:
+                self.costs.record(unit.shape, seconds[unit.key])
         ranks.balance.solved(seconds, owners, ranks.world)
 
-    def _take(
-        self,
-        index: int,
-        name: str,
-        result: tuple[list[LayerRow], QuantizedLayer, float],
-        shape: tuple[int, int],
-    ) -> None:
-        """Keep a solved layer's record and report rows; time it for the costs of later layers."""
-        rows, record, seconds = result
+    def _units(self, block: nn.Module, name: str, full: str, acc: Any) -> list[Unit]:
+        """The units of work of one layer: its bands of rows (``acc`` None: one process, which
+        solves a layer's bands itself, one unit)."""
+        weight = layer_weight(block, name)
+        shape = matrix_shape(tuple(weight.shape))
+        sized = _sized(full, weight)
+        if acc is None or isinstance(acc, ExpertSigmas) or conv_groups(block.get_submodule(name)) > 1:
+            return [Unit(name, name, shape, sized, None)]
+        bands = layer_bands(full, weight.detach().reshape(shape[0], -1), acc, self.settings)
+        if len(bands) == 1:
+            return [Unit(name, name, shape, sized, None)]
+        return [
+            Unit(name, f"{name}[rows {lo}:{hi}]", (hi - lo, shape[1]), f"rows {lo}:{hi} of {sized}", (lo, hi))
+            for lo, hi in bands
+        ]
+
+    def _solve_unit(self, block: nn.Module, unit: Unit, full: str, acc: Any) -> Any:
+        if unit.whole:
+            return self._solve_one(block, unit.name, full, acc)
+        weight = layer_weight(block, unit.name)
+        matrix = weight.detach().reshape(weight.shape[0], -1)
+        return _solve_band(full, matrix, acc, self.settings, *unit.rows)
+
+    def _take(self, index: int, name: str, rows: list[LayerRow], record: QuantizedLayer) -> None:
+        """Keep a solved layer's record and report rows."""
         self.stored[join_name(self.adapter.block_name(index), name)] = record
-        self.costs.record(shape, seconds)
-        if not self.ranks.active:
-            self.ranks.balance.solved({name: seconds}, {name: 0}, 1)
         for row in rows:
             self.rows.append(row)
             self.emit("layer", index, row)
@@ -604,10 +655,16 @@ def solve_layer(
     name: str, layer: nn.Module, acc: SigmaAccumulator, settings: Settings
 ) -> tuple[LayerRow, QuantizedLayer]:
     """Solve one layer on its Σ, write Ŵ into it, and describe the result."""
-    if acc.tokens == 0:
-        raise ValueError(f"{name}: the layer saw no calibration inputs")
+    matrix = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    return finish_layer(name, layer, _solve_bands(name, matrix, acc, settings), settings)
+
+
+def finish_layer(
+    name: str, layer: nn.Module, bands: list[Band], settings: Settings
+) -> tuple[LayerRow, QuantizedLayer]:
+    """A layer's solved bands, in row order, stacked into its record, its report row and Ŵ."""
     shape = tuple(layer.weight.shape)
-    row, result = _solve_matrix(name, layer.weight.detach().reshape(shape[0], -1), acc, settings)
+    row, result = _assemble(bands, settings)
     row.shape = list(shape)
     record = QuantizedLayer.from_result(name, result, shape)
     _write_back(name, layer.weight, record, result)
@@ -683,30 +740,74 @@ def solve_experts(
     return rows, record
 
 
+@dataclass
+class Band:
+    """One band of a layer's rows, solved: its result and its shares of the report's sums (rows
+    never interact in the objectives, so a layer's figures are its bands' added in row order)."""
+
+    name: str
+    result: QuantResult
+    reference: float  # ‖W X‖² of these rows (-o target=fp: ‖W X̃‖²)
+    rtn: float | None  # RTN's objective on these rows (the report's comparison), when asked
+    error: float  # the objective of these rows (-o target=fp: the true ‖W X̃ − Ŵ X‖²)
+    tokens: int
+
+
+def layer_bands(name: str, matrix: torch.Tensor, acc: Any, settings: Settings) -> list[tuple[int, int]]:
+    """The bands of rows a layer is solved in (:func:`cdq_cli.solvers.bands.row_bands`): several
+    only for a method whose choices are row by row, on a per-row grid and a plain (2-D) Σ."""
+    rows = matrix.shape[0]
+    spec = settings.grid_for(name)
+    if (
+        not find_method(settings.method).row_bands
+        or spec is None
+        or spec.per_layer
+        or isinstance(acc, ExpertSigmas)
+        or acc.sigma.dim() != 2
+    ):
+        return [(0, rows)]
+    return row_bands(rows, matrix.device)
+
+
 def _solve_matrix(
     name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings
 ) -> tuple[LayerRow, QuantResult]:
+    """A matrix (one expert's) solved in its bands, described as one report row."""
+    return _assemble(_solve_bands(name, matrix, acc, settings), settings)
+
+
+def _solve_bands(name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings) -> list[Band]:
+    bands = layer_bands(name, matrix, acc, settings)
+    return [_solve_band(name, matrix, acc, settings, lo, hi) for lo, hi in bands]
+
+
+def _solve_band(
+    name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings, lo: int, hi: int
+) -> Band:
+    """Rows ``lo:hi`` of a layer solved on its Σ (the Σ-only work shared by the layer's bands)."""
     spec = settings.grid_for(name)  # the run's grid, or a --layer rule's
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
+    if acc.tokens == 0:
+        raise ValueError(f"{name}: the layer saw no calibration inputs")
     sigma = acc.sigma
     if not all_finite(sigma):
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
-    weight = matrix.to(sigma.dtype)
+    weight = matrix[lo:hi].to(sigma.dtype)
     paired = settings.target == "fp"
     same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
-        # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
-        # objective ‖W X̃ − Ŵ X‖² up to a constant
-        target = (
-            fp_target(weight, sigma, acc.cross, settings.options.get("damping", 0.01)) if paired else weight
-        )
-        if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
-            result = solve_grouped(settings.method, target, sigma, spec, settings.options)
-            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
-        else:
-            result = run_solver(settings.method, target, sigma, spec, settings.options)
-            rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
+        with shared(sigma):
+            # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
+            # objective ‖W X̃ − Ŵ X‖² up to a constant
+            damping = settings.options.get("damping", 0.01)
+            target = fp_target(weight, sigma, acc.cross, damping) if paired else weight
+            if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
+                result = solve_grouped(settings.method, target, sigma, spec, settings.options)
+                rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
+            else:
+                result = run_solver(settings.method, target, sigma, spec, settings.options)
+                rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if settings.compare_rtn and same:
@@ -715,16 +816,34 @@ def _solve_matrix(
         raise ValueError(f"{name}: {settings.method} produced non-finite weights")
     if paired:  # the report's errors are the true objective ‖W X̃ − Ŵ X‖², RTN's on the same terms
         cross, sigma_fp = acc.cross, acc.sigma_fp
-        reference = fp_energy(weight, sigma_fp)
-        row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
-        row.solver_error = result.objective
-        row.error = fp_objective(weight, result.weight, sigma, cross, sigma_fp)
-        row.relative_error = row.error / reference if reference > 0 else 0.0
-        if rtn is not None:
-            row.rtn_error = fp_objective(weight, rtn.weight, sigma, cross, sigma_fp)
-        return row, result
+        return Band(
+            name,
+            result,
+            fp_energy(weight, sigma_fp),
+            None if rtn is None else fp_objective(weight, rtn.weight, sigma, cross, sigma_fp),
+            fp_objective(weight, result.weight, sigma, cross, sigma_fp),
+            acc.tokens,
+        )
     reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
-    row = _row(name, list(weight.shape), settings, result, reference, rtn, acc.tokens)
+    rtn_error = None if rtn is None else rtn.objective
+    return Band(name, result, reference, rtn_error, result.objective, acc.tokens)
+
+
+def _assemble(bands: list[Band], settings: Settings) -> tuple[LayerRow, QuantResult]:
+    """One layer's (or expert's) result and report row from its bands, in row order."""
+    first = bands[0]
+    results = [band.result for band in bands]
+    result = results[0] if len(bands) == 1 else stack_results(results, results[0].grid.spec)
+    row = _row(first.name, list(result.weight.shape), settings, result, 0.0, None, first.tokens)
+    reference = sum(band.reference for band in bands)
+    row.error = sum(band.error for band in bands)
+    row.relative_error = row.error / reference if reference > 0 else 0.0
+    if first.rtn is not None:
+        row.rtn_error = sum(band.rtn for band in bands)
+    if settings.target == "fp":
+        row.solver_error = result.objective
+    if len(bands) > 1:
+        row.band_seconds = [band.result.seconds for band in bands]
     return row, result
 
 

@@ -240,6 +240,8 @@ class LayerRow:
     # -o target=fp: ``error``/``rtn_error`` are the true ‖W X̃ − Ŵ X‖²; this is the solver's own
     # ‖(W* − Ŵ) X‖² (solvers.target), the scale ``objective_start`` is on
     solver_error: float | None = None
+    # a layer solved in several bands of rows (solvers.bands): each band's seconds, in row order
+    band_seconds: list[float] | None = None
 
     @property
     def layer(self) -> str:
@@ -248,8 +250,9 @@ class LayerRow:
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
-        if row["block_type"] is None:
-            del row["block_type"]
+        for optional in ("block_type", "band_seconds"):
+            if row[optional] is None:
+                del row[optional]
         return row
 
 

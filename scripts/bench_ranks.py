@@ -17,7 +17,10 @@ process of one thread). Printed per world size:
 
 ``--predict 4`` (or ``2,4,8``) also replays the one-process run's measured layer times through the
 driver's assignment for that many ranks (:func:`cdq_cli.parallel.replay`): the imbalance such a
-run would predict, and its solve phase had every layer taken the time it took in one process. It
+run would predict, and its solve phase had every layer taken the time it took in one process (a
+layer solved in bands of rows is one unit per band, each band's seconds as the report lists them;
+one process does a layer's Σ-only work in its first band, which a rank given a later band alone
+would repeat, so the replayed solve phase is a lower bound there). It
 needs ``--no-true-sequential`` (each block's layers are then one group, as the report's rows can
 say); ``--report FOLDER/report.json`` does only that, on a finished one-process run.
 
@@ -84,6 +87,7 @@ def replayed(report: dict, worlds: list[int]) -> list[dict]:
     sys.path.insert(0, str(REPO))  # this checkout's cdq_cli
     from cdq_cli.parallel import replay
     from cdq_cli.solvers import find_method
+    from cdq_cli.solvers.bands import even_bands
     from cdq_cli.store.layer import matrix_shape
 
     run = report["run"]
@@ -94,7 +98,13 @@ def replayed(report: dict, worlds: list[int]) -> list[dict]:
     groups: dict[str, dict] = {}
     for row in report["layers"]:
         block = row["name"].rsplit(".", 2)[0]  # model.layers.N.self_attn.q_proj -> model.layers.N
-        groups.setdefault(block, {})[row["name"]] = (matrix_shape(row["shape"]), row["seconds"])
+        rows, columns = matrix_shape(row["shape"])
+        if row.get("band_seconds"):  # solved in bands of rows: each band is a unit of the ranks' work
+            bands = even_bands(rows, len(row["band_seconds"]))  # the run's bands (solvers.bands)
+            for (lo, hi), seconds in zip(bands, row["band_seconds"], strict=True):
+                groups.setdefault(block, {})[f"{row['name']}[rows {lo}:{hi}]"] = ((hi - lo, columns), seconds)
+        else:
+            groups.setdefault(block, {})[row["name"]] = ((rows, columns), row["seconds"])
     total = sum(seconds for group in groups.values() for _, seconds in group.values())
     rows = []
     for world in worlds:

@@ -95,6 +95,51 @@ def test_two_processes_write_the_single_process_bytes(method, quantize, single, 
         assert one["relative_error"] == pytest.approx(other["relative_error"], rel=1e-5)
 
 
+def test_a_layer_split_by_rows_between_ranks_writes_the_single_process_bytes(data_dir, tmp_path) -> None:
+    """A Llama whose MLP is 600 wide: gate_proj and up_proj are solved in three bands of rows
+    (solvers.bands), in one process and as units of work shared between two ranks; the bytes and
+    the report's figures are the same."""
+    from tiny_lm import config
+
+    from cdq_cli.models import load_causal_lm
+
+    stories = data_dir / "models" / "stories260K"
+    if not stories.is_dir():
+        pytest.skip(f"missing shared model {stories}")
+    _model, tokenizer = load_causal_lm(str(stories))
+    settings = config("llama", vocab=512)
+    settings.intermediate_size = 600
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(settings).eval()
+    folder = tmp_path / "wide"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    calib = str(data_dir / "text" / "c4-sample.jsonl")
+    base = ["quantize", str(folder), "--calib", calib, "--nsamples", "8", "--seqlen", "32"]
+    base += ["--batch-size", "2", "-q", "--bits", "3"]
+    outputs = {}
+    for nproc in ("1", "2"):
+        out = tmp_path / f"nproc{nproc}"
+        done = cdq(*base, "--no-true-sequential", "--output", str(out), "--nproc", nproc)
+        assert done.returncode == 0, done.stderr
+        outputs[nproc] = out
+    assert weights(outputs["1"]) == weights(outputs["2"])
+    one, two = (json.loads((outputs[n] / "report.json").read_text()) for n in ("1", "2"))
+    for a, b in zip(one["layers"], two["layers"], strict=True):
+        assert (a["name"], a["error"], a["relative_error"]) == (b["name"], b["error"], b["relative_error"])
+    gate = next(row for row in one["layers"] if row["name"].endswith("0.mlp.gate_proj"))
+    assert len(gate["band_seconds"]) == 3
+    owners = two["run"]["parallel"]["band_owners"]  # every band was a unit of work of its own
+    assert sorted(owners) == sorted(
+        f"model.layers.{block}.mlp.{layer}[rows {lo}:{hi}]"
+        for block in (0, 1)
+        for layer in ("gate_proj", "up_proj")
+        for lo, hi in ((0, 200), (200, 400), (400, 600))
+    )
+
+
 def test_two_nodes_on_localhost_write_the_same_bytes(quantize, single, tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -358,7 +358,8 @@ def _transform_record(loaded: Loaded, outcome: Any) -> dict[str, Any] | None:
 
 
 def _parallel_section(ranks: Ranks) -> dict[str, Any]:
-    """For report.json: the world, its backend, each rank's solve time and layers, the solve
+    """For report.json: the world, its backend, each rank's solve time and units of work (layers,
+    or bands of a layer's rows: ``band_owners`` says which rank solved each band), the solve
     phase's wall time and the imbalance the assignments predicted (max / mean load - 1)."""
     seconds = ranks.gather_values(ranks.solve_seconds)
     layers = [sum(1 for r in ranks.assignments.values() if r == rank) for rank in range(ranks.world)]
@@ -371,6 +372,7 @@ def _parallel_section(ranks: Ranks) -> dict[str, Any]:
         # the slowest rank's solve time per group, summed: what the block loop waited for
         "solve_phase_seconds": round(balance.critical, 3),
         "predicted_imbalance": round(balance.predicted_imbalance, 4),
+        "band_owners": {unit: rank for unit, rank in ranks.assignments.items() if "[rows " in unit},
     }
 
 

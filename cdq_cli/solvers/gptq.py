@@ -36,6 +36,7 @@ from functools import partial
 import torch
 
 from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
+from .bands import once
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
 from .result import QuantResult, damp
 
@@ -138,8 +139,9 @@ def solve_gptq(
         approx = fixed_grid.dequantize(shifted.codes)
         value = shifted.objective
         return QuantResult(
-            "gptq", approx, shifted.codes, fixed_grid, value, value, seconds=time.perf_counter() - began
-        )
+            "gptq", approx, shifted.codes, fixed_grid, value, value, seconds=time.perf_counter() - began,
+            row_objective=shifted.row_objective,
+        )  # fmt: skip
     rows, columns = weight.shape
     n_groups = spec.n_groups(columns)
     static = fixed_grid is not None or act_order or spec.per_layer or spec.group_size is None
@@ -147,9 +149,13 @@ def solve_gptq(
     name = resolve(weight)
     kernel = backend_module(name)
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
-    upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
-    blocks = _Blocks.of(upper, block_size, name)
-    del upper  # the blocks hold what the pass needs, half of the factor's storage
+
+    def factor() -> tuple[_Blocks, torch.Tensor]:
+        upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
+        return _Blocks.of(upper, block_size, name), extra  # half of the factor's storage
+
+    # once per layer however many bands of its rows are solved (solvers.bands)
+    blocks, extra = once(sigma, ("gptq", damping, act_order, block_size, name), factor)
     visited = perm if perm is not None else torch.arange(columns, device=weight.device)
     run = _Pass(
         kernel,
@@ -161,11 +167,15 @@ def solve_gptq(
         None if static else spec.group_size,
         fixed_grid if fixed_grid is not None or not spec.per_layer else fit_minmax(weight, spec),
     )
-    parts = parallel(name, [partial(run.rows, lo, hi) for lo, hi in row_spans(name, rows, columns)])
-    # tr(E H Eᵀ) = ‖e‖², less the damping term Σ_j (H − Σ)_jj ‖E_j‖²: tr(E Σ Eᵀ).
-    value = float(sum(scaled - column_sq @ extra.to(torch.float64) for scaled, column_sq in parts))
+    extra = extra.to(torch.float64)
+    parts = parallel(name, [partial(run.rows, lo, hi, extra) for lo, hi in row_spans(name, rows, columns)])
+    row_values = torch.cat(parts)
+    value = float(row_values.sum())
     grid = fixed_grid if fixed_grid is not None else Grid(spec, run.scale, run.zero)
-    return QuantResult("gptq", run.approx, run.codes, grid, value, value, seconds=time.perf_counter() - began)
+    return QuantResult(
+        "gptq", run.approx, run.codes, grid, value, value, seconds=time.perf_counter() - began,
+        row_objective=row_values,
+    )  # fmt: skip
 
 
 class _Pass:
@@ -183,9 +193,10 @@ class _Pass:
         self.scale = weight.new_empty(rows, groups)
         self.zero = weight.new_empty(rows, groups)
 
-    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole pass for rows lo..hi (grid fit, column loop, codes); returns ``‖e‖²`` and
-        ``‖E_j‖²`` for every column j, in the visited order (float64)."""
+    def rows(self, lo: int, hi: int, extra: torch.Tensor) -> torch.Tensor:
+        """The whole pass for rows lo..hi (grid fit, column loop, codes); returns each row's
+        objective ``tr(E Σ Eᵀ)``: its ``‖e‖²`` less the damping term ``Σ_j extra_j E_j²`` (``extra``
+        = diag(H − Σ) in the visited order; float64)."""
         spec, blocks, group_size = self.spec, self.blocks, self.group_size
         w = self.weight[lo:hi]
         fixed = self.layer_grid
@@ -200,7 +211,7 @@ class _Pass:
         hat_t = torch.zeros_like(w_t)
         s_tab = grid.scale.T.clone(memory_format=torch.contiguous_format)  # (groups, rows)
         z_tab = grid.zero.T.clone(memory_format=torch.contiguous_format)  # dynamic groups: filled in
-        scaled = torch.zeros((), dtype=torch.float64, device=w.device)
+        scaled = torch.zeros(hi - lo, dtype=torch.float64, device=w.device)
         for (b0, b1), u_bb, u_diag, m_b in zip(
             blocks.bounds, blocks.inverse, blocks.diag, blocks.cross, strict=True
         ):
@@ -237,7 +248,7 @@ class _Pass:
                         stop=c1 - b0,
                     )
                 )
-            scaled += err_blk.square().sum(dtype=torch.float64)
+            scaled += err_blk.square().sum(dim=0, dtype=torch.float64)
             w_t[b0:b1] -= hat_t[b0:b1]  # these columns are finished: E = W − Q
         if group_size:
             grid = Grid(spec, s_tab.T, z_tab.T)
@@ -245,4 +256,6 @@ class _Pass:
         self.codes[lo:hi] = codes = grid.quantize(approx)
         self.approx[lo:hi] = grid.dequantize(codes)  # the same values: Q is on the grid already
         self.scale[lo:hi], self.zero[lo:hi] = grid.scale, grid.zero
-        return scaled, w_t.square().sum(dim=1, dtype=torch.float64)
+        # tr(E H Eᵀ) = ‖e‖², less the damping term: tr(E Σ Eᵀ), row by row
+        # (in place: w_t is not needed again)
+        return scaled - w_t.square_().mul_(extra.to(w_t.dtype).unsqueeze(1)).sum(dim=0, dtype=torch.float64)

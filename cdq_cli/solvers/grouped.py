@@ -136,7 +136,7 @@ def _whole(method: str, spec: GridSpec, options: dict) -> bool:
 
 def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:
     """One QuantResult for the whole layer from independent row blocks' results (conv groups,
-    experts), stacked along rows."""
+    experts, bands of rows), stacked along rows."""
     stored = GridSpec(spec.bits, None, spec.sym) if spec.per_layer and len(results) > 1 else spec
     approx = torch.cat([r.weight for r in results])
     outliers = None
@@ -158,4 +158,9 @@ def stack_results(results: list[QuantResult], spec: GridSpec) -> QuantResult:
         sweeps=max(r.sweeps for r in results),
         seconds=sum(r.seconds for r in results),
         outliers=outliers,
+        row_objective=(
+            torch.cat([r.row_objective for r in results])
+            if all(r.row_objective is not None for r in results)
+            else None
+        ),
     )

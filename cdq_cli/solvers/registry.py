@@ -86,7 +86,9 @@ class Method:
     objective from the layer's inputs instead of collecting Σ (:mod:`cdq_cli.pipeline`).
     ``revision``: raised whenever the method's result for the same W, Σ, grid and options changes
     (a new default, a changed rule); it is part of ``--resume``'s fingerprint, so that a run is
-    never finished by a solver that would have solved its first blocks differently."""
+    never finished by a solver that would have solved its first blocks differently. ``row_bands``:
+    every choice it makes is a row's own (on a per-row grid), so a layer may be solved in bands of
+    rows, shared between ranks (:mod:`cdq_cli.solvers.bands`; tests/test_row_bands.py)."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -97,6 +99,7 @@ class Method:
     factorizations: float = 0.0
     needs_sigma: bool = True
     revision: int = 1
+    row_bands: bool = False
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
         """Estimated solve time of one layer, in arbitrary units (the rank assignment's estimate
@@ -134,6 +137,8 @@ METHODS: dict[str, Method] = {
             sweeps=1.0,
             fixed_grid="fixed_grid",
             factorizations=1.0,
+            revision=2,  # 2: layers solved in bands of rows (solvers.bands)
+            row_bands=True,
             options={
                 "damping": _DAMPING,
                 "block_size": _BLOCK,
@@ -199,7 +204,10 @@ METHODS: dict[str, Method] = {
             sweeps=8.0,
             fixed_grid="grid",
             factorizations=2.0,  # its two default GPTQ starts
-            revision=2,  # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0)
+            # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0); 3: every choice
+            # made row by row, layers solved in bands of rows
+            revision=3,
+            row_bands=True,
             options={
                 "starts": Option(
                     "start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .bands import once
+
 TARGETS = ("quantized", "fp")  # -o target=: W X on the quantized model's inputs, or W X̃ (full precision)
 
 
@@ -43,15 +45,21 @@ def fp_target(
         return torch.cat([fp_target(rows[g], sigma[g], cross[g], damping) for g in range(groups)])
     s = sigma.to(torch.float64)
     w = weight.to(torch.float64)
-    h = s.clone()
-    mean = float(h.diagonal().mean())
-    h.diagonal().add_(max(damping, 1e-10) * (mean if mean > 0 else 1.0))
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    try:
-        factor = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError as exc:
-        raise ValueError("target=fp could not factor Σ (not positive definite); raise the damping") from exc
+
+    def cholesky() -> torch.Tensor:
+        h = s.clone()
+        mean = float(h.diagonal().mean())
+        h.diagonal().add_(max(damping, 1e-10) * (mean if mean > 0 else 1.0))
+        dead = h.diagonal() <= 0
+        h[dead, dead] = 1.0
+        try:
+            return torch.linalg.cholesky(h)
+        except torch.linalg.LinAlgError as exc:
+            raise ValueError(
+                "target=fp could not factor Σ (not positive definite); raise the damping"
+            ) from exc
+
+    factor = once(sigma, ("fp_target", damping), cholesky)  # once per layer (solvers.bands)
     # W (C − Σ) H⁻¹ = ((H⁻¹ (C − Σ)ᵀ Wᵀ))ᵀ, H symmetric
     correction = torch.cholesky_solve((cross.to(torch.float64) - s).T @ w.T, factor).T
     return (w + correction).to(weight.dtype)
