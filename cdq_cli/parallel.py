@@ -341,15 +341,44 @@ class Costs:
         self._measured += seconds
 
 
+# A layer goes to one rank whole while that rank's load stays within this fraction above the mean
+# load; beyond it, its bands of rows are assigned one by one.
+SPLIT_SLACK = 0.05
+
+
+def layer_of(unit: str) -> str:
+    """The layer a unit of work belongs to: ``NAME[rows LO:HI]`` (a band, pipeline.Unit) → ``NAME``."""
+    return unit.split("[rows ", 1)[0]
+
+
 def assign(costs: dict[str, float], world: int) -> dict[str, int]:
-    """Each name to a rank: largest cost first onto the least-loaded rank (ties: lowest rank),
-    deterministic on every rank."""
+    """Each unit of work to a rank, deterministic on every rank: layers largest first onto the
+    least-loaded rank (ties: lowest rank), each whole (all its bands on that rank, which then does
+    the layer's Σ-only work once) unless that would lift the rank more than :data:`SPLIT_SLACK`
+    above the mean load; such a layer's bands go one by one, largest first, the same way."""
+    layers: dict[str, list[str]] = {}
+    for unit in costs:
+        layers.setdefault(layer_of(unit), []).append(unit)
+    totals = {layer: sum(costs[unit] for unit in units) for layer, units in layers.items()}
+    bound = (1 + SPLIT_SLACK) * sum(totals.values()) / world
     load = [0.0] * world
     owner: dict[str, int] = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += costs[name]
+
+    def least() -> int:
+        return min(range(world), key=lambda r: (load[r], r))
+
+    for layer in sorted(totals, key=lambda n: (-totals[n], n)):
+        rank = least()
+        units = layers[layer]
+        if len(units) == 1 or load[rank] + totals[layer] <= bound:
+            for unit in units:
+                owner[unit] = rank
+            load[rank] += totals[layer]
+            continue
+        for unit in sorted(units, key=lambda n: (-costs[n], n)):
+            rank = least()
+            owner[unit] = rank
+            load[rank] += costs[unit]
     return owner
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign, replay
+from cdq_cli.parallel import KILL_RANK_ENV, Balance, Costs, Ranks, assign, layer_of, replay
 from cdq_cli.solvers import METHODS
 from cdq_cli.store.names import journal_folder
 
@@ -96,7 +96,7 @@ def test_two_processes_write_the_single_process_bytes(method, quantize, single, 
 
 
 def test_a_layer_split_by_rows_between_ranks_writes_the_single_process_bytes(data_dir, tmp_path) -> None:
-    """A Llama whose MLP is 600 wide: gate_proj and up_proj are solved in three bands of rows
+    """A Llama whose MLP is 600 wide: gate_proj and up_proj are solved in two bands of rows
     (solvers.bands), in one process and as units of work shared between two ranks; the bytes and
     the report's figures are the same."""
     from tiny_lm import config
@@ -130,13 +130,13 @@ def test_a_layer_split_by_rows_between_ranks_writes_the_single_process_bytes(dat
     for a, b in zip(one["layers"], two["layers"], strict=True):
         assert (a["name"], a["error"], a["relative_error"]) == (b["name"], b["error"], b["relative_error"])
     gate = next(row for row in one["layers"] if row["name"].endswith("0.mlp.gate_proj"))
-    assert len(gate["band_seconds"]) == 3
+    assert len(gate["band_seconds"]) == 2
     owners = two["run"]["parallel"]["band_owners"]  # every band was a unit of work of its own
     assert sorted(owners) == sorted(
         f"model.layers.{block}.mlp.{layer}[rows {lo}:{hi}]"
         for block in (0, 1)
         for layer in ("gate_proj", "up_proj")
-        for lo, hi in ((0, 200), (200, 400), (400, 600))
+        for lo, hi in ((0, 304), (304, 600))
     )
 
 
@@ -215,6 +215,21 @@ def test_layers_go_largest_first_to_the_least_loaded_rank() -> None:
     assert assign(costs, 1) == dict.fromkeys(costs, 0)
     assert METHODS["gptq"].cost(4096, 11008, {}) > METHODS["gptq"].cost(4096, 4096, {})
     assert METHODS["quantease"].cost(4096, 4096, {}) > METHODS["gptq"].cost(4096, 4096, {})
+
+
+def test_a_layer_goes_whole_unless_that_unbalances_the_ranks_then_band_by_band() -> None:
+    """Bands of one layer stay on one rank (its Σ-only work done once) while that rank stays within
+    SPLIT_SLACK of the mean load; a layer too large for that is spread band by band."""
+    bands = {f"down[rows {lo}:{lo + 2}]": 3.0 for lo in (0, 2, 4, 6)}  # 12 in four bands
+    small = {"q[rows 0:2]": 2.0, "q[rows 2:4]": 2.0, "k": 2.0, "v": 2.0}
+    owners = assign({**bands, **small}, 2)  # total 20: mean 10, down (12) is split
+    assert {owners[unit] for unit in bands} == {0, 1}
+    assert owners["q[rows 0:2]"] == owners["q[rows 2:4]"]  # q fits whole
+    loads = [sum(cost for unit, cost in {**bands, **small}.items() if owners[unit] == r) for r in (0, 1)]
+    assert loads == [10.0, 10.0]
+    whole = assign({**bands, **small}, 1)
+    assert set(whole.values()) == {0}
+    assert layer_of("model.layers.0.mlp.up_proj[rows 0:512]") == "model.layers.0.mlp.up_proj"
 
 
 def test_costs_are_the_measured_seconds_of_a_shape_once_one_was_timed() -> None:

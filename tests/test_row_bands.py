@@ -153,7 +153,7 @@ def test_per_layer_grid_decides_for_the_whole_layer():
 
 @pytest.mark.parametrize("rows", [1, 7, 192, 256, 257, 576, 1536, 5632, 28672])
 def test_row_bands_cover_the_rows_in_few_aligned_bands(rows):
-    for device, most in (("cpu", 256), ("cuda", 4096)):
+    for device, most in (("cpu", 512), ("cuda", 4096)):
         bands = row_bands(rows, device)
         assert bands[0][0] == 0 and bands[-1][1] == rows
         assert all(a[1] == b[0] for a, b in zip(bands, bands[1:], strict=False))

@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 import torch
 
-# Rows per band: on a CPU a band's products stay large enough to run at GEMM speed and a layer of
-# SmolLM2 (576 or 1536 rows) gives 3 or 6 bands for the ranks to share; on a GPU bands are larger
-# so that every kernel launch stays wide.
-BAND_ROWS = {"cpu": 256, "cuda": 4096}
+# Rows per band: on a CPU a band's products stay large enough to run at GEMM speed and its fixed
+# costs small (a layer of SmolLM2, 576 or 1536 rows, gives 2 or 3 bands for the ranks to share);
+# on a GPU bands are larger so that every kernel launch stays wide.
+BAND_ROWS = {"cpu": 512, "cuda": 4096}
 _ALIGN = 8  # band edges on multiples of this
 
 T = TypeVar("T")
@@ -57,7 +57,11 @@ _SHARED: ContextVar[_Shared | None] = ContextVar("cdq_shared_sigma_work", defaul
 @contextmanager
 def shared(sigma: torch.Tensor) -> Iterator[None]:
     """Inside, :func:`once` keeps what it computes on this Σ (the same tensor object) until the
-    block ends; nothing is kept after it."""
+    block ends; nothing is kept after it. Inside a block on the same Σ it adds nothing."""
+    found = _SHARED.get()
+    if found is not None and found.sigma is sigma:
+        yield
+        return
     token = _SHARED.set(_Shared(sigma))
     try:
         yield

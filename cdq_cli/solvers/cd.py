@@ -38,6 +38,7 @@ from itertools import accumulate
 import torch
 
 from ..kernels import CD, Block, backend_module, parallel, resolve, round_to_grid, row_spans
+from .bands import once
 from .grid import Grid
 from .result import objective
 
@@ -243,8 +244,9 @@ def cd_row_sweeps(
     sweeps = torch.zeros(rows, dtype=torch.int64)
     fixed = torch.zeros(rows, dtype=torch.bool)
     active = (budgets > 0).nonzero().squeeze(1)
+    settled = torch.zeros(rows, dtype=torch.bool)  # at a fixed point in this call: sweeping changes nothing
     while active.numel():
-        gains, changed = sweeper.sweep(active)
+        gains, changed = sweeper.sweep(active, settled)
         before = values[active]
         values[active] = before + gains
         sweeps[active] += 1
@@ -252,11 +254,12 @@ def cd_row_sweeps(
             gains, before, changed = (v.sum().expand_as(v) for v in (gains, before, changed))
         moved = changed > 0
         fixed[active] = ~moved
+        settled[active] = ~moved
         going = moved & (sweeps[active] < budgets[active])
         if tolerance:
             going &= -gains >= tolerance * before.abs()
         active = active[going]
-    return RowSweeps(sweeper.approx, values, sweeps, fixed)
+    return RowSweeps(sweeper.result(), values, sweeps, fixed)
 
 
 class _SharedOrder:
@@ -268,34 +271,67 @@ class _SharedOrder:
         columns = weight.shape[1]
         self.name, self.weight, self.grid, self.order, self.block_size = name, weight, grid, order, block_size
         self.approx = start.clone()
-        visited = torch.arange(columns, device=weight.device) if order is None else order
-        self.gidx = torch.div(visited, columns // grid.scale.shape[1], rounding_mode="floor")
-        if order is not None:
-            sigma = sigma[order][:, order]
-        sigma = sigma.contiguous()
-        diag = sigma.diagonal().contiguous()
-        dead = diag <= 0
-        self.dead = dead.nonzero().squeeze(1) if bool(dead.any()) else None
-        self.run = _SharedSweep(backend_module(name), sigma, block_size, self.gidx, diag, grid.spec.maxq)
-        self.inverse = None if order is None else torch.argsort(order)
+        group_size = columns // grid.scale.shape[1]
+        key = None if order is None else order.cpu().numpy().tobytes()
 
-    def sweep(self, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        whole = active.numel() == self.weight.shape[0]
-        index = active.to(self.weight.device)
-        weight = self.weight if whole else self.weight[index]
-        hat = self.approx if whole else self.approx[index]
-        grid = self.grid if whole else self.grid.take(index)
-        rows_of = partial(_SharedRows, weight, hat, grid, self.order, self.gidx, self.dead, self.block_size)
-        spans = row_spans(self.name, weight.shape[0], weight.shape[1])
-        parts = parallel(self.name, [partial(rows_of, lo, hi) for lo, hi in spans])
-        logs = parallel(self.name, [partial(self.run.sweep, part, False, True) for part in parts])
-        out = torch.empty_like(hat)
-        parallel(self.name, [partial(part.write, out, self.inverse) for part in parts])
-        if whole:
+        def prepare():  # what depends on Σ and the order alone: once per layer (solvers.bands)
+            visited = torch.arange(columns, device=weight.device) if order is None else order
+            gidx = torch.div(visited, group_size, rounding_mode="floor")
+            permuted = (sigma if order is None else sigma[order][:, order]).contiguous()
+            diag = permuted.diagonal().contiguous()
+            dead = diag <= 0
+            dead = dead.nonzero().squeeze(1) if bool(dead.any()) else None
+            run = _SharedSweep(backend_module(name), permuted, block_size, gidx, diag, grid.spec.maxq)
+            return gidx, dead, run, None if order is None else torch.argsort(order)
+
+        prepared = once(sigma, ("cd-shared", name, block_size, group_size, grid.spec.maxq, key), prepare)
+        self.gidx, self.dead, self.run, self.inverse = prepared
+        self.parts, self.held = None, None  # working copies of the rows ``held``
+
+    def sweep(self, active: torch.Tensor, settled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sweep of the rows ``active`` (sorted); the working copies of the last sweep are kept
+        when they hold these rows and otherwise only ``settled`` ones (at a fixed point: a sweep
+        leaves them as they are), so most sweeps copy nothing. Per-row logs of ``active``."""
+        held = self.held
+        if held is None or not (
+            bool(torch.isin(active, held).all()) and bool((settled[held] | torch.isin(held, active)).all())
+        ):
+            self._flush()
+            held = self.held = active
+            whole = held.numel() == self.weight.shape[0]
+            index = held.to(self.weight.device)
+            weight = self.weight if whole else self.weight[index]
+            hat = self.approx if whole else self.approx[index]
+            grid = self.grid if whole else self.grid.take(index)
+            rows_of = partial(
+                _SharedRows, weight, hat, grid, self.order, self.gidx, self.dead, self.block_size
+            )
+            spans = row_spans(self.name, weight.shape[0], weight.shape[1])
+            self.parts = parallel(self.name, [partial(rows_of, lo, hi) for lo, hi in spans])
+        logs = parallel(self.name, [partial(self.run.sweep, part, False, True) for part in self.parts])
+        gains, changed = torch.cat([g for g, _ in logs]).cpu(), torch.cat([c for _, c in logs]).cpu()
+        if held.numel() != active.numel():
+            at = torch.searchsorted(held, active)
+            gains, changed = gains[at], changed[at]
+        return gains, changed
+
+    def _flush(self) -> None:
+        """The working copies' Ŵ back into ``approx``."""
+        if self.parts is None:
+            return
+        out = torch.empty(
+            self.held.numel(), self.weight.shape[1], dtype=self.approx.dtype, device=self.approx.device
+        )
+        parallel(self.name, [partial(part.write, out, self.inverse) for part in self.parts])
+        if self.held.numel() == self.weight.shape[0]:
             self.approx = out
         else:
-            self.approx[index] = out
-        return torch.cat([g for g, _ in logs]).cpu(), torch.cat([c for _, c in logs]).cpu()
+            self.approx[self.held.to(self.approx.device)] = out
+        self.parts, self.held = None, None
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        return self.approx
 
 
 class _PerRowOrder:
@@ -316,7 +352,12 @@ class _PerRowOrder:
         budget = _GATHER_BUDGET // max(1, block_size * columns * self.sigma.element_size())
         self.row_block = max(1, budget)
 
-    def sweep(self, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self) -> torch.Tensor:
+        return self.approx
+
+    def sweep(self, active: torch.Tensor, settled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sweep of the rows ``active``, each in its own order (``settled`` is not needed: a
+        row is gathered only when it is swept)."""
         index = active.to(self.weight.device)
         gains, changed = [], []
         for r0 in range(0, index.numel(), self.row_block):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import gguf
+from .bands import shared
 from .cd import cd_row_sweeps, order_permutation
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
@@ -127,27 +128,28 @@ def descend(
         )  # fmt: skip
         state.row_sweeps += run.sweeps
         state.fixed = torch.where(swept, run.fixed, state.fixed)
-        moved = swept & (run.approx != state.approx).any(dim=1).cpu()
-        if bool(moved.any()):
-            _keep_lower(state, weight, sigma, moved, run.approx, run.values, None, or_equal=True)
+        index = swept.nonzero().squeeze(1)
+        on = index.to(weight.device)
+        moved = index[(run.approx[on] != state.approx[on]).any(dim=1).cpu()]
+        if moved.numel():
+            swept_rows = run.approx[moved.to(weight.device)]
+            _keep_lower(state, weight, sigma, moved, swept_rows, run.values[moved], None, or_equal=True)
         state.history.append(state.value)
         if refit == "none":
             break
         # refit the grid rows of the rows just swept, for their codes
-        index = swept.nonzero().squeeze(1).to(weight.device)
-        codes = state.grid.take(index).quantize(state.approx[index])
         if state.grid.spec.block_type is not None:  # a GGUF type: its own refit, stored widths kept
             fitter = gguf.refit
         else:
             fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
         wsigma = weight @ sigma if wsigma is None else wsigma  # the same for every refit
-        fitted = fitter(weight[index], sigma, state.grid.take(index), codes, wsigma=wsigma[index])
-        candidate = state.approx.clone()
-        candidate[index] = fitted.dequantize(codes)
-        new_grid = state.grid.where(swept, _scatter_rows(state.grid, fitted, index))
-        new_values = state.values.clone()
-        new_values[swept] = row_objectives(weight[index], candidate[index], sigma).cpu()
-        accepted = _keep_lower(state, weight, sigma, swept, candidate, new_values, new_grid, margin=1e-9)
+        rows_grid = state.grid.take(on)
+        codes = rows_grid.quantize(state.approx[on])
+        fitted = fitter(weight[on], sigma, rows_grid, codes, wsigma=wsigma[on])
+        candidate = fitted.dequantize(codes)
+        values = row_objectives(weight[on], candidate, sigma).cpu()
+        accepted = torch.zeros(rows, dtype=torch.bool)
+        accepted[index] = _keep_lower(state, weight, sigma, index, candidate, values, fitted, margin=1e-9)
         going &= accepted  # a row whose grid is already optimal for its codes has ended
         state.fixed &= ~accepted
         state.refits += int(bool(accepted.any()))
@@ -155,27 +157,11 @@ def descend(
     return state
 
 
-def _scatter_rows(grid: Grid, fitted: Grid, index: torch.Tensor) -> Grid:
-    """``grid`` with the rows ``index`` replaced by ``fitted``'s (a copy)."""
-    mask = torch.zeros(grid.scale.shape[0], dtype=torch.bool, device=index.device)
-    mask[index] = True
-    full = Grid(grid.spec, grid.scale.clone(), grid.zero.clone(),
-                None if grid.offset is None else grid.offset.clone(),
-                None if grid.parts is None else {k: v.clone() for k, v in grid.parts.items()})  # fmt: skip
-    full.scale[index], full.zero[index] = fitted.scale, fitted.zero
-    if full.offset is not None:
-        full.offset[index] = fitted.offset
-    if full.parts is not None:
-        for key, value in full.parts.items():
-            value[index] = fitted.parts[key]
-    return full
-
-
 def _keep_lower(
     state: Descent,
     weight: torch.Tensor,
     sigma: torch.Tensor,
-    rows: torch.Tensor,
+    index: torch.Tensor,
     candidate: torch.Tensor,
     values: torch.Tensor,
     grid: Grid | None,
@@ -183,30 +169,31 @@ def _keep_lower(
     margin: float = 0.0,
     or_equal: bool = False,
 ) -> torch.Tensor:
-    """Take ``candidate``'s rows (and ``grid``'s) among ``rows`` where they are lower than the
-    state's (:func:`lower_rows`, close calls in float64); returns the mask of rows taken."""
-    index = rows.nonzero().squeeze(1)
+    """For the rows ``index`` of the layer, take ``candidate``'s rows (and ``grid``'s, the grid of
+    those rows) where their objectives ``values`` are lower than the state's (:func:`lower_rows`,
+    close calls in float64); returns which of them were taken."""
     on = index.to(weight.device)
+    current = state.approx[on]
 
     def exact(close: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        picked = on[close.to(on.device)]
-        return (
-            exact_row_objectives(weight[picked], candidate[picked], sigma).cpu(),
-            exact_row_objectives(weight[picked], state.approx[picked], sigma).cpu(),
-        )
+        picked = close.to(weight.device)
+        count = int(close.sum())
+        rows = weight[on][picked]
+        pairs = torch.cat([candidate[picked], current[picked]])
+        both = exact_row_objectives(torch.cat([rows, rows]), pairs, sigma)
+        return both[:count].cpu(), both[count:].cpu()
 
+    together = state.grid.spec.per_layer
     better, new, old = lower_rows(
-        values[index], state.values[index], exact, margin=margin, or_equal=or_equal,
-        together=state.grid.spec.per_layer,
-    )  # fmt: skip
-    taken = torch.zeros_like(rows)
-    taken[index] = better
+        values, state.values[index], exact, margin=margin, or_equal=or_equal, together=together
+    )
     state.values[index] = torch.where(better, new, old)
-    where = taken.to(weight.device)
-    state.approx = torch.where(where.unsqueeze(1), candidate, state.approx)
-    if grid is not None:
-        state.grid = state.grid.where(where, grid)
-    return taken
+    if bool(better.any()):
+        taken, picked = index[better], better.to(weight.device)
+        state.approx[taken.to(weight.device)] = candidate[picked]
+        if grid is not None:
+            state.grid = state.grid.replaced(taken.to(weight.device), grid.take(picked))
+    return better
 
 
 def best_start(
@@ -230,11 +217,11 @@ def best_start(
         approx, start_grid, values = scored_start_rows(kind, weight, sigma, spec, grid, damping=damping)
         values = values.cpu()
         if best is None:
-            best = Descent(approx, start_grid, values, torch.zeros_like(values, dtype=torch.int64),
-                           torch.zeros_like(values, dtype=torch.bool))  # fmt: skip
+            none = torch.zeros_like(values, dtype=torch.bool)
+            best = Descent(approx.clone(), start_grid, values.clone(), none.long(), none)
             picks = [kind] * weight.shape[0]
             continue
-        everywhere = torch.ones_like(values, dtype=torch.bool)
+        everywhere = torch.arange(weight.shape[0])
         taken = _keep_lower(best, weight, sigma, everywhere, approx, values, start_grid)
         picks = [kind if t else p for t, p in zip(taken.tolist(), picks, strict=True)]
     return best.approx, best.grid, best.values, picks
@@ -286,7 +273,7 @@ def solve_cdq(
         shrink = GGUF_SHRINK if spec.block_type is not None else 0.0
     if not shrink >= 0:
         raise ValueError(f"shrink must be >= 0, got {shrink}")
-    with _shrunk(sigma, shrink):
+    with shared(sigma), _shrunk(sigma, shrink):  # Σ-only work once, however many bands
         result, start = _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping,
                                    tolerance, rounds, grid)  # fmt: skip
     if shrink:  # the report's objectives are on Σ (the history stays the solver's own, on the shrunk Σ)

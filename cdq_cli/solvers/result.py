@@ -154,7 +154,8 @@ def lower_rows(
             new_sum, old_sum = float(new.sum()), float(old.sum())
         better = new_sum <= old_sum * (1 - margin) if or_equal else new_sum < old_sum * (1 - margin)
         return torch.full_like(new, better, dtype=torch.bool), new, old
-    close = (new - old).abs() <= CLOSE * torch.maximum(new.abs(), old.abs())
+    # equal values (an unchanged row) need no second look
+    close = ((new - old).abs() <= CLOSE * torch.maximum(new.abs(), old.abs())) & (new != old)
     if bool(close.any()):
         new, old = new.clone(), old.clone()
         new[close], old[close] = exact(close)
