@@ -25,7 +25,7 @@ import torch
 # Rows per band: on a CPU a band's products stay large enough to run at GEMM speed and its fixed
 # costs small (a layer of SmolLM2, 576 or 1536 rows, gives 2 or 3 bands for the ranks to share);
 # on a GPU bands are larger so that every kernel launch stays wide.
-BAND_ROWS = {"cpu": 512, "cuda": 4096}
+BAND_ROWS = {"cpu": 256, "cuda": 4096}
 _ALIGN = 8  # band edges on multiples of this
 
 T = TypeVar("T")

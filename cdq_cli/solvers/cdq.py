@@ -238,7 +238,7 @@ def solve_cdq(
     refit: str = "scales+zeros",
     block_size: int = 128,
     damping: float = 0.01,
-    tolerance: float = 1e-3,
+    tolerance: float = 0.0,
     rounds: int = 1,
     shrink: float | None = None,
     grid: Grid | None = None,
@@ -259,9 +259,14 @@ def solve_cdq(
     The default starts are plain GPTQ (so the result is never above GPTQ's) and GPTQ in act-order
     on a range-clipped grid, which on real SmolLM2 layers was below plain, act-order and clipped
     GPTQ everywhere we measured. ``diag`` order matches ``greedy`` in quality and keeps the fast
-    shared-order kernel. ``tolerance`` ends a run of sweeps whose gain per sweep fell below that
-    fraction (0: only at a fixed point or the budget). Four sweeps plus refits keep the solver a
-    few GPTQ solves long; more sweeps gain ~1% of the objective per doubling on SmolLM2 layers.
+    shared-order kernel. ``tolerance`` > 0 ends a row's run of sweeps once a sweep gained less than
+    that fraction of the row's objective; by default (0) a row sweeps to a fixed point or the
+    budget: a row stopped early by a tolerance gets a refit and a further round of its own, which
+    on 16 real SmolLM2 layers 1e-3 cost 17% more time (4.40 s against 3.76 s) for an objective
+    0.01% lower (0.23757 against 0.23760 of RTN's, mean ratio; BENCHMARKS.md, "Layers in bands of
+    rows"). Four sweeps
+    plus refits keep the solver a few GPTQ solves long; more sweeps gain ~1% of the objective per
+    doubling on SmolLM2 layers.
 
     ``rounds`` > 1 re-runs act-order GPTQ on the refitted grid of the best point so far and descends
     again from there (the codes GPTQ picks for the better grid beat what CD alone reaches from the
