@@ -125,27 +125,27 @@ def test_working_dtype_objectives_decide_like_float64(stories_layers, monkeypatc
     layers = [(layer.weight.float(), layer.sigma.float()) for layer in stories_layers[:14]]
     shipped = [solve("cdq", w, s, bits=3).codes for w, s in layers]
 
-    exact = result_module.exact_row_objectives
-    plain_gptq, plain_sweeps = starts_module.solve_gptq, cdq_module.cd_row_sweeps
+    exact = result_module.objective
+    plain_gptq, plain_sweeps = starts_module.solve_gptq, cdq_module.cd_sweeps
 
     def solve_gptq(weight, sigma, spec, **options):
         solved = plain_gptq(weight, sigma, spec, **options)
-        solved.row_objective = exact(weight, solved.weight, sigma)
+        solved.objective = solved.objective_start = exact(weight, solved.weight, sigma)
         return solved
 
-    def cd_row_sweeps(weight, sigma, grid, start, values, **options):
-        run = plain_sweeps(weight, sigma, grid, start, values, **options)
-        run.values = exact(weight, run.approx, sigma)
-        return run
+    def cd_sweeps(weight, sigma, grid, start, **options):
+        approx, log = plain_sweeps(weight, sigma, grid, start, **options)
+        log.start = exact(weight, approx, sigma) - sum(log.gains)
+        return approx, log
 
-    def lower_rows(new, old, _exact, *, margin=0.0, or_equal=False, together=False):
+    def lower(new, old, _exact, *, margin=0.0, or_equal=False):
         bound = old * (1 - margin)
         return (new <= bound if or_equal else new < bound), new, old
 
-    monkeypatch.setattr(cdq_module, "row_objectives", exact)
-    monkeypatch.setattr(starts_module, "row_objectives", exact)
+    monkeypatch.setattr(cdq_module, "working_objective", exact)
+    monkeypatch.setattr(starts_module, "working_objective", exact)
     monkeypatch.setattr(starts_module, "solve_gptq", solve_gptq)
-    monkeypatch.setattr(cdq_module, "cd_row_sweeps", cd_row_sweeps)
-    monkeypatch.setattr(cdq_module, "lower_rows", lower_rows)
+    monkeypatch.setattr(cdq_module, "cd_sweeps", cd_sweeps)
+    monkeypatch.setattr(cdq_module, "lower", lower)
     for (w, s), codes in zip(layers, shipped, strict=True):
         assert torch.equal(solve("cdq", w, s, bits=3).codes, codes)

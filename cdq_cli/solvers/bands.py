@@ -1,15 +1,17 @@
 """Layers solved in bands of rows, and the work on Σ alone done once for all of a layer's bands.
 
-Rows never interact in ``tr((W − Ŵ) Σ (W − Ŵ)ᵀ)``, and a method that declares ``row_bands``
-(:class:`cdq_cli.solvers.registry.Method`) makes every choice row by row, so a band of rows solved
-on its own is those rows of the whole solve, up to float rounding. The rounding is what this module
-pins down: matrix products of a band and of the whole layer may round a row differently (BLAS and
-cuBLAS pick their kernels by shape), so every run solves a layer in the same bands,
-:func:`row_bands` of its shape and device kind, whether one process solves them all or several
-ranks share them. That is what keeps one process's bytes when a layer is split between ranks.
+Rows never interact in ``tr((W − Ŵ) Σ (W − Ŵ)ᵀ)``, so a method that declares ``row_bands``
+(:class:`cdq_cli.solvers.registry.Method`: cdq, GPTQ) may solve a layer's rows in bands, and
+several ranks may share one large layer's bands. A band's result is not bit for bit those rows
+of a whole-layer solve (matrix products of a band and of the whole layer may round a row
+differently, since BLAS and cuBLAS pick their kernels by shape; and cdq's stopping and refit
+choices are its whole problem's), so every run solves a layer in the same bands, :func:`row_bands`
+of its shape and device kind, whether one process solves them all or several ranks share them:
+that is what keeps one process's bytes.
 
-What depends on Σ alone (the GPTQ starts' factorization of Σ, ``-o target=fp``'s factor) would be
-repeated by every band; inside :func:`shared` it is made once per layer (:func:`once`).
+What depends on Σ alone (the GPTQ starts' factorization of Σ, the sweeps' permuted Σ, ``-o
+target=fp``'s factor) would be repeated by every band; inside :func:`shared` it is made once per
+layer (:func:`once`).
 """
 
 from __future__ import annotations

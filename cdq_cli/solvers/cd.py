@@ -16,8 +16,6 @@ before the first sweep.
 Internally matrices are kept transposed, (columns, rows), so "column j for every row" is a
 contiguous vector. Rows never interact: on the CPU each thread sweeps its own range of rows,
 block GEMMs included (:func:`cdq_cli.kernels.row_spans`), and only the sweep's totals are shared.
-:func:`cd_row_sweeps` runs the same sweeps with each row's own log, and each row stops for itself
-(cdq's descent: every choice a row's own).
 
 Two visiting modes:
 * a shared order (cyclic, or any permutation such as decreasing diag Σ): columns are permuted
@@ -179,204 +177,6 @@ def cd_sweeps(
     )
 
 
-@dataclass
-class RowSweeps:
-    """Where :func:`cd_row_sweeps` left each row: Ŵ, its objective (float64), the sweeps it made
-    and whether its last sweep changed none of its entries (a fixed point)."""
-
-    approx: torch.Tensor
-    values: torch.Tensor
-    sweeps: torch.Tensor
-    fixed: torch.Tensor
-
-
-def cd_row_sweeps(
-    weight: torch.Tensor,
-    sigma: torch.Tensor,
-    grid: Grid,
-    start: torch.Tensor,
-    values: torch.Tensor,
-    *,
-    budgets: torch.Tensor,
-    order: torch.Tensor | None = None,
-    block_size: int = 128,
-    tolerance: float = 0.0,
-    together: bool = False,
-    backend: str | None = None,
-) -> RowSweeps:
-    """Rounded CD sweeps in which every row decides for itself when to stop.
-
-    Row i runs at most ``budgets[i]`` sweeps and stops after one that changed none of its entries
-    or lowered its objective by less than ``tolerance`` times that objective; ``values`` are the
-    rows' objectives at ``start`` (float64) and are kept as the sweeps' logs sum them. Rows never
-    interact in ``tr(E Σ Eᵀ)``, and no decision here looks at another row, so a row ends where it
-    would whichever rows are swept with it: a band of rows solved alone gives the whole layer's
-    rows (what lets ranks split a layer). ``together``: every decision on the layer's sums instead
-    (a per-layer grid, whose rows share one scale). Each sweep runs the same kernels as
-    :func:`cd_sweeps` on the rows still going, gathered into working copies; ``order`` as there.
-    """
-    if tolerance < 0:
-        raise ValueError("tolerance must be >= 0")
-    if grid.offset is not None:  # as cd_sweeps: sweep W − M on the offset-free grid, add M back
-        shift = grid.expand_offset(weight.shape[1])
-        out = cd_row_sweeps(
-            weight - shift,
-            sigma,
-            grid.without_offset(),
-            start - shift,
-            values,
-            budgets=budgets,
-            order=order,
-            block_size=block_size,
-            tolerance=tolerance,
-            together=together,
-            backend=backend,
-        )
-        out.approx = out.approx + shift
-        return out
-    name = resolve(weight, backend)
-    block_size = min(block_size, getattr(backend_module(name), "MAX_BLOCK", block_size))
-    kind = _PerRowOrder if order is not None and order.dim() == 2 else _SharedOrder
-    sweeper = kind(name, weight, sigma, grid, start, order, block_size)
-    rows = weight.shape[0]
-    values = values.detach().to("cpu", torch.float64, copy=True)
-    budgets = budgets.to("cpu", torch.int64)
-    sweeps = torch.zeros(rows, dtype=torch.int64)
-    fixed = torch.zeros(rows, dtype=torch.bool)
-    active = (budgets > 0).nonzero().squeeze(1)
-    settled = torch.zeros(rows, dtype=torch.bool)  # at a fixed point in this call: sweeping changes nothing
-    while active.numel():
-        gains, changed = sweeper.sweep(active, settled)
-        before = values[active]
-        values[active] = before + gains
-        sweeps[active] += 1
-        if together:
-            gains, before, changed = (v.sum().expand_as(v) for v in (gains, before, changed))
-        moved = changed > 0
-        fixed[active] = ~moved
-        settled[active] = ~moved
-        going = moved & (sweeps[active] < budgets[active])
-        if tolerance:
-            going &= -gains >= tolerance * before.abs()
-        active = active[going]
-    return RowSweeps(sweeper.result(), values, sweeps, fixed)
-
-
-class _SharedOrder:
-    """One sweep at a time of any subset of a layer's rows in a shared column order
-    (:class:`_SharedRows` working copies of the subset, :class:`_SharedSweep` on each thread's
-    span), per-row logs; ``approx`` holds every row's current Ŵ."""
-
-    def __init__(self, name, weight, sigma, grid, start, order, block_size):
-        columns = weight.shape[1]
-        self.name, self.weight, self.grid, self.order, self.block_size = name, weight, grid, order, block_size
-        self.approx = start.clone()
-        group_size = columns // grid.scale.shape[1]
-        key = None if order is None else order.cpu().numpy().tobytes()
-
-        def prepare():  # what depends on Σ and the order alone: once per layer (solvers.bands)
-            visited = torch.arange(columns, device=weight.device) if order is None else order
-            gidx = torch.div(visited, group_size, rounding_mode="floor")
-            permuted = (sigma if order is None else sigma[order][:, order]).contiguous()
-            diag = permuted.diagonal().contiguous()
-            dead = diag <= 0
-            dead = dead.nonzero().squeeze(1) if bool(dead.any()) else None
-            run = _SharedSweep(backend_module(name), permuted, block_size, gidx, diag, grid.spec.maxq)
-            return gidx, dead, run, None if order is None else torch.argsort(order)
-
-        prepared = once(sigma, ("cd-shared", name, block_size, group_size, grid.spec.maxq, key), prepare)
-        self.gidx, self.dead, self.run, self.inverse = prepared
-        self.parts, self.held = None, None  # working copies of the rows ``held``
-
-    def sweep(self, active: torch.Tensor, settled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sweep of the rows ``active`` (sorted); the working copies of the last sweep are kept
-        when they hold these rows and otherwise only ``settled`` ones (at a fixed point: a sweep
-        leaves them as they are), so most sweeps copy nothing. Per-row logs of ``active``."""
-        held = self.held
-        if held is None or not (
-            bool(torch.isin(active, held).all()) and bool((settled[held] | torch.isin(held, active)).all())
-        ):
-            self._flush()
-            held = self.held = active
-            whole = held.numel() == self.weight.shape[0]
-            index = held.to(self.weight.device)
-            weight = self.weight if whole else self.weight[index]
-            hat = self.approx if whole else self.approx[index]
-            grid = self.grid if whole else self.grid.take(index)
-            rows_of = partial(
-                _SharedRows, weight, hat, grid, self.order, self.gidx, self.dead, self.block_size
-            )
-            spans = row_spans(self.name, weight.shape[0], weight.shape[1])
-            self.parts = parallel(self.name, [partial(rows_of, lo, hi) for lo, hi in spans])
-        logs = parallel(self.name, [partial(self.run.sweep, part, False, True) for part in self.parts])
-        gains, changed = torch.cat([g for g, _ in logs]).cpu(), torch.cat([c for _, c in logs]).cpu()
-        if held.numel() != active.numel():
-            at = torch.searchsorted(held, active)
-            gains, changed = gains[at], changed[at]
-        return gains, changed
-
-    def _flush(self) -> None:
-        """The working copies' Ŵ back into ``approx``."""
-        if self.parts is None:
-            return
-        out = torch.empty(
-            self.held.numel(), self.weight.shape[1], dtype=self.approx.dtype, device=self.approx.device
-        )
-        parallel(self.name, [partial(part.write, out, self.inverse) for part in self.parts])
-        if self.held.numel() == self.weight.shape[0]:
-            self.approx = out
-        else:
-            self.approx[self.held.to(self.approx.device)] = out
-        self.parts, self.held = None, None
-
-    def result(self) -> torch.Tensor:
-        self._flush()
-        return self.approx
-
-
-class _PerRowOrder:
-    """One sweep at a time of any subset of a layer's rows, each row in its own column order
-    (the numba per-row kernel, or Σ gathered per row): ``G = E Σ`` of every row is made once and
-    kept up to date, so a sweep costs no GEMM."""
-
-    def __init__(self, name, weight, sigma, grid, start, order, block_size):
-        self.name, self.kernel, self.weight, self.grid = name, backend_module(name), weight, grid
-        self.order, self.block_size = order, block_size
-        self.sigma = sigma.contiguous()
-        self.diag = self.sigma.diagonal().contiguous()
-        self.inv_d = _inverse_diag(self.diag)
-        self.approx = start.clone(memory_format=torch.contiguous_format)
-        self.g = (weight - self.approx) @ self.sigma
-        columns = weight.shape[1]
-        self.group_size = columns // grid.scale.shape[1]
-        budget = _GATHER_BUDGET // max(1, block_size * columns * self.sigma.element_size())
-        self.row_block = max(1, budget)
-
-    def result(self) -> torch.Tensor:
-        return self.approx
-
-    def sweep(self, active: torch.Tensor, settled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sweep of the rows ``active``, each in its own order (``settled`` is not needed: a
-        row is gathered only when it is swept)."""
-        index = active.to(self.weight.device)
-        gains, changed = [], []
-        for r0 in range(0, index.numel(), self.row_block):
-            rows = index[r0 : r0 + self.row_block]
-            n = rows.numel()
-            w_r, hat_r, g = self.weight[rows].contiguous(), self.approx[rows], self.g[rows]
-            helper = _numba_rows if self.name == "numba" else _gathered_rows
-            sweep_rows = helper(
-                self.kernel, w_r, hat_r, g, self.grid.take(rows), 0, n, self.group_size, self.sigma,
-                self.diag, self.inv_d,
-            )  # fmt: skip
-            gain, count = sweep_rows(self.order[rows], self.block_size, self.grid.spec.maxq, False)
-            sweep_rows.finish()
-            self.approx[rows], self.g[rows] = hat_r, g
-            gains.append(gain.cpu())
-            changed.append(count.cpu())
-        return torch.cat(gains), torch.cat(changed)
-
-
 def _inverse_diag(diag: torch.Tensor) -> torch.Tensor:
     """1/Σ_jj, and 0 for dead columns (Σ_jj = 0)."""
     safe = diag.clamp_min(torch.finfo(diag.dtype).tiny)
@@ -395,15 +195,18 @@ def _shared(
     if f0 is None and tolerance:
         f0 = objective(weight, start, sigma)  # the tolerance compares gains with the objective
     caller = (weight, start, sigma)
-    if order is not None:
-        sigma = sigma[order][:, order]
-    sigma = sigma.contiguous()
-    diag = sigma.diagonal().contiguous()
+
+    def prepare():  # what depends on Σ and the order alone: once per layer (solvers.bands)
+        permuted = (sigma if order is None else sigma[order][:, order]).contiguous()
+        diag = permuted.diagonal().contiguous()
+        return diag, _SharedSweep(backend_module(name), permuted, block_size, gidx, diag, maxq)
+
+    key = None if order is None else order.cpu().numpy().tobytes()
+    diag, run = once(sigma, ("cd-shared", name, block_size, group_size, maxq, key), prepare)
     # Dead columns (Σ_jj = 0) cannot change f: they get the rounding of W once, and the sweeps
     # skip them.
     dead = diag <= 0
     dead = dead.nonzero().squeeze(1) if sweeps and bool(dead.any()) else None
-    run = _SharedSweep(backend_module(name), sigma, block_size, gidx, diag, maxq)
     rows_of = partial(_SharedRows, weight, start, grid, order, gidx, dead, block_size)
     parts = parallel(name, [partial(rows_of, lo, hi) for lo, hi in row_spans(name, rows, columns)])
     log = SweepLog([], [], [], start=f0)
@@ -478,14 +281,10 @@ class _SharedSweep:
             for b0, b1 in ((b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size))
         ]
 
-    def sweep(self, rows: _SharedRows, relax: bool, per_row: bool = False) -> tuple[torch.Tensor, ...]:
-        """The sweep's objective change (float64) and entries changed: the span's totals, or with
-        ``per_row`` each row's (from the block's Δ and G as each column was visited: the kernels'
-        own formula, row by row)."""
+    def sweep(self, rows: _SharedRows, relax: bool) -> tuple[torch.Tensor, torch.Tensor]:
         device = rows.hat.device
-        shape = (rows.hi - rows.lo,) if per_row else ()
-        gain = torch.zeros(shape, dtype=torch.float64, device=device)
-        changed = torch.zeros(shape, dtype=torch.int64, device=device)
+        gain = torch.zeros((), dtype=torch.float64, device=device)
+        changed = torch.zeros((), dtype=torch.int64, device=device)
         for b0, b1, mat, gidx, inv_d, dead, diag in self.blocks:
             # (E Σ)ᵀ for this block, from the span's whole current E
             g_blk = torch.matmul(self.sigma[b0:b1], rows.err, out=rows.g[: b1 - b0])
@@ -508,20 +307,9 @@ class _SharedSweep:
                     sdiag=diag,
                 )
             )
-            if per_row:
-                delta = rows.delta[: b1 - b0]
-                gain += _row_gains(delta, g_blk, diag.unsqueeze(1), dim=0)
-                changed += (delta != 0).sum(dim=0)
-            else:
-                gain += block_gain
-                changed += block_changed
+            gain += block_gain
+            changed += block_changed
         return gain, changed
-
-
-def _row_gains(delta: torch.Tensor, g: torch.Tensor, sdiag: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each row's objective change ``Σ_j δ_j (2 G_j + δ_j Σ_jj)`` over the block's columns (``dim``),
-    G as each column was visited (what the in-block kernels leave in it), summed in float64."""
-    return (delta * (2 * g + delta * sdiag)).sum(dim=dim, dtype=torch.float64)
 
 
 def _per_row(
@@ -557,7 +345,6 @@ def _per_row(
         for sweep in range(sweeps):
             relax = relaxed[sweep]
             gain, changed = sweep_rows(order[r0:r1], block_size, maxq, relax)
-            gain, changed = float(gain.sum()), int(changed.sum())
             changed = 0 if relax else changed
             gains[sweep] += gain
             changed_total[sweep] += changed
@@ -598,7 +385,7 @@ class _numba_rows:
             maxq=maxq,
             relax=relax,
         )
-        return gains, changed  # per row
+        return float(gains.sum()), int(changed.sum())
 
     def finish(self):
         pass
@@ -625,8 +412,8 @@ class _gathered_rows:
             self.dead_p = self.diag_p <= 0
             self.gidx_p = torch.div(perm, self.group_size, rounding_mode="floor")
         g, columns = self.g, perm.shape[1]
-        gain = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
-        changed = torch.zeros(g.shape[0], dtype=torch.int64, device=g.device)
+        gain = torch.zeros((), dtype=torch.float64, device=g.device)
+        changed = torch.zeros((), dtype=torch.int64, device=g.device)
         for b0 in range(0, columns, block_size):
             b1 = min(b0 + block_size, columns)
             cols = perm[:, b0:b1]  # (R, B)
@@ -634,7 +421,7 @@ class _gathered_rows:
             sig_bb = sig_rows.gather(2, cols.unsqueeze(1).expand(-1, b1 - b0, -1))  # (R, B, B)
             g_blk = g.gather(1, cols)
             delta = torch.empty_like(g_blk)
-            self.kernel.block(
+            block_gain, block_changed = self.kernel.block(
                 Block(
                     CD,
                     g_blk.T,
@@ -654,9 +441,9 @@ class _gathered_rows:
                 )
             )
             g += torch.bmm(delta.unsqueeze(1), sig_rows).squeeze(1)
-            gain += _row_gains(delta, g_blk, self.diag_p[:, b0:b1], dim=1)
-            changed += (delta != 0).sum(dim=1)
-        return gain.cpu(), changed.cpu()  # per row
+            gain += block_gain
+            changed += block_changed
+        return float(gain), int(changed)
 
     def finish(self):
         if self.perm is not None:

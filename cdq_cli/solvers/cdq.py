@@ -7,17 +7,9 @@ fixed codes (scales, and zero-points for asymmetric grids; see ``lsq``). The run
 point of both steps or at the budget. Every accepted step lowers the objective, and the best point
 seen is returned, so the result never lies above the start.
 
-Row by row. The objective is a sum over rows, ``Σ_i (w_i − ŵ_i) Σ (w_i − ŵ_i)ᵀ``, with no term
-coupling two rows (on a per-row grid), so every choice is made by each row for itself: the start
-(each row from its lowest start), when its sweeps stop, whether its refit is kept, which round it
-keeps. Each is then no worse for that row than the layer-wide choice would be at that step, and a
-band of rows solved alone makes the whole layer's choices for its rows (what lets a layer be solved
-in bands, shared between ranks: :mod:`.bands`). A per-layer grid, one scale for the layer, decides
-on the layer's sums.
-
-Objectives: a row's sweeps' come from the sweep log (the start's plus the changes the kernel
-made, row by row); the others are one working-dtype product each (:func:`row_objectives`); a
-decision between two values closer than ``CLOSE`` is re-made in float64 (:func:`lower_rows`).
+Objectives: a sweep's comes from its log (the start's plus the changes the kernel summed); the
+others are one working-dtype product each (:func:`working_objective`); a decision between two
+values closer than ``CLOSE`` is re-made in float64 (:func:`lower`).
 """
 
 from __future__ import annotations
@@ -31,17 +23,11 @@ import torch
 
 from . import gguf
 from .bands import shared
-from .cd import cd_row_sweeps, order_permutation
+from .cd import cd_sweeps, order_permutation
 from .grid import Grid, GridSpec
 from .lsq import refit_scales, refit_scales_and_zeros
-from .result import (
-    QuantResult,
-    check_finite,
-    exact_row_objectives,
-    lower_rows,
-    row_objectives,
-)
-from .starts import START_POINTS, scored_start_rows
+from .result import QuantResult, check_finite, lower, objective, working_objective
+from .starts import START_POINTS, scored_start_point
 
 REFITS = ("none", "scales", "scales+zeros")
 DEFAULT_STARTS = ("gptq", "gptq-actorder-clip")
@@ -53,31 +39,15 @@ GGUF_SHRINK = 0.3
 
 @dataclass
 class Descent:
-    """Where a descent ended and how it got there, row by row: ``values`` each row's objective
-    (float64), ``row_sweeps`` the sweeps each row made, ``fixed`` whether its last step changed
-    nothing; ``history`` the layer's objective after each step."""
+    """Where a descent ended and how it got there."""
 
     approx: torch.Tensor
     grid: Grid
-    values: torch.Tensor
-    row_sweeps: torch.Tensor
-    fixed: torch.Tensor
+    value: float
+    sweeps: int = 0
     refits: int = 0
+    fixed_point: bool = False
     history: list[float] = field(default_factory=list)
-
-    @property
-    def value(self) -> float:
-        return float(self.values.sum())
-
-    @property
-    def sweeps(self) -> int:
-        """The most sweeps any row made."""
-        return int(self.row_sweeps.max()) if self.row_sweeps.numel() else 0
-
-    @property
-    def fixed_point(self) -> bool:
-        """Every row at a fixed point of both steps (a sweep that changed nothing, no better grid)."""
-        return bool(self.fixed.all())
 
 
 def descend(
@@ -91,109 +61,69 @@ def descend(
     refit: str = "scales+zeros",
     block_size: int = 128,
     tolerance: float = 0.0,
-    values: torch.Tensor | None = None,
+    value: float | None = None,
 ) -> Descent:
-    """Alternate CD sweeps with grid refits, every row on its own; never return a worse row.
+    """Alternate CD sweeps with grid refits; never return a worse point.
 
-    Each row sweeps to a fixed point, or until a sweep gains less than ``tolerance`` (a fraction of
-    the row's objective) or the row has spent ``sweep_budget`` sweeps; then its grid row is
-    refitted for its codes, and kept only if it lowers the row's objective. A row ends at a refit
-    that gains nothing, or at the refit after its last budgeted sweep. Rows never interact in
-    ``tr(E Σ Eᵀ)`` and every choice here is a row's own, so a band of rows descends exactly as
-    those rows do in the whole layer (a per-layer grid, one scale for every row, decides on the
-    layer's sums instead). ``values``: each row's objective at ``approx`` when the caller has them.
+    Sweeps run to a fixed point, or until a sweep gains less than ``tolerance`` (a fraction of the
+    objective) or the sweep budget is spent, then the grid is refitted; the loop ends when a refit
+    gains nothing or after the refit that follows the last budgeted sweep. ``value``: the objective
+    of ``approx`` when the caller already has it.
     """
     if refit not in REFITS:
         raise ValueError(f"unknown refit {refit!r}: choose one of {', '.join(REFITS)}")
-    rows = weight.shape[0]
-    together = grid.spec.per_layer
-    values = row_objectives(weight, approx, sigma) if values is None else values
-    state = Descent(
-        approx.clone(),
-        grid,
-        values.to("cpu", torch.float64, copy=True),
-        torch.zeros(rows, dtype=torch.int64),
-        torch.zeros(rows, dtype=torch.bool),
-    )
-    going = torch.ones(rows, dtype=torch.bool)  # rows that have not ended
+    state = Descent(approx, grid, working_objective(weight, approx, sigma) if value is None else value)
     wsigma = None
-    while True:
-        budgets = torch.where(going, sweep_budget - state.row_sweeps, 0).clamp_min(0)
-        swept = budgets > 0
-        if not bool(swept.any()):
-            break
-        run = cd_row_sweeps(
-            weight, sigma, state.grid, state.approx, state.values, budgets=budgets, order=order,
-            block_size=block_size, tolerance=tolerance, together=together,
-        )  # fmt: skip
-        state.row_sweeps += run.sweeps
-        state.fixed = torch.where(swept, run.fixed, state.fixed)
-        index = swept.nonzero().squeeze(1)
-        on = index.to(weight.device)
-        moved = index[(run.approx[on] != state.approx[on]).any(dim=1).cpu()]
-        if moved.numel():
-            swept_rows = run.approx[moved.to(weight.device)]
-            _keep_lower(state, weight, sigma, moved, swept_rows, run.values[moved], None, or_equal=True)
+    while state.sweeps < sweep_budget:
+        swept, log = cd_sweeps(
+            weight,
+            sigma,
+            state.grid,
+            state.approx,
+            sweeps=sweep_budget - state.sweeps,
+            order=order,
+            block_size=block_size,
+            tolerance=tolerance,
+            start_objective=state.value,
+        )
+        state.sweeps += log.sweeps
+        if any(log.changed):
+            better, value, state.value = lower(
+                log.objectives[-1],
+                state.value,
+                lambda swept=swept: (objective(weight, swept, sigma), objective(weight, state.approx, sigma)),
+                or_equal=True,
+            )
+            if better:
+                state.approx, state.value = swept, value
         state.history.append(state.value)
+        state.fixed_point = log.reached_fixed_point
         if refit == "none":
             break
-        # refit the grid rows of the rows just swept, for their codes
+        codes = state.grid.quantize(state.approx)
         if state.grid.spec.block_type is not None:  # a GGUF type: its own refit, stored widths kept
             fitter = gguf.refit
         else:
             fitter = refit_scales_and_zeros if refit == "scales+zeros" else refit_scales
         wsigma = weight @ sigma if wsigma is None else wsigma  # the same for every refit
-        rows_grid = state.grid.take(on)
-        codes = rows_grid.quantize(state.approx[on])
-        fitted = fitter(weight[on], sigma, rows_grid, codes, wsigma=wsigma[on])
-        candidate = fitted.dequantize(codes)
-        values = row_objectives(weight[on], candidate, sigma).cpu()
-        accepted = torch.zeros(rows, dtype=torch.bool)
-        accepted[index] = _keep_lower(state, weight, sigma, index, candidate, values, fitted, margin=1e-9)
-        going &= accepted  # a row whose grid is already optimal for its codes has ended
-        state.fixed &= ~accepted
-        state.refits += int(bool(accepted.any()))
-        state.history.append(state.value)
+        new_grid = fitter(weight, sigma, state.grid, codes, wsigma=wsigma)
+        candidate = new_grid.dequantize(codes)
+        better, value, state.value = lower(
+            working_objective(weight, candidate, sigma),
+            state.value,
+            lambda candidate=candidate: (
+                objective(weight, candidate, sigma),
+                objective(weight, state.approx, sigma),
+            ),
+            margin=1e-9,
+        )
+        if not better:
+            break  # the grid is already optimal for these codes: a fixed point of both steps
+        state.approx, state.grid, state.value = candidate, new_grid, value
+        state.refits += 1
+        state.fixed_point = False
+        state.history.append(value)
     return state
-
-
-def _keep_lower(
-    state: Descent,
-    weight: torch.Tensor,
-    sigma: torch.Tensor,
-    index: torch.Tensor,
-    candidate: torch.Tensor,
-    values: torch.Tensor,
-    grid: Grid | None,
-    *,
-    margin: float = 0.0,
-    or_equal: bool = False,
-) -> torch.Tensor:
-    """For the rows ``index`` of the layer, take ``candidate``'s rows (and ``grid``'s, the grid of
-    those rows) where their objectives ``values`` are lower than the state's (:func:`lower_rows`,
-    close calls in float64); returns which of them were taken."""
-    on = index.to(weight.device)
-    current = state.approx[on]
-
-    def exact(close: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        picked = close.to(weight.device)
-        count = int(close.sum())
-        rows = weight[on][picked]
-        pairs = torch.cat([candidate[picked], current[picked]])
-        both = exact_row_objectives(torch.cat([rows, rows]), pairs, sigma)
-        return both[:count].cpu(), both[count:].cpu()
-
-    together = state.grid.spec.per_layer
-    better, new, old = lower_rows(
-        values, state.values[index], exact, margin=margin, or_equal=or_equal, together=together
-    )
-    state.values[index] = torch.where(better, new, old)
-    if bool(better.any()):
-        taken, picked = index[better], better.to(weight.device)
-        state.approx[taken.to(weight.device)] = candidate[picked]
-        if grid is not None:
-            state.grid = state.grid.replaced(taken.to(weight.device), grid.take(picked))
-    return better
 
 
 def best_start(
@@ -204,27 +134,25 @@ def best_start(
     grid: Grid | None = None,
     *,
     damping: float = 0.01,
-) -> tuple[torch.Tensor, Grid, torch.Tensor, list[str]]:
-    """Each row from the start of ``kinds`` whose objective on that row is lowest (each start on
-    the grid it chooses, or ``grid``; a per-layer grid: the start lowest on the layer). Returns the
-    start, its grid, each row's objective and the kind each row came from."""
+) -> tuple[torch.Tensor, Grid, float, str]:
+    """The lowest-objective start among ``kinds`` (each on the grid it chooses, or ``grid``)."""
     if not kinds:
         raise ValueError(f"at least one start is needed: choose from {', '.join(START_POINTS)}")
     best = None
     for kind in kinds:
         if kind == "weight":
             raise ValueError("the cdq method starts from a point on the grid: use rtn or a gptq start")
-        approx, start_grid, values = scored_start_rows(kind, weight, sigma, spec, grid, damping=damping)
-        values = values.cpu()
+        approx, start_grid, value = scored_start_point(kind, weight, sigma, spec, grid, damping=damping)
         if best is None:
-            none = torch.zeros_like(values, dtype=torch.bool)
-            best = Descent(approx.clone(), start_grid, values.clone(), none.long(), none)
-            picks = [kind] * weight.shape[0]
+            best = (approx, start_grid, value, kind)
             continue
-        everywhere = torch.arange(weight.shape[0])
-        taken = _keep_lower(best, weight, sigma, everywhere, approx, values, start_grid)
-        picks = [kind if t else p for t, p in zip(taken.tolist(), picks, strict=True)]
-    return best.approx, best.grid, best.values, picks
+        better, value, best_value = lower(
+            value,
+            best[2],
+            lambda a=approx, b=best[0]: (objective(weight, a, sigma), objective(weight, b, sigma)),
+        )
+        best = (approx, start_grid, value, kind) if better else (*best[:2], best_value, best[3])
+    return best
 
 
 def solve_cdq(
@@ -238,7 +166,7 @@ def solve_cdq(
     refit: str = "scales+zeros",
     block_size: int = 128,
     damping: float = 0.01,
-    tolerance: float = 0.0,
+    tolerance: float = 1e-3,
     rounds: int = 1,
     shrink: float | None = None,
     grid: Grid | None = None,
@@ -259,14 +187,9 @@ def solve_cdq(
     The default starts are plain GPTQ (so the result is never above GPTQ's) and GPTQ in act-order
     on a range-clipped grid, which on real SmolLM2 layers was below plain, act-order and clipped
     GPTQ everywhere we measured. ``diag`` order matches ``greedy`` in quality and keeps the fast
-    shared-order kernel. ``tolerance`` > 0 ends a row's run of sweeps once a sweep gained less than
-    that fraction of the row's objective; by default (0) a row sweeps to a fixed point or the
-    budget: a row stopped early by a tolerance gets a refit and a further round of its own, which
-    on 16 real SmolLM2 layers 1e-3 cost 17% more time (4.40 s against 3.76 s) for an objective
-    0.01% lower (0.23757 against 0.23760 of RTN's, mean ratio; BENCHMARKS.md, "Layers in bands of
-    rows"). Four sweeps
-    plus refits keep the solver a few GPTQ solves long; more sweeps gain ~1% of the objective per
-    doubling on SmolLM2 layers.
+    shared-order kernel. ``tolerance`` ends a run of sweeps whose gain per sweep fell below that
+    fraction (0: only at a fixed point or the budget). Four sweeps plus refits keep the solver a
+    few GPTQ solves long; more sweeps gain ~1% of the objective per doubling on SmolLM2 layers.
 
     ``rounds`` > 1 re-runs act-order GPTQ on the refitted grid of the best point so far and descends
     again from there (the codes GPTQ picks for the better grid beat what CD alone reaches from the
@@ -282,9 +205,8 @@ def solve_cdq(
         result, start = _solve_cdq(weight, sigma, spec, starts, order, sweeps, refit, block_size, damping,
                                    tolerance, rounds, grid)  # fmt: skip
     if shrink:  # the report's objectives are on Σ (the history stays the solver's own, on the shrunk Σ)
-        result.row_objective = row_objectives(weight, result.weight, sigma).cpu()
-        result.objective = float(result.row_objective.sum())
-        result.objective_start = float(row_objectives(weight, start, sigma).sum())
+        result.objective = working_objective(weight, result.weight, sigma)
+        result.objective_start = working_objective(weight, start, sigma)
     return result
 
 
@@ -320,10 +242,10 @@ def _solve_cdq(
     began = time.perf_counter()
     if isinstance(starts, str):
         starts = tuple(s for s in starts.split(",") if s)
-    approx, grid, start_values, _ = best_start(starts, weight, sigma, spec, grid, damping=damping)
+    approx, grid, start_value, _ = best_start(starts, weight, sigma, spec, grid, damping=damping)
     perm = order_permutation(order, weight, sigma)
 
-    def run(approx: torch.Tensor, grid: Grid, values: torch.Tensor) -> Descent:
+    def run(approx: torch.Tensor, grid: Grid, value: float) -> Descent:
         return descend(
             weight,
             sigma,
@@ -334,44 +256,35 @@ def _solve_cdq(
             refit=refit,
             block_size=block_size,
             tolerance=tolerance,
-            values=values,
+            value=value,
         )
 
-    state = run(approx, grid, start_values)
+    state = run(approx, grid, start_value)
     for _ in range(rounds - 1):
-        # act-order GPTQ on each row's (refitted) grid of the best point so far, descended again;
-        # each row keeps the lower of the two
-        restart = scored_start_rows("gptq-actorder", weight, sigma, spec, state.grid, damping=damping)
+        # act-order GPTQ on the best point's (refitted) grid
+        restart = scored_start_point("gptq-actorder", weight, sigma, spec, state.grid, damping=damping)
         again = run(*restart)
-        state.row_sweeps += again.row_sweeps
-        lower = again.values < state.values
-        if grid.spec.per_layer:
-            lower[:] = again.value < state.value
-        on = lower.to(weight.device)
-        state.approx = torch.where(on.unsqueeze(1), again.approx, state.approx)
-        state.grid = state.grid.where(on, again.grid)
-        state.values = torch.where(lower, again.values, state.values)
-        state.fixed = torch.where(lower, again.fixed, state.fixed)
-        state.refits += again.refits
+        state.sweeps += again.sweeps
+        if again.value < state.value:
+            state.approx, state.grid, state.value = again.approx, again.grid, again.value
+            state.fixed_point, state.refits = again.fixed_point, state.refits + again.refits
         state.history.append(state.value)
     codes = state.grid.quantize(state.approx)
     final = state.grid.dequantize(codes)
     check_finite(final, "cdq")
     # The best point is on its grid, so the round trip gives it back bit for bit and its objective
     # is already known (from a sweep's log or a refit's product); recompute only if it did not.
-    values = state.values
-    if not torch.equal(final, state.approx):
-        values = row_objectives(weight, final, sigma).cpu()
+    same = torch.equal(final, state.approx)
+    value = state.value if same else working_objective(weight, final, sigma)
     result = QuantResult(
         "cdq",
         final,
         codes,
         state.grid,
-        float(values.sum()),
-        float(start_values.sum()),
+        value,
+        start_value,
         sweeps=state.sweeps,
         seconds=time.perf_counter() - began,
         history=state.history,
-        row_objective=values,
     )
     return result, approx

@@ -143,36 +143,6 @@ class Grid:
         """Nearest grid point of every entry (round-to-nearest)."""
         return self.dequantize(self.quantize(weight))
 
-    def take(self, rows: torch.Tensor | slice) -> Grid:
-        """The grid of some of the layer's rows (an index, a mask or a slice of its output rows)."""
-        offset = None if self.offset is None else self.offset[rows]
-        parts = None if self.parts is None else {key: value[rows] for key, value in self.parts.items()}
-        return Grid(self.spec, self.scale[rows], self.zero[rows], offset, parts)
-
-    def replaced(self, rows: torch.Tensor, other: Grid) -> Grid:
-        """A copy of this grid with the rows ``rows`` (an index) taken from ``other``, the grid of
-        just those rows."""
-
-        def put(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            out = mine.clone()
-            out[rows] = theirs
-            return out
-
-        offset = None if self.offset is None else put(self.offset, other.offset)
-        parts = None if self.parts is None else {k: put(v, other.parts[k]) for k, v in self.parts.items()}
-        return Grid(self.spec, put(self.scale, other.scale), put(self.zero, other.zero), offset, parts)
-
-    def where(self, mask: torch.Tensor, other: Grid) -> Grid:
-        """Row i from ``other`` where ``mask[i]``, else from this grid (same spec and shapes; for a
-        per-layer grid the caller decides for the whole layer, so that its rows keep one scale)."""
-
-        def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            return torch.where(mask.reshape(-1, *([1] * (mine.dim() - 1))), theirs, mine)
-
-        offset = None if self.offset is None else pick(self.offset, other.offset)
-        parts = None if self.parts is None else {k: pick(v, other.parts[k]) for k, v in self.parts.items()}
-        return Grid(self.spec, pick(self.scale, other.scale), pick(self.zero, other.zero), offset, parts)
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Grid:
         offset = None if self.offset is None else self.offset.to(device, dtype)
         parts = None if self.parts is None else {k: v.to(device) for k, v in self.parts.items()}

@@ -87,8 +87,8 @@ class Method:
     ``revision``: raised whenever the method's result for the same W, Σ, grid and options changes
     (a new default, a changed rule); it is part of ``--resume``'s fingerprint, so that a run is
     never finished by a solver that would have solved its first blocks differently. ``row_bands``:
-    every choice it makes is a row's own (on a per-row grid), so a layer may be solved in bands of
-    rows, shared between ranks (:mod:`cdq_cli.solvers.bands`; tests/test_row_bands.py)."""
+    a layer's rows may be solved in bands (rows never interact in its objective; the bands are the
+    same in every run, and ranks may share them: :mod:`cdq_cli.solvers.bands`)."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -204,8 +204,8 @@ METHODS: dict[str, Method] = {
             sweeps=8.0,
             fixed_grid="grid",
             factorizations=2.0,  # its two default GPTQ starts
-            # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0); 3: every choice
-            # made row by row, layers solved in bands of rows
+            # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0); 3: layers solved
+            # in bands of rows (solvers.bands)
             revision=3,
             row_bands=True,
             options={

@@ -30,7 +30,7 @@ class QuantResult:
     seconds: float = 0.0
     outliers: torch.Tensor | None = None
     history: list[float] = field(default_factory=list)
-    # Each row's share of ``objective`` (float64, (rows,)) where the solver keeps it (GPTQ, cdq).
+    # Each row's share of ``objective`` (float64, (rows,)) where the solver keeps it (GPTQ).
     row_objective: torch.Tensor | None = None
 
     @property
@@ -104,63 +104,6 @@ def working_objective(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.T
         err = weight[tile] - approx[tile]
         total += float((err @ sigma).mul_(err).sum(dtype=torch.float64))
     return total
-
-
-def row_objectives(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Each row's ``(W_i − Ŵ_i) Σ (W_i − Ŵ_i)ᵀ`` (float64, (rows,)): :func:`working_objective`
-    row by row (the same products in Σ's dtype, each row summed in float64). A row's value depends
-    on that row alone, so the rows of a band are the whole layer's rows."""
-    rows, columns = weight.shape
-    out = torch.empty(rows, dtype=torch.float64, device=weight.device)
-    for tile in spans(rows, weight.element_size() * columns, TILE_BYTES):
-        err = weight[tile] - approx[tile]
-        out[tile] = (err @ sigma).mul_(err).sum(dim=1, dtype=torch.float64)
-    return out
-
-
-def exact_row_objectives(
-    weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor, *, budget: int | None = None
-) -> torch.Tensor:
-    """:func:`row_objectives` in float64 (the reference :func:`objective`, row by row; the same
-    slabs of Σ and tiles of rows, so never a float64 copy larger than ``budget``)."""
-    err = weight - approx
-    rows, columns = err.shape
-    out = torch.zeros(rows, dtype=torch.float64, device=weight.device)
-    for cols in spans(columns, 8 * columns, budget):
-        slab = sigma[:, cols].to(torch.float64)
-        for tile in spans(rows, 8 * columns, budget):
-            e = err[tile].to(torch.float64)
-            out[tile] += ((e @ slab) * e[:, cols]).sum(dim=1)
-    return out
-
-
-def lower_rows(
-    new: torch.Tensor,
-    old: torch.Tensor,
-    exact: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    *,
-    margin: float = 0.0,
-    or_equal: bool = False,
-    together: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`lower` for every row at once: ``new``, ``old`` (rows,) float64 working-dtype objectives;
-    rows within ``CLOSE`` of each other are re-valued by ``exact(mask)`` (both, float64, for the
-    masked rows). Returns the row mask of decisions and the two value vectors used. ``together``:
-    one decision for the whole layer, on the sums (a per-layer grid's rows share one scale)."""
-    if together:
-        new_sum, old_sum = float(new.sum()), float(old.sum())
-        if abs(new_sum - old_sum) <= CLOSE * max(abs(new_sum), abs(old_sum)):
-            new, old = exact(torch.ones_like(new, dtype=torch.bool))
-            new_sum, old_sum = float(new.sum()), float(old.sum())
-        better = new_sum <= old_sum * (1 - margin) if or_equal else new_sum < old_sum * (1 - margin)
-        return torch.full_like(new, better, dtype=torch.bool), new, old
-    # equal values (an unchanged row) need no second look
-    close = ((new - old).abs() <= CLOSE * torch.maximum(new.abs(), old.abs())) & (new != old)
-    if bool(close.any()):
-        new, old = new.clone(), old.clone()
-        new[close], old[close] = exact(close)
-    bound = old * (1 - margin)
-    return (new <= bound if or_equal else new < bound), new, old
 
 
 def working_energy(weight: torch.Tensor, sigma: torch.Tensor) -> float:

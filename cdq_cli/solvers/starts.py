@@ -6,7 +6,7 @@ import torch
 
 from .gptq import solve_gptq
 from .grid import Grid, GridSpec, fit_clipped, fit_minmax
-from .result import row_objectives
+from .result import working_objective
 
 START_POINTS = ("weight", "rtn", "gptq", "gptq-actorder", "gptq-clip", "gptq-actorder-clip")
 
@@ -29,7 +29,7 @@ def start_point(
     at 3 and 4 bits, per-channel and g64). ``weight`` starts from W itself, off the grid: the first rounded
     sweep puts it on.
     """
-    approx, grid, _ = scored_start_rows(kind, weight, sigma, spec, grid, damping=damping)
+    approx, grid, _ = scored_start_point(kind, weight, sigma, spec, grid, damping=damping)
     return approx, grid
 
 
@@ -43,28 +43,17 @@ def scored_start_point(
     damping: float = 0.01,
 ) -> tuple[torch.Tensor, Grid, float]:
     """``start_point`` plus the start's objective (GPTQ already computed it: no second product)."""
-    approx, grid, rows = scored_start_rows(kind, weight, sigma, spec, grid, damping=damping)
-    return approx, grid, float(rows.sum())
-
-
-def scored_start_rows(
-    kind: str,
-    weight: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
-    grid: Grid | None = None,
-    *,
-    damping: float = 0.01,
-) -> tuple[torch.Tensor, Grid, torch.Tensor]:
-    """``start_point`` plus each row's objective (float64, (rows,); GPTQ's come with its pass)."""
     if kind not in START_POINTS:
         raise ValueError(f"unknown start point {kind!r}: choose one of {', '.join(START_POINTS)}")
-    if kind.startswith("gptq"):
-        act_order = "actorder" in kind
-        if kind.endswith("clip"):
-            grid = grid if grid is not None else fit_clipped(weight, spec, sigma.diagonal())
+    if kind in ("gptq-clip", "gptq-actorder-clip"):
+        grid = grid if grid is not None else fit_clipped(weight, spec, sigma.diagonal())
+        act_order = kind == "gptq-actorder-clip"
         result = solve_gptq(weight, sigma, spec, damping=damping, act_order=act_order, fixed_grid=grid)
-        return result.weight, result.grid, result.row_objective
+        return result.weight, grid, result.objective
+    if kind in ("gptq", "gptq-actorder"):
+        act_order = kind == "gptq-actorder"
+        result = solve_gptq(weight, sigma, spec, damping=damping, act_order=act_order, fixed_grid=grid)
+        return result.weight, result.grid, result.objective
     grid = grid if grid is not None else fit_minmax(weight, spec)
     approx = weight.clone() if kind == "weight" else grid.round(weight)
-    return approx, grid, row_objectives(weight, approx, sigma)
+    return approx, grid, working_objective(weight, approx, sigma)
