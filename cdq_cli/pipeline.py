@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -583,13 +583,14 @@ class _Run:
         for name in names:
             acc = sigmas.pop(name)
             full = join_name(prefix, name)
-            for unit in units[name]:
-                if owners[unit.key] != ranks.rank:
-                    continue
-                with naming(lambda unit=unit: f"solving {unit.label}"):
-                    began = time.perf_counter()
-                    done = timed(ranks, partial(self._solve_unit, block, unit, full, acc))
-                    solved[unit.key] = (done, time.perf_counter() - began)
+            with _sharing(acc):  # the Σ-only work once for this rank's bands of the layer
+                for unit in units[name]:
+                    if owners[unit.key] != ranks.rank:
+                        continue
+                    with naming(lambda unit=unit: f"solving {unit.label}"):
+                        began = time.perf_counter()
+                        done = timed(ranks, partial(self._solve_unit, block, unit, full, acc))
+                        solved[unit.key] = (done, time.perf_counter() - began)
             del acc
         seconds = {}
         for name in names:
@@ -778,7 +779,14 @@ def _solve_matrix(
 
 def _solve_bands(name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings) -> list[Band]:
     bands = layer_bands(name, matrix, acc, settings)
-    return [_solve_band(name, matrix, acc, settings, lo, hi) for lo, hi in bands]
+    with _sharing(acc):  # the Σ-only work once for all of the layer's bands
+        return [_solve_band(name, matrix, acc, settings, lo, hi) for lo, hi in bands]
+
+
+def _sharing(acc: Any) -> Any:
+    """:func:`cdq_cli.solvers.bands.shared` on a layer's plain Σ (else nothing)."""
+    sigma = getattr(acc, "sigma", None) if not isinstance(acc, ExpertSigmas) else None
+    return shared(sigma) if sigma is not None and sigma.dim() == 2 else nullcontext()
 
 
 def _solve_band(

@@ -248,3 +248,30 @@ def test_a_vision_family_plugs_in_as_data() -> None:
     with torch.no_grad():
         final = torch.cat([model.head(h.mean(dim=(2, 3))) for h in outcome.outputs])
         assert torch.allclose(final, torch.cat([model(x) for x in images]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cdq", "gptq"])
+def test_a_wide_layer_is_solved_in_bands_that_share_the_sigma_work(method, monkeypatch) -> None:
+    """A 600-row layer is solved in three 256-row-at-most bands (solvers.bands) and factors its Σ
+    once per GPTQ start, not once per band; its report row lists the bands' seconds."""
+    from cdq_cli.solvers import gptq
+    from cdq_cli.solvers.sigma import SigmaAccumulator
+
+    factored = []
+    original = gptq._cholesky
+
+    def spy(sigma, damping):
+        factored.append(sigma.shape[0])
+        return original(sigma, damping)
+
+    monkeypatch.setattr(gptq, "_cholesky", spy)
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(48, 600, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(600, 48, generator=gen))
+    acc = SigmaAccumulator(48, device="cpu", dtype=torch.float64)
+    acc.add_linear(torch.randn(256, 48, generator=gen, dtype=torch.float64))
+    settings = make_settings(method=method, bits=3, device="cpu", sigma_dtype=torch.float64)
+    row, record = pipeline.solve_layer("wide", layer, acc, settings)
+    assert len(row.band_seconds) == 3
+    assert len(factored) == (2 if method == "cdq" else 1)  # cdq's two GPTQ starts; GPTQ's one
