@@ -756,7 +756,7 @@ class Band:
 
 def layer_bands(name: str, matrix: torch.Tensor, acc: Any, settings: Settings) -> list[tuple[int, int]]:
     """The bands of rows a layer is solved in (:func:`cdq_cli.solvers.bands.row_bands`): several
-    only for a method whose choices are row by row, on a per-row grid and a plain (2-D) Σ."""
+    only for a method that declares ``row_bands``, on a per-row grid and a plain (2-D) Σ."""
     rows = matrix.shape[0]
     spec = settings.grid_for(name)
     if (
