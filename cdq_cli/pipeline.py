@@ -566,8 +566,9 @@ class _Run:
                 acc = sigmas.pop(name)
                 full = join_name(prefix, name)
                 began = time.perf_counter()
-                sized = _sized(full, layer_weight(block, name))
-                with naming(lambda sized=sized: f"solving {sized}"):
+                with naming(
+                    lambda name=name, full=full: f"solving {_sized(full, layer_weight(block, name))}"
+                ):
                     rows, record = self._solve_one(block, name, full, acc)
                 seconds = time.perf_counter() - began
                 del acc  # this layer's Σ is not needed again (its memory goes now, not after the group)
@@ -614,14 +615,12 @@ class _Run:
         ranks.balance.solved(seconds, owners, ranks.world)
 
     def _units(self, block: nn.Module, name: str, full: str, acc: Any) -> list[Unit]:
-        """The units of work of one layer: its bands of rows (``acc`` None: one process, which
-        solves a layer's bands itself, one unit)."""
+        """The units of work of one layer for the ranks: its bands of rows (:func:`layer_bands`;
+        one band: the whole layer, fused experts and grouped convolutions included)."""
         weight = layer_weight(block, name)
         shape = matrix_shape(tuple(weight.shape))
         sized = _sized(full, weight)
-        if acc is None or isinstance(acc, ExpertSigmas) or conv_groups(block.get_submodule(name)) > 1:
-            return [Unit(name, name, shape, sized, None)]
-        bands = layer_bands(full, weight.detach().reshape(shape[0], -1), acc, self.settings)
+        bands = layer_bands(full, weight.detach().reshape(weight.shape[0], -1), acc, self.settings)
         if len(bands) == 1:
             return [Unit(name, name, shape, sized, None)]
         return [
@@ -792,7 +791,8 @@ def _sharing(acc: Any) -> Any:
 def _solve_band(
     name: str, matrix: torch.Tensor, acc: SigmaAccumulator, settings: Settings, lo: int, hi: int
 ) -> Band:
-    """Rows ``lo:hi`` of a layer solved on its Σ (the Σ-only work shared by the layer's bands)."""
+    """Rows ``lo:hi`` of a layer solved on its Σ (callers share the Σ-only work between a layer's
+    bands: :func:`_sharing`)."""
     spec = settings.grid_for(name)  # the run's grid, or a --layer rule's
     assert spec is not None, "solving needs a grid (bits 16 quantizes nothing, --skip keeps a layer)"
     if acc.tokens == 0:
@@ -805,17 +805,16 @@ def _solve_band(
     same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
-        with shared(sigma):
-            # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
-            # objective ‖W X̃ − Ŵ X‖² up to a constant
-            damping = settings.options.get("damping", 0.01)
-            target = fp_target(weight, sigma, acc.cross, damping) if paired else weight
-            if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
-                result = solve_grouped(settings.method, target, sigma, spec, settings.options)
-                rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
-            else:
-                result = run_solver(settings.method, target, sigma, spec, settings.options)
-                rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
+        # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
+        # objective ‖W X̃ − Ŵ X‖² up to a constant
+        damping = settings.options.get("damping", 0.01)
+        target = fp_target(weight, sigma, acc.cross, damping) if paired else weight
+        if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
+            result = solve_grouped(settings.method, target, sigma, spec, settings.options)
+            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
+        else:
+            result = run_solver(settings.method, target, sigma, spec, settings.options)
+            rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if settings.compare_rtn and same:

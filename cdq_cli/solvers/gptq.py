@@ -167,7 +167,6 @@ def solve_gptq(
         None if static else spec.group_size,
         fixed_grid if fixed_grid is not None or not spec.per_layer else fit_minmax(weight, spec),
     )
-    extra = extra.to(torch.float64)
     parts = parallel(name, [partial(run.rows, lo, hi, extra) for lo, hi in row_spans(name, rows, columns)])
     row_values = torch.cat(parts)
     value = float(row_values.sum())
@@ -195,8 +194,8 @@ class _Pass:
 
     def rows(self, lo: int, hi: int, extra: torch.Tensor) -> torch.Tensor:
         """The whole pass for rows lo..hi (grid fit, column loop, codes); returns each row's
-        objective ``tr(E Σ Eᵀ)``: its ``‖e‖²`` less the damping term ``Σ_j extra_j E_j²`` (``extra``
-        = diag(H − Σ) in the visited order; float64)."""
+        objective ``tr(E Σ Eᵀ)`` (float64): its ``‖e‖²`` less the damping term ``Σ_j extra_j E_j²``
+        (``extra`` = diag(H − Σ) in the visited order)."""
         spec, blocks, group_size = self.spec, self.blocks, self.group_size
         w = self.weight[lo:hi]
         fixed = self.layer_grid
