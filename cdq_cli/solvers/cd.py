@@ -197,9 +197,10 @@ def _shared(
     caller = (weight, start, sigma)
 
     def prepare():  # what depends on Σ and the order alone: once per layer (solvers.bands)
-        permuted = (sigma if order is None else sigma[order][:, order]).contiguous()
-        diag = permuted.diagonal().contiguous()
-        return diag, _SharedSweep(backend_module(name), permuted, block_size, gidx, diag, maxq)
+        # P Σ Pᵀ in one gather (indexing rows, then columns, would hold two copies at once)
+        matrix = (sigma if order is None else sigma[order[:, None], order]).contiguous()
+        diag = matrix.diagonal().contiguous()
+        return diag, _SharedSweep(backend_module(name), matrix, block_size, gidx, diag, maxq)
 
     key = None if order is None else order.cpu().numpy().tobytes()
     diag, run = once(sigma, ("cd-shared", name, block_size, group_size, maxq, key), prepare)

@@ -38,25 +38,39 @@ import torch
 from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
 from .bands import once
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
-from .result import QuantResult, damp
+from .result import QuantResult
 
 
-def _cholesky(sigma: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` (so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ``.
+def _cholesky(
+    sigma: torch.Tensor, damping: float, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` in the visiting ``order`` (so
+    ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ`` (its diagonal, in that order).
 
-    With ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``.
-    Dead columns (a zero diagonal) get a unit diagonal, which makes them harmless.
+    ``H = P (Σ + λ·mean(diag Σ)·I) Pᵀ`` with ``P`` the permutation of ``order`` (none: I). With
+    ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``. Dead
+    columns (a zero diagonal) get a unit diagonal, which makes them harmless. ``J P Σ Pᵀ J`` is
+    made in one gather, so at most two Σ-sized matrices exist at once (it and its factor, then the
+    factor and Ũ) besides Σ.
     """
-    h = damp(sigma, damping).flip(0, 1)  # J H J (a copy)
+    if order is None:
+        h, diagonal = sigma.flip(0, 1), sigma.diagonal()
+    else:
+        reverse = order.flip(0)
+        h, diagonal = sigma[reverse[:, None], reverse], sigma.diagonal()[order]
+    if damping > 0:  # the mean of Σ's own diagonal, whatever the order (result.damp)
+        h.diagonal().add_(damping * sigma.diagonal().mean())
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
+    extra = h.diagonal().flip(0) - diagonal
     try:
-        upper = torch.linalg.cholesky(h).flip(0, 1)
+        lower = torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
         ) from exc
-    return upper, h.diagonal().flip(0) - sigma.diagonal()
+    del h
+    return lower.flip(0, 1), extra
 
 
 @dataclass
@@ -151,7 +165,7 @@ def solve_gptq(
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
 
     def factor() -> tuple[_Blocks, torch.Tensor]:
-        upper, extra = _cholesky(sigma if perm is None else sigma[perm][:, perm], damping)
+        upper, extra = _cholesky(sigma, damping, perm)
         return _Blocks.of(upper, block_size, name), extra  # half of the factor's storage
 
     # once per layer however many bands of its rows are solved (solvers.bands)

@@ -23,6 +23,8 @@ from .result import spans
 # float64 (G × G) matrices held per row while a tile is formed and solved: the normal matrix (1),
 # the cross term (1), the joint system (4), its copy in _solve_rows (4) and the LU factor (4).
 _SYSTEMS_PER_ROW = 14
+# Σ's entries summed at a time in float64 (16 MiB of float64)
+_SUM_ELEMENTS = 2**21
 
 
 def _group_sums(values: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -106,13 +108,16 @@ def _row_tiles(rows: int, n_groups: int, budget: int | None = None) -> list[slic
 
 
 def _block_sums(sigma: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """S[g, h] = the sum of Σ over groups g × h (float64), one slab of Σ's rows at a time."""
+    """S[g, h] = the sum of Σ over groups g × h (float64), a few of Σ's rows at a time (a float64
+    sum of a float32 tensor converts it whole first: for 8,192 columns, 512 MiB)."""
     columns = sigma.shape[0]
     size = columns // n_groups
-    out = torch.empty(n_groups, n_groups, dtype=torch.float64, device=sigma.device)
+    step = max(1, _SUM_ELEMENTS // columns)
+    out = torch.zeros(n_groups, n_groups, dtype=torch.float64, device=sigma.device)
     for g in range(n_groups):
-        slab = sigma[g * size : (g + 1) * size].reshape(size, n_groups, size)
-        out[g] = slab.sum(dim=(0, 2), dtype=torch.float64)
+        for lo in range(g * size, (g + 1) * size, step):
+            slab = sigma[lo : min(lo + step, (g + 1) * size)]
+            out[g] += slab.reshape(slab.shape[0], n_groups, size).sum(dim=(0, 2), dtype=torch.float64)
     return out
 
 

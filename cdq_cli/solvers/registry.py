@@ -137,7 +137,9 @@ METHODS: dict[str, Method] = {
             sweeps=1.0,
             fixed_grid="fixed_grid",
             factorizations=1.0,
-            revision=2,  # 2: layers solved in bands of rows (solvers.bands)
+            # 2: layers solved in bands of rows (solvers.bands); 3: act order damps by the mean of
+            # Σ's own diagonal (was the permuted copy's: the same value up to its last bits)
+            revision=3,
             row_bands=True,
             options={
                 "damping": _DAMPING,
@@ -152,6 +154,7 @@ METHODS: dict[str, Method] = {
             "QuantEase: cyclic coordinate descent on a fixed min-max grid",
             sweeps=30.0,
             fixed_grid="grid",
+            revision=2,  # 2: its -o start=gptq-actorder as gptq's revision 3 / cdq's 4 (last bits)
             options={
                 "preset": Option("QuantEase preset", "choice", choices=PRESETS),
                 "sweeps": Option("sweeps", "int", low=0, optional=True),
@@ -168,6 +171,7 @@ METHODS: dict[str, Method] = {
             solve_quantease_outlier,
             "QuantEase keeping a sparse full-precision outlier matrix",
             sweeps=14.0,
+            revision=2,  # 2: its -o start=gptq-actorder as gptq's revision 3 / cdq's 4 (last bits)
             options={
                 "outlier_fraction": Option("outlier fraction", "float", low=0, high=1, open_high=True),
                 "structured": Option("structured outliers", "bool"),
@@ -186,6 +190,8 @@ METHODS: dict[str, Method] = {
             "COMQ: CD over codes and scales in greedy order",
             sweeps=3.0,
             fixed_grid="grid",
+            # 2: its -o start=gptq-actorder and GGUF refits as gptq's revision 3 / cdq's 4 (last bits)
+            revision=2,
             options={
                 "scalar": Option("COMQ scalar λ", "float", low=0, open_low=True),
                 "iterations": Option("outer iterations", "int", low=1),
@@ -205,8 +211,9 @@ METHODS: dict[str, Method] = {
             fixed_grid="grid",
             factorizations=2.0,  # its two default GPTQ starts
             # 2: -o shrink defaults to GGUF_SHRINK on a GGUF type's grid (was 0); 3: layers solved
-            # in bands of rows (solvers.bands)
-            revision=3,
+            # in bands of rows (solvers.bands); 4: the act-order start's damping as gptq's revision 3,
+            # the refits' sums of Σ in float64 taken a few rows at a time (last bits)
+            revision=4,
             row_bands=True,
             options={
                 "starts": Option(
