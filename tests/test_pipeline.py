@@ -260,9 +260,9 @@ def test_a_wide_layer_is_solved_in_bands_that_share_the_sigma_work(method, monke
     factored = []
     original = gptq._cholesky
 
-    def spy(sigma, damping):
+    def spy(sigma, damping, order=None):
         factored.append(sigma.shape[0])
-        return original(sigma, damping)
+        return original(sigma, damping, order)
 
     monkeypatch.setattr(gptq, "_cholesky", spy)
     gen = torch.Generator().manual_seed(0)
