@@ -174,7 +174,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ranks = " / ".join(f"{value:.1f}" for value in row["per_rank"])
+        # one process has no ranks to compare (its report's per-rank figure is not a time)
+        ranks = " / ".join(f"{value:.1f}" for value in row["per_rank"]) if row["world"] > 1 else "—"
         same = "yes" if row["digest"] == base["digest"] else "NO"
         print(
             f"| {row['world']} | {row['wall']:.1f} | {row['solve']:.1f} | {ranks} "
