@@ -45,13 +45,11 @@ def scored_start_point(
     """``start_point`` plus the start's objective (GPTQ already computed it: no second product)."""
     if kind not in START_POINTS:
         raise ValueError(f"unknown start point {kind!r}: choose one of {', '.join(START_POINTS)}")
-    if kind in ("gptq-clip", "gptq-actorder-clip"):
-        grid = grid if grid is not None else fit_clipped(weight, spec, sigma.diagonal())
-        act_order = kind == "gptq-actorder-clip"
-        result = solve_gptq(weight, sigma, spec, damping=damping, act_order=act_order, fixed_grid=grid)
-        return result.weight, grid, result.objective
-    if kind in ("gptq", "gptq-actorder"):
-        act_order = kind == "gptq-actorder"
+    if kind.startswith("gptq"):
+        if kind.endswith("clip"):
+            grid = grid if grid is not None else fit_clipped(weight, spec, sigma.diagonal())
+        act_order = "actorder" in kind
+        # GPTQ's grid is ``grid`` itself when one is given (its fixed_grid)
         result = solve_gptq(weight, sigma, spec, damping=damping, act_order=act_order, fixed_grid=grid)
         return result.weight, result.grid, result.objective
     grid = grid if grid is not None else fit_minmax(weight, spec)
