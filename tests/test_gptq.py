@@ -130,8 +130,9 @@ def test_blocks_rebuild_any_part_of_the_factor(problem):
     from cdq_cli.solvers import gptq as gptq_module
 
     p = problem(8, 4, 50)
-    upper, _ = gptq_module._cholesky(p.sigma, 0.01)
-    blocks = gptq_module._Blocks.of(upper, 16, "torch")
+    lower, _ = gptq_module._cholesky(p.sigma, 0.01)
+    upper = lower.flip(0, 1)
+    blocks = gptq_module._Blocks.of(lower, 16, "torch")
     assert sum(c.numel() for c in blocks.cross) < upper.numel() / 2
     for rows, c0, c1 in [(16, 16, 50), (40, 20, 45), (50, 0, 50), (3, 33, 34)]:
         torch.testing.assert_close(blocks.factor(rows, c0, c1), upper[:rows, c0:c1], rtol=1e-12, atol=1e-12)

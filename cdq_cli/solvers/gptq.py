@@ -44,14 +44,15 @@ from .result import QuantResult
 def _cholesky(
     sigma: torch.Tensor, damping: float, order: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Ũ`` upper with ``H = Ũ Ũᵀ`` for the damped ``H`` in the visiting ``order`` (so
-    ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``), and ``H − Σ`` (its diagonal, in that order).
+    """``L`` lower with ``J H J = L Lᵀ`` for the damped ``H`` in the visiting ``order``, and
+    ``H − Σ`` (its diagonal, in that order). ``Ũ = J L J`` is the upper factor the pass needs
+    (``H = Ũ Ũᵀ``, so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹``); :meth:`_Blocks.of` reads its blocks from ``L`` directly.
 
-    ``H = P (Σ + λ·mean(diag Σ)·I) Pᵀ`` with ``P`` the permutation of ``order`` (none: I). With
-    ``J`` the order-reversing permutation, ``J H J = L Lᵀ`` (Cholesky) gives ``Ũ = J L J``. Dead
-    columns (a zero diagonal) get a unit diagonal, which makes them harmless. ``J P Σ Pᵀ J`` is
-    made in one gather, so at most two Σ-sized matrices exist at once (it and its factor, then the
-    factor and Ũ) besides Σ.
+    ``H = P (Σ + λ·mean(diag Σ)·I) Pᵀ`` with ``P`` the permutation of ``order`` (none: I) and ``J``
+    the order-reversing permutation. Dead columns (a zero diagonal) get a unit diagonal, which
+    makes them harmless. ``J P Σ Pᵀ J`` is made in one gather and factored in place (LAPACK's
+    ``potrf`` on its column-major view: it is symmetric, so that view holds the same matrix), so
+    one Σ-sized matrix exists besides Σ: the factor is the gathered copy's memory.
     """
     if order is None:
         h, diagonal = sigma.flip(0, 1), sigma.diagonal()
@@ -63,14 +64,15 @@ def _cholesky(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     extra = h.diagonal().flip(0) - diagonal
-    try:
-        lower = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError as exc:
+    # h is C-contiguous and symmetric: h.mT is the same matrix, column-major, which is the layout
+    # torch factors in place (any other ``out`` layout is factored in a temporary and copied back)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    lower, info = torch.linalg.cholesky_ex(h.mT, out=(h.mT, info))
+    if int(info) != 0:
         raise ValueError(
             "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
-        ) from exc
-    del h
-    return lower.flip(0, 1), extra
+        )
+    return lower, extra
 
 
 @dataclass
@@ -86,16 +88,21 @@ class _Blocks:
     upper: list[torch.Tensor]
 
     @classmethod
-    def of(cls, upper: torch.Tensor, block_size: int, name: str) -> _Blocks:
-        """The blocks of ``upper`` (independent: in parallel for backend ``name``)."""
-        columns = upper.shape[0]
+    def of(cls, lower: torch.Tensor, block_size: int, name: str) -> _Blocks:
+        """The blocks of ``Ũ = J L J`` read from ``lower`` = L (:func:`_cholesky`; independent:
+        in parallel for backend ``name``). ``Ũ[i, j] = L[n−1−i, n−1−j]``, so a block of Ũ is a
+        block of L flipped both ways: each is copied out flipped, and Ũ itself is never formed."""
+        columns = lower.shape[0]
         bounds = [(b0, min(b0 + block_size, columns)) for b0 in range(0, columns, block_size)]
 
+        def flipped(r0, r1, c0, c1):  # Ũ[r0:r1, c0:c1]
+            return lower[columns - r1 : columns - r0, columns - c1 : columns - c0].flip(0, 1)
+
         def one(b0, b1):
-            ut_bb = upper[b0:b1, b0:b1].clone()
-            eye = torch.eye(b1 - b0, dtype=upper.dtype, device=upper.device)
+            ut_bb = flipped(b0, b1, b0, b1)
+            eye = torch.eye(b1 - b0, dtype=lower.dtype, device=lower.device)
             u_bb = torch.linalg.solve_triangular(ut_bb, eye, upper=True).contiguous()
-            return u_bb, u_bb.diagonal().contiguous(), upper[:b0, b0:b1] @ u_bb, ut_bb
+            return u_bb, u_bb.diagonal().contiguous(), flipped(0, b0, b0, b1) @ u_bb, ut_bb
 
         parts = parallel(name, [partial(one, b0, b1) for b0, b1 in bounds])
         return cls(bounds, *(list(column) for column in zip(*parts, strict=True)))
@@ -165,8 +172,8 @@ def solve_gptq(
     block_size = min(block_size, getattr(kernel, "MAX_BLOCK", block_size))
 
     def factor() -> tuple[_Blocks, torch.Tensor]:
-        upper, extra = _cholesky(sigma, damping, perm)
-        return _Blocks.of(upper, block_size, name), extra  # half of the factor's storage
+        lower, extra = _cholesky(sigma, damping, perm)
+        return _Blocks.of(lower, block_size, name), extra  # half of the factor's storage
 
     # once per layer however many bands of its rows are solved (solvers.bands)
     blocks, extra = once(sigma, ("gptq", damping, act_order, block_size, name), factor)
