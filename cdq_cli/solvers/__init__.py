@@ -20,6 +20,7 @@ from .registry import (
     find_method,
     method_options,
     run_solver,
+    run_solver_phases,
     run_unweighted,
     solve,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "method_options",
     "objective",
     "run_solver",
+    "run_solver_phases",
     "run_unweighted",
     "solve",
 ]

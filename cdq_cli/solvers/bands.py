@@ -11,13 +11,17 @@ that is what keeps one process's bytes.
 
 What depends on Σ alone (the GPTQ starts' factorization of Σ, the sweeps' permuted Σ, ``-o
 target=fp``'s factor) would be repeated by every band; inside :func:`shared` it is made once per
-layer (:func:`once`).
+layer (:func:`once`). A method that solves in phases (cdq: each start, then the sweeps; a
+generator that pauses between them, :func:`finish` runs one to its end) has a layer's bands run
+in :func:`lockstep`: every band's first phase, then every band's second, and so on, with what the
+finished phase made on Σ dropped before the next begins, so that at most one phase's Σ-sized work
+is held at a time (a wide layer's factors are each as large as its Σ).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Generator, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -85,3 +89,43 @@ def once(sigma: torch.Tensor, key: Hashable, compute: Callable[[], T]) -> T:
     value = compute()
     found.entries[key] = (diagonal.clone(), value)
     return value
+
+
+def release() -> None:
+    """Drop what :func:`once` kept in the current :func:`shared` block (nothing outside one)."""
+    found = _SHARED.get()
+    if found is not None:
+        found.entries.clear()
+
+
+def finish(phases: Generator[Any, None, T]) -> T:
+    """Run a solve in phases to its end (its pauses do nothing) and return its result."""
+    while True:
+        try:
+            next(phases)
+        except StopIteration as stop:
+            return stop.value
+
+
+def lockstep(solves: list[Generator[Any, None, T]]) -> list[T]:
+    """Run solves in phases side by side, phase by phase, and return their results in order.
+
+    Every solve's phase k runs before any solve's phase k + 1, and between phases :func:`release`
+    drops the Σ-only work the finished phase made (the caller's :func:`shared` block keeps one
+    layer's). Each solve computes exactly what it computes alone (:func:`finish`): the same bits,
+    in a different order of the bands' work. Solves that end early just stop taking part."""
+    results: list[Any] = [None] * len(solves)
+    running = list(enumerate(solves))
+    while running:
+        paused = []
+        for index, solve in running:
+            try:
+                next(solve)
+            except StopIteration as stop:
+                results[index] = stop.value
+            else:
+                paused.append((index, solve))
+        if paused:
+            release()
+        running = paused
+    return results

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import gguf
+from .bands import finish
 from .cd import ORDERS
-from .cdq import GGUF_SHRINK, REFITS, solve_cdq
+from .cdq import GGUF_SHRINK, REFITS, cdq_phases, solve_cdq
 from .comq import solve_comq
 from .gptq import solve_gptq
 from .grid import GridSpec, check_weight
@@ -88,7 +89,9 @@ class Method:
     (a new default, a changed rule); it is part of ``--resume``'s fingerprint, so that a run is
     never finished by a solver that would have solved its first blocks differently. ``row_bands``:
     a layer's rows may be solved in bands (rows never interact in its objective; the bands are the
-    same in every run, and ranks may share them: :mod:`cdq_cli.solvers.bands`)."""
+    same in every run, and ranks may share them: :mod:`cdq_cli.solvers.bands`). ``phases``: the
+    same solve as a generator that pauses where the Σ-only work made so far is no longer needed
+    (:func:`run_solver_phases`; a layer's bands run through it in lockstep, :func:`.bands.lockstep`)."""
 
     name: str
     solve: Callable[..., QuantResult]
@@ -100,6 +103,7 @@ class Method:
     needs_sigma: bool = True
     revision: int = 1
     row_bands: bool = False
+    phases: Callable[..., Generator[None, None, QuantResult]] | None = None
 
     def cost(self, rows: int, columns: int, options: Mapping[str, Any]) -> float:
         """Estimated solve time of one layer, in arbitrary units (the rank assignment's estimate
@@ -215,6 +219,7 @@ METHODS: dict[str, Method] = {
             # the refits' sums of Σ in float64 taken a few rows at a time (last bits)
             revision=4,
             row_bands=True,
+            phases=cdq_phases,
             options={
                 "starts": Option(
                     "start points", "choices", choices=tuple(s for s in START_POINTS if s != "weight")
@@ -316,26 +321,44 @@ def run_solver(
 ) -> QuantResult:
     """:func:`solve` for options already returned by :func:`check_options` (the driver's path:
     options are checked once, when the run's settings are made)."""
+    return finish(run_solver_phases(method, weight, sigma, spec, options, phased=False))
+
+
+def run_solver_phases(
+    method: str,
+    weight: torch.Tensor,
+    sigma: torch.Tensor,
+    spec: GridSpec,
+    options: Mapping[str, Any],
+    *,
+    phased: bool = True,
+) -> Generator[None, None, QuantResult]:
+    """:func:`run_solver` as a generator: through the method's ``phases`` when it has them (and
+    ``phased``), pausing where they pause; in one step otherwise. The caller holds the
+    :func:`.bands.shared` block the phases' Σ-only work is kept in (:func:`.bands.lockstep`)."""
     declared = find_method(method)
-    solver = declared.solve
+    solver = declared.phases if phased and declared.phases is not None else declared.solve
     options = {key: value for key, value in options.items() if declared.options[key].solver}
     if not torch.is_floating_point(weight):
         raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
     check_problem(weight, sigma)
     spec.n_groups(weight.shape[1])
     sigma = sigma.to(weight.device, weight.dtype)
-    if spec.block_type is None:
-        return solver(weight, sigma, spec, **options)
-    # A GGUF block type: every solver works on the type's exact grid, starting from llama.cpp's own
-    # choice of the stored scales weighted by diag Σ (solvers.gguf).
-    if declared.fixed_grid is None:
-        able = ", ".join(name for name, m in METHODS.items() if m.fixed_grid is not None)
-        raise ValueError(
-            f"method {method} keeps full-precision outliers, which a GGUF file cannot hold: "
-            f"choose one of {able}"
-        )
-    grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
-    return solver(weight, sigma, spec, **options, **{declared.fixed_grid: grid})
+    extra = {}
+    if spec.block_type is not None:
+        # A GGUF block type: every solver works on the type's exact grid, starting from llama.cpp's
+        # own choice of the stored scales weighted by diag Σ (solvers.gguf).
+        if declared.fixed_grid is None:
+            able = ", ".join(name for name, m in METHODS.items() if m.fixed_grid is not None)
+            raise ValueError(
+                f"method {method} keeps full-precision outliers, which a GGUF file cannot hold: "
+                f"choose one of {able}"
+            )
+        grid = gguf.fit(weight, spec, gguf.importance_of(sigma)).to(weight.device, weight.dtype)
+        extra = {declared.fixed_grid: grid}
+    if solver is declared.solve:
+        return solver(weight, sigma, spec, **options, **extra)
+    return (yield from solver(weight, sigma, spec, **options, **extra))
 
 
 def run_unweighted(
