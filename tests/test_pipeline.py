@@ -83,6 +83,38 @@ def test_quantized_blocks_chain_equals_model_and_cover_every_linear(family: str)
     assert not any("lm_head" in n or "embed" in n or "word_embeddings" in n for n in names)
 
 
+def test_solved_layers_hold_no_weights_while_later_groups_are_solved(monkeypatch) -> None:
+    """While a true-sequential group is solved, the block's layers solved before it are parked
+    (no weights: a wide block's solved layers are much of what is resident) and put back after,
+    bit for bit as their records dequantize, before the block runs again: the chain still equals
+    the model, and every weight is its record's."""
+    model = tiny_model("llama")
+    data = batches()
+    empty: dict[str, list[str]] = {}
+    original = pipeline._Run._solve
+
+    def spy(self, block, index, names, sigmas):
+        empty[",".join(names)] = [n for n, p in block.named_parameters() if p.numel() == 0]
+        return original(self, block, index, names, sigmas)
+
+    monkeypatch.setattr(pipeline._Run, "_solve", spy)
+    settings = make_settings(method="gptq", bits=3, device="cpu")
+    outcome = quantize_model(model, adapter_for(model), data, settings)
+    attention = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert empty == {
+        ",".join(attention): [],
+        "self_attn.o_proj": [f"{n}.weight" for n in attention],
+        "mlp.gate_proj,mlp.up_proj": [f"{n}.weight" for n in [*attention, "self_attn.o_proj"]],
+        "mlp.down_proj": [
+            f"{n}.weight" for n in [*attention, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"]
+        ],
+    }
+    assert torch.allclose(chain_logits(model, outcome), logits(model, data), atol=1e-6, rtol=0)
+    for row in outcome.rows:
+        layer = model.get_submodule(row.name)
+        assert torch.equal(layer.weight.data, outcome.layers[row.name].dequantize().to(layer.weight.dtype))
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_and_reports(method: str) -> None:
     model = tiny_model("llama")

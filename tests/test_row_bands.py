@@ -5,7 +5,8 @@ that several ranks sharing a layer's bands write one process's bytes (tests/test
 checks those bytes). Here: the band rule; the Σ-only work shared by a layer's bands changes no bit
 of any band's result (GPTQ's factorization, the sweeps' permuted Σ, ``-o target=fp``'s factor, a
 shrunk diagonal); GPTQ and RTN, which never look across rows, make the whole layer's choices in a
-band; GPTQ's objective row by row.
+band; GPTQ's objective row by row; a layer's bands run in lockstep through cdq's phases give
+every band's bits and drop each phase's Σ-only work before the next phase.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdq_cli.solvers import run_solver, solve
-from cdq_cli.solvers.bands import even_bands, row_bands, shared
+from cdq_cli.solvers import bands as bands_module
+from cdq_cli.solvers import run_solver, run_solver_phases, solve
+from cdq_cli.solvers.bands import even_bands, finish, lockstep, row_bands, shared
 from cdq_cli.solvers.grid import GridSpec
 from cdq_cli.solvers.target import fp_target
 
@@ -59,6 +61,58 @@ def test_shared_sigma_work_changes_no_bit_of_any_band(method, options, spec):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
         assert torch.equal(a.grid.scale, b.grid.scale) and a.objective == b.objective
     assert torch.equal(sigma.diagonal(), diagonal)  # a shrunk diagonal is put back
+
+
+@pytest.mark.parametrize(
+    "options, spec",
+    [({}, GridSpec(3)), ({"rounds": 2, "shrink": 0.3}, GridSpec(4, 16)), ({}, GridSpec.of_type("Q4_K"))],
+    ids=["cdq", "cdq-rounds2-shrink", "cdq-gguf"],
+)
+def test_bands_in_lockstep_are_the_bands_alone_and_hold_one_phase_of_sigma_work(options, spec, monkeypatch):
+    """cdq's bands run side by side through its phases (each start, then the sweeps: what
+    :func:`cdq_cli.pipeline._solve_bands` does) give every band the bits it gets alone, and
+    between phases the shared work of the finished phase is dropped: the first start's GPTQ factor
+    before the second start factors Σ, and the second's before the sweeps permute Σ."""
+    weight, sigma = _problem(6, rows=24, columns=256, dtype=torch.float32)
+    bands = [(0, 5), (5, 17), (17, 24)]
+    alone = [run_solver("cdq", weight[lo:hi], sigma, spec, options) for lo, hi in bands]
+    dropped = []
+    release = bands_module.release
+
+    def spy():
+        dropped.append(sorted(key[0] + (":actorder" if key[2] is True else "") for key in _entries()))
+        release()
+
+    monkeypatch.setattr(bands_module, "release", spy)
+    diagonal = sigma.diagonal().clone()
+    with shared(sigma):
+        phased = lockstep([run_solver_phases("cdq", weight[lo:hi], sigma, spec, options) for lo, hi in bands])
+        kept = sorted(key[0] for key in _entries())
+    for a, b in zip(alone, phased, strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
+        assert torch.equal(a.grid.scale, b.grid.scale) and a.objective == b.objective
+    assert dropped == [["gptq"], ["gptq:actorder"]]  # each start's factor, alone, after its phase
+    # the sweeps' permuted Σ (and with rounds > 1 the restarts' act-order factor) in the last phase
+    assert kept == (["cd-shared", "gptq"] if options.get("rounds") else ["cd-shared"])
+    assert torch.equal(sigma.diagonal(), diagonal)  # a shrunk diagonal is put back at every pause
+
+
+def _entries():
+    return list(bands_module._SHARED.get().entries)
+
+
+def test_lockstep_runs_each_phase_of_every_solve_before_the_next():
+    log = []
+
+    def solve(name, phases):
+        for phase in range(phases):
+            log.append((phase, name))
+            yield
+        return name
+
+    assert lockstep([solve("a", 2), solve("b", 3), solve("c", 0)]) == ["a", "b", "c"]
+    assert log == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "b")]
+    assert finish(solve("d", 2)) == "d"
 
 
 def test_shared_sigma_work_on_a_gguf_type_changes_no_bit():
