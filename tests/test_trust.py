@@ -525,7 +525,8 @@ def test_methods_lists_every_option_as_strict_json(capsys) -> None:
 def test_every_solver_keyword_is_a_declared_option() -> None:
     """No keyword option of a solver escapes the registry's typing (the one internal keyword is the
     fixed grid a GGUF type's solve goes through, Method.fixed_grid); an option the driver consumes
-    (``solver=False``, e.g. ``target``) is not a solve keyword."""
+    (``solver=False``, e.g. ``target``) is not a solve keyword. A method solved in phases takes its
+    keywords in its ``phases`` (its ``solve`` passes them on)."""
     import inspect
 
     from cdq_cli.solvers import METHODS
@@ -534,7 +535,7 @@ def test_every_solver_keyword_is_a_declared_option() -> None:
         internal = {method.fixed_grid} if method.fixed_grid is not None else set()
         keywords = {
             option
-            for option, p in inspect.signature(method.solve).parameters.items()
+            for option, p in inspect.signature(method.phases or method.solve).parameters.items()
             if p.kind is p.KEYWORD_ONLY
         }
         declared = {option for option, typed in method.options.items() if typed.solver}

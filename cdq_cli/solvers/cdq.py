@@ -18,6 +18,7 @@ import time
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -171,7 +172,14 @@ def _better_start(
     return (approx, start_grid, value, kind) if better else (*best[:2], best_value, best[3])
 
 
-def solve_cdq(
+def solve_cdq(weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, **options: Any) -> QuantResult:
+    """cdq on one layer: :func:`cdq_phases` (its options, documented there) run to its end, its
+    Σ-only work kept for this call (a caller's :func:`.bands.shared` block on the same Σ, if any)."""
+    with shared(sigma):
+        return finish(cdq_phases(weight, sigma, spec, **options))
+
+
+def cdq_phases(
     weight: torch.Tensor,
     sigma: torch.Tensor,
     spec: GridSpec,
@@ -186,7 +194,7 @@ def solve_cdq(
     rounds: int = 1,
     shrink: float | None = None,
     grid: Grid | None = None,
-) -> QuantResult:
+) -> Generator[None, None, QuantResult]:
     """cdq: best of ``starts``, then ``descend`` with at most ``sweeps`` sweeps in ``order``.
 
     ``shrink`` = α > 0 solves on ``Σ + α·Diag(Σ)`` (Σ shrunk toward its diagonal) and reports the
@@ -210,39 +218,16 @@ def solve_cdq(
     ``rounds`` > 1 re-runs act-order GPTQ on the refitted grid of the best point so far and descends
     again from there (the codes GPTQ picks for the better grid beat what CD alone reaches from the
     old codes); each round costs about one more GPTQ solve plus its sweeps.
+
+    In phases: a generator that pauses after each start, where the Σ-only work that start made
+    (its GPTQ factor) is no longer needed, and returns the result; the same result, bit for bit,
+    however its pauses are used. A layer's bands run through it in lockstep
+    (:func:`.bands.lockstep`), so no factor outlives its start and none lives through the sweeps:
+    on a 2048 × 8192 ``down_proj`` (Σ 256 MiB) that is two factors' blocks (256 MiB) fewer during
+    the sweeps and one fewer at the second factorization. ``shrink`` is applied to Σ inside each
+    phase and undone at each pause. The caller holds the :func:`.bands.shared` block the Σ-only
+    work is kept in (without one it is made again where it is needed).
     """
-    with shared(sigma):  # Σ-only work once, however many bands
-        return finish(
-            cdq_phases(
-                weight, sigma, spec, starts=starts, order=order, sweeps=sweeps, refit=refit,
-                block_size=block_size, damping=damping, tolerance=tolerance, rounds=rounds,
-                shrink=shrink, grid=grid,
-            )
-        )  # fmt: skip
-
-
-def cdq_phases(
-    weight: torch.Tensor,
-    sigma: torch.Tensor,
-    spec: GridSpec,
-    *,
-    starts: tuple[str, ...] | list[str] | str = DEFAULT_STARTS,
-    order: str = "diag",
-    sweeps: int = 4,
-    refit: str = "scales+zeros",
-    block_size: int = 128,
-    damping: float = 0.01,
-    tolerance: float = 1e-3,
-    rounds: int = 1,
-    shrink: float | None = None,
-    grid: Grid | None = None,
-) -> Generator[None, None, QuantResult]:
-    """:func:`solve_cdq` in phases (the same result, bit for bit): a generator that pauses after
-    each start, where the Σ-only work that start made (its GPTQ factor) is no longer needed, and
-    returns the result. A layer's bands run through it in lockstep (:func:`.bands.lockstep`), so
-    no factor outlives its start and none lives through the sweeps: on a 2048 × 8192 ``down_proj``
-    (Σ 256 MiB) that is two factors' blocks (256 MiB) fewer during the sweeps and one fewer at the
-    second factorization. ``shrink`` is applied to Σ inside each phase and undone at each pause."""
     began = time.perf_counter()  # this band's own time: the pauses (other bands' phases) excluded
     spent = 0.0
     if rounds < 1:

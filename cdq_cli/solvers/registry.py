@@ -257,11 +257,13 @@ def find_method(name: str) -> Method:
 
 def option_default(method: str, name: str) -> Any:
     """The value option ``name`` of ``method`` takes when not given: the solve function's keyword
-    default, or the declared default of an option the driver consumes."""
+    default (its ``phases``' when it has them), or the declared default of an option the driver
+    consumes."""
     option = find_method(method).options[name]
     if not option.solver:
         return option.default
-    return inspect.signature(find_method(method).solve).parameters[name].default
+    declared = find_method(method)
+    return inspect.signature(declared.phases or declared.solve).parameters[name].default
 
 
 def method_options(name: str) -> list[str]:
