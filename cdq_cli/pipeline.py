@@ -678,7 +678,7 @@ def _parked(
             continue
         weight = layer_weight(block, name)
         parked.append((weight, record, tuple(weight.shape), weight.dtype, weight.device))
-        weight.data = weight.data.new_empty(0)
+        weight.data = weight.data.new_empty((0,) * weight.dim())  # its dims kept: fused experts stay 3-D
     try:
         yield
     finally:

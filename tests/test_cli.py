@@ -188,14 +188,14 @@ def test_ctrl_c_exits_130_leaving_no_output(where, tiny, calib, tmp_path, capsys
 
 
 def test_non_finite_weights_name_the_layer(tiny, calib, tmp_path, capsys, monkeypatch) -> None:
-    real = pipeline.run_solver
+    real = pipeline.run_solver_phases
 
     def broken(method, weight, sigma, spec, options):
-        result = real(method, weight, sigma, spec, options)
+        result = yield from real(method, weight, sigma, spec, options)
         result.weight[0, 0] = float("nan")
         return result
 
-    monkeypatch.setattr(pipeline, "run_solver", broken)
+    monkeypatch.setattr(pipeline, "run_solver_phases", broken)
     code, _, stderr = cli(
         capsys, "quantize", tiny["opt"], "--calib", calib, *FAST, "--output", tmp_path / "q"
     )
