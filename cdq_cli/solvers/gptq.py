@@ -38,7 +38,7 @@ import torch
 from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
 from .bands import once
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
-from .result import QuantResult
+from .result import QuantResult, damping_term
 
 
 def _cholesky(
@@ -59,8 +59,8 @@ def _cholesky(
     else:
         reverse = order.flip(0)
         h, diagonal = sigma[reverse[:, None], reverse], sigma.diagonal()[order]
-    if damping > 0:  # the mean of Σ's own diagonal, whatever the order (result.damp)
-        h.diagonal().add_(damping * sigma.diagonal().mean())
+    if damping > 0:  # by the mean of Σ's own diagonal, whatever the order (as result.damp)
+        h.diagonal().add_(damping_term(sigma, damping))
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     extra = h.diagonal().flip(0) - diagonal

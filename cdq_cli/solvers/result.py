@@ -150,12 +150,17 @@ def check_problem(weight: torch.Tensor, sigma: torch.Tensor) -> None:
         raise ValueError("sigma is all zero on its diagonal: the calibration inputs were all zero or empty")
 
 
+def damping_term(sigma: torch.Tensor, fraction: float) -> torch.Tensor:
+    """λ·mean(diag Σ): what damping adds to Σ's diagonal (to any copy of Σ, permuted or not)."""
+    return fraction * sigma.diagonal().mean()
+
+
 def damp(sigma: torch.Tensor, fraction: float) -> torch.Tensor:
     """Σ + λ·mean(diag Σ)·I (a copy); ``fraction`` = 0 returns Σ itself."""
     if fraction <= 0:
         return sigma
     out = sigma.clone()
-    out.diagonal().add_(fraction * out.diagonal().mean())
+    out.diagonal().add_(damping_term(sigma, fraction))
     return out
 
 
