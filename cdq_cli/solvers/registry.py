@@ -259,10 +259,10 @@ def option_default(method: str, name: str) -> Any:
     """The value option ``name`` of ``method`` takes when not given: the solve function's keyword
     default (its ``phases``' when it has them), or the declared default of an option the driver
     consumes."""
-    option = find_method(method).options[name]
+    declared = find_method(method)
+    option = declared.options[name]
     if not option.solver:
         return option.default
-    declared = find_method(method)
     return inspect.signature(declared.phases or declared.solve).parameters[name].default
 
 
