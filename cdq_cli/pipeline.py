@@ -848,10 +848,10 @@ def _band_phases(
     same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
-        # -o target=fp: the solver runs on W* (solvers.target), whose objective on Σ is the true
-        # objective ‖W X̃ − Ŵ X‖² up to a constant
+        # -o target=fp: the solver runs on W*_α (solvers.target), whose objective on Σ is
+        # ‖W X_α − Ŵ X‖² up to a constant (X_α: the inputs a share α of the way toward X̃)
         damping = settings.options.get("damping", 0.01)
-        target = fp_target(weight, sigma, acc.cross, damping) if paired else weight
+        target = fp_target(weight, sigma, acc.cross, damping, settings.fp_share) if paired else weight
         if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
             result = solve_grouped(settings.method, target, sigma, spec, settings.options)
             rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None

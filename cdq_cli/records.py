@@ -112,6 +112,13 @@ class Settings:
         return str(given or "quantized")
 
     @property
+    def fp_share(self) -> float:
+        """``-o fp_share`` (with ``target=fp``): how far toward the full-precision model's inputs
+        the target's inputs are taken (:mod:`cdq_cli.solvers.target`, GPTAQ's α)."""
+        given = self.options.get("fp_share")
+        return float(option_default(self.method, "fp_share") if given is None else given)
+
+    @property
     def quantizing(self) -> bool:
         return self.grid is not None
 
@@ -149,6 +156,8 @@ class Settings:
             **({"overrides": [rule.describe() for rule in self.overrides]} if self.overrides else {}),
             **({"gguf_type": self.gguf_type, "gguf_layers": self.gguf_layers} if self.gguf_type else {}),
             **({"transform": self.transform} if self.transform != "none" else {}),
+            # the share in force (its default changed from 1 to 0.25: such runs no longer resume)
+            **({"fp_share": self.fp_share} if self.target == "fp" else {}),
         }
 
 

@@ -39,13 +39,17 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "flags", "target"),
+    ("preset", "flags", "share"),
     [
-        ("cdq-hadamard.yaml", ["--method", "cdq", "--transform", "hadamard"], "quantized"),
-        ("cdq-hadamard-fp.yaml", ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp"], "fp"),
+        ("cdq-hadamard.yaml", ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp"], 0.25),
+        (
+            "cdq-hadamard-fp.yaml",
+            ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp", "-o", "fp_share=1"],
+            1.0,
+        ),
     ],
 )
-def test_the_recipe_presets_are_their_flags(preset, flags, target, llama, calib, tmp_path, capsys) -> None:
+def test_the_recipe_presets_are_their_flags(preset, flags, share, llama, calib, tmp_path, capsys) -> None:
     """The recipe presets of issue 19 (BENCHMARKS.md measured them by their flags) run exactly those."""
     common = [llama, "--bits", "3", "--sym", "--calib", calib, "--nsamples", "4", "--seqlen", "32"]
     common += ["--quiet", "--json"]
@@ -56,7 +60,8 @@ def test_the_recipe_presets_are_their_flags(preset, flags, target, llama, calib,
     code, _, err = run(capsys, "quantize", *common, *flags, "--output", tmp_path / "flags")
     assert code == 0, err
     report = json.loads((tmp_path / "preset" / "report.json").read_text())["run"]
-    assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", target, "hadamard")
+    assert (report["method"], report["target"], report["transform"]["name"]) == ("cdq", "fp", "hadamard")
+    assert report["fp_share"] == share
     written = [(tmp_path / run_ / "model.safetensors").read_bytes() for run_ in ("preset", "flags")]
     assert written[0] == written[1]
 

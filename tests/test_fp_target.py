@@ -1,7 +1,7 @@
-"""The full-precision target (-o target=fp, GPTAQ's objective ‖W X̃ − Ŵ X‖²): the reduction to a
-least-squares target W*, the paired statistics the driver captures from two activation streams,
-the report's error checked against the objective computed from the two models' real inputs, and
-the refusals."""
+"""The full-precision target (-o target=fp, GPTAQ's objective ‖W X̃ − Ŵ X‖², taken a share α of the
+way by -o fp_share): the reduction to a least-squares target W*_α, the paired statistics the
+driver captures from two activation streams, the report's error checked against the objective
+computed from the two models' real inputs, and the refusals."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tiny_lm import save_tiny
 from cdq_cli.models import load_causal_lm
 from cdq_cli.solvers import solve
 from cdq_cli.solvers.sigma import PairedSigmaAccumulator
-from cdq_cli.solvers.target import fp_energy, fp_objective, fp_target
+from cdq_cli.solvers.target import FP_SHARE, fp_energy, fp_objective, fp_target
 from cdq_cli.store.reopen import load_quantized
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
@@ -30,17 +30,22 @@ def _streams(seed: int = 0, p: int = 12, n: int = 300, q: int = 6):
     return w, x, x_fp, gen
 
 
-def test_the_solvers_objective_on_w_star_is_the_true_objective_up_to_a_constant() -> None:
+@pytest.mark.parametrize("share", [1.0, FP_SHARE, 0.6])
+def test_the_solvers_objective_on_w_star_is_the_true_objective_up_to_a_constant(share) -> None:
+    """On W*_α the solver's ‖(W*_α − Ŵ) X‖² (plus the ridge's term) differs from
+    ‖W X_α − Ŵ X‖², X_α = X + α (X̃ − X), by a constant; α = 1 is ‖W X̃ − Ŵ X‖² itself."""
     w, x, x_fp, gen = _streams()
     sigma, cross, sigma_fp = x @ x.T, x_fp @ x.T, x_fp @ x_fp.T
+    x_share = x + share * (x_fp - x)
     for damping in (0.0, 0.01):
-        target = fp_target(w, sigma, cross, damping)
+        target = fp_target(w, sigma, cross, damping, share)
         lam = max(damping, 1e-10) * float(sigma.diagonal().mean())
         offsets = []
         for _ in range(4):
             approx = w + 0.3 * torch.randn(w.shape, generator=gen, dtype=torch.float64)
-            true = float(((w @ x_fp - approx @ x) ** 2).sum())
-            assert fp_objective(w, approx, sigma, cross, sigma_fp) == pytest.approx(true, rel=1e-12)
+            true = float(((w @ x_share - approx @ x) ** 2).sum())
+            if share == 1.0:
+                assert fp_objective(w, approx, sigma, cross, sigma_fp) == pytest.approx(true, rel=1e-12)
             surrogate = float((((target - approx) @ x) ** 2).sum())
             ridge = 2 * lam * float(((target - w) * (target - approx)).sum())
             offsets.append(true - surrogate - ridge)
@@ -48,11 +53,23 @@ def test_the_solvers_objective_on_w_star_is_the_true_objective_up_to_a_constant(
     assert fp_energy(w, sigma_fp) == pytest.approx(float(((w @ x_fp) ** 2).sum()), rel=1e-12)
 
 
+def test_a_share_of_the_way_is_that_share_of_the_correction() -> None:
+    """W*_α = W + α (W*_1 − W) (the correction is linear in α), α = 1 is the whole target and
+    α → 0 tends to W."""
+    w, x, x_fp, _ = _streams(3)
+    sigma, cross = x @ x.T, x_fp @ x.T
+    whole = fp_target(w, sigma, cross, 0.01, 1.0)
+    for share in (FP_SHARE, 0.5, 1e-9):
+        torch.testing.assert_close(fp_target(w, sigma, cross, 0.01, share), w + share * (whole - w))
+    assert not torch.allclose(fp_target(w, sigma, cross, 0.01, FP_SHARE), whole)
+
+
 def test_w_star_is_w_when_the_streams_agree_and_the_minimiser_otherwise() -> None:
     w, x, x_fp, _ = _streams(1)
     sigma = x @ x.T
-    assert torch.equal(fp_target(w, sigma, sigma, 0.01), w)  # X̃ = X: nothing to correct
-    target = fp_target(w, sigma, x_fp @ x.T, 0.0)
+    assert torch.equal(fp_target(w, sigma, sigma, 0.01, 1.0), w)  # X̃ = X: nothing to correct
+    assert torch.equal(fp_target(w, sigma, sigma, 0.01, FP_SHARE), w)
+    target = fp_target(w, sigma, x_fp @ x.T, 0.0, 1.0)
     exact = torch.linalg.lstsq(x.T, (w @ x_fp).T).solution.T  # argmin_V ‖W X̃ − V X‖²
     torch.testing.assert_close(target, exact, rtol=1e-8, atol=1e-10)
 
@@ -65,13 +82,13 @@ def test_grouped_statistics_are_the_groups_problems_side_by_side() -> None:
     acc.add_pair_columns(fp_cols, cols)
     w = torch.randn(groups * 2, c, generator=gen)
     approx = w.round()
-    target = fp_target(w, acc.sigma, acc.cross)
+    target = fp_target(w, acc.sigma, acc.cross, 0.01, FP_SHARE)
     value = fp_objective(w, approx, acc.sigma, acc.cross, acc.sigma_fp)
     for g in range(groups):
         rows = slice(2 * g, 2 * g + 2)
         one = PairedSigmaAccumulator(c)
         one.add_pair(fp_cols[g].T, cols[g].T)
-        torch.testing.assert_close(target[rows], fp_target(w[rows], one.sigma, one.cross))
+        torch.testing.assert_close(target[rows], fp_target(w[rows], one.sigma, one.cross, 0.01, FP_SHARE))
     direct = sum(
         float(((w[2 * g : 2 * g + 2] @ fp_cols[g] - approx[2 * g : 2 * g + 2] @ cols[g]) ** 2).sum())
         for g in range(groups)
@@ -81,8 +98,9 @@ def test_grouped_statistics_are_the_groups_problems_side_by_side() -> None:
 
 def test_the_python_api_refuses_target_fp_without_the_cross_term() -> None:
     w, x, _, _ = _streams()
-    with pytest.raises(ValueError, match="target=fp needs the full-precision inputs"):
-        solve("cdq", w, x @ x.T, bits=3, target="fp")
+    for options in ({"target": "fp"}, {"target": "fp", "fp_share": 0.5}, {"fp_share": 0.5}):
+        with pytest.raises(ValueError, match=r"target=fp \(and its fp_share\) needs the full-precision"):
+            solve("cdq", w, x @ x.T, bits=3, **options)
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -154,6 +172,54 @@ def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
         assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q")[0] == 130
     assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q", "--resume")[0] == 0
     assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "q" / weights).read_bytes()
+
+
+def test_the_share_changes_the_result_is_recorded_and_a_run_resumes_only_with_its_own(
+    llama, calib, tmp_path, capsys, monkeypatch
+):
+    from cdq_cli.store import journal as resume
+
+    args = ["quantize", llama, "--method", "cdq", "--bits", "3", "--calib", calib, *FAST, "-o", "target=fp"]
+    assert cli(capsys, *args, "--output", tmp_path / "default")[0] == 0
+    assert cli(capsys, *args, "-o", f"fp_share={FP_SHARE}", "--output", tmp_path / "given")[0] == 0
+    assert cli(capsys, *args, "-o", "fp_share=1", "--output", tmp_path / "whole")[0] == 0
+    weights = "model.safetensors"
+    assert (tmp_path / "default" / weights).read_bytes() == (tmp_path / "given" / weights).read_bytes()
+    assert (tmp_path / "default" / weights).read_bytes() != (tmp_path / "whole" / weights).read_bytes()
+    for folder, share in (("default", FP_SHARE), ("whole", 1.0)):
+        report = json.loads((tmp_path / folder / "report.json").read_text())
+        assert report["run"]["target"] == "fp" and report["run"]["fp_share"] == share, folder
+    real = resume.Journal.on_block_done
+
+    def stop(self, index, rows, layers):
+        real(self, index, rows, layers)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.Journal, "on_block_done", stop)
+        assert cli(capsys, *args, "-o", "fp_share=1", "--output", tmp_path / "q")[0] == 130
+    capsys.readouterr()
+    code, _, err = cli(capsys, *args, "--output", tmp_path / "q", "--resume")  # the default share
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert cli(capsys, *args, "-o", "fp_share=1", "--output", tmp_path / "q", "--resume")[0] == 0
+    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "q" / weights).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-o", "fp_share=0.5"], "it needs -o target=fp"),
+        (["-o", "target=fp", "-o", "fp_share=0"], "must be a number in (0, 1]"),
+        (["-o", "target=fp", "-o", "fp_share=1.5"], "must be a number in (0, 1]"),
+    ],
+)
+def test_a_share_without_the_target_or_out_of_range_is_refused_before_any_work(
+    extra, message, llama, calib, tmp_path, capsys
+) -> None:
+    out = tmp_path / "refused"
+    code, _, err = cli(capsys, "quantize", llama, "--calib", calib, *FAST, *extra, "--output", out)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_target_fp_with_fp_inputs_or_fused_experts_is_refused_before_any_work(

@@ -34,7 +34,7 @@ from .quantease import PRESETS, solve_quantease
 from .result import QuantResult, check_problem
 from .rtn import solve_rtn
 from .starts import START_POINTS
-from .target import TARGETS
+from .target import FP_SHARE, TARGETS
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,16 @@ _DAMPING = Option("damping", "float", low=0)
 # -o target=fp: quantize against the full-precision model's outputs (solvers.target; the driver
 # captures the statistics and hands the solver W* in place of W)
 _TARGET = Option("objective target", "choice", choices=TARGETS, solver=False, default="quantized")
+# -o fp_share: how far toward the full-precision inputs target=fp's target is taken (GPTAQ's α)
+_FP_SHARE = Option(
+    "share of the full-precision inputs in target=fp",
+    "float",
+    low=0,
+    high=1,
+    open_low=True,
+    solver=False,
+    default=FP_SHARE,
+)
 
 # The solvers, in the order ``cdq methods`` lists them.
 METHODS: dict[str, Method] = {
@@ -150,6 +160,7 @@ METHODS: dict[str, Method] = {
                 "block_size": _BLOCK,
                 "act_order": Option("act order", "bool"),
                 "target": _TARGET,
+                "fp_share": _FP_SHARE,
             },
         ),
         Method(
@@ -168,6 +179,7 @@ METHODS: dict[str, Method] = {
                 "block_size": _BLOCK,
                 "damping": _DAMPING,
                 "target": _TARGET,
+                "fp_share": _FP_SHARE,
             },
         ),
         Method(
@@ -237,6 +249,7 @@ METHODS: dict[str, Method] = {
                     low=0,
                 ),
                 "target": _TARGET,
+                "fp_share": _FP_SHARE,
             },
         ),
     )
@@ -310,10 +323,10 @@ def solve(
             raise ValueError("solve needs a grid: pass spec=GridSpec(...) or bits=")
         spec = GridSpec(bits=bits, group_size=group_size, sym=sym, per_layer=per_layer)
     checked = check_options(method, options)
-    if checked.get("target", "quantized") != "quantized":
+    if checked.get("target", "quantized") != "quantized" or "fp_share" in checked:
         raise ValueError(
-            "target=fp needs the full-precision inputs' statistics: solve on "
-            "cdq_cli.solvers.target.fp_target(weight, sigma, cross) instead of the weight"
+            "target=fp (and its fp_share) needs the full-precision inputs' statistics: solve on "
+            "cdq_cli.solvers.target.fp_target(weight, sigma, cross, damping, share) instead of the weight"
         )
     return run_solver(method, weight, sigma, spec, checked)
 

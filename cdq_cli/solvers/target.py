@@ -14,7 +14,20 @@ tr((V − Ŵ) Σ (V − Ŵ)ᵀ)`` for some V, and the reduction is to solve for 
     W* = argmin_V ‖W X̃ − V X‖² + λ ‖V − W‖²  =  W (C + λI)(Σ + λI)⁻¹  =  W + W (C − Σ)(Σ + λI)⁻¹
 
 (λ = ``damping`` · mean(diag Σ): a ridge toward W, so that ``W* = W`` exactly when the two streams
-agree, ``X̃ = X``, and directions X hardly spans do not blow W* up). Expanding,
+agree, ``X̃ = X``, and directions X hardly spans do not blow W* up).
+
+**Part of the way** (``-o fp_share=α``, GPTAQ's α): the target's inputs are taken a share α of the
+way from the quantized model's toward the full-precision model's, ``X_α = X + α (X̃ − X)``, so
+``C`` becomes ``Σ + α (C − Σ)`` and
+
+    W*_α = W + α W (C − Σ)(Σ + λI)⁻¹,
+
+the least-squares target of ``f_α(Ŵ) = ‖W X_α − Ŵ X‖²``. α = 1 is the objective above in full,
+α = 0 the quantized model's own (``target=quantized``). Asking every layer to undo all of the
+error upstream of it (α = 1) fits each layer to the 32 × 512 calibration tokens' particular
+errors; GPTAQ's reference implementation scales this term by 0.25, and so does cdq by default
+(:data:`FP_SHARE`; measured in BENCHMARKS.md, "The full-precision target part of the way").
+Everything below holds for ``f_α`` with ``X̃`` replaced by ``X_α``. Expanding,
 
     f(Ŵ) = ‖(W* − Ŵ) X‖² + 2λ tr((W* − W)(W* − Ŵ)ᵀ) + const
 
@@ -32,17 +45,19 @@ import torch
 from .bands import once
 
 TARGETS = ("quantized", "fp")  # -o target=: W X on the quantized model's inputs, or W X̃ (full precision)
+FP_SHARE = 0.25  # -o fp_share: α, the share of the way toward X̃ the target's inputs are taken (GPTAQ's)
 
 
 def fp_target(
-    weight: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor, damping: float = 0.01
+    weight: torch.Tensor, sigma: torch.Tensor, cross: torch.Tensor, damping: float, share: float
 ) -> torch.Tensor:
-    """``W* = W + W (C − Σ)(Σ + λI)⁻¹`` (see the module doc), in ``weight``'s dtype; computed in
-    float64 (one Cholesky of the damped Σ). ``cross`` is ``C = X̃ Xᵀ``."""
+    """``W*_α = W + α W (C − Σ)(Σ + λI)⁻¹`` with α = ``share`` (see the module doc), in
+    ``weight``'s dtype; computed in float64 (one Cholesky of the damped Σ). ``cross`` is
+    ``C = X̃ Xᵀ``."""
     if sigma.dim() == 3:
         groups = sigma.shape[0]
         rows = weight.reshape(groups, -1, sigma.shape[1])
-        return torch.cat([fp_target(rows[g], sigma[g], cross[g], damping) for g in range(groups)])
+        return torch.cat([fp_target(rows[g], sigma[g], cross[g], damping, share) for g in range(groups)])
     s = sigma.to(torch.float64)
     w = weight.to(torch.float64)
 
@@ -62,7 +77,7 @@ def fp_target(
     factor = once(sigma, ("fp_target", damping), cholesky)  # once per layer (solvers.bands)
     # W (C − Σ) H⁻¹ = ((H⁻¹ (C − Σ)ᵀ Wᵀ))ᵀ, H symmetric
     correction = torch.cholesky_solve((cross.to(torch.float64) - s).T @ w.T, factor).T
-    return (w + correction).to(weight.dtype)
+    return (w + share * correction).to(weight.dtype)
 
 
 def fp_objective(
