@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 CACHE = Path(os.environ.get("CDQ_CACHE_DIR", Path.home() / ".cache" / "cdq"))
 WEIGHTS = CACHE / "efficientnet_lite0_timm.safetensors"
 ARCH = "tf_efficientnet_lite0"
+WHOLE_WAY = {"target": "fp", "fp_share": 1}
 # (label, method, per_layer, fp_inputs, solver options): the rows of the table, in order.
 CONFIGS = {
     "rtn": ("RTN", "rtn", False, False, {}),
@@ -55,6 +56,9 @@ CONFIGS = {
     "comq-fp": ("COMQ (per-channel, FP inputs)", "comq", False, True, {}),
     "gptq-fp": ("GPTQ, -o target=fp", "gptq", False, False, {"target": "fp"}),
     "cdq-fp": ("cdq, -o target=fp", "cdq", False, False, {"target": "fp"}),
+    # the whole way (-o fp_share=1): the FP-target rows measured before fp_share existed
+    "gptq-fp-whole": ("GPTQ, -o target=fp -o fp_share=1", "gptq", False, False, WHOLE_WAY),
+    "cdq-fp-whole": ("cdq, -o target=fp -o fp_share=1", "cdq", False, False, WHOLE_WAY),
 }
 DEFAULT = ["rtn", "gptq", "comq", "comq-layer", "quantease", "cdq"]
 

@@ -151,16 +151,10 @@ def test_the_reported_error_is_the_objective_on_the_two_models_inputs(method, ll
         assert rows[name]["relative_error"] == pytest.approx(true / float(((w @ x_fp) ** 2).sum()), rel=1e-4)
 
 
-def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
-    llama, calib, tmp_path, capsys, monkeypatch
-):
+def _stopped_after_one_block(capsys, monkeypatch, *argv) -> None:
+    """Run ``cdq ARGV`` interrupted (Ctrl-C) once its first block is journaled: exit 130."""
     from cdq_cli.store import journal as resume
 
-    args = ["quantize", llama, "--method", "gptq", "--bits", "3", "--calib", calib, *FAST]
-    assert cli(capsys, *args, "--output", tmp_path / "plain")[0] == 0
-    assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "whole")[0] == 0
-    weights = "model.safetensors"
-    assert (tmp_path / "plain" / weights).read_bytes() != (tmp_path / "whole" / weights).read_bytes()
     real = resume.Journal.on_block_done
 
     def stop(self, index, rows, layers):
@@ -169,7 +163,18 @@ def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
 
     with monkeypatch.context() as patch:
         patch.setattr(resume.Journal, "on_block_done", stop)
-        assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q")[0] == 130
+        assert cli(capsys, *argv)[0] == 130
+
+
+def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
+    llama, calib, tmp_path, capsys, monkeypatch
+):
+    args = ["quantize", llama, "--method", "gptq", "--bits", "3", "--calib", calib, *FAST]
+    assert cli(capsys, *args, "--output", tmp_path / "plain")[0] == 0
+    assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "whole")[0] == 0
+    weights = "model.safetensors"
+    assert (tmp_path / "plain" / weights).read_bytes() != (tmp_path / "whole" / weights).read_bytes()
+    _stopped_after_one_block(capsys, monkeypatch, *args, "-o", "target=fp", "--output", tmp_path / "q")
     assert cli(capsys, *args, "-o", "target=fp", "--output", tmp_path / "q", "--resume")[0] == 0
     assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "q" / weights).read_bytes()
 
@@ -177,8 +182,6 @@ def test_target_fp_changes_the_result_and_resumes_to_the_same_bytes(
 def test_the_share_changes_the_result_is_recorded_and_a_run_resumes_only_with_its_own(
     llama, calib, tmp_path, capsys, monkeypatch
 ):
-    from cdq_cli.store import journal as resume
-
     args = ["quantize", llama, "--method", "cdq", "--bits", "3", "--calib", calib, *FAST, "-o", "target=fp"]
     assert cli(capsys, *args, "--output", tmp_path / "default")[0] == 0
     assert cli(capsys, *args, "-o", f"fp_share={FP_SHARE}", "--output", tmp_path / "given")[0] == 0
@@ -189,15 +192,7 @@ def test_the_share_changes_the_result_is_recorded_and_a_run_resumes_only_with_it
     for folder, share in (("default", FP_SHARE), ("whole", 1.0)):
         report = json.loads((tmp_path / folder / "report.json").read_text())
         assert report["run"]["target"] == "fp" and report["run"]["fp_share"] == share, folder
-    real = resume.Journal.on_block_done
-
-    def stop(self, index, rows, layers):
-        real(self, index, rows, layers)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(resume.Journal, "on_block_done", stop)
-        assert cli(capsys, *args, "-o", "fp_share=1", "--output", tmp_path / "q")[0] == 130
+    _stopped_after_one_block(capsys, monkeypatch, *args, "-o", "fp_share=1", "--output", tmp_path / "q")
     capsys.readouterr()
     code, _, err = cli(capsys, *args, "--output", tmp_path / "q", "--resume")  # the default share
     assert code == 2 and len(err.strip().splitlines()) == 1

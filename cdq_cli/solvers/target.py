@@ -22,12 +22,14 @@ way from the quantized model's toward the full-precision model's, ``X_α = X + �
 
     W*_α = W + α W (C − Σ)(Σ + λI)⁻¹,
 
-the least-squares target of ``f_α(Ŵ) = ‖W X_α − Ŵ X‖²``. α = 1 is the objective above in full,
-α = 0 the quantized model's own (``target=quantized``). Asking every layer to undo all of the
-error upstream of it (α = 1) fits each layer to the 32 × 512 calibration tokens' particular
-errors; GPTAQ's reference implementation scales this term by 0.25, and so does cdq by default
-(:data:`FP_SHARE`; measured in BENCHMARKS.md, "The full-precision target part of the way").
-Everything below holds for ``f_α`` with ``X̃`` replaced by ``X_α``. Expanding,
+the least-squares target of ``f_α(Ŵ) = ‖W X_α − Ŵ X‖²``. α = 1 is the objective above in full
+(every layer asked to undo all of the error upstream of it), α → 0 the quantized model's own
+(``target=quantized``). The whole way was measured worse than the layer's own target on
+SmolLM2-135M; GPTAQ's reference implementation scales this term by 0.25, and so does cdq by
+default (:data:`FP_SHARE`), which was measured better than both (BENCHMARKS.md, "The
+full-precision target part of the way"). The expansion below holds for ``f_α`` with ``X̃``
+replaced by ``X_α``; :func:`fp_objective`, the report's error, stays the whole-way ``f``.
+Expanding,
 
     f(Ŵ) = ‖(W* − Ŵ) X‖² + 2λ tr((W* − W)(W* − Ŵ)ᵀ) + const
 

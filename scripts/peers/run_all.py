@@ -81,7 +81,8 @@ def rows(cdq_extra: list[str], label: str | None) -> dict[str, Row]:
             table[name] = Row(name, "llm-compressor", recipe, bits, "peer", argv)
         for key, recipe, flags in (
             ("cdq", "cdq", ["--method", "cdq"]),
-            # cdq's best recipe in BENCHMARKS.md: the preset (cdq after the Hadamard rotation)
+            # cdq's best recipe in BENCHMARKS.md: the preset (cdq after the Hadamard rotation,
+            # against the full-precision target a quarter of the way)
             (
                 "cdq-hadamard",
                 "cdq-hadamard preset",
