@@ -222,22 +222,44 @@ def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(rank=rank, world=world, backend=backend), device
 
 
+_ABANDONED: list[threading.Event] = []  # rendezvous waits a signal ended (set: the helper returned)
+
+
+def rendezvous_abandoned() -> bool:
+    """Whether Ctrl-C or SIGTERM ended a rendezvous wait whose helper thread is still blocked in
+    torch's store (C++, which Python cannot interrupt). Python's own exit may then wait on it
+    without end, so the command line ends such a process at once, after its one line
+    (:func:`cdq_cli.cli.main`)."""
+    return any(not returned.is_set() for returned in _ABANDONED)
+
+
 def _rendezvous(rank: int, world: int) -> Any:
     """The store of the run's processes (torch's ``env://`` rendezvous), joined in a helper thread
-    so that this one stays free to handle Ctrl-C and SIGTERM while it waits."""
+    so that this one stays free to handle Ctrl-C and SIGTERM while it waits.
+
+    The wait is on an event the helper sets when it returns, not on ``Thread.join``: a
+    KeyboardInterrupt inside ``join``'s lock wait makes CPython 3.11 release the still-running
+    thread's state lock and mark it stopped (its bpo-45274 clean-up), which leaves that thread's
+    state wrong for the rest of the process."""
     seconds = float(os.environ.get(RENDEZVOUS_ENV, 120))
     found: dict[str, Any] = {}
+    returned = threading.Event()
 
     def join() -> None:
         try:
             found["store"] = next(dist.rendezvous("env://", timeout=timedelta(seconds=seconds)))[0]
         except BaseException as exc:  # handed to the waiting thread
             found["error"] = exc
+        finally:
+            returned.set()
 
-    helper = threading.Thread(target=join, name="cdq-rendezvous", daemon=True)
-    helper.start()
-    while helper.is_alive():
-        helper.join(0.1)  # a signal is handled between these short waits
+    threading.Thread(target=join, name="cdq-rendezvous", daemon=True).start()
+    try:
+        while not returned.wait(0.1):  # a signal is handled between these short waits
+            pass
+    except BaseException:
+        _ABANDONED.append(returned)  # the helper may still be blocked in torch's store
+        raise
     if "store" in found:
         return found["store"]
     raise RendezvousError(_rendezvous_failure(found.get("error"), rank, world, seconds)) from None

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -753,3 +754,30 @@ def test_every_promise_points_at_tests_that_exist() -> None:
         for name in re.findall(r"^def (test_[a-z0-9_]+)\(", path.read_text(encoding="utf-8"), re.M)
     }
     assert len(named) >= 20 and named <= defined, sorted(named - defined)
+
+
+def test_a_rendezvous_wait_ended_by_a_signal_is_marked_while_its_helper_is_blocked(monkeypatch) -> None:
+    """Ctrl-C during the rendezvous leaves its helper thread blocked in torch's store: that is
+    recorded (the command line then ends the process without Python's exit, which could wait on
+    the thread), and no longer once the helper has returned."""
+    import _thread
+
+    import torch.distributed as dist
+
+    from cdq_cli import parallel
+
+    release = threading.Event()
+
+    def blocked(*_args, **_kwargs):
+        release.wait(30)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(dist, "rendezvous", blocked)
+    monkeypatch.setattr(parallel, "_ABANDONED", [])
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        parallel._rendezvous(0, 2)
+    assert parallel.rendezvous_abandoned()
+    release.set()
+    assert parallel._ABANDONED[0].wait(10)
+    assert not parallel.rendezvous_abandoned()
