@@ -408,6 +408,16 @@ def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -
         time.sleep(0.1)
 
 
+def _as_from_a_terminal() -> None:
+    """A child's Ctrl-C as a terminal's foreground command has it: default disposition, unblocked.
+    An ignored SIGINT is inherited through exec; twice in the full suite (never in a run of this
+    file alone) the SIGINT case hung and, in the same run, ``_thread.interrupt_main`` did nothing in
+    the test process, i.e. its SIGINT was no longer Python's handler (what changed it was not
+    found)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signals_end_the_rendezvous_wait(sig, code, stories, calib, tmp_path) -> None:
     port = free_port()
@@ -418,6 +428,7 @@ def test_signals_end_the_rendezvous_wait(sig, code, stories, calib, tmp_path) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         _wait_for_port(port, waiting)  # rank 0 serves the rendezvous: it is waiting now
@@ -774,9 +785,15 @@ def test_a_rendezvous_wait_ended_by_a_signal_is_marked_while_its_helper_is_block
 
     monkeypatch.setattr(dist, "rendezvous", blocked)
     monkeypatch.setattr(parallel, "_ABANDONED", [])
-    threading.Timer(0.3, _thread.interrupt_main).start()
-    with pytest.raises(KeyboardInterrupt):
-        parallel._rendezvous(0, 2)
+    # Python's own Ctrl-C handler, whatever an earlier in-process launch left (torch elastic
+    # installs its own and keeps it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            parallel._rendezvous(0, 2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert parallel.rendezvous_abandoned()
     release.set()
     assert parallel._ABANDONED[0].wait(10)
