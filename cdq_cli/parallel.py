@@ -222,17 +222,6 @@ def from_environment(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(rank=rank, world=world, backend=backend), device
 
 
-_ABANDONED: list[threading.Event] = []  # rendezvous waits a signal ended (set: the helper returned)
-
-
-def rendezvous_abandoned() -> bool:
-    """Whether Ctrl-C or SIGTERM ended a rendezvous wait whose helper thread is still blocked in
-    torch's store (C++, which Python cannot interrupt). Python's own exit may then wait on it
-    without end, so the command line ends such a process at once, after its one line
-    (:func:`cdq_cli.cli.main`)."""
-    return any(not returned.is_set() for returned in _ABANDONED)
-
-
 def _rendezvous(rank: int, world: int) -> Any:
     """The store of the run's processes (torch's ``env://`` rendezvous), joined in a helper thread
     so that this one stays free to handle Ctrl-C and SIGTERM while it waits.
@@ -254,12 +243,8 @@ def _rendezvous(rank: int, world: int) -> Any:
             returned.set()
 
     threading.Thread(target=join, name="cdq-rendezvous", daemon=True).start()
-    try:
-        while not returned.wait(0.1):  # a signal is handled between these short waits
-            pass
-    except BaseException:
-        _ABANDONED.append(returned)  # the helper may still be blocked in torch's store
-        raise
+    while not returned.wait(0.1):  # a signal is handled between these short waits
+        pass
     if "store" in found:
         return found["store"]
     raise RendezvousError(_rendezvous_failure(found.get("error"), rank, world, seconds)) from None

@@ -86,22 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = _on_sigterm()
     unwatch = _watchdog()
     try:
-        code = _main(args)
+        return _main(args)
     finally:
         if unwatch is not None:
             unwatch()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if code in (130, 143):
-        from ..parallel import rendezvous_abandoned
-
-        if rendezvous_abandoned():
-            # stopped while a helper thread was blocked in C++ (the rendezvous): the line is
-            # printed, and Python's exit could wait on that thread without end, so end here
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return code
 
 
 def _main(args: list[str]) -> int:

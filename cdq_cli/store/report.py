@@ -101,7 +101,7 @@ def render(record: RunRecord) -> dict[str, Any]:
         "true_sequential": described["true_sequential"],
         "fp_inputs": described["fp_inputs"],
         "target": record.settings.target,
-        **({"fp_share": record.settings.fp_share} if record.settings.target == "fp" else {}),
+        **({"fp_share": described["fp_share"]} if "fp_share" in described else {}),
         "transform": record.transform or {"name": "none"},
         "sigma_dtype": described["sigma_dtype"],
         "calibration": record.calibration,
