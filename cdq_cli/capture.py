@@ -118,14 +118,15 @@ def layer_pair_sigma(
     """The full-precision target's accumulator (:class:`~cdq_cli.solvers.sigma.PairedSigmaAccumulator`)
     for ``layer``, and the function that folds in one batch: ``add(module, args, fp_input)`` with
     the layer's own inputs ``args`` (the model being quantized) and its input in the
-    full-precision model on the same tokens. Conv inputs become patches exactly as for Σ."""
+    full-precision model on the same tokens. Conv inputs become patches exactly as for Σ. The
+    accumulator reads the layer's weight at each addition (W: the layer is not solved yet)."""
     device = layer.weight.device
     if isinstance(layer, nn.Conv2d):
         groups = layer.groups
         columns = layer.weight[0].numel()
         acc = wrap(
             PairedSigmaAccumulator(
-                columns, groups=None if groups == 1 else groups, device=device, dtype=dtype
+                layer.weight, columns, groups=None if groups == 1 else groups, device=device, dtype=dtype
             )
         )
 
@@ -141,7 +142,7 @@ def layer_pair_sigma(
 
         return acc, conv
     if isinstance(layer, nn.Linear):
-        linear = wrap(PairedSigmaAccumulator(layer.in_features, device=device, dtype=dtype))
+        linear = wrap(PairedSigmaAccumulator(layer.weight, layer.in_features, device=device, dtype=dtype))
         return linear, lambda _module, args, fp_input: linear.add_pair(fp_input, args[0])
     raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
 

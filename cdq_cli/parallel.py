@@ -413,8 +413,9 @@ def replay(
 class Deferred:
     """A Σ accumulator whose additions are recorded now and made later, in order.
 
-    Stands in for a :class:`~cdq_cli.solvers.SigmaAccumulator` (``add_linear``) or a
-    ``GroupedSigmaAccumulator`` (``add_columns``) while a rank runs its forward passes; its inputs
+    Stands in for a :class:`~cdq_cli.solvers.SigmaAccumulator` (``add_linear``), a
+    ``GroupedSigmaAccumulator`` (``add_columns``) or a ``PairedSigmaAccumulator`` (``add_pair``,
+    ``add_pair_columns``) while a rank runs its forward passes; its inputs
     are copied (the forward may reuse their memory) to ``keep``'s device. :meth:`replay` makes the
     additions, in the order recorded, on the real accumulator.
     """
@@ -486,12 +487,19 @@ class Deferred:
         return self.real.tokens
 
     @property
-    def cross(self) -> torch.Tensor:
-        return self.real.cross
+    def residual(self) -> torch.Tensor:
+        return self.real.residual
 
     @property
-    def sigma_fp(self) -> torch.Tensor:
-        return self.real.sigma_fp
+    def energy(self) -> torch.Tensor:
+        return self.real.energy
+
+    @property
+    def upstream(self) -> torch.Tensor:
+        return self.real.upstream
+
+    def share_sigma(self, owner: Any) -> None:
+        self.real.share_sigma(owner)
 
 
 def timed(ranks: Ranks, work: Callable[[], Any]) -> Any:

@@ -58,10 +58,10 @@ from .solvers import (
     run_unweighted,
 )
 from .solvers.bands import finish, lockstep, row_bands, shared
-from .solvers.grid import all_finite
+from .solvers.grid import GridSpec, all_finite
 from .solvers.grouped import energy, group_spec, solve_grouped, solve_grouped_unweighted, stack_results
 from .solvers.result import working_energy
-from .solvers.target import fp_energy, fp_objective, fp_target
+from .solvers.target import fp_correction, fp_objective
 from .store.journal import Journal, ResumeState
 from .store.layer import QuantizedLayer, matrix_shape
 
@@ -173,7 +173,8 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
     if settings.target == "fp" and fused:
         raise ValueError(
             f"-o target=fp does not support fused experts ({fused[0]}): the full-precision and the "
-            "quantized model route tokens to different experts, so their inputs do not pair up"
+            "quantized model route tokens to different experts, so their inputs do not pair up "
+            "(-o target=quantized solves them)"
         )
     for name, layer in layers.items():
         spec = settings.grid_for(name)
@@ -408,9 +409,6 @@ class _Run:
         everything = [name for group in groups for name in group]
         if self._unweighted(block, index, everything) and self.unweighted(block, index, groups, acts):
             return
-        fp = None
-        if self.fp_acts is not None:  # the block's full-precision weights run the other stream
-            fp = (FullPrecision(block, everything), self.fp_acts)
         if self.settings.fp_inputs:
             # COMQ's setting: every Σ and the next block's inputs come from the full-precision block.
             sigmas = _collect(
@@ -418,18 +416,30 @@ class _Run:
             )
             self.solve(block, index, everything, sigmas)
             return
-        if self.settings.true_sequential:
-            # Each group's Σ is collected after the earlier groups of this block were quantized.
-            for group in groups:
-                sigmas = _collect(self.adapter, block, acts, group, self.settings, ranks=self.ranks, fp=fp)
-                self.solve(block, index, group, sigmas)
-        else:
-            sigmas = _collect(self.adapter, block, acts, everything, self.settings, ranks=self.ranks, fp=fp)
-            self.solve(block, index, everything, sigmas)
+        # Each group's Σ is collected after the earlier groups of this block were quantized (true
+        # sequential), or every Σ at once.
+        passes = groups if self.settings.true_sequential else [everything]
+        # -o target=fp: the block's full-precision weights run the other stream, and its last pass
+        # over the block advances that stream, so they are dropped before the last solve
+        fp = None if self.fp_acts is None else FullPrecision(block)
+        for k, names in enumerate(passes):
+            last = k == len(passes) - 1
+            sigmas = _collect(
+                self.adapter,
+                block,
+                acts,
+                names,
+                self.settings,
+                ranks=self.ranks,
+                fp=None if fp is None else (fp, self.fp_acts),
+                advance_fp=last,
+            )
+            if fp is not None and not last:
+                fp.keep(names)  # these are solved now; later passes run them at full precision
+            if last:
+                fp = None
+            self.solve(block, index, names, sigmas)
         _forward(self.adapter, block, acts)
-        if fp is not None:
-            with fp[0].active():
-                _forward(self.adapter, block, fp[1])
 
     def _unweighted(self, block: nn.Module, index: int, names: list[str]) -> bool:
         """Whether this block's layers may be solved without Σ (:meth:`unweighted`): the method
@@ -844,39 +854,80 @@ def _band_phases(
     if not all_finite(sigma):
         raise ValueError(f"{name}: Σ of the calibration inputs has NaN/Inf entries (activations overflowed?)")
     weight = matrix[lo:hi].to(sigma.dtype)
-    paired = settings.target == "fp"
+    if settings.target == "fp":
+        return (yield from _fp_band_phases(name, weight, acc, settings, spec, lo, hi))
     same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
-        # -o target=fp: the solver runs on W*_α (solvers.target), whose objective on Σ is
-        # ‖W X_α − Ŵ X‖² up to a constant (X_α: the inputs a share α of the way toward X̃)
-        damping = settings.options.get("damping", 0.01)
-        target = fp_target(weight, sigma, acc.cross, damping, settings.fp_share) if paired else weight
         if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
-            result = solve_grouped(settings.method, target, sigma, spec, settings.options)
+            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
             rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
         else:
-            result = yield from run_solver_phases(settings.method, target, sigma, spec, settings.options)
+            result = yield from run_solver_phases(settings.method, weight, sigma, spec, settings.options)
             rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if settings.compare_rtn and same:
         rtn = result
-    if not all_finite(result.weight) or not math.isfinite(result.objective):
-        raise ValueError(f"{name}: {settings.method} produced non-finite weights")
-    if paired:  # the report's errors are the true objective ‖W X̃ − Ŵ X‖², RTN's on the same terms
-        cross, sigma_fp = acc.cross, acc.sigma_fp
-        return Band(
-            name,
-            result,
-            fp_energy(weight, sigma_fp),
-            None if rtn is None else fp_objective(weight, rtn.weight, sigma, cross, sigma_fp),
-            fp_objective(weight, result.weight, sigma, cross, sigma_fp),
-            acc.tokens,
-        )
+    _check_result(name, result, settings)
     reference = energy(weight, sigma) if sigma.dim() == 3 else working_energy(weight, sigma)
     rtn_error = None if rtn is None else rtn.objective
     return Band(name, result, reference, rtn_error, result.objective, acc.tokens)
+
+
+def _fp_band_phases(
+    name: str,
+    weight: torch.Tensor,
+    acc: Any,
+    settings: Settings,
+    spec: GridSpec,
+    lo: int,
+    hi: int,
+) -> Generator[None, None, Band]:
+    """:func:`_band_phases` for ``-o target=fp``: the solver runs on ``W*_α = W + α K`` (K = R H⁻¹,
+    :mod:`cdq_cli.solvers.target`), whose objective on Σ is ‖W X_α − Ŵ X‖² up to a constant (X_α:
+    the inputs a share α of the way toward X̃). The report's errors are the true ‖W X̃ − Ŵ X‖²
+    (RTN's on the same terms, measured first, on W).
+
+    No layer-sized matrix is added for it: K is written over these rows of the layer's residual R
+    (not needed again) and W* over ``weight`` (these rows of the layer's own weight, which the
+    result replaces when it is written back; W is ``W* − α K`` for the report). The correction's
+    factor is made in a phase of its own, dropped before the solver factors Σ."""
+    sigma, share = acc.sigma, settings.fp_share
+    damping = settings.options.get("damping", 0.01)
+    rows = _rows(acc.residual, lo, hi)
+    upstream = float(acc.upstream[lo:hi].sum())
+    grouped = sigma.dim() == 3
+    try:
+        rows.copy_(fp_correction(sigma, rows, damping))  # K, in R's memory
+        rtn_error = None
+        if settings.compare_rtn:
+            rtn = (solve_grouped if grouped else run_solver)("rtn", weight, sigma, spec, {})
+            rtn_error = fp_objective(weight, rtn.weight, sigma, rows, damping, upstream)
+            del rtn
+        weight.add_(rows.reshape(weight.shape), alpha=share)  # W*, in W's memory
+        yield
+        if grouped:
+            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
+        else:
+            result = yield from run_solver_phases(settings.method, weight, sigma, spec, settings.options)
+    except (ValueError, FloatingPointError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    _check_result(name, result, settings)
+    original = weight.sub(rows.reshape(weight.shape), alpha=share)
+    error = fp_objective(original, result.weight, sigma, rows, damping, upstream)
+    return Band(name, result, float(acc.energy[lo:hi].sum()), rtn_error, error, acc.tokens)
+
+
+def _check_result(name: str, result: QuantResult, settings: Settings) -> None:
+    if not all_finite(result.weight) or not math.isfinite(result.objective):
+        raise ValueError(f"{name}: {settings.method} produced non-finite weights")
+
+
+def _rows(residual: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of a layer's target=fp residual (a grouped one, (G, q/G, c), is whole: a
+    grouped layer is one band)."""
+    return residual[lo:hi] if residual.dim() == 2 else residual
 
 
 def _assemble(bands: list[Band], settings: Settings) -> tuple[LayerRow, QuantResult]:
@@ -962,14 +1013,23 @@ def _rows_of(block: nn.Module, name: str) -> int:
 
 
 class FullPrecision:
-    """The full-precision weights of a block's layers ``names`` (copied before any is solved), put
-    in place for the passes of the full-precision stream (``-o target=fp``) and taken out again:
-    the same modules run both streams, whatever the block is (a decoder layer, a view over a
-    vision model's modules)."""
+    """The full-precision weights of a block's solved layers, put in place for the passes of the
+    full-precision stream (``-o target=fp``) and taken out again: the same modules run both
+    streams, whatever the block is (a decoder layer, a view over a vision model's modules). A layer
+    not solved yet holds its full-precision weight itself; :meth:`keep` copies a layer's before it
+    is solved, so only the layers solved so far are held twice."""
 
-    def __init__(self, block: nn.Module, names: list[str]) -> None:
-        self.weights = [layer_weight(block, name) for name in names]
-        self.saved = [weight.detach().clone() for weight in self.weights]
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.weights: list[torch.Tensor] = []
+        self.saved: list[torch.Tensor] = []
+
+    def keep(self, names: list[str]) -> None:
+        """Copy the full-precision weights of ``names`` (about to be solved)."""
+        for name in names:
+            weight = layer_weight(self.block, name)
+            self.weights.append(weight)
+            self.saved.append(weight.detach().clone())
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -1006,6 +1066,7 @@ def _collect(
     advance: bool = False,
     ranks: Ranks | None = None,
     fp: tuple[FullPrecision, Activations] | None = None,
+    advance_fp: bool = False,
 ) -> dict[str, SigmaAccumulator]:
     """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
     replace ``acts`` (the inputs are not needed again).
@@ -1013,7 +1074,10 @@ def _collect(
     With ``fp`` (``-o target=fp``: the block's full-precision weights and the full-precision
     model's stream), each batch first runs through the block with those weights in place on the
     full-precision stream, recording the layers' inputs, and the accumulators are the paired ones
-    (Σ, the cross term X̃ Xᵀ and X̃ X̃ᵀ).
+    (:class:`~cdq_cli.solvers.sigma.PairedSigmaAccumulator`: Σ, shared as below, and each layer's
+    own products of W with both streams); with ``advance_fp`` that pass's outputs replace the
+    full-precision stream's inputs (the block's last pass over it: its weights are then needed no
+    more).
 
     Layers fed the very same input tensor in a forward pass (q/k/v, gate/up) share one Σ: the
     first of them accumulates it, the others point at it (found on the first batch, checked on
@@ -1080,9 +1144,11 @@ def _collect(
                     seen.append((args[0], name))
             if first[0] and owner != name:
                 shares[name] = owner
+                if fp is not None:  # its own W-products, the owner's Σ
+                    sigmas[name].share_sigma(sigmas[owner])
             elif shares.get(name, name) != owner:
                 raise RuntimeError(f"{name}: its input changed identity between batches (a cdq bug)")
-            if owner == name:
+            if owner == name or fp is not None:
                 add(module, args)
 
         handles.append(layer.register_forward_pre_hook(hook))
@@ -1097,9 +1163,12 @@ def _collect(
                     fp_pass[0] = True
                     try:
                         with fp[0].active():
-                            _forward_batch(adapter, block, fp[1], i)
+                            fp_out = _forward_batch(adapter, block, fp[1], i)
                     finally:
                         fp_pass[0] = False
+                    if advance_fp:
+                        fp[1].inputs.hidden[i] = fp[1].keep(fp_out)
+                    del fp_out
                 out = _forward_batch(adapter, block, acts, i)
                 first[0] = False
                 if advance:
@@ -1108,11 +1177,12 @@ def _collect(
             for handle in handles:
                 handle.remove()
     if ranks.active:  # in the order the accumulators were made: the same on every rank
-        used = {id(sigmas[name]) for name in sigmas if name not in shares}
+        used = {id(sigmas[name]) for name in sigmas if name not in shares or fp is not None}
         used |= {id(acc) for capture, leaf in experts.values() for acc in capture.sigmas[leaf]}
         ranks.reduce_in_order([acc for acc in deferred if id(acc) in used])
-    for name, owner in shares.items():
-        sigmas[name] = sigmas[owner]
+    if fp is None:  # (paired accumulators share Σ, each has its own W-products)
+        for name, owner in shares.items():
+            sigmas[name] = sigmas[owner]
     for name, (capture, leaf) in experts.items():
         sigmas[name] = ExpertSigmas(capture.sigmas[leaf])  # type: ignore[assignment]
     return sigmas

@@ -10,7 +10,7 @@ writes them out); it parses nothing and imports nothing of cdq but the grid's ty
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import regex
@@ -52,6 +52,7 @@ class Settings:
     gguf_type: str | None = None
     gguf_layers: dict[str, str | None] | None = None
     transform: str = "none"  # --transform: an equivalence transform before quantization
+    fused_experts: bool = False  # the model has fused experts (set once it is loaded: :meth:`for_model`)
 
     def grid_for(self, name: str) -> GridSpec | None:
         """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is
@@ -104,12 +105,25 @@ class Settings:
     @property
     def target(self) -> str:
         """``-o target``: ``fp`` quantizes against the full-precision model's outputs (the driver
-        captures two activation streams); ``quantized`` (the default) against the layer's own
-        outputs on the quantized model's inputs."""
+        captures two activation streams); ``quantized`` against the layer's own outputs on the
+        quantized model's inputs. When not given, the method's default (cdq's is ``fp``), except
+        where the full-precision target cannot apply, where the default is ``quantized``: with
+        ``--fp-inputs`` (every layer is fed the full-precision model's inputs already) and on a
+        model with fused experts (the two models route tokens to different experts, so their inputs
+        do not pair up). Given explicitly there, it is refused (:func:`cdq_cli.run.plan.settle`,
+        :func:`cdq_cli.pipeline.validate`)."""
         given = self.options.get("target")
-        if given is None and self.quantizing and "target" in find_method(self.method).options:
-            given = option_default(self.method, "target")
-        return str(given or "quantized")
+        if given is not None:
+            return str(given)
+        if not self.quantizing or "target" not in find_method(self.method).options:
+            return "quantized"
+        if self.fp_inputs or self.fused_experts:
+            return "quantized"
+        return str(option_default(self.method, "target"))
+
+    def for_model(self, fused_experts: bool) -> Settings:
+        """These settings for a model that has fused experts or not (:attr:`target`'s default)."""
+        return self if fused_experts == self.fused_experts else replace(self, fused_experts=fused_experts)
 
     @property
     def fp_share(self) -> float:

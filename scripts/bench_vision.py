@@ -52,15 +52,15 @@ CONFIGS = {
     "comq": ("COMQ (per-channel)", "comq", False, False, {}),
     "comq-layer": ("COMQ (per-layer)", "comq", True, False, {}),
     "quantease": ("QuantEase", "quantease", False, False, {}),
-    "cdq": ("cdq", "cdq", False, False, {"target": "quantized"}),
+    "cdq": ("cdq, -o target=quantized", "cdq", False, False, {"target": "quantized"}),
     "comq-fp": ("COMQ (per-channel, FP inputs)", "comq", False, True, {}),
     "gptq-fp": ("GPTQ, -o target=fp", "gptq", False, False, {"target": "fp"}),
-    "cdq-fp": ("cdq, -o target=fp", "cdq", False, False, {"target": "fp"}),
+    "cdq-fp": ("cdq (its default -o target=fp)", "cdq", False, False, {"target": "fp"}),
     # the whole way (-o fp_share=1): the FP-target rows measured before fp_share existed
     "gptq-fp-whole": ("GPTQ, -o target=fp -o fp_share=1", "gptq", False, False, WHOLE_WAY),
     "cdq-fp-whole": ("cdq, -o target=fp -o fp_share=1", "cdq", False, False, WHOLE_WAY),
 }
-DEFAULT = ["rtn", "gptq", "comq", "comq-layer", "quantease", "cdq"]
+DEFAULT = ["rtn", "gptq", "comq", "comq-layer", "quantease", "cdq", "cdq-fp"]
 
 
 def cached_images(seed: int, nsamples: int) -> Path:

@@ -26,7 +26,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     ranks, _ = from_environment(torch.device("cpu"))
     plain = [SigmaAccumulator(width) for width in WIDTHS]
-    paired = PairedSigmaAccumulator(96)
+    paired = PairedSigmaAccumulator(torch.randn(40, 96, generator=torch.Generator().manual_seed(5)), 96)
     accs = [*plain, paired]
     recorded = [Deferred(acc) for acc in accs] if ranks.active else accs
     for i in ranks.batches(BATCHES):
@@ -38,7 +38,8 @@ def main(out: str) -> None:
     if ranks.leader:
         state = {f"sigma{w}": acc.sigma for acc, w in zip(plain, WIDTHS, strict=True)}
         state |= {f"tokens{w}": torch.tensor(acc.tokens) for acc, w in zip(plain, WIDTHS, strict=True)}
-        state |= {"paired_sigma": paired.sigma, "cross": paired.cross, "sigma_fp": paired.sigma_fp}
+        state |= {"paired_sigma": paired.sigma, "residual": paired.residual, "energy": paired.energy}
+        state |= {"upstream": paired.upstream}
         torch.save(state, out)
     close(ranks)  # leave the process group before exiting (gloo's threads abort an exit without it)
 

@@ -16,7 +16,7 @@ from tiny_lm import save_tiny
 from cdq_cli.models import load_causal_lm
 from cdq_cli.solvers import solve
 from cdq_cli.solvers.sigma import PairedSigmaAccumulator
-from cdq_cli.solvers.target import FP_SHARE, fp_energy, fp_objective, fp_target
+from cdq_cli.solvers.target import FP_SHARE, fp_correction, fp_objective, fp_target
 from cdq_cli.store.reopen import load_quantized
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
@@ -30,65 +30,126 @@ def _streams(seed: int = 0, p: int = 12, n: int = 300, q: int = 6):
     return w, x, x_fp, gen
 
 
+def _paired(w: torch.Tensor, x: torch.Tensor, x_fp: torch.Tensor, batches: int = 3) -> PairedSigmaAccumulator:
+    """The statistics of the two streams, folded in a few batches of tokens at a time."""
+    acc = PairedSigmaAccumulator(w, x.shape[0], dtype=x.dtype)
+    for cols, fp_cols in zip(x.T.chunk(batches), x_fp.T.chunk(batches), strict=True):
+        acc.add_pair(fp_cols, cols)
+    return acc
+
+
+def test_the_paired_statistics_are_what_w_makes_of_both_streams() -> None:
+    """Σ = X Xᵀ, the residual W (X̃ − X) Xᵀ = W (C − Σ), and per row ‖W X̃‖² and ‖W (X̃ − X)‖²,
+    against their definitions."""
+    w, x, x_fp, _ = _streams(5)
+    acc = _paired(w, x, x_fp)
+    torch.testing.assert_close(acc.sigma, x @ x.T, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(acc.residual, w @ (x_fp @ x.T - x @ x.T), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(acc.energy, ((w @ x_fp) ** 2).sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.upstream, ((w @ (x_fp - x)) ** 2).sum(1), rtol=1e-10, atol=0)
+    assert acc.tokens == x.shape[1]
+
+
+def test_a_layer_sharing_sigma_reads_its_owners_and_keeps_its_own_products() -> None:
+    w, x, x_fp, gen = _streams(6)
+    other = torch.randn(4, x.shape[0], generator=gen, dtype=torch.float64)
+    owner = PairedSigmaAccumulator(w, x.shape[0], dtype=x.dtype)
+    sharer = PairedSigmaAccumulator(other, x.shape[0], dtype=x.dtype)
+    sharer.share_sigma(owner)
+    owner.add_pair(x_fp.T, x.T)
+    sharer.add_pair(x_fp.T, x.T)
+    assert sharer.sigma is owner.sigma and len(sharer.state_tensors()) == 3
+    torch.testing.assert_close(sharer.residual, _paired(other, x, x_fp, 1).residual, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        owner.share_sigma(sharer)
+
+
 @pytest.mark.parametrize("share", [1.0, FP_SHARE, 0.6])
 def test_the_solvers_objective_on_w_star_is_the_true_objective_up_to_a_constant(share) -> None:
     """On W*_α the solver's ‖(W*_α − Ŵ) X‖² (plus the ridge's term) differs from
-    ‖W X_α − Ŵ X‖², X_α = X + α (X̃ − X), by a constant; α = 1 is ‖W X̃ − Ŵ X‖² itself."""
+    ‖W X_α − Ŵ X‖², X_α = X + α (X̃ − X), by a constant; α = 1 is ‖W X̃ − Ŵ X‖² itself, which
+    the report's :func:`fp_objective` gives."""
     w, x, x_fp, gen = _streams()
-    sigma, cross, sigma_fp = x @ x.T, x_fp @ x.T, x_fp @ x_fp.T
+    acc = _paired(w, x, x_fp)
+    sigma, residual, upstream = acc.sigma, acc.residual, float(acc.upstream.sum())
     x_share = x + share * (x_fp - x)
     for damping in (0.0, 0.01):
-        target = fp_target(w, sigma, cross, damping, share)
+        target = fp_target(w, sigma, residual, damping, share)
+        correction = fp_correction(sigma, residual, damping)
         lam = max(damping, 1e-10) * float(sigma.diagonal().mean())
         offsets = []
         for _ in range(4):
             approx = w + 0.3 * torch.randn(w.shape, generator=gen, dtype=torch.float64)
             true = float(((w @ x_share - approx @ x) ** 2).sum())
             if share == 1.0:
-                assert fp_objective(w, approx, sigma, cross, sigma_fp) == pytest.approx(true, rel=1e-12)
+                value = fp_objective(w, approx, sigma, correction, damping, upstream)
+                assert value == pytest.approx(true, rel=1e-10)
             surrogate = float((((target - approx) @ x) ** 2).sum())
             ridge = 2 * lam * float(((target - w) * (target - approx)).sum())
             offsets.append(true - surrogate - ridge)
-        assert max(offsets) - min(offsets) <= 1e-9 * abs(offsets[0]), damping
-    assert fp_energy(w, sigma_fp) == pytest.approx(float(((w @ x_fp) ** 2).sum()), rel=1e-12)
+        assert max(offsets) - min(offsets) <= 1e-8 * abs(offsets[0]), damping
+    assert float(acc.energy.sum()) == pytest.approx(float(((w @ x_fp) ** 2).sum()), rel=1e-12)
+
+
+def test_float32_statistics_give_the_float64_target_and_objective() -> None:
+    """The driver's statistics and factor are in Σ's dtype (float32 by default): W*_α and the
+    report's error against the same computed in float64, on real-scale inputs."""
+    w, x, x_fp, gen = _streams(7, p=64, n=2000, q=16)
+    exact = _paired(w, x, x_fp)
+    single = _paired(w.float(), x.float(), x_fp.float())
+    approx = (w * 4).round() / 4
+    for share in (1.0, FP_SHARE):
+        want = fp_target(w, exact.sigma, exact.residual, 0.01, share)
+        got = fp_target(w.float(), single.sigma, single.residual, 0.01, share)
+        assert float((got.double() - want).abs().max()) <= 1e-4 * float((want - w).abs().max())
+    want = float((((w @ x_fp) - approx @ x) ** 2).sum())
+    correction = fp_correction(single.sigma, single.residual, 0.01)
+    upstream = float(single.upstream.sum())
+    got = fp_objective(w.float(), approx.float(), single.sigma, correction, 0.01, upstream)
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_a_share_of_the_way_is_that_share_of_the_correction() -> None:
     """W*_α = W + α (W*_1 − W) (the correction is linear in α), α = 1 is the whole target and
     α → 0 tends to W."""
     w, x, x_fp, _ = _streams(3)
-    sigma, cross = x @ x.T, x_fp @ x.T
-    whole = fp_target(w, sigma, cross, 0.01, 1.0)
+    acc = _paired(w, x, x_fp)
+    whole = fp_target(w, acc.sigma, acc.residual, 0.01, 1.0)
     for share in (FP_SHARE, 0.5, 1e-9):
-        torch.testing.assert_close(fp_target(w, sigma, cross, 0.01, share), w + share * (whole - w))
-    assert not torch.allclose(fp_target(w, sigma, cross, 0.01, FP_SHARE), whole)
+        part = fp_target(w, acc.sigma, acc.residual, 0.01, share)
+        torch.testing.assert_close(part, w + share * (whole - w))
+    assert not torch.allclose(fp_target(w, acc.sigma, acc.residual, 0.01, FP_SHARE), whole)
 
 
 def test_w_star_is_w_when_the_streams_agree_and_the_minimiser_otherwise() -> None:
     w, x, x_fp, _ = _streams(1)
-    sigma = x @ x.T
-    assert torch.equal(fp_target(w, sigma, sigma, 0.01, 1.0), w)  # X̃ = X: nothing to correct
-    assert torch.equal(fp_target(w, sigma, sigma, 0.01, FP_SHARE), w)
-    target = fp_target(w, sigma, x_fp @ x.T, 0.0, 1.0)
+    same = _paired(w.float(), x.float(), x.float())
+    assert not bool(same.residual.any())  # W X̃ − W X is exactly zero, batch by batch
+    for share in (1.0, FP_SHARE):
+        assert torch.equal(fp_target(w.float(), same.sigma, same.residual, 0.01, share), w.float())
+    acc = _paired(w, x, x_fp)
+    target = fp_target(w, acc.sigma, acc.residual, 0.0, 1.0)
     exact = torch.linalg.lstsq(x.T, (w @ x_fp).T).solution.T  # argmin_V ‖W X̃ − V X‖²
-    torch.testing.assert_close(target, exact, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(target, exact, rtol=1e-8, atol=1e-9)
 
 
 def test_grouped_statistics_are_the_groups_problems_side_by_side() -> None:
     gen = torch.Generator().manual_seed(2)
     groups, c, m = 3, 4, 50
     cols, fp_cols = torch.randn(groups, c, m, generator=gen), torch.randn(groups, c, m, generator=gen)
-    acc = PairedSigmaAccumulator(c, groups=groups)
-    acc.add_pair_columns(fp_cols, cols)
     w = torch.randn(groups * 2, c, generator=gen)
+    acc = PairedSigmaAccumulator(w, c, groups=groups)
+    acc.add_pair_columns(fp_cols, cols)
     approx = w.round()
-    target = fp_target(w, acc.sigma, acc.cross, 0.01, FP_SHARE)
-    value = fp_objective(w, approx, acc.sigma, acc.cross, acc.sigma_fp)
+    target = fp_target(w, acc.sigma, acc.residual, 0.01, FP_SHARE)
+    correction = fp_correction(acc.sigma, acc.residual, 0.01)
+    value = fp_objective(w, approx, acc.sigma, correction, 0.01, float(acc.upstream.sum()))
     for g in range(groups):
         rows = slice(2 * g, 2 * g + 2)
-        one = PairedSigmaAccumulator(c)
+        one = PairedSigmaAccumulator(w[rows], c)
         one.add_pair(fp_cols[g].T, cols[g].T)
-        torch.testing.assert_close(target[rows], fp_target(w[rows], one.sigma, one.cross, 0.01, FP_SHARE))
+        torch.testing.assert_close(target[rows], fp_target(w[rows], one.sigma, one.residual, 0.01, FP_SHARE))
+        torch.testing.assert_close(acc.energy[rows], one.energy)
     direct = sum(
         float(((w[2 * g : 2 * g + 2] @ fp_cols[g] - approx[2 * g : 2 * g + 2] @ cols[g]) ** 2).sum())
         for g in range(groups)
@@ -203,7 +264,8 @@ def test_the_share_changes_the_result_is_recorded_and_a_run_resumes_only_with_it
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["-o", "fp_share=0.5"], "it needs -o target=fp"),
+        (["-o", "target=quantized", "-o", "fp_share=0.5"], "it needs -o target=fp"),
+        (["--fp-inputs", "-o", "fp_share=0.5"], "--fp-inputs turns off its default target=fp"),
         (["-o", "target=fp", "-o", "fp_share=0"], "must be a number in (0, 1]"),
         (["-o", "target=fp", "-o", "fp_share=1.5"], "must be a number in (0, 1]"),
     ],
@@ -240,6 +302,36 @@ def test_target_fp_with_fp_inputs_or_fused_experts_is_refused_before_any_work(
     )
     assert code == 2 and "does not support fused experts" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+    # cdq's default target=fp yields on that model, and says so
+    code, _, err = cli(capsys, "quantize", folder, "--calib", calib, *FAST[:-1], "--output", tmp_path / "d")
+    assert code == 0 and "the model has fused experts" in err and "-o target=quantized" in err, err
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["run"]["target"] == "quantized" and "fp_share" not in report["run"]
+
+
+def test_target_fp_is_cdqs_default_and_yields_to_fp_inputs(llama, calib, tmp_path, capsys) -> None:
+    """cdq without -o target runs the full-precision target at its default share, bit for bit
+    the run that asks for it; the baselines keep their own target; with --fp-inputs cdq's default
+    is its own target (no refusal)."""
+    args = ["quantize", llama, "--bits", "3", "--calib", calib, *FAST]
+    runs = {
+        "default": [],
+        "fp": ["-o", "target=fp"],
+        "quantized": ["-o", "target=quantized"],
+        "gptq": ["--method", "gptq"],
+        "fp-inputs": ["--fp-inputs"],
+    }
+    reports, weights = {}, {}
+    for label, extra in runs.items():
+        out = tmp_path / label
+        code, _, err = cli(capsys, *args, *extra, "--output", out)
+        assert code == 0, (label, err)
+        reports[label] = json.loads((out / "report.json").read_text())["run"]
+        weights[label] = (out / "model.safetensors").read_bytes()
+    assert reports["default"]["target"] == "fp" and reports["default"]["fp_share"] == FP_SHARE
+    assert weights["default"] == weights["fp"] != weights["quantized"]
+    for label in ("quantized", "gptq", "fp-inputs"):
+        assert reports[label]["target"] == "quantized" and "fp_share" not in reports[label], label
 
 
 def test_target_is_an_option_of_the_three_methods_only(llama, tmp_path, capsys) -> None:

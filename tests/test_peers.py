@@ -119,7 +119,7 @@ def test_driver_rows_share_the_protocol(protocol) -> None:
     rows = run_all.rows(["-o", "target=fp"], "fp-target")
     cdq = [row for row in rows.values() if row.kind == "cdq"]
     peers = [row for row in rows.values() if row.kind == "peer"]
-    assert len(cdq) == 6 and len(peers) == 10
+    assert len(cdq) == 8 and len(peers) == 10  # cdq (its default), cdq-own, the preset, gptq; W3 and W4
     for row in cdq:
         flags = dict(zip(row.argv[::1], row.argv[1::1], strict=False))
         assert flags["--nsamples"] == str(protocol.NSAMPLES) and flags["--seqlen"] == str(protocol.SEQLEN)

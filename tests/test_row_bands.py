@@ -126,10 +126,10 @@ def test_shared_sigma_work_on_a_gguf_type_changes_no_bit():
 
 def test_shared_fp_target_factor_changes_no_bit():
     weight, sigma = _problem(3)
-    cross = sigma + 0.01 * torch.eye(sigma.shape[0], dtype=sigma.dtype)
-    alone = [fp_target(weight[lo:hi], sigma, cross, 0.01, 0.25) for lo, hi in BANDS]
+    residual = 0.01 * weight  # W (C − Σ) for C = Σ + 0.01 I
+    alone = [fp_target(weight[lo:hi], sigma, residual[lo:hi], 0.01, 0.25) for lo, hi in BANDS]
     with shared(sigma):
-        together = [fp_target(weight[lo:hi], sigma, cross, 0.01, 0.25) for lo, hi in BANDS]
+        together = [fp_target(weight[lo:hi], sigma, residual[lo:hi], 0.01, 0.25) for lo, hi in BANDS]
     assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
 
 

@@ -237,7 +237,8 @@ def settle(request: QuantizeRequest) -> Plan:
     if settings.transform == Transform.awq and not settings.quantizing:
         raise UsageError("--transform awq searches scales for the run's grid; --bits 16 quantizes nothing")
     if "fp_share" in settings.options and settings.target != "fp":
-        raise UsageError("-o fp_share sets how far -o target=fp's target goes; it needs -o target=fp")
+        why = "--fp-inputs turns off its default target=fp" if settings.fp_inputs else "it needs -o target=fp"
+        raise UsageError(f"-o fp_share sets how far -o target=fp's target goes; {why}")
     if settings.target == "fp" and settings.fp_inputs:
         raise UsageError(
             "-o target=fp quantizes each layer against its full-precision inputs and outputs; "

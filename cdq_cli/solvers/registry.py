@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -126,6 +126,9 @@ _DAMPING = Option("damping", "float", low=0)
 # -o target=fp: quantize against the full-precision model's outputs (solvers.target; the driver
 # captures the statistics and hands the solver W* in place of W)
 _TARGET = Option("objective target", "choice", choices=TARGETS, solver=False, default="quantized")
+# cdq's default: it wins on every model measured (BENCHMARKS.md, "-o target=fp as cdq's default");
+# it yields to target=quantized where it cannot apply (records.Settings.target)
+_CDQ_TARGET = replace(_TARGET, default="fp")
 # -o fp_share: how far toward the full-precision inputs target=fp's target is taken (GPTAQ's α)
 _FP_SHARE = Option(
     "share of the full-precision inputs in target=fp",
@@ -248,7 +251,7 @@ METHODS: dict[str, Method] = {
                     "float",
                     low=0,
                 ),
-                "target": _TARGET,
+                "target": _CDQ_TARGET,
                 "fp_share": _FP_SHARE,
             },
         ),
@@ -326,7 +329,7 @@ def solve(
     if checked.get("target", "quantized") != "quantized" or "fp_share" in checked:
         raise ValueError(
             "target=fp (and its fp_share) needs the full-precision inputs' statistics: solve on "
-            "cdq_cli.solvers.target.fp_target(weight, sigma, cross, damping, share) instead of the weight"
+            "cdq_cli.solvers.target.fp_target(weight, sigma, residual, damping, share) instead of the weight"
         )
     return run_solver(method, weight, sigma, spec, checked)
 

@@ -13,6 +13,8 @@ more product of each layer's size per token, where Σ costs columns² per token,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -91,57 +93,101 @@ class SigmaAccumulator:
 
 
 class PairedSigmaAccumulator:
-    """The statistics of the full-precision target (:mod:`.target`) for a layer that sees ``X`` in
-    the model being quantized and ``X̃`` in the full-precision model on the same tokens:
-    ``sigma`` = X Xᵀ, ``cross`` = X̃ Xᵀ and ``sigma_fp`` = X̃ X̃ᵀ, each (features, features), or
-    (groups, features, features) for a grouped convolution (``groups`` given)."""
+    """The statistics of the full-precision target (:mod:`.target`) for a layer ``W`` (q × p) that
+    sees ``X`` in the model being quantized and ``X̃`` in the full-precision model on the same
+    tokens:
+
+    - ``sigma`` = X Xᵀ (p × p), shared with the other layers fed the very same input
+      (:meth:`share_sigma`: q/k/v, gate/up);
+    - ``residual`` = W (X̃ − X) Xᵀ (q × p): all the target needs of the cross term X̃ Xᵀ;
+    - ``energy`` = ‖W X̃‖² and ``upstream`` = ‖W (X̃ − X)‖², per output row (float64): the report's
+      reference and the part of the objective no Ŵ changes.
+
+    No p × p statistic but Σ: ``W X̃`` and ``W X`` are computed per batch (one product of the
+    layer's size each), so X̃ Xᵀ and X̃ X̃ᵀ are never formed, and the difference ``W (X̃ − X)`` is
+    taken before anything is summed (exactly zero where the two streams agree, so W* = W there).
+    ``weight`` is the layer's weight parameter, read at each addition: it holds W (full precision)
+    while the layer's statistics are collected. A grouped convolution (``groups`` given) has Σ
+    (G, c, c), ``residual`` (G, q/G, c)."""
 
     def __init__(
         self,
+        weight: torch.Tensor,
         features: int,
         *,
         groups: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        rows = weight.shape[0]
+        self.weight = weight
+        self.groups = groups
         shape = (features, features) if groups is None else (groups, features, features)
-        self.sigma = torch.zeros(shape, device=device, dtype=dtype)
-        self.cross = torch.zeros_like(self.sigma)
-        self.sigma_fp = torch.zeros_like(self.sigma)
+        self._sigma: torch.Tensor | None = torch.zeros(shape, device=device, dtype=dtype)
+        self._owner: PairedSigmaAccumulator | None = None
+        per = (rows, features) if groups is None else (groups, rows // groups, features)
+        self.residual = torch.zeros(per, device=device, dtype=dtype)
+        self.energy = torch.zeros(rows, device=device, dtype=torch.float64)
+        self.upstream = torch.zeros_like(self.energy)
         self.tokens = 0
 
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self._sigma if self._owner is None else self._owner.sigma
+
+    def share_sigma(self, owner: Any) -> None:
+        """Σ is ``owner``'s (a layer fed the very same inputs, which accumulates it): this one stops
+        accumulating its own (before its first addition) and reads the owner's."""
+        if self.tokens:
+            raise RuntimeError("Σ can only be shared before the first batch is added (a cdq bug)")
+        self._owner, self._sigma = owner, None
+
     def state_tensors(self) -> list[torch.Tensor]:
-        """Every accumulated tensor (what a distributed run relays)."""
-        return [self.sigma, self.cross, self.sigma_fp]
+        """Every accumulated tensor (what a distributed run relays; a shared Σ is its owner's)."""
+        own = [] if self._sigma is None else [self._sigma]
+        return [*own, self.residual, self.energy, self.upstream]
+
+    def _matrix(self) -> torch.Tensor:
+        weight = self.weight.detach()
+        return weight.reshape(weight.shape[0], -1).to(self.residual.device, self.residual.dtype)
 
     def add_pair(self, fp_inputs: torch.Tensor, inputs: torch.Tensor) -> None:
         """Fold in one batch of a Linear's inputs from both models (any shape ending in features)."""
-        rows = inputs.reshape(-1, inputs.shape[-1]).to(self.sigma.device, self.sigma.dtype)
-        fp_rows = fp_inputs.reshape(-1, fp_inputs.shape[-1]).to(self.sigma.device, self.sigma.dtype)
-        if rows.shape != fp_rows.shape or rows.shape[1] != self.sigma.shape[-1]:
+        dtype, device = self.residual.dtype, self.residual.device
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(device, dtype)
+        fp_rows = fp_inputs.reshape(-1, fp_inputs.shape[-1]).to(device, dtype)
+        if rows.shape != fp_rows.shape or rows.shape[1] != self.residual.shape[-1]:
             raise ValueError(
-                f"paired inputs must both have {self.sigma.shape[-1]} features and the same tokens, "
+                f"paired inputs must both have {self.residual.shape[-1]} features and the same tokens, "
                 f"got {tuple(fp_rows.shape)} and {tuple(rows.shape)}"
             )
-        self.sigma.addmm_(rows.T, rows)
-        self.cross.addmm_(fp_rows.T, rows)
-        self.sigma_fp.addmm_(fp_rows.T, fp_rows)
+        weight = self._matrix()
+        fp_out = fp_rows @ weight.T  # (tokens, q): W X̃
+        gap = fp_out - rows @ weight.T  # W (X̃ − X)
+        if self._sigma is not None:
+            self._sigma.addmm_(rows.T, rows)
+        self.residual.addmm_(gap.T, rows)
+        self.energy += fp_out.square().sum(0, dtype=torch.float64)
+        self.upstream += gap.square().sum(0, dtype=torch.float64)
         self.tokens += rows.shape[0]
 
     def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
         """Fold in grouped inputs, (groups, features, M) from each model."""
-        if (
-            self.sigma.dim() != 3
-            or columns.shape != fp_columns.shape
-            or columns.shape[:2] != self.sigma.shape[:2]
-        ):
+        grouped = tuple(self.residual.shape[::2])  # (G, c)
+        if self.groups is None or columns.shape != fp_columns.shape or tuple(columns.shape[:2]) != grouped:
             raise ValueError(
-                f"grouped paired inputs must both be {tuple(self.sigma.shape[:2])} + (M,), "
+                f"grouped paired inputs must both be {grouped} + (M,), "
                 f"got {tuple(fp_columns.shape)} and {tuple(columns.shape)}"
             )
-        cols = columns.to(self.sigma.device, self.sigma.dtype)
-        fp_cols = fp_columns.to(self.sigma.device, self.sigma.dtype)
-        self.sigma.baddbmm_(cols, cols.transpose(1, 2))
-        self.cross.baddbmm_(fp_cols, cols.transpose(1, 2))
-        self.sigma_fp.baddbmm_(fp_cols, fp_cols.transpose(1, 2))
+        dtype, device = self.residual.dtype, self.residual.device
+        cols = columns.to(device, dtype)
+        fp_cols = fp_columns.to(device, dtype)
+        weight = self._matrix().reshape(self.residual.shape)  # (G, q/G, c)
+        fp_out = torch.bmm(weight, fp_cols)  # (G, q/G, M)
+        gap = fp_out - torch.bmm(weight, cols)
+        if self._sigma is not None:
+            self._sigma.baddbmm_(cols, cols.transpose(1, 2))
+        self.residual.baddbmm_(gap, cols.transpose(1, 2))
+        self.energy += fp_out.square().sum(-1, dtype=torch.float64).reshape(-1)
+        self.upstream += gap.square().sum(-1, dtype=torch.float64).reshape(-1)
         self.tokens += cols.shape[2]

@@ -46,6 +46,7 @@ from .. import __version__
 from ..cleanup import set_resume_hint
 from ..records import LayerRow, Settings
 from ..solvers import find_method
+from ..solvers.target import FP_REVISION
 from .layer import QuantizedLayer, check_record, read_packed_layer, spec_of, write_layer_tensors
 from .names import JOURNAL_OUTPUT as OUTPUT
 from .names import JOURNAL_STATE as STATE
@@ -96,7 +97,8 @@ def fingerprint(
         "versions": {
             "cdq": __version__,
             "torch": torch.__version__,
-            "solver": f"{settings.method} revision {find_method(settings.method).revision}",
+            "solver": f"{settings.method} revision {find_method(settings.method).revision}"
+            + (f", target=fp revision {FP_REVISION}" if settings.target == "fp" else ""),
         },
     }
 

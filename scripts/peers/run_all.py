@@ -80,7 +80,9 @@ def rows(cdq_extra: list[str], label: str | None) -> dict[str, Row]:
             argv += ["--recipe", recipe, "--calib", str(CALIB_FILE)]
             table[name] = Row(name, "llm-compressor", recipe, bits, "peer", argv)
         for key, recipe, flags in (
-            ("cdq", "cdq", ["--method", "cdq"]),
+            ("cdq", "cdq (default: -o target=fp)", ["--method", "cdq"]),
+            # cdq against each layer's own outputs: its default before the full-precision target
+            ("cdq-own", "cdq -o target=quantized", ["--method", "cdq", "-o", "target=quantized"]),
             # cdq's best recipe in BENCHMARKS.md: the preset (cdq after the Hadamard rotation,
             # against the full-precision target a quarter of the way)
             (
