@@ -42,6 +42,7 @@ def test_the_shipped_presets_exist_and_are_valid(capsys) -> None:
     ("preset", "flags", "share"),
     [
         ("cdq-hadamard.yaml", ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp"], 0.25),
+        ("cdq-hadamard.yaml", ["--method", "cdq", "--transform", "hadamard"], 0.25),
         (
             "cdq-hadamard-fp.yaml",
             ["--method", "cdq", "--transform", "hadamard", "-o", "target=fp", "-o", "fp_share=1"],

@@ -350,8 +350,9 @@ def test_target_is_an_option_of_the_three_methods_only(llama, tmp_path, capsys) 
 
 def test_convolutions_take_the_target_too() -> None:
     """Dense and depthwise convs (EfficientNet-Lite layout): where both streams are still equal
-    (the first group of the first block) the cross term is Σ itself, W* = W and the result is the
-    usual one bit for bit; later layers (depthwise ones included) are solved for the other target."""
+    (the first group of the first block) the residual W (X̃ − X) Xᵀ is exactly zero, W* = W and the
+    result is the usual one bit for bit; later layers (depthwise ones included) are solved for the
+    other target."""
     from tiny_vision import images, tiny_model
 
     from cdq_cli.models.vision import vision_adapter_for
@@ -374,3 +375,22 @@ def test_convolutions_take_the_target_too() -> None:
     fp_layers, plain_layers = outcomes["fp"].layers, outcomes["quantized"].layers
     changed = [name for name in fp if not torch.equal(fp_layers[name].qweight, plain_layers[name].qweight)]
     assert changed  # later layers are solved for another target
+
+
+def test_the_resume_fingerprint_names_the_targets_revision(tmp_path) -> None:
+    """A state saved by a target=fp run of other statistics (revision 1: X̃ Xᵀ in float64) is not
+    finished by this one; runs on the layer's own target keep their fingerprints."""
+    from cdq_cli.run.plan import make_settings
+    from cdq_cli.solvers.target import FP_REVISION
+    from cdq_cli.store.journal import fingerprint
+
+    windows = torch.zeros(2, 8, dtype=torch.long)
+
+    def solver(**given) -> str:
+        settings = make_settings(device="cpu", **given)
+        return fingerprint(str(tmp_path), torch.nn.Linear(2, 2), windows, settings)["versions"]["solver"]
+
+    assert solver(method="cdq").endswith(f", target=fp revision {FP_REVISION}")
+    assert solver(method="gptq", options={"target": "fp"}).endswith(f", target=fp revision {FP_REVISION}")
+    assert "target" not in solver(method="cdq", options={"target": "quantized"})
+    assert "target" not in solver(method="gptq")

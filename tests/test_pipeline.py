@@ -310,3 +310,29 @@ def test_a_wide_layer_is_solved_in_bands_that_share_the_sigma_work(method, monke
     row, record = pipeline.solve_layer("wide", layer, acc, settings)
     assert len(row.band_seconds) == 3
     assert len(factored) == (2 if method == "cdq" else 1)  # cdq's two GPTQ starts; GPTQ's one
+
+
+def test_target_fp_copies_only_the_solved_layers_and_none_for_the_last_group(monkeypatch) -> None:
+    """-o target=fp (cdq's default) keeps a full-precision copy of a layer only once it is about
+    to be solved and a later pass still runs the block at full precision: each block's last
+    group is solved with no copy held (the pass that collected it advanced the full-precision
+    stream); without true-sequential (one pass collects every group) none is ever kept."""
+    kept: list[list[str]] = []
+    original = pipeline.FullPrecision.keep
+    monkeypatch.setattr(
+        pipeline.FullPrecision, "keep", lambda self, names: (kept.append(names), original(self, names))
+    )
+    model = tiny_model("llama")
+    outcome = quantize_model(
+        model, adapter_for(model), batches(), make_settings(method="cdq", bits=3, device="cpu")
+    )
+    assert {row.name.split(".")[-1] for row in outcome.rows} >= {"down_proj"}
+    attention = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    per_block = [attention, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+    blocks = len(adapter_for(model).blocks(model))
+    assert kept == per_block * blocks
+    kept.clear()
+    model = tiny_model("llama")
+    settings = make_settings(method="cdq", bits=3, device="cpu", true_sequential=False)
+    quantize_model(model, adapter_for(model), batches(), settings)
+    assert kept == []

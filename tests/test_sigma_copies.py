@@ -69,7 +69,7 @@ def test_block_sums_in_pieces_are_the_float64_sums():
 _PROBE = r"""
 import gc, json, sys, torch
 from cdq_cli.memory import tune_allocator
-from cdq_cli.solvers import gptq, lsq
+from cdq_cli.solvers import gptq, lsq, target
 torch.set_num_threads(1)
 tune_allocator()  # as cdq runs: tensors of 1 MiB or more are mappings, returned when freed
 n = int(sys.argv[1])
@@ -95,6 +95,10 @@ out = {
     "factor": peak(lambda: gptq._Blocks.of(gptq._cholesky(sigma, 0.01, order)[0], 128, "torch")),
     "block_sums": peak(lambda: lsq._block_sums(sigma, 1)),
 }
+rows = torch.randn(256, n)  # a band's residual R = W (X̃ − X) Xᵀ, and its weights
+approx = rows.round()
+out["fp_correction"] = peak(lambda: target.fp_correction(sigma, rows, 0.01))
+out["fp_objective"] = peak(lambda: target.fp_objective(rows, approx, sigma, rows, 0.01, 0.0))
 print(json.dumps(out))
 """
 
@@ -105,7 +109,11 @@ def test_sigma_only_work_holds_few_copies_of_sigma():
     held two, ``J H J`` and its factor, then the factor and Ũ, and before that four with act order:
     the permuted copy, the damped copy, the flipped copy and the factor), the whole factor with
     the pass's blocks (half of Ũ) one and a half, and the refits' float64 sums a 16 MiB piece (they
-    converted Σ whole to float64: two Σ's)."""
+    converted Σ whole to float64: two Σ's). ``-o target=fp``'s correction holds its factor (one Σ,
+    read in place by the triangular solves) and the band's result; it held float64 copies of Σ,
+    of the cross term and their difference, and its factor, about eight Σ's), and the report's
+    true objective a few products of the band's rows (it converted Σ and the cross term to
+    float64 whole: four Σ's)."""
     run = subprocess.run(
         [sys.executable, "-c", _PROBE, "4096"],
         capture_output=True,
@@ -120,3 +128,5 @@ def test_sigma_only_work_holds_few_copies_of_sigma():
     assert found["cholesky_act_order"] < 1.25 * size, found
     assert found["factor"] < 1.75 * size, found
     assert found["block_sums"] < 0.4 * size, found
+    assert found["fp_correction"] < 1.25 * size, found
+    assert found["fp_objective"] < 0.5 * size, found  # a 256-row band's products: 1/16 Σ each

@@ -145,7 +145,7 @@ def _terms(
         gap = (weight[tile] - approx[tile]).to(sigma.dtype)
         k = correction[tile].to(sigma.dtype)
         product = gap @ sigma
-        total += float((product * gap).sum(dtype=torch.float64))
-        total += 2.0 * float((product * k).sum(dtype=torch.float64))
-        total += 2.0 * float((gap * extra * k).sum(dtype=torch.float64))
+        total += 2.0 * float((product * k).sum(dtype=torch.float64))  # ⟨K, D Σ⟩
+        total += float(product.mul_(gap).sum(dtype=torch.float64))  # tr(D Σ Dᵀ)
+        total += 2.0 * float(gap.mul_(extra).mul_(k).sum(dtype=torch.float64))  # ⟨K, D diag(h)⟩
     return total
