@@ -153,13 +153,17 @@ class Outcome:
     transform_log: list[dict[str, Any]] = field(default_factory=list)  # --transform awq: per block
 
 
-def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str, nn.Module | torch.Tensor]:
+def validate(
+    model: nn.Module, adapter: Adapter, settings: Settings
+) -> tuple[dict[str, nn.Module | torch.Tensor], Settings]:
     """Check the grid against every layer before any work (one-line ``ValueError``s naming the
     layer; a ``--skip``/``--layer`` pattern that matches no layer); return the layers that will be
-    quantized (those ``--skip`` keeps in full precision left out), by full name."""
+    quantized (those ``--skip`` keeps in full precision left out), by full name, and the settings
+    for this model: whether fused experts are among those layers decides cdq's default target
+    (:attr:`Settings.target`), and refuses ``-o target=fp`` given for them."""
     layers = quantizable_layers(adapter, model)
     if settings.grid is None:
-        return layers
+        return layers, settings
     settings.check_overrides(layers)
     kept = {name: layer for name, layer in layers.items() if settings.grid_for(name) is not None}
     if layers and not kept:
@@ -170,6 +174,7 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
         )
     layers = kept
     fused = [name for name, layer in layers.items() if isinstance(layer, torch.Tensor)]
+    settings = settings.for_model(bool(fused))
     if settings.target == "fp" and fused:
         raise ValueError(
             f"-o target=fp does not support fused experts ({fused[0]}): the full-precision and the "
@@ -185,7 +190,7 @@ def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> dict[str
                 group_spec(spec, layer.weight[0].numel(), conv_groups(layer))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-    return layers
+    return layers, settings
 
 
 @torch.no_grad()

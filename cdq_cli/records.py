@@ -52,7 +52,7 @@ class Settings:
     gguf_type: str | None = None
     gguf_layers: dict[str, str | None] | None = None
     transform: str = "none"  # --transform: an equivalence transform before quantization
-    fused_experts: bool = False  # the model has fused experts (set once it is loaded: :meth:`for_model`)
+    fused_experts: bool = False  # its quantized layers include fused experts (set by pipeline.validate)
 
     def grid_for(self, name: str) -> GridSpec | None:
         """The grid of layer ``name`` (a full name; ``NAME[e]``, one expert of fused experts, is

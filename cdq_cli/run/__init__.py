@@ -173,9 +173,7 @@ def _quantize_loaded(
 
         settings, gguf_notes = gguf_run.resolve(plan.settings, _shapes(loaded))
         plan = replace(plan, settings=settings)
-    every = quantizable_layers(loaded.adapter, loaded.model)
-    fused = any(isinstance(layer, torch.Tensor) for layer in every.values())
-    settings = plan.settings.for_model(fused)
+    layers, settings = validate(loaded.model, loaded.adapter, plan.settings)
     if settings.target != plan.settings.target:  # the default yields (records.Settings.target)
         note(
             f"the model has fused experts: --method {settings.method} quantizes against each layer's own "
@@ -183,7 +181,6 @@ def _quantize_loaded(
             "needs the two models to route tokens alike)"
         )
     plan = replace(plan, settings=settings)
-    layers = validate(loaded.model, loaded.adapter, plan.settings)
     kind.preflight(plan, loaded, layers)
     if plan.settings.gguf_type is not None:  # the family and its tokenizer, as llama.cpp reads them
         gguf_run.preflight(loaded.model, loaded.tokenizer)
