@@ -53,7 +53,6 @@ from .solvers import (
     QuantResult,
     SigmaAccumulator,
     find_method,
-    run_solver,
     run_solver_phases,
     run_unweighted,
 )
@@ -864,12 +863,8 @@ def _band_phases(
     same = _rtn_is_result(settings)
     compare = settings.compare_rtn and not same
     try:
-        if sigma.dim() == 3:  # (G, c, c): one Σ per conv group
-            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
-            rtn = solve_grouped("rtn", weight, sigma, spec, {}) if compare else None
-        else:
-            result = yield from run_solver_phases(settings.method, weight, sigma, spec, settings.options)
-            rtn = run_solver("rtn", weight, sigma, spec, {}) if compare else None
+        result = yield from _solver_phases(settings.method, weight, sigma, spec, settings.options)
+        rtn = finish(_solver_phases("rtn", weight, sigma, spec, {})) if compare else None
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     if settings.compare_rtn and same:
@@ -902,26 +897,32 @@ def _fp_band_phases(
     damping = settings.options.get("damping", 0.01)
     rows = _rows(acc.residual, lo, hi)
     upstream = float(acc.upstream[lo:hi].sum())
-    grouped = sigma.dim() == 3
     try:
         rows.copy_(fp_correction(sigma, rows, damping))  # K, in R's memory
         rtn_error = None
         if settings.compare_rtn:
-            rtn = (solve_grouped if grouped else run_solver)("rtn", weight, sigma, spec, {})
+            rtn = finish(_solver_phases("rtn", weight, sigma, spec, {}))
             rtn_error = fp_objective(weight, rtn.weight, sigma, rows, damping, upstream)
             del rtn
         weight.add_(rows.reshape(weight.shape), alpha=share)  # W*, in W's memory
         yield
-        if grouped:
-            result = solve_grouped(settings.method, weight, sigma, spec, settings.options)
-        else:
-            result = yield from run_solver_phases(settings.method, weight, sigma, spec, settings.options)
+        result = yield from _solver_phases(settings.method, weight, sigma, spec, settings.options)
     except (ValueError, FloatingPointError) as exc:
         raise ValueError(f"{name}: {exc}") from None
     _check_result(name, result, settings)
     original = weight.sub(rows.reshape(weight.shape), alpha=share)
     error = fp_objective(original, result.weight, sigma, rows, damping, upstream)
     return Band(name, result, float(acc.energy[lo:hi].sum()), rtn_error, error, acc.tokens)
+
+
+def _solver_phases(
+    method: str, weight: torch.Tensor, sigma: torch.Tensor, spec: GridSpec, options: dict[str, Any]
+) -> Generator[None, None, QuantResult]:
+    """``method`` on a band: in its phases (:func:`run_solver_phases`) on a plain Σ, in one go on a
+    (G, c, c) Σ, one problem per conv group (:func:`solve_grouped`)."""
+    if sigma.dim() == 3:
+        return solve_grouped(method, weight, sigma, spec, options)
+    return (yield from run_solver_phases(method, weight, sigma, spec, options))
 
 
 def _check_result(name: str, result: QuantResult, settings: Settings) -> None:
