@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
@@ -1049,6 +1049,16 @@ class FullPrecision:
                 weight.data = data
 
 
+# Collection passes stop at the last layer they collect for (:func:`_collect`); False runs every
+# pass whole (the tests compare the two: the same statistics, bit for bit).
+STOP_EARLY = True
+
+
+class _Enough(Exception):
+    """A collection pass has seen every layer it collects for: the rest of the block's forward
+    pass is skipped (raised from the last layer's hook, caught by :func:`_collect`)."""
+
+
 class _Chained(Exception):
     """A group's layers were fed different tensors on the block's first batch: one may feed
     another, so the one pass of :meth:`_Run.unweighted` cannot see the inputs true-sequential Σ
@@ -1089,6 +1099,11 @@ def _collect(
     first of them accumulates it, the others point at it (found on the first batch, checked on
     every other one). With several ranks, each records the inputs of its own batches and the Σ's
     are reduced in batch order (:meth:`cdq_cli.parallel.Ranks.reduce_in_order`).
+
+    A pass whose outputs are not kept (a stream not advanced) stops where the last of ``names``
+    is called: nothing after it can change a statistic (the earlier groups' passes skip the rest
+    of the block, both streams). That needs each layer called once per forward pass, counted on
+    the first batch, which always runs whole; fused experts (their own capture) run whole.
     """
     ranks = ranks or Ranks()
     deferred: list[Deferred] = []
@@ -1122,6 +1137,26 @@ def _collect(
             experts[name] = (capture, leaf)
     fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP pass
     fp_pass = [False]
+    called: dict[str, int] = {}  # this pass's calls of each layer
+    first_calls: list[dict[str, int]] = []  # the first batch's, per pass
+    stop = [False]  # this pass may end at the last layer's call (_Enough)
+
+    def record(module: nn.Module, args: tuple, name: str, add: Callable) -> None:
+        """Fold one call's inputs into ``name``'s statistics (finding the layers that share Σ)."""
+        owner = name
+        if isinstance(module, nn.Linear):
+            owner = next((first_name for x, first_name in seen if x is args[0]), name)
+            if owner == name:
+                seen.append((args[0], name))
+        if first[0] and owner != name:
+            shares[name] = owner
+            if fp is not None:  # its own W-products, the owner's Σ
+                sigmas[name].share_sigma(sigmas[owner])
+        elif shares.get(name, name) != owner:
+            raise RuntimeError(f"{name}: its input changed identity between batches (a cdq bug)")
+        if owner == name or fp is not None:
+            add(module, args)
+
     for name in names:
         if name in experts:
             continue
@@ -1140,24 +1175,30 @@ def _collect(
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
+            called[name] = called.get(name, 0) + 1
             if fp_pass[0]:
                 fp_inputs[name] = args[0]
-                return
-            owner = name
-            if isinstance(module, nn.Linear):
-                owner = next((first_name for x, first_name in seen if x is args[0]), name)
-                if owner == name:
-                    seen.append((args[0], name))
-            if first[0] and owner != name:
-                shares[name] = owner
-                if fp is not None:  # its own W-products, the owner's Σ
-                    sigmas[name].share_sigma(sigmas[owner])
-            elif shares.get(name, name) != owner:
-                raise RuntimeError(f"{name}: its input changed identity between batches (a cdq bug)")
-            if owner == name or fp is not None:
-                add(module, args)
+            else:
+                record(module, args, name, add)
+            if stop[0] and len(called) == len(sigmas):
+                raise _Enough
 
         handles.append(layer.register_forward_pre_hook(hook))
+
+    def run(stream: Activations, i: int, kept: bool) -> torch.Tensor | None:
+        """Block ``i`` on ``stream``: its output, or None when the pass stopped early."""
+        called.clear()
+        stop[0] = stoppable and not kept
+        try:
+            return _forward_batch(adapter, block, stream, i)
+        except _Enough:
+            return None
+        finally:
+            stop[0] = False
+            if first[0]:
+                first_calls.append(dict(called))
+
+    stoppable = False  # decided after the first batch
     with ExitStack() as stack:
         for capture in captures.values():
             stack.enter_context(capture)
@@ -1169,16 +1210,22 @@ def _collect(
                     fp_pass[0] = True
                     try:
                         with fp[0].active():
-                            fp_out = _forward_batch(adapter, block, fp[1], i)
+                            fp_out = run(fp[1], i, advance_fp)
                     finally:
                         fp_pass[0] = False
                     if advance_fp:
                         fp[1].inputs.hidden[i] = fp[1].keep(fp_out)
                     del fp_out
-                out = _forward_batch(adapter, block, acts, i)
-                first[0] = False
+                out = run(acts, i, advance)
                 if advance:
                     acts.inputs.hidden[i] = acts.keep(out)
+                if first[0]:
+                    first[0] = False
+                    stoppable = (
+                        STOP_EARLY
+                        and not experts
+                        and all(calls == {name: 1 for name in sigmas} for calls in first_calls)
+                    )
         finally:
             for handle in handles:
                 handle.remove()

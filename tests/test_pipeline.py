@@ -336,3 +336,39 @@ def test_target_fp_copies_only_the_solved_layers_and_none_for_the_last_group(mon
     settings = make_settings(method="cdq", bits=3, device="cpu", true_sequential=False)
     quantize_model(model, adapter_for(model), batches(), settings)
     assert kept == []
+
+
+@pytest.mark.parametrize("target", ["fp", "quantized"])
+def test_collection_passes_stop_at_their_last_layer_and_change_no_bit(target, monkeypatch) -> None:
+    """A pass that only collects statistics (its stream is not advanced) stops where the last of
+    its group's layers is called, in both streams with -o target=fp: a block's last layer runs
+    only in the passes that advance a stream, after the first batch, which runs whole (it counts
+    the calls). Every weight, objective and output is the same, bit for bit, as with every pass
+    run whole."""
+    data = batches()
+
+    def run(stop_early: bool) -> tuple[list[int], dict, list[float], list[torch.Tensor]]:
+        monkeypatch.setattr(pipeline, "STOP_EARLY", stop_early)
+        model = tiny_model("llama")
+        adapter = adapter_for(model)
+        calls = [0] * len(adapter.blocks(model))
+        for index, block in enumerate(adapter.blocks(model)):
+            block.mlp.down_proj.register_forward_hook(
+                lambda *_, index=index: calls.__setitem__(index, calls[index] + 1)
+            )
+        settings = make_settings(method="cdq", bits=3, device="cpu", options={"target": target})
+        outcome = quantize_model(model, adapter, data, settings)
+        return calls, model.state_dict(), [row.error for row in outcome.rows], outcome.outputs
+
+    calls, state, errors, outputs = run(True)
+    whole_calls, whole_state, whole_errors, whole_outputs = run(False)
+    # per batch: four passes over the block (two streams each with target=fp), then the forward
+    # that advances the quantized stream; stopping early, only the last pass's full-precision
+    # stream (advanced) and that forward reach down_proj
+    streams = 2 if target == "fp" else 1
+    assert whole_calls == [len(data) * (4 * streams + 1)] * len(calls)
+    assert calls == [4 * streams + 1 + (len(data) - 1) * streams] * len(calls)
+    assert errors == whole_errors
+    assert state.keys() == whole_state.keys()
+    assert all(torch.equal(state[key], whole_state[key]) for key in state)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, whole_outputs, strict=True))

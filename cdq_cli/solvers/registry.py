@@ -320,6 +320,10 @@ def solve(
     value, a bit width outside {2, 3, 4, 8}, a group size that does not divide the input width,
     NaN/Inf in the weight or Σ, a Σ of the wrong shape, or an all-zero Σ. Computation runs on
     ``weight``'s device and dtype (Σ is moved there).
+
+    The layer's own target ‖(W − Ŵ) X‖² is solved, for every method: cdq's default in a run,
+    ``-o target=fp``, needs the full-precision model's inputs too, which one layer's W and Σ do not
+    carry (the driver solves for :func:`cdq_cli.solvers.target.fp_target` in place of W there).
     """
     if spec is None:
         if bits is None:
