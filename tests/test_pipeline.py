@@ -372,3 +372,44 @@ def test_collection_passes_stop_at_their_last_layer_and_change_no_bit(target, mo
     assert state.keys() == whole_state.keys()
     assert all(torch.equal(state[key], whole_state[key]) for key in state)
     assert all(torch.equal(a, b) for a, b in zip(outputs, whole_outputs, strict=True))
+
+
+class _Twice(nn.Module):
+    """A block whose first conv runs twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, act, out = self.body
+        return x + out(act(conv(act(conv(x)))))
+
+
+@pytest.mark.parametrize("target", ["fp", "quantized"])
+def test_a_layer_called_twice_keeps_its_passes_whole(target, monkeypatch) -> None:
+    """A pass cannot stop at a layer that runs twice per forward pass (its second inputs would be
+    lost): the first batch counts the calls, and the statistics are those of whole passes."""
+
+    def run(stop_early: bool) -> tuple[list[float], dict]:
+        monkeypatch.setattr(pipeline, "STOP_EARLY", stop_early)
+        torch.manual_seed(0)
+        model = _ConvNet().eval()
+        model.stages = nn.ModuleList(_Twice() for _ in range(2))
+        family = Family(
+            name="toy-twice",
+            blocks="stages",
+            groups=(("body.0",), ("body.2",)),
+            classes=("_ConvNet",),
+            call={},
+        )
+        images = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        settings = make_settings(method="cdq", bits=3, options={"target": target})
+        outcome = quantize_model(model, BlockAdapter(family), images, settings)
+        assert [row.tokens for row in outcome.rows[:1]] == [2 * 6 * 64]  # both calls, every batch
+        return [row.error for row in outcome.rows], model.state_dict()
+
+    errors, state = run(True)
+    whole_errors, whole_state = run(False)
+    assert errors == whole_errors
+    assert all(torch.equal(state[key], whole_state[key]) for key in state)
