@@ -426,6 +426,7 @@ class _Run:
         # -o target=fp: the block's full-precision weights run the other stream, and its last pass
         # over the block advances that stream, so they are dropped before the last solve
         fp = None if self.fp_acts is None else FullPrecision(block)
+        calls: dict[str, int] = {}  # each layer's calls per forward pass: the first pass counts
         for k, names in enumerate(passes):
             last = k == len(passes) - 1
             sigmas = _collect(
@@ -437,6 +438,8 @@ class _Run:
                 ranks=self.ranks,
                 fp=None if fp is None else (fp, self.fp_acts),
                 advance_fp=last,
+                calls=calls,
+                watch=everything,
             )
             if fp is not None and not last:
                 fp.keep(names)  # these are solved now; later passes run them at full precision
@@ -1083,6 +1086,8 @@ def _collect(
     ranks: Ranks | None = None,
     fp: tuple[FullPrecision, Activations] | None = None,
     advance_fp: bool = False,
+    calls: dict[str, int] | None = None,
+    watch: list[str] | None = None,
 ) -> dict[str, SigmaAccumulator]:
     """Run the block on every batch with Σ hooks on ``names``; with ``advance`` its outputs
     replace ``acts`` (the inputs are not needed again).
@@ -1102,8 +1107,10 @@ def _collect(
 
     A pass whose outputs are not kept (a stream not advanced) stops where the last of ``names``
     is called: nothing after it can change a statistic (the earlier groups' passes skip the rest
-    of the block, both streams). That needs each layer called once per forward pass, counted on
-    the first batch, which always runs whole; fused experts (their own capture) run whole.
+    of the block, both streams). That needs each layer called once per forward pass: ``calls``
+    holds the block's counts, per layer of ``watch`` (default ``names``); when it is empty, this
+    pass's first batch runs whole and fills it (the block's first pass counts for its later ones,
+    which then stop from their first batch). Fused experts (their own capture) run whole.
     """
     ranks = ranks or Ranks()
     deferred: list[Deferred] = []
@@ -1137,8 +1144,11 @@ def _collect(
             experts[name] = (capture, leaf)
     fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP pass
     fp_pass = [False]
+    calls = {} if calls is None else calls
+    counting = not calls  # the first batch runs whole and counts the calls of every watched layer
     called: dict[str, int] = {}  # this pass's calls of each layer
-    first_calls: list[dict[str, int]] = []  # the first batch's, per pass
+    first_calls: list[dict[str, int]] = []  # the first batch's, per stream
+    left: set[str] = set()  # the layers of ``names`` not called yet in this pass
     stop = [False]  # this pass may end at the last layer's call (_Enough)
 
     def record(module: nn.Module, args: tuple, name: str, add: Callable) -> None:
@@ -1175,19 +1185,37 @@ def _collect(
         sigmas[name] = acc
 
         def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
-            called[name] = called.get(name, 0) + 1
+            count(module, args, name)
             if fp_pass[0]:
                 fp_inputs[name] = args[0]
             else:
                 record(module, args, name, add)
-            if stop[0] and len(called) == len(sigmas):
+            left.discard(name)
+            if stop[0] and not left:
                 raise _Enough
 
         handles.append(layer.register_forward_pre_hook(hook))
 
+    def count(module: nn.Module, args: tuple, name: str) -> None:
+        called[name] = called.get(name, 0) + 1
+
+    for name in (watch or []) if counting else []:
+        if name in sigmas or name in experts:
+            continue  # counted by its own hook; a fused experts' tensor (never stopped at)
+        try:
+            layer = block.get_submodule(name)
+        except AttributeError:  # a fused experts' tensor of a later group
+            continue
+        handles.append(layer.register_forward_pre_hook(partial(count, name=name)))
+
+    def stops() -> bool:
+        """Whether this pass may stop early: every layer of ``names`` is called once per pass."""
+        return STOP_EARLY and not experts and all(calls.get(name) == 1 for name in sigmas)
+
     def run(stream: Activations, i: int, kept: bool) -> torch.Tensor | None:
         """Block ``i`` on ``stream``: its output, or None when the pass stopped early."""
         called.clear()
+        left.update(sigmas)
         stop[0] = stoppable and not kept
         try:
             return _forward_batch(adapter, block, stream, i)
@@ -1195,10 +1223,10 @@ def _collect(
             return None
         finally:
             stop[0] = False
-            if first[0]:
+            if first[0] and counting:
                 first_calls.append(dict(called))
 
-    stoppable = False  # decided after the first batch
+    stoppable = not counting and stops()
     with ExitStack() as stack:
         for capture in captures.values():
             stack.enter_context(capture)
@@ -1221,11 +1249,10 @@ def _collect(
                     acts.inputs.hidden[i] = acts.keep(out)
                 if first[0]:
                     first[0] = False
-                    stoppable = (
-                        STOP_EARLY
-                        and not experts
-                        and all(calls == {name: 1 for name in sigmas} for calls in first_calls)
-                    )
+                    if counting:  # a layer's count: the most calls in either stream
+                        for name in {*sigmas, *(watch or [])}:
+                            calls[name] = max(streamed.get(name, 0) for streamed in first_calls)
+                        stoppable = stops()
         finally:
             for handle in handles:
                 handle.remove()

@@ -342,9 +342,9 @@ def test_target_fp_copies_only_the_solved_layers_and_none_for_the_last_group(mon
 def test_collection_passes_stop_at_their_last_layer_and_change_no_bit(target, monkeypatch) -> None:
     """A pass that only collects statistics (its stream is not advanced) stops where the last of
     its group's layers is called, in both streams with -o target=fp: a block's last layer runs
-    only in the passes that advance a stream, after the first batch, which runs whole (it counts
-    the calls). Every weight, objective and output is the same, bit for bit, as with every pass
-    run whole."""
+    only in the passes that advance a stream, after the block's first batch, which runs whole (it
+    counts the calls). Every weight, objective and output is the same, bit for bit, as with every
+    pass run whole."""
     data = batches()
 
     def run(stop_early: bool) -> tuple[list[int], dict, list[float], list[torch.Tensor]]:
@@ -363,11 +363,12 @@ def test_collection_passes_stop_at_their_last_layer_and_change_no_bit(target, mo
     calls, state, errors, outputs = run(True)
     whole_calls, whole_state, whole_errors, whole_outputs = run(False)
     # per batch: four passes over the block (two streams each with target=fp), then the forward
-    # that advances the quantized stream; stopping early, only the last pass's full-precision
-    # stream (advanced) and that forward reach down_proj
+    # that advances the quantized stream; stopping early, down_proj runs in the first pass's first
+    # batch (it counts the calls of every layer), the last pass's full-precision stream (advanced)
+    # and that forward
     streams = 2 if target == "fp" else 1
     assert whole_calls == [len(data) * (4 * streams + 1)] * len(calls)
-    assert calls == [4 * streams + 1 + (len(data) - 1) * streams] * len(calls)
+    assert calls == [streams + len(data) * streams] * len(calls)
     assert errors == whole_errors
     assert state.keys() == whole_state.keys()
     assert all(torch.equal(state[key], whole_state[key]) for key in state)
