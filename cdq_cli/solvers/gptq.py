@@ -38,7 +38,7 @@ import torch
 from ..kernels import GPTQ, Block, backend_module, parallel, resolve, row_spans
 from .bands import once
 from .grid import Grid, GridSpec, _minmax_params, fit_minmax
-from .result import QuantResult, damping_term
+from .result import QuantResult, cholesky_in_place, damping_term
 
 
 def _cholesky(
@@ -64,15 +64,8 @@ def _cholesky(
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     extra = h.diagonal().flip(0) - diagonal
-    # h is C-contiguous and symmetric: h.mT is the same matrix, column-major, which is the layout
-    # torch factors in place (any other ``out`` layout is factored in a temporary and copied back)
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    lower, info = torch.linalg.cholesky_ex(h.mT, out=(h.mT, info))
-    if int(info) != 0:
-        raise ValueError(
-            "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
-        )
-    return lower, extra
+    failure = "GPTQ could not factor Σ (not positive definite); raise the damping (e.g. damping=0.1)"
+    return cholesky_in_place(h, failure), extra
 
 
 @dataclass

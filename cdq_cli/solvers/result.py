@@ -150,6 +150,18 @@ def check_problem(weight: torch.Tensor, sigma: torch.Tensor) -> None:
         raise ValueError("sigma is all zero on its diagonal: the calibration inputs were all zero or empty")
 
 
+def cholesky_in_place(h: torch.Tensor, failure: str) -> torch.Tensor:
+    """The lower Cholesky factor of the symmetric, C-contiguous ``h``, made in ``h``'s own memory:
+    ``h.mT`` is the same matrix, column-major, the layout torch factors in place (LAPACK's
+    ``potrf``; any other ``out`` layout is factored in a temporary and copied back). ``ValueError``
+    (``failure``) when ``h`` is not positive definite."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    lower, info = torch.linalg.cholesky_ex(h.mT, out=(h.mT, info))
+    if int(info) != 0:
+        raise ValueError(failure)
+    return lower
+
+
 def damping_term(sigma: torch.Tensor, fraction: float) -> torch.Tensor:
     """λ·mean(diag Σ): what damping adds to Σ's diagonal (to any copy of Σ, permuted or not)."""
     return fraction * sigma.diagonal().mean()

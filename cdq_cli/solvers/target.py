@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from .bands import once
-from .result import TILE_BYTES, spans
+from .result import TILE_BYTES, cholesky_in_place, spans
 
 TARGETS = ("quantized", "fp")  # -o target=: W X on the quantized model's inputs, or W X̃ (full precision)
 FP_SHARE = 0.25  # -o fp_share: α, the share of the way toward X̃ the target's inputs are taken (GPTAQ's)
@@ -103,14 +103,10 @@ def damped_diagonal(sigma: torch.Tensor, damping: float) -> torch.Tensor:
 
 def _factor(sigma: torch.Tensor, damping: float) -> torch.Tensor:
     """The lower Cholesky factor of H (:func:`damped_diagonal`), factored in the one copy's memory
-    (LAPACK's ``potrf`` on its column-major view, as :func:`cdq_cli.solvers.gptq._cholesky` does)."""
+    (:func:`.result.cholesky_in_place`)."""
     h = sigma.clone()
     h.diagonal().add_(damped_diagonal(sigma, damping))
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    lower, info = torch.linalg.cholesky_ex(h.mT, out=(h.mT, info))
-    if int(info) != 0:
-        raise ValueError("target=fp could not factor Σ (not positive definite); raise the damping")
-    return lower
+    return cholesky_in_place(h, "target=fp could not factor Σ (not positive definite); raise the damping")
 
 
 def fp_objective(
