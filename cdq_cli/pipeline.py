@@ -1148,7 +1148,6 @@ def _collect(
     counting = not calls  # the first batch runs whole and counts the calls of every watched layer
     called: dict[str, int] = {}  # this pass's calls of each layer
     first_calls: list[dict[str, int]] = []  # the first batch's, per stream
-    left: set[str] = set()  # the layers of ``names`` not called yet in this pass
     stop = [False]  # this pass may end at the last layer's call (_Enough)
 
     def record(module: nn.Module, args: tuple, name: str, add: Callable) -> None:
@@ -1190,8 +1189,7 @@ def _collect(
                 fp_inputs[name] = args[0]
             else:
                 record(module, args, name, add)
-            left.discard(name)
-            if stop[0] and not left:
+            if stop[0] and called.keys() >= sigmas.keys():  # the last of them: nothing after it counts
                 raise _Enough
 
         handles.append(layer.register_forward_pre_hook(hook))
@@ -1215,7 +1213,6 @@ def _collect(
     def run(stream: Activations, i: int, kept: bool) -> torch.Tensor | None:
         """Block ``i`` on ``stream``: its output, or None when the pass stopped early."""
         called.clear()
-        left.update(sigmas)
         stop[0] = stoppable and not kept
         try:
             return _forward_batch(adapter, block, stream, i)
