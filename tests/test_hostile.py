@@ -605,6 +605,36 @@ def test_multi_process_stops_and_failures_are_one_line(stories, calib, tmp_path)
     assert json.loads(refused.stdout) == {"error": line[7:], "exit_code": 2}
 
 
+def test_a_launcher_stopped_outside_torch_says_the_saved_journals_hint(
+    llama, calib, tmp_path, capsys, monkeypatch
+) -> None:
+    """--nproc 2 stopped where torch's launcher does not turn Ctrl-C into its own exception (or
+    ended by the watchdog, which reads the same registered hint): the line still says --resume
+    when the workers saved a block, read from the journal on disk, and nothing once the launcher ends."""
+    from cdq_cli.cleanup import resume_hint
+
+    out = tmp_path / "q"
+    seen = []
+
+    def stopped_after_two_blocks(config, entrypoint):
+        def run(*args):
+            journal_folder(out).mkdir(parents=True, exist_ok=True)
+            (journal_folder(out) / "state.json").write_text(json.dumps({"blocks_done": 2}))
+            seen.append(resume_hint())
+            raise KeyboardInterrupt
+
+        return run
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", stopped_after_two_blocks)
+    code, _, err = cli(
+        capsys, "quantize", llama, "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--batch-size", "1",
+        "-q", "--output", out, "--nproc", "2", "--device", "cpu",
+    )  # fmt: skip
+    line = one_error_line(err)
+    assert code == 130 and line.startswith("error: interrupted; 2 finished block(s) are saved")
+    assert "--resume" in line and seen == [line.split("; ", 1)[1]] and resume_hint() is None
+
+
 # --------------------------------------------------------------------------------------------
 # 11. Values that used to end in raw errno or exception text
 

@@ -79,6 +79,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from ..cleanup import set_resume_hint
     from . import set_stop_grace
 
     for name in list(logging.root.manager.loggerDict):  # each module's logger sets its own level
@@ -100,6 +101,8 @@ def launch(
     added = {**(env or {}), errors.REPORT_ENV: str(reports)}
     saved = {key: os.environ.get(key) for key in added}
     os.environ.update(added)
+    # the watchdog's line (a launcher stuck past its grace) carries the journal's hint too
+    set_resume_hint(lambda: _journal_hint(output))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "cdq_cli", *without_nproc(argv))
     except SignalException as exc:
@@ -108,7 +111,11 @@ def launch(
         return code
     except ChildFailedError as exc:
         return _failed(exc, _read_reports(reports), nproc, output)
+    except KeyboardInterrupt as exc:  # outside torch's handlers: said by cdq's own (cdq_cli.cli.stoppable)
+        exc.cdq_hint = _journal_hint(output)  # type: ignore[attr-defined]
+        raise
     finally:
+        set_resume_hint(None)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
