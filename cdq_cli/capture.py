@@ -114,12 +114,18 @@ def layer_sigma(
 
 def layer_pair_sigma(
     layer: nn.Module, dtype: torch.dtype = torch.float32, wrap: Callable[[Any], Any] = lambda acc: acc
-) -> tuple[Any, Callable[[nn.Module, tuple, torch.Tensor], None]]:
+) -> tuple[Any, Callable[[nn.Module, tuple, torch.Tensor, torch.Tensor | None], None], bool]:
     """The full-precision target's accumulator (:class:`~cdq_cli.solvers.sigma.PairedSigmaAccumulator`)
-    for ``layer``, and the function that folds in one batch: ``add(module, args, fp_input)`` with
-    the layer's own inputs ``args`` (the model being quantized) and its input in the
-    full-precision model on the same tokens. Conv inputs become patches exactly as for Σ. The
-    accumulator reads the layer's weight at each addition (W: the layer is not solved yet)."""
+    for ``layer``, the function that folds in one batch, and whether it takes the layer's outputs.
+
+    ``add(module, args, fp_seen, output)``: ``args`` are the layer's own inputs (the model being
+    quantized); ``fp_seen`` is what the full-precision pass kept of the layer on the same tokens.
+    A bias-free Linear whose weight is in Σ's dtype takes outputs (True): the full-precision pass
+    keeps its output W X̃, and the batch is added after the layer ran, from its output W X (the
+    products the accumulator would otherwise compute again, bit for bit the same). Any other layer
+    (a bias, another dtype, a conv) takes inputs (False): ``fp_seen`` is its full-precision input
+    X̃, ``output`` is not used, and the products are computed; conv inputs become patches exactly as
+    for Σ. The accumulator reads the layer's weight at each addition (W: the layer is not solved yet)."""
     device = layer.weight.device
     if isinstance(layer, nn.Conv2d):
         groups = layer.groups
@@ -130,7 +136,7 @@ def layer_pair_sigma(
             )
         )
 
-        def conv(_module: nn.Module, args: tuple, fp_input: torch.Tensor) -> None:
+        def conv(_module: nn.Module, args: tuple, fp_input: torch.Tensor, _output: Any = None) -> None:
             pairs = zip(conv_columns(layer, fp_input), conv_columns(layer, args[0]), strict=True)
             for fp_cols, cols in pairs:
                 if groups == 1:
@@ -140,10 +146,16 @@ def layer_pair_sigma(
                         fp_cols.reshape(groups, columns, -1), cols.reshape(groups, columns, -1)
                     )
 
-        return acc, conv
+        return acc, conv, False
     if isinstance(layer, nn.Linear):
         linear = wrap(PairedSigmaAccumulator(layer.weight, layer.in_features, device=device, dtype=dtype))
-        return linear, lambda _module, args, fp_input: linear.add_pair(fp_input, args[0])
+        if layer.bias is None and layer.weight.dtype == dtype:
+
+            def from_outputs(_module: nn.Module, args: tuple, fp_output: torch.Tensor, output: Any) -> None:
+                linear.add_outputs(fp_output, output, args[0])
+
+            return linear, from_outputs, True
+        return linear, lambda _module, args, fp_input, _output=None: linear.add_pair(fp_input, args[0]), False
     raise TypeError(f"cannot collect Σ for a {type(layer).__name__}")
 
 

@@ -415,7 +415,7 @@ class Deferred:
 
     Stands in for a :class:`~cdq_cli.solvers.SigmaAccumulator` (``add_linear``), a
     ``GroupedSigmaAccumulator`` (``add_columns``) or a ``PairedSigmaAccumulator`` (``add_pair``,
-    ``add_pair_columns``) while a rank runs its forward passes; its inputs
+    ``add_pair_columns``, ``add_outputs``) while a rank runs its forward passes; its inputs
     are copied (the forward may reuse their memory) to ``keep``'s device. :meth:`replay` makes the
     additions, in the order recorded, on the real accumulator.
     """
@@ -439,6 +439,9 @@ class Deferred:
 
     def add_pair_columns(self, fp_columns: torch.Tensor, columns: torch.Tensor) -> None:
         self._record("add_pair_columns", fp_columns, columns)
+
+    def add_outputs(self, fp_outputs: torch.Tensor, outputs: torch.Tensor, inputs: torch.Tensor) -> None:
+        self._record("add_outputs", fp_outputs, outputs, inputs)
 
     @property
     def banded(self) -> bool:

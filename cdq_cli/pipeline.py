@@ -1094,7 +1094,9 @@ def _collect(
 
     With ``fp`` (``-o target=fp``: the block's full-precision weights and the full-precision
     model's stream), each batch first runs through the block with those weights in place on the
-    full-precision stream, recording the layers' inputs, and the accumulators are the paired ones
+    full-precision stream, recording the layers' inputs (a bias-free Linear's outputs, W X̃: its
+    batch is then added after it ran, from its output W X; :func:`~cdq_cli.capture.layer_pair_sigma`),
+    and the accumulators are the paired ones
     (:class:`~cdq_cli.solvers.sigma.PairedSigmaAccumulator`: Σ, shared as below, and each layer's
     own products of W with both streams); with ``advance_fp`` that pass's outputs replace the
     full-precision stream's inputs (the block's last pass over it: its weights are then needed no
@@ -1106,11 +1108,12 @@ def _collect(
     are reduced in batch order (:meth:`cdq_cli.parallel.Ranks.reduce_in_order`).
 
     A pass whose outputs are not kept (a stream not advanced) stops where the last of ``names``
-    is called: nothing after it can change a statistic (the earlier groups' passes skip the rest
-    of the block, both streams). That needs each layer called once per forward pass: ``calls``
-    holds the block's counts, per layer of ``watch`` (default ``names``); when it is empty, this
-    pass's first batch runs whole and fills it (the block's first pass counts for its later ones,
-    which then stop from their first batch). Fused experts (their own capture) run whole.
+    is taken (called, or run when its output is taken): nothing after it can change a statistic
+    (the earlier groups' passes skip the rest of the block, both streams). That needs each layer
+    called once per forward pass: ``calls`` holds the block's counts, per layer of ``watch``
+    (default ``names``); when it is empty, this pass's first batch runs whole and fills it (the
+    block's first pass counts for its later ones, which then stop from their first batch). Fused
+    experts (their own capture) run whole.
     """
     ranks = ranks or Ranks()
     deferred: list[Deferred] = []
@@ -1142,7 +1145,7 @@ def _collect(
             )
             capture.want(leaf)
             experts[name] = (capture, leaf)
-    fp_inputs: dict[str, torch.Tensor] = {}  # this batch's inputs of each layer in the FP pass
+    fp_seen: dict[str, torch.Tensor] = {}  # what the FP pass kept of each layer: its input or output
     fp_pass = [False]
     calls = {} if calls is None else calls
     counting = not calls  # the first batch runs whole and counts the calls of every watched layer
@@ -1166,33 +1169,47 @@ def _collect(
         if owner == name or fp is not None:
             add(module, args)
 
+    def take(module: nn.Module, args: tuple, name: str, add: Callable, output: Any) -> None:
+        """A layer's call: its FP input or output kept (the FP pass) or its batch added; the pass
+        ends here when this was the last of ``names``: nothing after it counts."""
+        if fp_pass[0]:
+            fp_seen[name] = args[0] if output is None else output.detach().clone()  # kept past later ops
+        else:
+            record(module, args, name, lambda module, args: add(module, args, fp_seen.get(name), output))
+        if stop[0] and called.keys() >= sigmas.keys():
+            raise _Enough
+
     for name in names:
         if name in experts:
             continue
         layer = block.get_submodule(name)
+        after = False  # the batch is taken after the layer ran, from its output (layer_pair_sigma)
         with naming(
             lambda name=name, layer=layer: f"Σ of {name} ({_sigma_size(layer, settings.sigma_dtype)})"
         ):
             if fp is not None:
-                acc, add_pair = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
-
-                def add(module: nn.Module, args: tuple, name: str = name, add_pair=add_pair) -> None:
-                    add_pair(module, args, fp_inputs[name])
-
+                acc, add, after = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
             else:
-                acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d has them
+                # conv patches as F.conv2d has them
+                acc, add_one = layer_sigma(layer, settings.sigma_dtype, wrap)
+
+                def add(module: nn.Module, args: tuple, *_: Any, add_one=add_one) -> None:
+                    add_one(module, args)
+
         sigmas[name] = acc
 
-        def hook(module: nn.Module, args: tuple, name: str = name, add=add) -> None:
+        def before(module: nn.Module, args: tuple, name: str = name, add=add, after: bool = after) -> None:
             count(module, args, name)
-            if fp_pass[0]:
-                fp_inputs[name] = args[0]
-            else:
-                record(module, args, name, add)
-            if stop[0] and called.keys() >= sigmas.keys():  # the last of them: nothing after it counts
-                raise _Enough
+            if not after:
+                take(module, args, name, add, None)
 
-        handles.append(layer.register_forward_pre_hook(hook))
+        handles.append(layer.register_forward_pre_hook(before))
+        if after:
+
+            def ran(module: nn.Module, args: tuple, output: Any, name: str = name, add=add) -> None:
+                take(module, args, name, add, output)
+
+            handles.append(layer.register_forward_hook(ran))
 
     def count(module: nn.Module, args: tuple, name: str) -> None:
         called[name] = called.get(name, 0) + 1
@@ -1231,7 +1248,7 @@ def _collect(
             for i in range(len(acts)):
                 seen.clear()
                 if fp is not None:
-                    fp_inputs.clear()
+                    fp_seen.clear()
                     fp_pass[0] = True
                     try:
                         with fp[0].active():

@@ -394,3 +394,23 @@ def test_the_resume_fingerprint_names_the_targets_revision(tmp_path) -> None:
     assert solver(method="gptq", options={"target": "fp"}).endswith(f", target=fp revision {FP_REVISION}")
     assert "target" not in solver(method="cdq", options={"target": "quantized"})
     assert "target" not in solver(method="gptq")
+
+
+def test_add_outputs_is_add_pair_from_the_layers_own_products() -> None:
+    """A bias-free Linear's outputs W X̃ and W X give the accumulator the very statistics its own
+    products give (F.linear is the same product); outputs that do not fit the inputs are refused."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 10, bias=False)
+    pair = PairedSigmaAccumulator(layer.weight, 24)
+    outs = PairedSigmaAccumulator(layer.weight, 24)
+    for _ in range(3):
+        x = torch.randn(2, 7, 24)
+        x_fp = x + 0.1 * torch.randn_like(x)
+        pair.add_pair(x_fp, x)
+        with torch.no_grad():
+            outs.add_outputs(layer(x_fp), layer(x), x)
+    for a, b in zip(pair.state_tensors(), outs.state_tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert pair.tokens == outs.tokens == 42
+    with pytest.raises(ValueError, match=r"paired outputs must both be \(tokens, 10\)"):
+        outs.add_outputs(torch.zeros(14, 10), torch.zeros(14, 9), torch.zeros(14, 24))

@@ -10,11 +10,12 @@ from tiny_lm import FAMILIES, expected_layers, tiny_model
 from torch import nn
 
 from cdq_cli import pipeline
-from cdq_cli.capture import linear_sigmas
+from cdq_cli.capture import layer_pair_sigma, linear_sigmas
 from cdq_cli.models import BlockAdapter, Family, adapter_for, generic_adapter
 from cdq_cli.pipeline import quantize_model, validate
 from cdq_cli.run.plan import make_settings
 from cdq_cli.solvers import METHODS
+from cdq_cli.solvers.sigma import PairedSigmaAccumulator
 
 # Quick settings per method: the tiny layers need only a few sweeps to show the behaviour.
 FAST = {
@@ -364,15 +365,58 @@ def test_collection_passes_stop_at_their_last_layer_and_change_no_bit(target, mo
     whole_calls, whole_state, whole_errors, whole_outputs = run(False)
     # per batch: four passes over the block (two streams each with target=fp), then the forward
     # that advances the quantized stream; stopping early, down_proj runs in the first pass's first
-    # batch (it counts the calls of every layer), the last pass's full-precision stream (advanced)
-    # and that forward
+    # batch (it counts the calls of every layer), the last pass's full-precision stream (advanced),
+    # with target=fp its quantized stream too (a bias-free Linear's batch is taken from its output:
+    # the pass stops after it ran) and that forward
     streams = 2 if target == "fp" else 1
     assert whole_calls == [len(data) * (4 * streams + 1)] * len(calls)
-    assert calls == [streams + len(data) * streams] * len(calls)
+    assert calls == [streams + len(data) * (streams + (target == "fp"))] * len(calls)
     assert errors == whole_errors
     assert state.keys() == whole_state.keys()
     assert all(torch.equal(state[key], whole_state[key]) for key in state)
     assert all(torch.equal(a, b) for a, b in zip(outputs, whole_outputs, strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_fp_target_from_layer_outputs_is_the_products_bit_for_bit(family, monkeypatch) -> None:
+    """-o target=fp takes a bias-free float32 Linear's W X̃ and W X from the layer's own outputs in
+    the two passes instead of computing both products again: every weight, objective and output is
+    the same, bit for bit, as with the products (every Linear forced onto them). A Linear with a
+    bias (OPT's) keeps the products."""
+    data = batches()
+    taken = {"add_outputs": 0, "add_pair": 0}
+    for method in taken:
+        original = getattr(PairedSigmaAccumulator, method)
+
+        def counted(self, *args, method=method, original=original):
+            taken[method] += 1
+            return original(self, *args)
+
+        monkeypatch.setattr(PairedSigmaAccumulator, method, counted)
+
+    def products(layer, dtype, wrap):
+        acc, add, _ = layer_pair_sigma(layer, dtype, wrap)
+        return acc, lambda module, args, fp_input, _output=None: acc.add_pair(fp_input, args[0]), False
+
+    def run(force_products: bool) -> tuple[dict, list[float], list[torch.Tensor], dict[str, int]]:
+        taken.update(add_outputs=0, add_pair=0)
+        if force_products:
+            monkeypatch.setattr(pipeline, "layer_pair_sigma", products)
+        model = tiny_model(family)
+        adapter = adapter_for(model)
+        settings = make_settings(method="cdq", bits=3, device="cpu", options={"target": "fp"})
+        outcome = quantize_model(model, adapter, data, settings)
+        return model.state_dict(), [row.error for row in outcome.rows], outcome.outputs, dict(taken)
+
+    state, errors, outputs, used = run(False)
+    forced_state, forced_errors, forced_outputs, forced_used = run(True)
+    # 7 Linears per block, one addition per batch each (OPT: 6, every one with a bias)
+    layers = len(errors)
+    want = {"add_outputs": layers * len(data), "add_pair": 0} if family == "llama" else forced_used
+    assert used == want and forced_used == {"add_outputs": 0, "add_pair": layers * len(data)}
+    assert errors == forced_errors
+    assert all(torch.equal(state[key], forced_state[key]) for key in state)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, forced_outputs, strict=True))
 
 
 class _Twice(nn.Module):

@@ -163,7 +163,28 @@ class PairedSigmaAccumulator:
             )
         weight = self._matrix()
         fp_out = fp_rows @ weight.T  # (tokens, q): W X̃
-        gap = fp_out - rows @ weight.T  # W (X̃ − X)
+        self._fold(rows, fp_out, fp_out - rows @ weight.T)
+
+    def add_outputs(self, fp_outputs: torch.Tensor, outputs: torch.Tensor, inputs: torch.Tensor) -> None:
+        """:meth:`add_pair` from the products the layer itself computed: its outputs ``W X̃`` in the
+        full-precision model and ``W X`` here, with its inputs X (any shapes ending in features).
+        For a bias-free Linear whose weight is in Σ's dtype they are the very products
+        :meth:`add_pair` would compute (``F.linear`` is the same matrix product), so the result is
+        the same bit for bit, at a third of the cost (the block's forward made two of the three)."""
+        dtype, device = self.residual.dtype, self.residual.device
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(device, dtype)
+        fp_out = fp_outputs.reshape(-1, fp_outputs.shape[-1]).to(device, dtype)
+        out = outputs.reshape(-1, outputs.shape[-1]).to(device, dtype)
+        q, p = self.residual.shape[-2:]
+        if fp_out.shape != out.shape or out.shape != (rows.shape[0], q) or rows.shape[1] != p:
+            raise ValueError(
+                f"paired outputs must both be (tokens, {q}) for inputs (tokens, {p}), "
+                f"got {tuple(fp_out.shape)}, {tuple(out.shape)} and {tuple(rows.shape)}"
+            )
+        self._fold(rows, fp_out, fp_out - out)
+
+    def _fold(self, rows: torch.Tensor, fp_out: torch.Tensor, gap: torch.Tensor) -> None:
+        """Add one batch: its inputs X (tokens, p), ``W X̃`` and ``W (X̃ − X)`` (tokens, q)."""
         if self._sigma is not None:
             self._sigma.addmm_(rows.T, rows)
         self.residual.addmm_(gap.T, rows)
