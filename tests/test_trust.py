@@ -233,6 +233,28 @@ def test_interrupt_keeps_the_journal_and_says_resume(llama, calib, tmp_path, cap
     assert (journal_folder(out) / "state.json").is_file() and not out.exists()
 
 
+def test_an_interrupt_just_after_a_state_is_published_keeps_it(llama, calib, tmp_path, capsys, monkeypatch):
+    """Ctrl-C landing right after block 0's state replaced the old one on disk (before the journal
+    could note it in memory): the saved block counts, its journal stays and the line says --resume."""
+    from cdq_cli.store import journal as journal_module
+
+    real = journal_module._atomic
+
+    def published_then_interrupted(path, write):
+        real(path, write)
+        if path.name == "state.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal_module, "_atomic", published_then_interrupted)
+    out = tmp_path / "q"
+    code, _, stderr = cli(
+        capsys, "quantize", llama, "--method", "rtn", "--calib", calib, *FAST, "--output", out
+    )
+    line = one_error_line(stderr)
+    assert code == 130 and line.startswith("error: interrupted; 1 finished block(s) are saved")
+    assert json.loads((journal_folder(out) / "state.json").read_text())["blocks_done"] == 1
+
+
 def test_disk_full_keeps_the_journal_and_says_resume(llama, calib, tmp_path, capsys, monkeypatch) -> None:
     from cdq_cli.store.shards import ShardWriter
 

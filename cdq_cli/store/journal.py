@@ -116,7 +116,6 @@ class Journal:
         self.fingerprint = fingerprint
         self.note = note
         self.state: ResumeState | None = None
-        self.saved_blocks = 0  # finished blocks on disk (restored or written by this run)
         set_resume_hint(self.resume_hint)  # said even by an exit that cannot unwind
         if resume:
             saved = self._read_state() if self.folder.exists() else None
@@ -125,7 +124,6 @@ class Journal:
             else:
                 self._check(saved["fingerprint"])
                 self.state = self._load(saved)
-                self.saved_blocks = self.state.blocks_done
                 note(f"resuming: {self.state.blocks_done} finished block(s) restored from {self.folder}")
         elif self.folder.exists():
             if not is_journal(self.folder):
@@ -167,7 +165,6 @@ class Journal:
             "rows": [row.to_dict() for row in rows],
         }
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1) + "\n"))
-        self.saved_blocks = index + 1
         if os.environ.get(KILL_ENV) == str(index):  # test hook: die like a power loss would
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get(TERM_ENV) == str(index):  # test hook: be asked to stop, as a scheduler would
@@ -182,11 +179,12 @@ class Journal:
     def discard(self) -> None:
         """The run failed on bad input: resuming it cannot help, so its journal goes too."""
         self.finish()
-        self.saved_blocks = 0
 
     def resume_hint(self) -> str | None:
-        """What to tell a user whose run stopped for a reason that resuming fixes (or None)."""
-        return _hint(self.saved_blocks, self.folder)
+        """What to tell a user whose run stopped for a reason that resuming fixes (or None): read
+        from the state on disk, what a ``--resume`` would find (a block whose state was published
+        counts even when a Ctrl-C lands before this process could note it)."""
+        return _saved_hint(self.folder)
 
     def _read_state(self) -> dict[str, Any] | None:
         path = self.folder / STATE
@@ -262,7 +260,10 @@ class Journal:
 def saved_hint(output: Path) -> str | None:
     """The resume hint of ``output``'s journal as it is on disk (None: no finished block saved), for
     a process that did not write it (the ``--nproc`` launcher)."""
-    folder = journal_folder(output)
+    return _saved_hint(journal_folder(output))
+
+
+def _saved_hint(folder: Path) -> str | None:
     try:
         blocks = json.loads((folder / STATE).read_text(encoding="utf-8")).get("blocks_done")
     except (OSError, ValueError, AttributeError):
