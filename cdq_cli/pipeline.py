@@ -1169,11 +1169,16 @@ def _collect(
         if owner == name or fp is not None:
             add(module, args)
 
+    def count(module: nn.Module, args: tuple, name: str) -> None:
+        called[name] = called.get(name, 0) + 1
+
     def take(module: nn.Module, args: tuple, name: str, add: Callable, output: Any) -> None:
         """A layer's call: its FP input or output kept (the FP pass) or its batch added; the pass
         ends here when this was the last of ``names``: nothing after it counts."""
         if fp_pass[0]:
             fp_seen[name] = args[0] if output is None else output.detach().clone()  # kept past later ops
+        elif fp is None:
+            record(module, args, name, add)
         else:
             record(module, args, name, lambda module, args: add(module, args, fp_seen.get(name), output))
         if stop[0] and called.keys() >= sigmas.keys():
@@ -1190,12 +1195,7 @@ def _collect(
             if fp is not None:
                 acc, add, after = layer_pair_sigma(layer, settings.sigma_dtype, wrap)
             else:
-                # conv patches as F.conv2d has them
-                acc, add_one = layer_sigma(layer, settings.sigma_dtype, wrap)
-
-                def add(module: nn.Module, args: tuple, *_: Any, add_one=add_one) -> None:
-                    add_one(module, args)
-
+                acc, add = layer_sigma(layer, settings.sigma_dtype, wrap)  # conv patches as F.conv2d has them
         sigmas[name] = acc
 
         def before(module: nn.Module, args: tuple, name: str = name, add=add, after: bool = after) -> None:
@@ -1210,9 +1210,6 @@ def _collect(
                 take(module, args, name, add, output)
 
             handles.append(layer.register_forward_hook(ran))
-
-    def count(module: nn.Module, args: tuple, name: str) -> None:
-        called[name] = called.get(name, 0) + 1
 
     for name in (watch or []) if counting else []:
         if name in sigmas or name in experts:

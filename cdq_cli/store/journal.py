@@ -258,8 +258,8 @@ class Journal:
 
 
 def saved_hint(output: Path) -> str | None:
-    """The resume hint of ``output``'s journal as it is on disk (None: no finished block saved), for
-    a process that did not write it (the ``--nproc`` launcher)."""
+    """The resume hint of ``output``'s journal as it is on disk (None: no finished block saved): what
+    the ``--nproc`` launcher says, and the journal itself (:meth:`Journal.resume_hint`)."""
     return _saved_hint(journal_folder(output))
 
 
