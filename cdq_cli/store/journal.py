@@ -268,11 +268,7 @@ def _saved_hint(folder: Path) -> str | None:
         blocks = json.loads((folder / STATE).read_text(encoding="utf-8")).get("blocks_done")
     except (OSError, ValueError, AttributeError):
         return None
-    return _hint(blocks, folder) if type(blocks) is int else None
-
-
-def _hint(blocks: int, folder: Path) -> str | None:
-    if not blocks:
+    if type(blocks) is not int or not blocks:
         return None
     return f"{blocks} finished block(s) are saved in {folder}: run the same command with --resume to continue"
 

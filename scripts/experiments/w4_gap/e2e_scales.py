@@ -29,13 +29,15 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts" / "experiments" / "learned_rotation"))
+
+from learn import MODEL  # noqa: E402
 
 from cdq_cli.calib import load_texts  # noqa: E402
 from cdq_cli.calib.text import evaluation_ids  # noqa: E402
 from cdq_cli.evaluate.perplexity import perplexity  # noqa: E402
 from cdq_cli.store.reopen import load_quantized  # noqa: E402
 
-MODEL = Path("~/.cache/cdq/smollm2-135m-instruct").expanduser()
 CALIB = REPO / "runs" / "peers" / "calib-c4-32x512-seed0.safetensors"
 TEXTS = {"wikitext2": "wikitext2-raw-test.txt", "ptb_valid": "ptb-valid.txt", "ptb_test": "ptb-test.txt"}
 
